@@ -1,0 +1,46 @@
+// A parameter server: a set of shard threads (see Note [Shard ownership]).
+//
+// The same Server runs embedded in the training process (the client calls it
+// directly, zero-copy) or behind a transport in a server process.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "server/shard.h"
+
+namespace fastps {
+
+struct ServerOptions {
+  // Number of shard threads; 0 picks one per hardware thread, capped at 8.
+  int num_shards = 0;
+};
+
+class Server {
+ public:
+  explicit Server(const ServerOptions& options);
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  int num_shards() const { return static_cast<int>(shards_.size()); }
+  // Any thread. Takes ownership of the task; its completion is signalled
+  // after it ran on shard `shard`.
+  void submit(int shard, std::unique_ptr<Task> task);
+
+ private:
+  std::vector<std::unique_ptr<Shard>> shards_;
+};
+
+// 64-bit mixer (splitmix64 finaliser) used to spread keys over servers/shards.
+inline uint64_t mix64(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ULL;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebULL;
+  x ^= x >> 31;
+  return x;
+}
+
+}  // namespace fastps

@@ -1,0 +1,65 @@
+#include "server/shard.h"
+
+#include <exception>
+
+namespace fastps {
+
+namespace {
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+constexpr int kSpinBeforeSleep = 2000;
+}  // namespace
+
+Shard::Shard(int index) : index_(index) { thread_ = std::thread([this] { loop(); }); }
+
+Shard::~Shard() {
+  stop_.store(true, std::memory_order_seq_cst);
+  wake();
+  thread_.join();
+}
+
+void Shard::wake() {
+  wake_seq_.fetch_add(1, std::memory_order_seq_cst);
+  if (sleeping_.load(std::memory_order_seq_cst)) futex_wake_all(&wake_seq_);
+}
+
+void Shard::submit(std::unique_ptr<Task> task) {
+  queue_.push(task.release());
+  wake();
+}
+
+void Shard::loop() {
+  int idle = 0;
+  for (;;) {
+    if (MpscNode* node = queue_.pop()) {
+      std::unique_ptr<Task> task(static_cast<Task*>(node));
+      CompletionPtr completion = std::move(task->completion);
+      try {
+        task->run(*this);
+        task.reset();
+        if (completion) completion->done();
+      } catch (...) {
+        task.reset();
+        if (completion) completion->done(std::current_exception());
+      }
+      idle = 0;
+      continue;
+    }
+    if (stop_.load(std::memory_order_acquire) && queue_.looks_empty()) return;
+    if (++idle < kSpinBeforeSleep) {
+      cpu_relax();
+      continue;
+    }
+    // See Note [Shard wakeups].
+    uint32_t seq = wake_seq_.load(std::memory_order_seq_cst);
+    sleeping_.store(true, std::memory_order_seq_cst);
+    if (queue_.looks_empty() && !stop_.load(std::memory_order_seq_cst)) futex_wait(&wake_seq_, seq);
+    sleeping_.store(false, std::memory_order_relaxed);
+    idle = 0;
+  }
+}
+
+}  // namespace fastps

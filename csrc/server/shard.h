@@ -1,0 +1,64 @@
+// One shard of a server: a thread that alone owns a slice of the tables.
+//
+// Note [Shard ownership]
+// Every chunk (and, later, every sparse row) belongs to exactly one shard, and
+// only that shard's thread reads or writes it. Other threads never touch the
+// data: they push a Task into the shard's lock-free MPSC queue and wait on a
+// Completion. So the update path takes no mutex and needs no atomics beyond
+// the queue itself (the shared-nothing model of Seastar).
+//
+// Note [Shard wakeups]
+// An idle shard spins briefly, then sleeps on a futex word. A producer pushes,
+// then bumps the word and wakes the sleeper only if it announced sleep. The
+// consumer reads the word before announcing and re-checks the queue after, so
+// a push that races with falling asleep is never missed.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#include "common/completion.h"
+#include "common/mpsc_queue.h"
+#include "table/dense_table.h"
+
+namespace fastps {
+
+class Shard;
+
+// A unit of work for a shard. run() executes on the shard thread; exceptions it
+// throws are reported to `completion`.
+struct Task : MpscNode {
+  CompletionPtr completion;
+  virtual void run(Shard& shard) = 0;
+};
+
+class Shard {
+ public:
+  explicit Shard(int index);
+  ~Shard();  // drains the queue, then joins the thread
+  Shard(const Shard&) = delete;
+  Shard& operator=(const Shard&) = delete;
+
+  // Any thread. Takes ownership of the task.
+  void submit(std::unique_ptr<Task> task);
+
+  int index() const { return index_; }
+  // Shard thread only.
+  DenseTable& dense() { return dense_; }
+
+ private:
+  void loop();
+  void wake();
+
+  const int index_;
+  MpscQueue queue_;
+  alignas(64) std::atomic<uint32_t> wake_seq_{0};
+  std::atomic<bool> sleeping_{false};
+  std::atomic<bool> stop_{false};
+  DenseTable dense_;
+  std::thread thread_;
+};
+
+}  // namespace fastps

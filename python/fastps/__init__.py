@@ -1,0 +1,31 @@
+# fastps public API: everything a user needs is re-exported here; anything not
+# listed in __all__ (including the native module fastps._C) is private.
+"""fastps: a high-performance parameter server for PyTorch.
+
+Change ``torch.optim.AdamW(...)`` to ``fastps.optim.AdamW(...)`` and train as
+before; see README.md.
+"""
+
+from ._version import __version__
+from . import errors, optim
+from ._runtime import Config, init
+from .errors import (
+    ConnectionError,
+    FastPSError,
+    InvalidArgumentError,
+    ProtocolError,
+    TimeoutError,
+)
+
+__all__ = [
+    "__version__",
+    "optim",
+    "errors",
+    "init",
+    "Config",
+    "FastPSError",
+    "InvalidArgumentError",
+    "TimeoutError",
+    "ConnectionError",
+    "ProtocolError",
+]

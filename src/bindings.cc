@@ -1,0 +1,159 @@
+// pybind11 bindings of the fastps core: type conversion, GIL release and error
+// translation only. Tensors arrive as (address, numel) after the Python side
+// checked dtype, device and contiguity (python/fastps/_tensor.py).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <cstdint>
+#include <vector>
+
+#include "client/embedded_client.h"
+#include "common/error.h"
+#include "server/server.h"
+#include "table/optimizer.h"
+
+namespace py = pybind11;
+using namespace fastps;
+
+namespace {
+
+template <typename T>
+T* as_ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+std::vector<float*> as_ptrs(const std::vector<uintptr_t>& addresses) {
+  std::vector<float*> out;
+  out.reserve(addresses.size());
+  for (uintptr_t a : addresses) out.push_back(as_ptr<float>(a));
+  return out;
+}
+
+// Maps a C++ error onto the Python class of the same name in fastps.errors.
+void raise_as(const char* name, const std::exception& e) {
+  py::object cls = py::module_::import("fastps.errors").attr(name);
+  PyErr_SetString(cls.ptr(), e.what());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastps native core (private; use the fastps package)";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const fastps::TimeoutError& e) {
+      raise_as("TimeoutError", e);
+    } catch (const fastps::ConnectionError& e) {
+      raise_as("ConnectionError", e);
+    } catch (const fastps::ProtocolError& e) {
+      raise_as("ProtocolError", e);
+    } catch (const fastps::InvalidArgument& e) {
+      raise_as("InvalidArgumentError", e);
+    } catch (const fastps::Error& e) {
+      raise_as("FastPSError", e);
+    }
+  });
+
+  py::enum_<OptimKind>(m, "OptimKind")
+      .value("SGD", OptimKind::kSGD)
+      .value("ADAM", OptimKind::kAdam)
+      .value("ADAGRAD", OptimKind::kAdagrad);
+
+  py::class_<OptimHyper>(m, "OptimHyper")
+      .def(py::init<>())
+      .def_readwrite("kind", &OptimHyper::kind)
+      .def_readwrite("lr", &OptimHyper::lr)
+      .def_readwrite("weight_decay", &OptimHyper::weight_decay)
+      .def_readwrite("maximize", &OptimHyper::maximize)
+      .def_readwrite("momentum", &OptimHyper::momentum)
+      .def_readwrite("dampening", &OptimHyper::dampening)
+      .def_readwrite("nesterov", &OptimHyper::nesterov)
+      .def_readwrite("beta1", &OptimHyper::beta1)
+      .def_readwrite("beta2", &OptimHyper::beta2)
+      .def_readwrite("eps", &OptimHyper::eps)
+      .def_readwrite("amsgrad", &OptimHyper::amsgrad)
+      .def_readwrite("decoupled_weight_decay", &OptimHyper::decoupled_weight_decay)
+      .def_readwrite("lr_decay", &OptimHyper::lr_decay)
+      .def_readwrite("initial_accumulator_value", &OptimHyper::initial_accumulator_value)
+      .def("state_count", [](const OptimHyper& h) { return optim_state_count(h); })
+      .def("state_name", [](const OptimHyper& h, int i) { return optim_state_name(h, i); });
+
+  m.def("optim_kernel_isa", &optim_kernel_isa, "Kernel variant chosen for this CPU.");
+
+  m.def(
+      "optim_update",
+      [](const OptimHyper& h, double step, bool first_step, uintptr_t param, uintptr_t grad,
+         const std::vector<uintptr_t>& state, int64_t n, bool reference) {
+        FASTPS_CHECK(static_cast<int>(state.size()) >= optim_state_count(h),
+                     "fastps: optimizer needs ", optim_state_count(h), " state buffers, got ",
+                     state.size());
+        std::vector<float*> st = as_ptrs(state);
+        py::gil_scoped_release release;
+        (reference ? optim_update_reference : optim_update)(h, step, first_step,
+                                                            as_ptr<float>(param),
+                                                            as_ptr<const float>(grad), st.data(), n);
+      },
+      py::arg("hyper"), py::arg("step"), py::arg("first_step"), py::arg("param"), py::arg("grad"),
+      py::arg("state"), py::arg("numel"), py::arg("reference") = false,
+      "One fused optimizer update on raw float32 buffers (testing and benchmarks).");
+
+  py::class_<Server>(m, "Server")
+      .def(py::init([](int num_shards) {
+             ServerOptions o;
+             o.num_shards = num_shards;
+             return std::make_unique<Server>(o);
+           }),
+           py::arg("num_shards") = 0)
+      .def_property_readonly("num_shards", &Server::num_shards);
+
+  py::class_<EmbeddedClient>(m, "EmbeddedClient")
+      .def(py::init([](Server& server, int64_t chunk_bytes, double timeout_s) {
+             FASTPS_CHECK(timeout_s > 0, "fastps: timeout must be positive, got ", timeout_s);
+             ClientOptions o;
+             o.chunk_bytes = chunk_bytes;
+             o.timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000.0));
+             return std::make_unique<EmbeddedClient>(server, o);
+           }),
+           py::arg("server"), py::arg("chunk_bytes"), py::arg("timeout_s"),
+           py::keep_alive<1, 2>())
+      .def_property_readonly("chunk_elems", &EmbeddedClient::chunk_elems)
+      .def("num_chunks", &EmbeddedClient::num_chunks)
+      .def(
+          "register_dense",
+          [](EmbeddedClient& c, uint32_t tensor_id, uintptr_t param, int64_t numel,
+             const std::vector<uintptr_t>& state) {
+            std::vector<float*> st = as_ptrs(state);
+            py::gil_scoped_release release;
+            c.register_dense(tensor_id, as_ptr<float>(param), numel, st);
+          },
+          py::arg("tensor_id"), py::arg("param"), py::arg("numel"), py::arg("state"))
+      .def(
+          "unregister_dense",
+          [](EmbeddedClient& c, uint32_t tensor_id, int64_t numel) {
+            py::gil_scoped_release release;
+            c.unregister_dense(tensor_id, numel);
+          },
+          py::arg("tensor_id"), py::arg("numel"))
+      .def(
+          "update",
+          [](EmbeddedClient& c, const std::vector<uint32_t>& ids, const std::vector<uintptr_t>& grads,
+             const std::vector<int64_t>& numels, const std::vector<int>& hyper_index,
+             const std::vector<double>& steps, const std::vector<bool>& first_steps,
+             const std::vector<OptimHyper>& hypers) {
+            const size_t n = ids.size();
+            FASTPS_CHECK(grads.size() == n && numels.size() == n && hyper_index.size() == n &&
+                             steps.size() == n && first_steps.size() == n,
+                         "fastps: update() argument lists differ in length");
+            std::vector<UpdateItem> items(n);
+            for (size_t i = 0; i < n; ++i)
+              items[i] = UpdateItem{ids[i], as_ptr<const float>(grads[i]), numels[i], hyper_index[i],
+                                    steps[i], first_steps[i]};
+            py::gil_scoped_release release;
+            c.update(items, hypers);
+          },
+          py::arg("tensor_ids"), py::arg("grads"), py::arg("numels"), py::arg("hyper_index"),
+          py::arg("steps"), py::arg("first_steps"), py::arg("hypers"));
+}
