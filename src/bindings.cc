@@ -124,36 +124,36 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "register_dense",
           [](EmbeddedClient& c, uint32_t tensor_id, uintptr_t param, int64_t numel,
-             const std::vector<uintptr_t>& state) {
+             const std::vector<uintptr_t>& state, uintptr_t step, bool fresh_state) {
             std::vector<float*> st = as_ptrs(state);
             py::gil_scoped_release release;
-            c.register_dense(tensor_id, as_ptr<float>(param), numel, st);
+            c.register_dense(tensor_id, as_ptr<float>(param), numel, st, as_ptr<float>(step),
+                             fresh_state);
           },
-          py::arg("tensor_id"), py::arg("param"), py::arg("numel"), py::arg("state"))
+          py::arg("tensor_id"), py::arg("param"), py::arg("numel"), py::arg("state"),
+          py::arg("step"), py::arg("fresh_state"),
+          "Bind a float32 tensor, its state buffers and its float32 step counter (0: none).")
       .def(
           "unregister_dense",
-          [](EmbeddedClient& c, uint32_t tensor_id, int64_t numel) {
+          [](EmbeddedClient& c, uint32_t tensor_id) {
             py::gil_scoped_release release;
-            c.unregister_dense(tensor_id, numel);
+            c.unregister_dense(tensor_id);
           },
-          py::arg("tensor_id"), py::arg("numel"))
+          py::arg("tensor_id"))
+      .def("is_registered", &EmbeddedClient::is_registered, py::arg("tensor_id"))
       .def(
           "update",
           [](EmbeddedClient& c, const std::vector<uint32_t>& ids, const std::vector<uintptr_t>& grads,
-             const std::vector<int64_t>& numels, const std::vector<int>& hyper_index,
-             const std::vector<double>& steps, const std::vector<bool>& first_steps,
-             const std::vector<OptimHyper>& hypers) {
+             const std::vector<int>& hyper_index, const std::vector<OptimHyper>& hypers) {
             const size_t n = ids.size();
-            FASTPS_CHECK(grads.size() == n && numels.size() == n && hyper_index.size() == n &&
-                             steps.size() == n && first_steps.size() == n,
+            FASTPS_CHECK(grads.size() == n && hyper_index.size() == n,
                          "fastps: update() argument lists differ in length");
             std::vector<UpdateItem> items(n);
             for (size_t i = 0; i < n; ++i)
-              items[i] = UpdateItem{ids[i], as_ptr<const float>(grads[i]), numels[i], hyper_index[i],
-                                    steps[i], first_steps[i]};
+              items[i] = UpdateItem{ids[i], as_ptr<const float>(grads[i]), hyper_index[i]};
             py::gil_scoped_release release;
             c.update(items, hypers);
           },
-          py::arg("tensor_ids"), py::arg("grads"), py::arg("numels"), py::arg("hyper_index"),
-          py::arg("steps"), py::arg("first_steps"), py::arg("hypers"));
+          py::arg("tensor_ids"), py::arg("grads"), py::arg("hyper_index"), py::arg("hypers"),
+          "One optimizer step for each (tensor id, gradient address, group index).");
 }

@@ -27,7 +27,7 @@ struct ChunkUpdate {
 }  // namespace
 
 EmbeddedClient::EmbeddedClient(Server& server, const ClientOptions& options)
-    : server_(server), options_(options) {
+    : server_(server), options_(options), shard_bytes_(server.num_shards(), 0) {
   FASTPS_CHECK(options.chunk_bytes >= 4096, "fastps: chunk_bytes must be at least 4096, got ",
                options.chunk_bytes);
   FASTPS_CHECK(options.timeout.count() > 0, "fastps: timeout must be positive");
@@ -40,12 +40,6 @@ int EmbeddedClient::num_chunks(int64_t numel) const {
                " elements needs ", n, " chunks, more than ", (1 << kChunkIndexBits),
                "; raise chunk_bytes");
   return static_cast<int>(std::max<int64_t>(n, 1));
-}
-
-int EmbeddedClient::shard_of(uint32_t tensor_id, uint32_t chunk) const {
-  // Consecutive chunks of one tensor go round-robin from a hashed start, so a
-  // large tensor spreads evenly over the shards.
-  return static_cast<int>((mix64(tensor_id) + chunk) % static_cast<uint64_t>(server_.num_shards()));
 }
 
 void EmbeddedClient::broadcast_and_wait(std::vector<std::unique_ptr<Task>> per_shard,
@@ -63,8 +57,14 @@ void EmbeddedClient::broadcast_and_wait(std::vector<std::unique_ptr<Task>> per_s
   completion->wait(deadline, what);
 }
 
+bool EmbeddedClient::is_registered(uint32_t tensor_id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return entries_.count(tensor_id) != 0;
+}
+
 void EmbeddedClient::register_dense(uint32_t tensor_id, float* param, int64_t numel,
-                                    const std::vector<float*>& state) {
+                                    const std::vector<float*>& state, float* step,
+                                    bool fresh_state) {
   FASTPS_CHECK(numel > 0, "fastps: cannot register an empty tensor");
   FASTPS_CHECK(state.size() <= kMaxStateBuffers, "fastps: at most ", kMaxStateBuffers,
                " optimizer state buffers per tensor");
@@ -75,12 +75,33 @@ void EmbeddedClient::register_dense(uint32_t tensor_id, float* param, int64_t nu
     float* state[kMaxStateBuffers];
   };
   const int ns = static_cast<int>(state.size());
+  const int chunks = num_chunks(numel);
   std::vector<std::vector<Bind>> per_shard(server_.num_shards());
-  for (int c = 0, chunks = num_chunks(numel); c < chunks; ++c) {
-    const int64_t begin = c * chunk_elems_;
-    Bind b{chunk_key(tensor_id, c), param + begin, std::min(chunk_elems_, numel - begin), {}};
-    for (int i = 0; i < ns; ++i) b.state[i] = state[i] + begin;
-    per_shard[shard_of(tensor_id, c)].push_back(b);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    Entry& e = entries_[tensor_id];
+    if (e.numel != numel || static_cast<int>(e.shards.size()) != chunks) {
+      // New tensor (or a new size): place each chunk on the least-loaded shard.
+      for (size_t c = 0; c < e.shards.size(); ++c)
+        shard_bytes_[e.shards[c]] -= std::min(chunk_elems_, e.numel - int64_t(c) * chunk_elems_) * 4;
+      e.shards.assign(chunks, 0);
+      for (int c = 0; c < chunks; ++c) {
+        const int64_t n = std::min(chunk_elems_, numel - c * chunk_elems_);
+        const int s = static_cast<int>(std::min_element(shard_bytes_.begin(), shard_bytes_.end()) -
+                                       shard_bytes_.begin());
+        e.shards[c] = s;
+        shard_bytes_[s] += n * 4;
+      }
+    }
+    e.numel = numel;
+    e.step = step;
+    e.fresh = fresh_state;
+    for (int c = 0; c < chunks; ++c) {
+      const int64_t begin = c * chunk_elems_;
+      Bind b{chunk_key(tensor_id, c), param + begin, std::min(chunk_elems_, numel - begin), {}};
+      for (int i = 0; i < ns; ++i) b.state[i] = state[i] + begin;
+      per_shard[e.shards[c]].push_back(b);
+    }
   }
   std::vector<std::unique_ptr<Task>> tasks(server_.num_shards());
   for (size_t s = 0; s < per_shard.size(); ++s) {
@@ -94,14 +115,25 @@ void EmbeddedClient::register_dense(uint32_t tensor_id, float* param, int64_t nu
   broadcast_and_wait(std::move(tasks), "shard registration");
 }
 
-void EmbeddedClient::unregister_dense(uint32_t tensor_id, int64_t numel) {
-  const int chunks = num_chunks(numel);
+void EmbeddedClient::unregister_dense(uint32_t tensor_id) {
+  std::vector<std::vector<uint64_t>> per_shard(server_.num_shards());
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = entries_.find(tensor_id);
+    if (it == entries_.end()) return;
+    const Entry& e = it->second;
+    for (size_t c = 0; c < e.shards.size(); ++c) {
+      per_shard[e.shards[c]].push_back(chunk_key(tensor_id, static_cast<uint32_t>(c)));
+      shard_bytes_[e.shards[c]] -= std::min(chunk_elems_, e.numel - int64_t(c) * chunk_elems_) * 4;
+    }
+    entries_.erase(it);
+  }
   std::vector<std::unique_ptr<Task>> tasks(server_.num_shards());
-  for (int s = 0; s < server_.num_shards(); ++s) {
+  for (size_t s = 0; s < per_shard.size(); ++s) {
+    if (per_shard[s].empty()) continue;
     auto task = std::make_unique<FunctionTask>();
-    task->fn = [this, tensor_id, chunks](Shard& shard) {
-      for (int c = 0; c < chunks; ++c)
-        if (shard_of(tensor_id, c) == shard.index()) shard.dense().erase(chunk_key(tensor_id, c));
+    task->fn = [keys = std::move(per_shard[s])](Shard& shard) {
+      for (uint64_t k : keys) shard.dense().erase(k);
     };
     tasks[s] = std::move(task);
   }
@@ -111,16 +143,30 @@ void EmbeddedClient::unregister_dense(uint32_t tensor_id, int64_t numel) {
 void EmbeddedClient::update(const std::vector<UpdateItem>& items,
                             const std::vector<OptimHyper>& hypers) {
   std::vector<std::vector<ChunkUpdate>> per_shard(server_.num_shards());
-  for (const UpdateItem& it : items) {
-    FASTPS_CHECK(it.hyper_index >= 0 && static_cast<size_t>(it.hyper_index) < hypers.size(),
-                 "fastps: bad hyperparameter index ", it.hyper_index);
-    const int chunks = num_chunks(it.numel);
-    for (int c = 0; c < chunks; ++c) {
-      const int64_t begin = c * chunk_elems_;
-      const int64_t n = std::min(chunk_elems_, it.numel - begin);
-      per_shard[shard_of(it.tensor_id, c)].push_back(ChunkUpdate{
-          chunk_key(it.tensor_id, c), it.grad + begin, n, &hypers[it.hyper_index], it.step,
-          it.first_step});
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    // Validate everything before changing anything (step counters included).
+    for (const UpdateItem& it : items) {
+      FASTPS_CHECK(it.hyper_index >= 0 && static_cast<size_t>(it.hyper_index) < hypers.size(),
+                   "fastps: bad hyperparameter index ", it.hyper_index);
+      FASTPS_CHECK(entries_.count(it.tensor_id), "fastps: tensor ", it.tensor_id,
+                   " is not registered");
+    }
+    for (const UpdateItem& it : items) {
+      Entry& e = entries_[it.tensor_id];
+      double step = 1.0;
+      if (e.step != nullptr) {
+        *e.step += 1.0f;  // torch: state['step'] += 1 on a float32 tensor
+        step = *e.step;
+      }
+      const bool first = e.fresh;
+      e.fresh = false;
+      for (size_t c = 0; c < e.shards.size(); ++c) {
+        const int64_t begin = int64_t(c) * chunk_elems_;
+        per_shard[e.shards[c]].push_back(ChunkUpdate{
+            chunk_key(it.tensor_id, static_cast<uint32_t>(c)), it.grad + begin,
+            std::min(chunk_elems_, e.numel - begin), &hypers[it.hyper_index], step, first});
+      }
     }
   }
   std::vector<std::unique_ptr<Task>> tasks(server_.num_shards());

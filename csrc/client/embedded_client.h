@@ -2,14 +2,22 @@
 // chunks, routes chunks to shards, batches one task per shard per call and
 // waits for all of them with a deadline.
 //
-// Memory contract: register_dense() binds the caller's buffers (parameter and
-// optimizer state) without copying. The caller keeps them alive and calls
-// register_dense() again if any pointer changes. update() reads the gradient
-// buffers only until it returns.
+// Memory contract: register_dense() binds the caller's buffers (parameter,
+// optimizer state and the float32 step counter) without copying. The caller
+// keeps them alive and calls register_dense() again if any pointer changes.
+// update() reads the gradient buffers only until it returns.
+//
+// Placement: each chunk goes to the shard with the fewest registered bytes at
+// the time it is registered, so tensors of any mix of sizes spread evenly.
+//
+// Thread safety: all methods may be called from any thread; the registry is
+// guarded by a mutex on the client (the shards themselves take no lock).
 #pragma once
 
 #include <chrono>
 #include <cstdint>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #include "server/server.h"
@@ -31,10 +39,7 @@ inline uint64_t chunk_key(uint32_t tensor_id, uint32_t index) {
 struct UpdateItem {
   uint32_t tensor_id = 0;
   const float* grad = nullptr;
-  int64_t numel = 0;
   int hyper_index = 0;     // into the hypers passed to update()
-  double step = 1.0;       // step number after increment
-  bool first_step = false;
 };
 
 class EmbeddedClient {
@@ -44,20 +49,34 @@ class EmbeddedClient {
   int64_t chunk_elems() const { return chunk_elems_; }
   int num_chunks(int64_t numel) const;
 
+  // Binds (or re-binds) a tensor. `step` points at the float32 step counter
+  // that update() increments before each step (torch's state['step']), or is
+  // null for rules without one. `fresh_state` tells the rule its buffers were
+  // just created (SGD copies the first gradient into its momentum buffer).
   void register_dense(uint32_t tensor_id, float* param, int64_t numel,
-                      const std::vector<float*>& state);
-  void unregister_dense(uint32_t tensor_id, int64_t numel);
+                      const std::vector<float*>& state, float* step, bool fresh_state);
+  void unregister_dense(uint32_t tensor_id);
+  bool is_registered(uint32_t tensor_id) const;
   // Applies one optimizer step to every item, in parallel over the shards;
-  // returns when all are done. Throws TimeoutError past the deadline.
+  // returns when all are done. Throws TimeoutError past the deadline and
+  // InvalidArgument for an unregistered tensor (before anything is changed).
   void update(const std::vector<UpdateItem>& items, const std::vector<OptimHyper>& hypers);
 
  private:
-  int shard_of(uint32_t tensor_id, uint32_t chunk) const;
+  struct Entry {
+    int64_t numel = 0;
+    float* step = nullptr;
+    bool fresh = false;
+    std::vector<int> shards;  // shard of each chunk
+  };
   void broadcast_and_wait(std::vector<std::unique_ptr<Task>> per_shard, const char* what);
 
   Server& server_;
   ClientOptions options_;
   int64_t chunk_elems_;
+  mutable std::mutex mu_;                          // guards the registry below
+  std::unordered_map<uint32_t, Entry> entries_;
+  std::vector<int64_t> shard_bytes_;               // registered bytes per shard
 };
 
 }  // namespace fastps

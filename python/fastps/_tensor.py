@@ -34,8 +34,8 @@ def check_grad(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Return a contiguous float32 view of ``g`` matching ``p``, or raise TypeError."""
     if g.is_sparse or g.layout != torch.strided:
         raise TypeError(
-            "fastps: sparse gradients are not supported by fastps.optim dense optimizers; "
-            "use fastps.nn.Embedding for sparse rows"
+            f"fastps: got a sparse gradient; fastps.optim supports dense {SUPPORTED}. "
+            "Use torch.optim.SparseAdam for sparse embedding gradients"
         )
     if g.device.type != "cpu" or g.dtype != torch.float32:
         raise TypeError(

@@ -23,15 +23,38 @@ import torch
 from .. import _C, _runtime
 from .._tensor import address, check_grad, check_param
 
+_F32 = torch.float32
+_STRIDED = torch.strided
+
 
 class _Binding:
-    __slots__ = ("tensor_id", "addresses", "numel", "server")
+    """What one parameter is bound to on the embedded server.
 
-    def __init__(self, tensor_id: int, addresses: Tuple[int, ...], numel: int, server: Any) -> None:
+    Holds strong references to the bound state tensors so their memory can
+    never be freed while the server may still write it.
+    """
+
+    __slots__ = ("tensor_id", "server", "param_ptr", "numel", "state", "names", "tensors")
+
+    def __init__(self, tensor_id: int, server: Any) -> None:
         self.tensor_id = tensor_id
-        self.addresses = addresses
-        self.numel = numel
         self.server = server
+        self.param_ptr = 0
+        self.numel = 0
+        self.state: Optional[Dict[str, Any]] = None
+        self.names: Tuple[str, ...] = ()
+        self.tensors: Tuple[torch.Tensor, ...] = ()
+
+    def current(self, emb: Any, p: torch.Tensor, state: Any, names: Tuple[str, ...]) -> bool:
+        """True if nothing this binding points at has moved since it was made."""
+        if self.server is not emb or self.state is not state or self.names != names:
+            return False
+        if p.data_ptr() != self.param_ptr:
+            return False
+        for n, t in zip(names, self.tensors):
+            if state.get(n) is not t:
+                return False
+        return True
 
 
 def _unregister(server_ref: "weakref.ref[Any]", bindings: Dict[int, _Binding]) -> None:
@@ -41,7 +64,7 @@ def _unregister(server_ref: "weakref.ref[Any]", bindings: Dict[int, _Binding]) -
     for b in list(bindings.values()):
         if b.server is emb:
             try:
-                emb.client.unregister_dense(b.tensor_id, b.numel)
+                emb.client.unregister_dense(b.tensor_id)
             except Exception:  # noqa: BLE001 - best effort at interpreter shutdown
                 pass
     bindings.clear()
@@ -66,17 +89,25 @@ class ServerOptimizerMixin:
         self._fastps_setup()
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a param group, after checking every tensor is float32, dense and on the CPU.
+
+        Raises:
+            TypeError: for a parameter fastps cannot serve.
+            ValueError: for ``differentiable=True`` (not supported).
+        """
         params = param_group["params"]
         if isinstance(params, torch.Tensor):
             check_param(params)
         else:
             params = list(params)
             for p in params:
-                check_param(p)
+                # named parameters arrive as (name, tensor) pairs
+                check_param(p[1] if isinstance(p, tuple) and len(p) == 2 else p)
             param_group = dict(param_group, params=params)
-        if param_group.get("differentiable", False):
-            raise ValueError("fastps.optim does not support differentiable=True; use torch.optim")
         super().add_param_group(param_group)  # type: ignore[misc]
+        if self.param_groups[-1].get("differentiable", False):  # type: ignore[attr-defined]
+            self.param_groups.pop()  # type: ignore[attr-defined]
+            raise ValueError("fastps.optim does not support differentiable=True; use torch.optim")
 
     # -- implemented by each optimizer ---------------------------------------------
     def _hyper(self, group: Dict[str, Any]) -> "_C.OptimHyper":
@@ -86,50 +117,71 @@ class ServerOptimizerMixin:
         """Create the state tensors torch would create on the first step."""
         raise NotImplementedError
 
-    def _advance(self, state: Dict[str, Any], created: bool) -> Tuple[float, bool]:
-        """Count one step in ``state``; return (step number, first step?).
+    def _has_step(self) -> bool:
+        """Whether the rule keeps torch's float32 state['step'] counter."""
+        return True
 
-        ``created`` is True when :meth:`_init_state` just created the state."""
-        step_t = state["step"]
-        step_t += 1
-        return float(step_t), False
+    # -- binding ---------------------------------------------------------------------
+    def _names(self, hyper: "_C.OptimHyper") -> Tuple[str, ...]:
+        return tuple(hyper.state_name(i) for i in range(hyper.state_count()))
 
-    # -- the step ------------------------------------------------------------------
-    def _state_buffers(self, state: Dict[str, Any], hyper: "_C.OptimHyper") -> List[torch.Tensor]:
-        names = self._required_state(hyper)
-        for n in names:  # a loaded state dict may hold non-contiguous tensors
-            if not state[n].is_contiguous():
-                state[n] = state[n].contiguous()
-        return [state[n] for n in names]
-
-    def _bind(self, emb: Any, p: torch.Tensor, buffers: List[torch.Tensor]) -> None:
-        for b in buffers:
-            if b.dtype != torch.float32 or b.device.type != "cpu" or b.shape != p.shape:
+    def _bind(self, emb: Any, p: torch.Tensor, group: Dict[str, Any], names: Tuple[str, ...]) -> _Binding:
+        """Slow path: validate, create missing state, (re)register with the server."""
+        check_param(p)
+        if not p.is_contiguous():
+            raise TypeError("fastps: parameters must be contiguous tensors")
+        # Rules without state (SGD without momentum) leave self.state untouched, as torch does.
+        need_state = bool(names) or self._has_step()
+        state = self.state[p] if need_state else self.state.get(p)  # type: ignore[attr-defined]
+        fresh = need_state and (any(n not in state for n in names) or (self._has_step() and "step" not in state))
+        if fresh:
+            self._init_state(p, group, state)
+        for n in names:
+            t = state[n]
+            if t.dtype != torch.float32 or t.device.type != "cpu" or t.shape != p.shape:
                 raise TypeError(
-                    f"fastps: optimizer state of shape {tuple(b.shape)}, dtype {b.dtype} on {b.device} "
+                    f"fastps: optimizer state {n!r} of shape {tuple(t.shape)}, dtype {t.dtype} on {t.device} "
                     f"does not match its float32 CPU parameter of shape {tuple(p.shape)}"
                 )
-        data = p.detach()
-        if not data.is_contiguous():
-            raise TypeError("fastps: parameters must be contiguous tensors (call .contiguous() on the module's data)")
-        addrs = (address(data),) + tuple(address(b) for b in buffers)
-        binding = self._fastps_bindings.get(id(p))
-        if binding is not None and binding.server is emb and binding.addresses == addrs:
-            return
-        if binding is None or binding.server is not emb:
-            binding = _Binding(_runtime.next_tensor_id(), addrs, p.numel(), emb)
-            self._fastps_bindings[id(p)] = binding
-        emb.client.register_dense(binding.tensor_id, addrs[0], p.numel(), list(addrs[1:]))
-        binding.addresses = addrs
-        binding.numel = p.numel()
+            if not t.is_contiguous():  # a loaded state dict may hold strided tensors
+                state[n] = t.contiguous()
+        step_ptr = 0
+        if self._has_step():
+            step = state["step"]
+            if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.numel() == 1
+                    and step.device.type == "cpu"):
+                state["step"] = torch.tensor(float(step), dtype=torch.float32)
+            step_ptr = state["step"].data_ptr()
+        b = self._fastps_bindings.get(id(p))
+        if b is None or b.server is not emb:
+            b = _Binding(_runtime.next_tensor_id(), emb)
+            self._fastps_bindings[id(p)] = b
+        tensors = tuple(state[n] for n in names)
+        emb.client.register_dense(b.tensor_id, address(p.detach()), p.numel(),
+                                  [address(t) for t in tensors], step_ptr, fresh)
+        b.param_ptr, b.numel, b.state, b.names = p.data_ptr(), p.numel(), state, names
+        # The step tensor is referenced too: the server writes through its pointer.
+        b.tensors = tensors + ((state["step"],) if self._has_step() else ())
         if self._fastps_finalizer is None:
             self._fastps_finalizer = weakref.finalize(
                 self, _unregister, weakref.ref(emb), self._fastps_bindings
             )
+        return b
 
+    def _step_empty(self, p: torch.Tensor, group: Dict[str, Any]) -> None:
+        check_param(p)
+        state = self.state[p]  # type: ignore[attr-defined]
+        if not state:
+            self._init_state(p, group, state)
+        if self._has_step():
+            state["step"] += 1
+
+    # -- the step ------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
         """Perform a single optimization step on the parameter server.
+
+        Parameters whose ``.grad`` is None are left untouched.
 
         Args:
             closure: a closure that re-evaluates the model and returns the loss
@@ -143,41 +195,37 @@ class ServerOptimizerMixin:
             with torch.enable_grad():
                 loss = closure()
         emb = _runtime.embedded()
+        bindings = self._fastps_bindings
+        state_map = self.state  # type: ignore[attr-defined]
         ids: List[int] = []
         grads: List[int] = []
-        numels: List[int] = []
         hyper_index: List[int] = []
-        steps: List[float] = []
-        firsts: List[bool] = []
         hypers = []
-        keep_alive = []  # contiguous copies of non-contiguous grads
+        keep_alive = []  # contiguous copies of strided gradients, alive until update() returns
         for group in self.param_groups:  # type: ignore[attr-defined]
             hyper = None
             for p in group["params"]:
-                if p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
                 if hyper is None:
                     hyper = self._hyper(group)
+                    names = self._names(hyper)
                     hypers.append(hyper)
-                check_param(p)
-                g = check_grad(p, p.grad)
-                if g is not p.grad:
+                    gi = len(hypers) - 1
+                if p.numel() == 0:  # nothing to update; count the step as torch does
+                    self._step_empty(p, group)
+                    continue
+                b = bindings.get(id(p))
+                if b is None or not b.current(emb, p, state_map.get(p), names):
+                    b = self._bind(emb, p, group, names)
+                if g.dtype is not _F32 or not g.is_contiguous() or not g.is_cpu or g.shape != p.shape \
+                        or g.layout is not _STRIDED:
+                    g = check_grad(p, g)
                     keep_alive.append(g)
-                state = self.state[p]  # type: ignore[attr-defined]
-                first_init = len(state) == 0 or any(n not in state for n in self._required_state(hyper))
-                if first_init:
-                    self._init_state(p, group, state)
-                step, first = self._advance(state, first_init)
-                self._bind(emb, p, self._state_buffers(state, hyper))
-                ids.append(self._fastps_bindings[id(p)].tensor_id)
-                grads.append(address(g))
-                numels.append(p.numel())
-                hyper_index.append(len(hypers) - 1)
-                steps.append(step)
-                firsts.append(first)
+                ids.append(b.tensor_id)
+                grads.append(g.data_ptr())
+                hyper_index.append(gi)
         if ids:
-            emb.client.update(ids, grads, numels, hyper_index, steps, firsts, hypers)
+            emb.client.update(ids, grads, hyper_index, hypers)
         return loss
-
-    def _required_state(self, hyper: "_C.OptimHyper") -> Tuple[str, ...]:
-        return tuple(hyper.state_name(i) for i in range(hyper.state_count()))

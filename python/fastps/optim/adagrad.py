@@ -16,7 +16,7 @@ class Adagrad(ServerOptimizerMixin, torch.optim.Adagrad):
 
     Same signature, defaults and validation as :class:`torch.optim.Adagrad`
     (``lr_decay``, ``weight_decay``, ``initial_accumulator_value``, ``eps``,
-    ``maximize``). Dense gradients only (use ``fastps.nn.Embedding`` for sparse rows).
+    ``maximize``). Dense gradients only.
 
     Example::
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict
 
 import torch
 
@@ -53,5 +53,5 @@ class SGD(ServerOptimizerMixin, torch.optim.SGD):
             # torch clones the first gradient; the kernel writes it (first_step=True).
             state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
 
-    def _advance(self, state: Dict[str, Any], created: bool) -> Tuple[float, bool]:
-        return 1.0, created
+    def _has_step(self) -> bool:
+        return False  # torch.optim.SGD keeps no step counter

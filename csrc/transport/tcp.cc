@@ -1,0 +1,1039 @@
+#include "transport/tcp.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <new>
+#include <system_error>
+
+#include "common/error.h"
+#include "common/futex.h"
+#include "common/sha256.h"
+
+namespace fastps {
+
+namespace {
+
+using detail::concat;
+
+constexpr uint64_t kWakeToken = 1;
+constexpr uint64_t kListenToken = 2;
+constexpr size_t kStageSize = 256 << 10;   // staging buffer for small reads
+constexpr size_t kReadBudget = 16 << 20;   // bytes read from one socket per wakeup
+constexpr int kMaxEvents = 64;
+constexpr int kTickMs = 100;               // loop tick while handshakes are pending
+constexpr int kListenBacklog = 1024;
+
+std::string errno_text(int err) { return std::error_code(err, std::generic_category()).message(); }
+
+std::string host_port(const std::string& host, uint16_t port) {
+  if (host.find(':') != std::string::npos) return concat("[", host, "]:", port);
+  return concat(host, ":", port);
+}
+
+std::string sockaddr_text(const sockaddr_storage& addr) {
+  char buf[INET6_ADDRSTRLEN] = "?";
+  if (addr.ss_family == AF_INET) {
+    const auto* a = reinterpret_cast<const sockaddr_in*>(&addr);
+    inet_ntop(AF_INET, &a->sin_addr, buf, sizeof(buf));
+    return host_port(buf, ntohs(a->sin_port));
+  }
+  if (addr.ss_family == AF_INET6) {
+    const auto* a = reinterpret_cast<const sockaddr_in6*>(&addr);
+    inet_ntop(AF_INET6, &a->sin6_addr, buf, sizeof(buf));
+    return host_port(buf, ntohs(a->sin6_port));
+  }
+  return "?";
+}
+
+long long ms_left(Clock::time_point deadline) {
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+  return left < 0 ? 0 : left + 1;  // round up so that poll does not return just before the deadline
+}
+
+int poll_ms(Clock::time_point deadline) {
+  long long left = ms_left(deadline);
+  return left > INT_MAX ? INT_MAX : static_cast<int>(left);
+}
+
+// Cryptographic randomness from the kernel (getrandom, or /dev/urandom).
+void fill_random(uint8_t* out, size_t len) {
+  size_t got = 0;
+  while (got < len) {
+    ssize_t r = getrandom(out + got, len - got, 0);
+    if (r > 0) {
+      got += static_cast<size_t>(r);
+    } else if (r < 0 && errno == EINTR) {
+      continue;
+    } else {
+      break;
+    }
+  }
+  if (got == len) return;
+  int fd = ::open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+  FASTPS_CHECK_TYPED(Error, fd >= 0, "fastps: no source of random bytes: ", errno_text(errno));
+  while (got < len) {
+    ssize_t r = ::read(fd, out + got, len - got);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) break;
+    got += static_cast<size_t>(r);
+  }
+  ::close(fd);
+  FASTPS_CHECK_TYPED(Error, got == len, "fastps: could not read random bytes");
+}
+
+// TCP_NODELAY (frames are written whole; Nagle would only add latency) and
+// the socket buffer sizes. Failures are ignored: these are performance hints.
+void tune_socket(int fd, const TransportOptions& o, bool nodelay) {
+  int one = 1;
+  if (nodelay) setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  if (o.socket_buffer_bytes > 0) {
+    int size = o.socket_buffer_bytes;
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size));
+  }
+}
+
+// Owns a file descriptor until release().
+class FdGuard {
+ public:
+  explicit FdGuard(int fd = -1) : fd_(fd) {}
+  ~FdGuard() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  FdGuard(const FdGuard&) = delete;
+  FdGuard& operator=(const FdGuard&) = delete;
+  int get() const { return fd_; }
+  int release() {
+    int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
+  void reset(int fd) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = fd;
+  }
+
+ private:
+  int fd_;
+};
+
+struct AddrInfoList {
+  addrinfo* head = nullptr;
+  ~AddrInfoList() {
+    if (head != nullptr) freeaddrinfo(head);
+  }
+};
+
+// --- Blocking I/O with a deadline, for the client handshake (caller thread) ---
+
+void wait_fd(int fd, short events, Clock::time_point deadline, const std::string& where,
+             const char* doing) {
+  for (;;) {
+    pollfd p{fd, events, 0};
+    int r = ::poll(&p, 1, poll_ms(deadline));
+    if (r > 0) return;  // ready, or an error the next read/write reports
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) throw ConnectionError(concat("fastps: poll failed ", doing, " ", where, ": ", errno_text(errno)));
+    if (Clock::now() >= deadline) {
+      throw TimeoutError(concat("fastps: timed out ", doing, " ", where,
+                                " (raise the timeout with FASTPS_TIMEOUT or timeout=)"));
+    }
+  }
+}
+
+void write_all_blocking(int fd, const uint8_t* data, size_t len, Clock::time_point deadline,
+                        const std::string& where) {
+  while (len > 0) {
+    ssize_t r = ::send(fd, data, len, MSG_NOSIGNAL);
+    if (r > 0) {
+      data += r;
+      len -= static_cast<size_t>(r);
+    } else if (r < 0 && errno == EINTR) {
+      continue;
+    } else if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      wait_fd(fd, POLLOUT, deadline, where, "in the handshake with");
+    } else {
+      throw ConnectionError(concat("fastps: connection to ", where, " failed during the handshake: ",
+                                   errno_text(errno)));
+    }
+  }
+}
+
+void read_exact_blocking(int fd, uint8_t* data, size_t len, Clock::time_point deadline,
+                         const std::string& where) {
+  while (len > 0) {
+    ssize_t r = ::recv(fd, data, len, 0);
+    if (r > 0) {
+      data += r;
+      len -= static_cast<size_t>(r);
+    } else if (r == 0) {
+      throw ConnectionError(concat("fastps: ", where,
+                                   " closed the connection during the handshake (is it a fastps "
+                                   "server of the same job?)"));
+    } else if (errno == EINTR) {
+      continue;
+    } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      wait_fd(fd, POLLIN, deadline, where, "waiting for the handshake reply of");
+    } else {
+      throw ConnectionError(concat("fastps: connection to ", where, " failed during the handshake: ",
+                                   errno_text(errno)));
+    }
+  }
+}
+
+void write_frame_blocking(int fd, MessageHeader h, const uint8_t* payload, size_t len,
+                          Clock::time_point deadline, const std::string& where) {
+  h.payload_len = len;
+  std::vector<uint8_t> bytes(kHeaderSize + len);
+  encode_header(h, bytes.data());
+  if (len > 0) std::memcpy(bytes.data() + kHeaderSize, payload, len);
+  write_all_blocking(fd, bytes.data(), bytes.size(), deadline, where);
+}
+
+// Reads one handshake frame; ERROR frames from the server become exceptions.
+Message read_handshake_frame(int fd, Op expected, size_t expected_len, Clock::time_point deadline,
+                             const std::string& where) {
+  uint8_t hb[kHeaderSize];
+  read_exact_blocking(fd, hb, kHeaderSize, deadline, where);
+  Message m;
+  m.header = decode_header(hb);
+  const MessageHeader& h = m.header;
+  FASTPS_CHECK_TYPED(ProtocolError, h.magic == kProtocolMagic, "fastps: ", where,
+                     " is not a fastps server (", header_problem(h, 0), ")");
+  FASTPS_CHECK_TYPED(ProtocolError, h.payload_len <= kMaxHandshakePayload, "fastps: ", where,
+                     " sent a ", h.payload_len, "-byte handshake frame (limit ", kMaxHandshakePayload, ")");
+  m.payload.resize(h.payload_len);
+  read_exact_blocking(fd, m.payload.data(), m.payload.size(), deadline, where);
+  if (h.op == Op::kError) {
+    std::string text = sanitize_error_text(m.payload.data(), m.payload.size());
+    std::string msg = concat("fastps: ", where, " rejected the connection (", status_name(h.status),
+                             "): ", text);
+    if (h.status == static_cast<uint32_t>(Status::kVersion) ||
+        h.status == static_cast<uint32_t>(Status::kProtocol)) {
+      throw ProtocolError(msg);
+    }
+    throw ConnectionError(msg);
+  }
+  FASTPS_CHECK_TYPED(ProtocolError, h.version == kProtocolVersion, "fastps: ", where,
+                     " speaks fastps protocol version ", h.version, ", this client speaks ",
+                     kProtocolVersion, " (install the same fastps release on every host)");
+  FASTPS_CHECK_TYPED(ProtocolError, h.op == expected && m.payload.size() == expected_len, "fastps: ",
+                     where, " broke the handshake: expected ", op_name(expected), " with ",
+                     expected_len, " bytes, got ", op_name(h.op), " with ", m.payload.size());
+  return m;
+}
+
+// Client side of docs/protocol.md "Handshake". Returns the server's max_payload.
+uint64_t client_handshake(int fd, const TransportOptions& o, int rank, Clock::time_point deadline,
+                          const std::string& where) {
+  Hello hello;
+  hello.rank = rank;
+  hello.max_payload = o.max_payload;
+  uint8_t hello_bytes[kHelloSize];
+  encode_hello(hello, hello_bytes);
+  MessageHeader h;
+  h.op = Op::kHello;
+  write_frame_blocking(fd, h, hello_bytes, sizeof(hello_bytes), deadline, where);
+
+  Message challenge = read_handshake_frame(fd, Op::kChallenge, kChallengeSize, deadline, where);
+  const uint8_t* server_nonce = challenge.payload.data();
+  uint64_t server_max = load_le64(challenge.payload.data() + kNonceSize);
+  FASTPS_CHECK_TYPED(ProtocolError, server_max >= kMinMaxPayload, "fastps: ", where,
+                     " announced a max payload of ", server_max, " bytes (at least ", kMinMaxPayload,
+                     " required)");
+
+  uint8_t auth[kAuthSize];
+  uint8_t* client_nonce = auth + kSha256DigestSize;
+  fill_random(client_nonce, kNonceSize);
+  Sha256Digest mac = auth_client_proof(o.secret, server_nonce, client_nonce);
+  std::memcpy(auth, mac.data(), mac.size());
+  h.op = Op::kAuth;
+  write_frame_blocking(fd, h, auth, sizeof(auth), deadline, where);
+
+  Message ok = read_handshake_frame(fd, Op::kAuthOk, kAuthOkSize, deadline, where);
+  Sha256Digest expected = auth_server_proof(o.secret, server_nonce, client_nonce);
+  FASTPS_CHECK_TYPED(ConnectionError, constant_time_equal(expected.data(), ok.payload.data(), kAuthOkSize),
+                     "fastps: ", where,
+                     " failed to authenticate itself: it does not know this job's secret");
+  return std::min<uint64_t>(server_max, kMaxMaxPayload);
+}
+
+// A non-blocking TCP connection to one of host's addresses, established before
+// the deadline.
+int connect_socket(const std::string& host, uint16_t port, const TransportOptions& o,
+                   Clock::time_point deadline, const std::string& where) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  AddrInfoList list;
+  std::string port_text = std::to_string(port);
+  int rc = getaddrinfo(host.c_str(), port_text.c_str(), &hints, &list.head);
+  FASTPS_CHECK_TYPED(ConnectionError, rc == 0, "fastps: cannot resolve ", where, ": ", gai_strerror(rc));
+  std::string last_error = "no address";
+  for (addrinfo* ai = list.head; ai != nullptr; ai = ai->ai_next) {
+    FdGuard fd(::socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol));
+    if (fd.get() < 0) {
+      last_error = errno_text(errno);
+      continue;
+    }
+    tune_socket(fd.get(), o, true);  // buffer sizes before connect, for window scaling
+    int r = ::connect(fd.get(), ai->ai_addr, ai->ai_addrlen);
+    if (r < 0 && errno != EINPROGRESS && errno != EINTR) {
+      last_error = errno_text(errno);
+      continue;
+    }
+    if (r < 0) {
+      wait_fd(fd.get(), POLLOUT, deadline, where, "connecting to");
+      int err = 0;
+      socklen_t len = sizeof(err);
+      getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
+      if (err != 0) {
+        last_error = errno_text(err);
+        continue;
+      }
+    }
+    return fd.release();
+  }
+  throw ConnectionError(concat("fastps: cannot connect to ", where, ": ", last_error,
+                               " (is the server running and reachable?)"));
+}
+
+// One non-blocking write of a whole small frame from the loop thread (handshake
+// replies and last-word ERROR frames). Returns false unless all of it went out.
+bool send_small_frame(int fd, MessageHeader h, const uint8_t* payload, size_t len) {
+  h.payload_len = len;
+  uint8_t hb[kHeaderSize];
+  encode_header(h, hb);
+  iovec iov[2] = {{hb, kHeaderSize}, {const_cast<uint8_t*>(payload), len}};
+  msghdr msg{};
+  msg.msg_iov = iov;
+  msg.msg_iovlen = len > 0 ? 2 : 1;
+  ssize_t r;
+  do {
+    r = ::sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+  } while (r < 0 && errno == EINTR);
+  return r == static_cast<ssize_t>(kHeaderSize + len);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+
+struct TcpTransport::Socket {
+  explicit Socket(int fd_in) : fd(fd_in) {}
+  ~Socket() { ::close(fd); }
+  Socket(const Socket&) = delete;
+  Socket& operator=(const Socket&) = delete;
+
+  enum class Phase { kAwaitHello, kAwaitAuth, kEstablished };
+
+  const int fd;
+  uint64_t token = 0;
+  // Held while a frame is being written, so frames never interleave.
+  std::timed_mutex send_mu;
+
+  // Receive state: loop thread only (and connect() before registration).
+  Phase phase = Phase::kEstablished;
+  uint8_t header_bytes[kHeaderSize];
+  size_t header_got = 0;
+  bool in_payload = false;
+  Message frame;
+  size_t payload_got = 0;
+  uint8_t server_nonce[kNonceSize];
+};
+
+struct TcpTransport::Conn {
+  ConnId id = kInvalidConnId;
+  std::string peer;
+  bool outgoing = false;
+  // Written before `established` is set (release), read after it (acquire).
+  int rank = -1;
+  uint64_t peer_max_payload = kMinMaxPayload;
+  Clock::time_point handshake_deadline;
+  // Fixed once the connection is registered; read without a lock.
+  std::vector<SocketPtr> sockets;
+  std::atomic<bool> established{false};
+  std::atomic<bool> closing{false};    // no more frames are sent or delivered
+  std::atomic<bool> torn_down{false};  // loop thread: removed, handler called
+  std::atomic<uint32_t> next_socket{0};
+  std::mutex reason_mu;
+  std::string close_reason;  // first reason given to request_close()
+};
+
+TcpTransport::TcpTransport(const TransportOptions& options)
+    : Transport("tcp", options), stage_(new uint8_t[kStageSize]) {
+  epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
+  FASTPS_CHECK_TYPED(Error, epoll_fd_ >= 0, "fastps: epoll_create1 failed: ", errno_text(errno));
+  wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (wake_fd_ < 0) {
+    int err = errno;
+    ::close(epoll_fd_);
+    throw Error(concat("fastps: eventfd failed: ", errno_text(err)));
+  }
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = kWakeToken;
+  epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, wake_fd_, &ev);
+  loop_ = std::thread([this] { run_loop(); });
+}
+
+TcpTransport::~TcpTransport() {
+  stopping_.store(true, std::memory_order_release);
+  uint64_t one = 1;
+  ssize_t ignored = ::write(wake_fd_, &one, sizeof(one));
+  (void)ignored;
+  loop_.join();
+  std::unordered_map<ConnId, ConnPtr> conns;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    conns.swap(conns_);
+    sockets_.clear();
+    close_queue_.clear();
+    if (listen_fd_ >= 0) ::close(listen_fd_);
+    listen_fd_ = -1;
+  }
+  for (auto& kv : conns) {
+    kv.second->closing.store(true, std::memory_order_release);
+    for (auto& s : kv.second->sockets) ::shutdown(s->fd, SHUT_RDWR);
+  }
+  pending_.clear();
+  conns.clear();  // sockets close as their last reference goes
+  ::close(wake_fd_);
+  ::close(epoll_fd_);
+}
+
+// --- Server side ------------------------------------------------------------
+
+uint16_t TcpTransport::do_listen(const std::string& host, uint16_t port) {
+  std::string where = host_port(host.empty() ? "*" : host, port);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    FASTPS_CHECK(listen_fd_ < 0, "fastps: this transport is already listening");
+  }
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  AddrInfoList list;
+  std::string port_text = std::to_string(port);
+  int rc = getaddrinfo(host.empty() ? nullptr : host.c_str(), port_text.c_str(), &hints, &list.head);
+  FASTPS_CHECK_TYPED(ConnectionError, rc == 0, "fastps: cannot resolve ", where, ": ", gai_strerror(rc));
+  FdGuard fd;
+  std::string last_error = "no address";
+  for (addrinfo* ai = list.head; ai != nullptr; ai = ai->ai_next) {
+    fd.reset(::socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol));
+    if (fd.get() < 0) {
+      last_error = errno_text(errno);
+      continue;
+    }
+    int one = 1;
+    setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    tune_socket(fd.get(), options(), false);  // inherited by accepted sockets
+    if (::bind(fd.get(), ai->ai_addr, ai->ai_addrlen) == 0 && ::listen(fd.get(), kListenBacklog) == 0) break;
+    last_error = errno_text(errno);
+    fd.reset(-1);
+  }
+  FASTPS_CHECK_TYPED(ConnectionError, fd.get() >= 0, "fastps: cannot listen on ", where, ": ", last_error);
+  sockaddr_storage addr{};
+  socklen_t len = sizeof(addr);
+  getsockname(fd.get(), reinterpret_cast<sockaddr*>(&addr), &len);
+  uint16_t bound = addr.ss_family == AF_INET6 ? ntohs(reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port)
+                                              : ntohs(reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    FASTPS_CHECK(listen_fd_ < 0, "fastps: this transport is already listening");
+    listen_fd_ = fd.release();
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = kListenToken;
+    epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, listen_fd_, &ev);
+  }
+  return bound;
+}
+
+void TcpTransport::accept_ready() {
+  int listen_fd;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    listen_fd = listen_fd_;
+  }
+  if (listen_fd < 0) return;
+  for (;;) {
+    sockaddr_storage addr{};
+    socklen_t len = sizeof(addr);
+    int fd = accept4(listen_fd, reinterpret_cast<sockaddr*>(&addr), &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+      // Out of descriptors or memory: stop accepting for a tick rather than
+      // spin on a level-triggered listening socket.
+      transport_log(concat("accept failed: ", errno_text(errno), "; pausing new connections"));
+      epoll_event ev{};
+      ev.data.u64 = kListenToken;
+      epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, listen_fd, &ev);
+      accept_paused_ = true;
+      accept_resume_at_ = Clock::now() + std::chrono::milliseconds(kTickMs);
+      return;
+    }
+    tune_socket(fd, options(), true);
+    auto socket = std::make_shared<Socket>(fd);
+    socket->phase = Socket::Phase::kAwaitHello;
+    auto conn = std::make_shared<Conn>();
+    conn->peer = sockaddr_text(addr);
+    conn->handshake_deadline = Clock::now() + options().timeout;
+    conn->sockets.push_back(socket);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      conn->id = next_conn_++;
+      socket->token = next_token_++;
+      conns_[conn->id] = conn;
+      sockets_[socket->token] = Entry{socket, conn};
+    }
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLRDHUP;
+    ev.data.u64 = socket->token;
+    if (epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev) != 0) {
+      transport_log(concat("cannot watch the connection from ", conn->peer, ": ", errno_text(errno)));
+      teardown(conn, "epoll_ctl failed");
+      continue;
+    }
+    pending_.push_back(conn);
+  }
+}
+
+// --- Client side ------------------------------------------------------------
+
+ConnId TcpTransport::do_connect(const std::string& host, uint16_t port, int rank) {
+  const Clock::time_point deadline = Clock::now() + options().timeout;
+  const std::string where = host_port(host, port);
+  auto conn = std::make_shared<Conn>();
+  conn->peer = where;
+  conn->outgoing = true;
+  for (int i = 0; i < options().connections_per_peer; ++i) {
+    auto socket = std::make_shared<Socket>(connect_socket(host, port, options(), deadline, where));
+    conn->peer_max_payload = client_handshake(socket->fd, options(), rank, deadline, where);
+    conn->sockets.push_back(socket);
+  }
+  conn->established.store(true, std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    FASTPS_CHECK_TYPED(ConnectionError, !stopping_.load(), "fastps: transport is shutting down");
+    conn->id = next_conn_++;
+    for (auto& s : conn->sockets) {
+      s->token = next_token_++;
+      sockets_[s->token] = Entry{s, conn};
+    }
+    conns_[conn->id] = conn;
+  }
+  for (auto& s : conn->sockets) {
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLRDHUP;
+    ev.data.u64 = s->token;
+    if (epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, s->fd, &ev) != 0) {
+      int err = errno;
+      request_close(conn, "epoll_ctl failed");
+      throw ConnectionError(concat("fastps: cannot watch the connection to ", where, ": ", errno_text(err)));
+    }
+  }
+  return conn->id;
+}
+
+// --- Sending (caller threads) -------------------------------------------------
+
+void TcpTransport::do_send(ConnId id, const uint8_t* header, const ConstBuffer* segments,
+                           size_t nsegments, uint64_t payload_len) {
+  const Clock::time_point deadline = Clock::now() + options().timeout;
+  ConnPtr conn = find_established(id);
+  FASTPS_CHECK_TYPED(ConnectionError, conn && !conn->closing.load(std::memory_order_acquire),
+                     "fastps: cannot send on connection ", id, conn ? concat(" (", conn->peer, ")") : "",
+                     ": the connection is closed");
+  FASTPS_CHECK(payload_len <= conn->peer_max_payload, "fastps: cannot send a ", payload_len,
+               "-byte payload to ", conn->peer, ": the peer accepts at most ", conn->peer_max_payload,
+               " bytes per frame");
+
+  // Pick a free socket of the connection, else wait for the next in turn.
+  const size_t n = conn->sockets.size();
+  const uint32_t start = conn->next_socket.fetch_add(1, std::memory_order_relaxed);
+  Socket* socket = nullptr;
+  std::unique_lock<std::timed_mutex> lock;
+  for (size_t i = 0; i < n && socket == nullptr; ++i) {
+    Socket* s = conn->sockets[(start + i) % n].get();
+    lock = std::unique_lock<std::timed_mutex>(s->send_mu, std::try_to_lock);
+    if (lock.owns_lock()) socket = s;
+  }
+  if (socket == nullptr) {
+    socket = conn->sockets[start % n].get();
+    lock = std::unique_lock<std::timed_mutex>(socket->send_mu, deadline);
+    FASTPS_CHECK_TYPED(TimeoutError, lock.owns_lock(), "fastps: timed out after ", options().timeout.count(),
+                       " ms waiting to send to ", conn->peer, " (earlier frames are still being written)");
+  }
+
+  std::vector<iovec> iov;
+  iov.reserve(nsegments + 1);
+  iov.push_back(iovec{const_cast<uint8_t*>(header), kHeaderSize});
+  for (size_t i = 0; i < nsegments; ++i) {
+    if (segments[i].size > 0) iov.push_back(iovec{const_cast<void*>(segments[i].data), segments[i].size});
+  }
+
+  const uint64_t total = kHeaderSize + payload_len;
+  uint64_t written = 0;
+  size_t first = 0;
+  while (first < iov.size()) {
+    if (conn->closing.load(std::memory_order_acquire)) {
+      throw ConnectionError(concat("fastps: connection to ", conn->peer, " was closed while sending (",
+                                   written, " of ", total, " bytes written)"));
+    }
+    msghdr msg{};
+    msg.msg_iov = iov.data() + first;
+    msg.msg_iovlen = std::min<size_t>(iov.size() - first, IOV_MAX);
+    ssize_t r = ::sendmsg(socket->fd, &msg, MSG_NOSIGNAL);
+    if (r > 0) {
+      written += static_cast<uint64_t>(r);
+      size_t left = static_cast<size_t>(r);
+      while (left > 0 && left >= iov[first].iov_len) left -= iov[first++].iov_len;
+      if (left > 0) {
+        iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + left;
+        iov[first].iov_len -= left;
+      }
+      continue;
+    }
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (Clock::now() < deadline) {
+        pollfd p{socket->fd, POLLOUT, 0};
+        ::poll(&p, 1, poll_ms(deadline));  // errors and hangups surface in sendmsg
+        continue;
+      }
+      std::string what = concat("fastps: timed out after ", options().timeout.count(), " ms sending to ",
+                                conn->peer, " (", written, " of ", total,
+                                " bytes written; is the peer alive and reading?)");
+      if (written > 0) {
+        request_close(conn, "a send timed out in the middle of a frame");
+        what += "; the connection was closed";
+      }
+      throw TimeoutError(what);
+    }
+    int err = r < 0 ? errno : EPIPE;
+    request_close(conn, concat("send failed: ", errno_text(err)));
+    throw ConnectionError(concat("fastps: connection to ", conn->peer, " lost while sending: ",
+                                 errno_text(err)));
+  }
+}
+
+void TcpTransport::do_close(ConnId id, const std::string& reason) {
+  ConnPtr conn;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = conns_.find(id);
+    if (it != conns_.end()) conn = it->second;
+  }
+  if (conn) request_close(conn, reason);
+}
+
+PeerInfo TcpTransport::do_peer_info(ConnId id) const {
+  ConnPtr conn = find_established(id);
+  FASTPS_CHECK_TYPED(ConnectionError, conn != nullptr, "fastps: unknown or closed connection ", id);
+  PeerInfo info;
+  info.address = conn->peer;
+  info.rank = conn->rank;
+  info.outgoing = conn->outgoing;
+  return info;
+}
+
+void TcpTransport::request_close(const ConnPtr& conn, const std::string& reason) {
+  {
+    std::lock_guard<std::mutex> lock(conn->reason_mu);
+    if (conn->close_reason.empty()) conn->close_reason = reason;
+  }
+  if (conn->closing.exchange(true, std::memory_order_acq_rel)) return;
+  // Fails blocked senders at once and tells the peer.
+  for (auto& s : conn->sockets) ::shutdown(s->fd, SHUT_RDWR);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    close_queue_.push_back(conn);
+  }
+  uint64_t one = 1;
+  ssize_t ignored = ::write(wake_fd_, &one, sizeof(one));
+  (void)ignored;
+}
+
+TcpTransport::ConnPtr TcpTransport::find_established(ConnId id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = conns_.find(id);
+  if (it == conns_.end() || !it->second->established.load(std::memory_order_acquire)) return nullptr;
+  return it->second;
+}
+
+TcpTransport::Entry TcpTransport::find_entry(uint64_t token) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = sockets_.find(token);
+  return it == sockets_.end() ? Entry{} : it->second;
+}
+
+std::string TcpTransport::describe(const Conn& conn) const {
+  std::string s = concat("connection ", conn.id, " (", conn.outgoing ? "to " : "from ", conn.peer);
+  if (conn.established.load(std::memory_order_acquire) && conn.rank >= 0) s += concat(", rank ", conn.rank);
+  return s + ")";
+}
+
+// --- Event loop ---------------------------------------------------------------
+
+void TcpTransport::run_loop() {
+  epoll_event events[kMaxEvents];
+  while (!stopping_.load(std::memory_order_acquire)) {
+    int timeout = (!pending_.empty() || accept_paused_) ? kTickMs : -1;
+    int n = epoll_wait(epoll_fd_, events, kMaxEvents, timeout);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      transport_log(concat("epoll_wait failed: ", errno_text(errno), "; the transport stops serving"));
+      return;
+    }
+    for (int i = 0; i < n && !stopping_.load(std::memory_order_acquire); ++i) {
+      uint64_t token = events[i].data.u64;
+      if (token == kWakeToken) {
+        uint64_t count;
+        ssize_t ignored = ::read(wake_fd_, &count, sizeof(count));
+        (void)ignored;
+        drain_close_queue();
+      } else if (token == kListenToken) {
+        accept_ready();
+      } else {
+        Entry e = find_entry(token);
+        if (e.socket) on_readable(e);
+      }
+    }
+    expire_handshakes();
+    if (accept_paused_ && Clock::now() >= accept_resume_at_) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (listen_fd_ >= 0) {
+        epoll_event ev{};
+        ev.events = EPOLLIN;
+        ev.data.u64 = kListenToken;
+        epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, listen_fd_, &ev);
+      }
+      accept_paused_ = false;
+    }
+  }
+}
+
+void TcpTransport::drain_close_queue() {
+  std::vector<ConnPtr> queue;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    queue.swap(close_queue_);
+  }
+  for (auto& conn : queue) teardown(conn, "closed");
+}
+
+void TcpTransport::expire_handshakes() {
+  if (pending_.empty()) return;
+  const Clock::time_point now = Clock::now();
+  std::vector<ConnPtr> still;
+  for (auto& conn : pending_) {
+    if (conn->torn_down.load() || conn->established.load()) continue;
+    if (now < conn->handshake_deadline) {
+      still.push_back(conn);
+      continue;
+    }
+    std::string reason = concat("handshake not completed within ", options().timeout.count(), " ms");
+    transport_log(concat("closing ", describe(*conn), ": ", reason));
+    teardown(conn, reason);
+  }
+  pending_.swap(still);
+}
+
+void TcpTransport::on_readable(const Entry& e) {
+  Socket& s = *e.socket;
+  size_t budget = kReadBudget;
+  while (budget > 0 && !e.conn->torn_down.load(std::memory_order_relaxed)) {
+    const bool direct = s.in_payload && s.frame.header.payload_len - s.payload_got >= kStageSize;
+    ssize_t r;
+    if (direct) {
+      size_t want = std::min<uint64_t>(s.frame.header.payload_len - s.payload_got, budget);
+      r = ::recv(s.fd, s.frame.payload.data() + s.payload_got, want, 0);
+    } else {
+      r = ::recv(s.fd, stage_.get(), kStageSize, 0);
+    }
+    if (r > 0) {
+      budget -= std::min<size_t>(static_cast<size_t>(r), budget);
+      if (direct) {
+        s.payload_got += static_cast<size_t>(r);
+        if (!finish_frame_if_complete(e)) return;
+      } else if (!consume(e, stage_.get(), static_cast<size_t>(r))) {
+        return;
+      }
+      continue;
+    }
+    if (r == 0) {
+      on_eof(e);
+      return;
+    }
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+    std::string reason = concat("connection error: ", errno_text(errno));
+    if (!e.conn->closing.load()) transport_log(concat("closing ", describe(*e.conn), ": ", reason));
+    teardown(e.conn, reason);
+    return;
+  }
+}
+
+void TcpTransport::on_eof(const Entry& e) {
+  const Socket& s = *e.socket;
+  Conn& conn = *e.conn;
+  std::string reason;
+  if (s.in_payload || s.header_got > 0) {
+    uint64_t got = s.in_payload ? kHeaderSize + s.payload_got : s.header_got;
+    uint64_t want = s.in_payload ? kHeaderSize + s.frame.header.payload_len : kHeaderSize;
+    reason = concat("peer closed the connection in the middle of a frame (truncated frame: ", got,
+                    " of ", want, " bytes)");
+  } else if (!conn.established.load()) {
+    reason = "peer closed the connection during the handshake";
+  } else {
+    reason = "peer closed the connection";
+  }
+  // A clean close at a frame boundary is routine; everything else is logged.
+  if (!conn.closing.load() && reason != "peer closed the connection") {
+    transport_log(concat("closing ", describe(conn), ": ", reason));
+  }
+  teardown(e.conn, reason);
+}
+
+bool TcpTransport::consume(const Entry& e, const uint8_t* data, size_t len) {
+  Socket& s = *e.socket;
+  while (len > 0) {
+    size_t take;
+    if (!s.in_payload) {
+      take = std::min(kHeaderSize - s.header_got, len);
+      std::memcpy(s.header_bytes + s.header_got, data, take);
+      s.header_got += take;
+      if (s.header_got == kHeaderSize && !start_payload(e)) return false;
+    } else {
+      take = std::min<uint64_t>(s.frame.header.payload_len - s.payload_got, len);
+      std::memcpy(s.frame.payload.data() + s.payload_got, data, take);
+      s.payload_got += take;
+    }
+    data += take;
+    len -= take;
+    if (!finish_frame_if_complete(e)) return false;
+  }
+  return true;
+}
+
+// A whole header is in s.header_bytes: check it against the limits of the
+// socket's phase, then allocate the payload. See docs/protocol.md "Limits".
+bool TcpTransport::start_payload(const Entry& e) {
+  Socket& s = *e.socket;
+  MessageHeader h = decode_header(s.header_bytes);
+  s.header_got = 0;
+  std::string problem;
+  Status status = Status::kProtocol;
+  if (s.phase == Socket::Phase::kEstablished) {
+    problem = header_problem(h, options().max_payload);
+    if (!problem.empty() && h.magic == kProtocolMagic &&
+        (h.payload_len > options().max_payload || h.count > max_count_for(options().max_payload))) {
+      status = Status::kLimit;
+    }
+  } else {
+    Op expected = s.phase == Socket::Phase::kAwaitHello ? Op::kHello : Op::kAuth;
+    if (h.magic != kProtocolMagic) {
+      problem = header_problem(h, 0);
+    } else if (h.payload_len > kMaxHandshakePayload) {
+      problem = concat("a ", h.payload_len, "-byte frame before authentication (limit ",
+                       kMaxHandshakePayload, ")");
+    } else if (h.op != expected) {
+      problem = concat("expected ", op_name(expected), ", got ", op_name(h.op), " during the handshake");
+    }
+  }
+  if (!problem.empty()) {
+    fail(e, status, problem);
+    return false;
+  }
+  try {
+    s.frame.header = h;
+    s.frame.payload = std::vector<uint8_t>(h.payload_len);
+  } catch (const std::bad_alloc&) {
+    fail(e, Status::kLimit, concat("cannot allocate a ", h.payload_len, "-byte payload"));
+    return false;
+  }
+  s.in_payload = true;
+  s.payload_got = 0;
+  return true;
+}
+
+bool TcpTransport::finish_frame_if_complete(const Entry& e) {
+  Socket& s = *e.socket;
+  if (!s.in_payload || s.payload_got < s.frame.header.payload_len) return true;
+  s.in_payload = false;
+  s.payload_got = 0;
+  Message frame = std::move(s.frame);
+  s.frame = Message();
+  return on_frame(e, std::move(frame));
+}
+
+bool TcpTransport::on_frame(const Entry& e, Message&& frame) {
+  Conn& conn = *e.conn;
+  switch (e.socket->phase) {
+    case Socket::Phase::kAwaitHello:
+      return on_hello(e, std::move(frame));
+    case Socket::Phase::kAwaitAuth:
+      return on_auth(e, std::move(frame));
+    case Socket::Phase::kEstablished:
+      break;
+  }
+  if (conn.closing.load(std::memory_order_acquire)) {
+    teardown(e.conn, "closed");
+    return false;
+  }
+  if (!deliver(conn.id, std::move(frame))) {
+    request_close(e.conn, "the message handler threw");
+    teardown(e.conn, "the message handler threw");
+    return false;
+  }
+  if (conn.closing.load(std::memory_order_acquire)) {  // the handler closed it
+    teardown(e.conn, "closed");
+    return false;
+  }
+  return true;
+}
+
+bool TcpTransport::on_hello(const Entry& e, Message&& frame) {
+  Socket& s = *e.socket;
+  Conn& conn = *e.conn;
+  const MessageHeader& h = frame.header;
+  if (h.version != kProtocolVersion) {
+    fail(e, Status::kVersion,
+         concat("protocol version mismatch: the client speaks fastps protocol version ", h.version,
+                ", this server speaks version ", kProtocolVersion,
+                " (install the same fastps release on every host)"));
+    return false;
+  }
+  Hello hello;
+  try {
+    hello = decode_hello(frame.payload.data(), frame.payload.size());
+  } catch (const ProtocolError& ex) {
+    fail(e, Status::kProtocol, ex.what());
+    return false;
+  }
+  if (hello.version != kProtocolVersion) {
+    fail(e, Status::kVersion,
+         concat("protocol version mismatch: the client's HELLO says version ", hello.version,
+                ", this server speaks version ", kProtocolVersion));
+    return false;
+  }
+  if (hello.max_payload < kMinMaxPayload) {
+    fail(e, Status::kProtocol, concat("client announced a max payload of ", hello.max_payload,
+                                      " bytes (at least ", kMinMaxPayload, " required)"));
+    return false;
+  }
+  conn.rank = hello.rank;
+  conn.peer_max_payload = std::min<uint64_t>(hello.max_payload, kMaxMaxPayload);
+  uint8_t challenge[kChallengeSize];
+  try {
+    fill_random(s.server_nonce, kNonceSize);
+  } catch (const std::exception& ex) {
+    fail(e, Status::kInternal, ex.what());
+    return false;
+  }
+  std::memcpy(challenge, s.server_nonce, kNonceSize);
+  store_le64(challenge + kNonceSize, options().max_payload);
+  MessageHeader reply;
+  reply.op = Op::kChallenge;
+  if (!send_small_frame(s.fd, reply, challenge, sizeof(challenge))) {
+    std::string reason = concat("could not send CHALLENGE: ", errno_text(errno));
+    transport_log(concat("closing ", describe(conn), ": ", reason));
+    teardown(e.conn, reason);
+    return false;
+  }
+  s.phase = Socket::Phase::kAwaitAuth;
+  return true;
+}
+
+bool TcpTransport::on_auth(const Entry& e, Message&& frame) {
+  Socket& s = *e.socket;
+  Conn& conn = *e.conn;
+  if (frame.header.version != kProtocolVersion || frame.payload.size() != kAuthSize) {
+    fail(e, Status::kProtocol, concat("malformed AUTH frame (version ", frame.header.version, ", ",
+                                      frame.payload.size(), " bytes)"));
+    return false;
+  }
+  const uint8_t* client_mac = frame.payload.data();
+  const uint8_t* client_nonce = frame.payload.data() + kSha256DigestSize;
+  Sha256Digest expected = auth_client_proof(options().secret, s.server_nonce, client_nonce);
+  if (!constant_time_equal(expected.data(), client_mac, kSha256DigestSize)) {
+    fail(e, Status::kAuth,
+         "authentication failed: the client's secret does not match this server's (every process of "
+         "a job must use the same secret)");
+    return false;
+  }
+  Sha256Digest proof = auth_server_proof(options().secret, s.server_nonce, client_nonce);
+  MessageHeader reply;
+  reply.op = Op::kAuthOk;
+  if (!send_small_frame(s.fd, reply, proof.data(), proof.size())) {
+    std::string reason = concat("could not send AUTH_OK: ", errno_text(errno));
+    transport_log(concat("closing ", describe(conn), ": ", reason));
+    teardown(e.conn, reason);
+    return false;
+  }
+  s.phase = Socket::Phase::kEstablished;
+  conn.established.store(true, std::memory_order_release);
+  return true;
+}
+
+// Logs, tells the peer why with a last ERROR frame when the socket can take
+// it without blocking, and tears the connection down.
+void TcpTransport::fail(const Entry& e, Status status, const std::string& reason) {
+  Conn& conn = *e.conn;
+  if (!conn.closing.load(std::memory_order_acquire)) {
+    transport_log(concat("closing ", describe(conn), ": ", reason));
+    std::unique_lock<std::timed_mutex> lock(e.socket->send_mu, std::try_to_lock);
+    if (lock.owns_lock()) {
+      std::string text = truncate_utf8(reason, kMaxErrorMessage);
+      MessageHeader h;
+      h.op = Op::kError;
+      h.status = static_cast<uint32_t>(status);
+      send_small_frame(e.socket->fd, h, reinterpret_cast<const uint8_t*>(text.data()), text.size());
+    }
+  }
+  teardown(e.conn, reason);
+}
+
+void TcpTransport::teardown(const ConnPtr& conn, const std::string& reason) {
+  if (conn->torn_down.exchange(true, std::memory_order_acq_rel)) return;
+  conn->closing.store(true, std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    conns_.erase(conn->id);
+    for (auto& s : conn->sockets) sockets_.erase(s->token);
+  }
+  for (auto& s : conn->sockets) {
+    epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, s->fd, nullptr);
+    ::shutdown(s->fd, SHUT_RDWR);
+  }
+  std::string why;
+  {
+    std::lock_guard<std::mutex> lock(conn->reason_mu);
+    why = conn->close_reason.empty() ? reason : conn->close_reason;
+  }
+  if (conn->established.load(std::memory_order_acquire) && !stopping_.load(std::memory_order_acquire)) {
+    notify_disconnect(conn->id, why);
+  }
+}
+
+}  // namespace fastps

@@ -1,0 +1,114 @@
+// TCP transport: non-blocking sockets driven by one epoll event-loop thread
+// per TcpTransport. Use it through Transport::create("tcp", options); the
+// contract (handlers, blocking, thread safety) is in transport/transport.h and
+// the wire format in docs/protocol.md.
+//
+// Design note:
+//  * The loop thread owns all reading: accept, the server side of the
+//    handshake, frame reassembly (partial reads, several frames per read),
+//    delivery to the handler, peer close and errors. Sockets are
+//    level-triggered; each wakeup reads at most kReadBudget bytes from one
+//    socket, so one busy peer cannot starve the others.
+//  * Writing happens on the caller's thread: send() takes the socket's send
+//    mutex and writes the header and the caller's payload segments with
+//    sendmsg (scatter/gather, no copy), polling for POLLOUT when the socket
+//    buffer is full, until the frame is out or the deadline passes.
+//  * connect() runs the client side of the handshake on the caller's thread
+//    with blocking reads/writes bounded by the deadline, and only then hands
+//    the sockets to the loop; it never reads past AUTH_OK, so frames the
+//    server sends right after the handshake wait in the kernel for the loop.
+//  * Received frames are small-read into a loop-owned staging buffer; large
+//    payloads are received directly into the frame's vector, allocated once
+//    after the header passed the limits. Before authentication no frame may
+//    announce more than kMaxHandshakePayload bytes.
+//  * Closing: a connection that must close (local close(), failed send,
+//    protocol violation, peer gone) is shut down with shutdown(SHUT_RDWR),
+//    which fails any blocked sender at once (ConnectionError), and is then
+//    torn down on the loop thread, which calls the disconnect handler once.
+//    File descriptors are closed when the last reference to the socket goes
+//    away, so a sender never writes to a reused descriptor.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "transport/transport.h"
+
+namespace fastps {
+
+class TcpTransport final : public Transport {
+ public:
+  // Creates the epoll instance and starts the loop thread. Throws Error if the
+  // kernel refuses (out of file descriptors).
+  explicit TcpTransport(const TransportOptions& options);
+  // Stops and joins the loop thread and closes every socket; no disconnect
+  // handler calls. See the threading contract in transport.h.
+  ~TcpTransport() override;
+
+ protected:
+  uint16_t do_listen(const std::string& host, uint16_t port) override;
+  ConnId do_connect(const std::string& host, uint16_t port, int rank) override;
+  void do_send(ConnId conn, const uint8_t* header, const ConstBuffer* segments, size_t nsegments,
+               uint64_t payload_len) override;
+  void do_close(ConnId conn, const std::string& reason) override;
+  PeerInfo do_peer_info(ConnId conn) const override;
+
+ private:
+  struct Socket;
+  struct Conn;
+  using SocketPtr = std::shared_ptr<Socket>;
+  using ConnPtr = std::shared_ptr<Conn>;
+  struct Entry {
+    SocketPtr socket;
+    ConnPtr conn;
+  };
+
+  // Loop thread.
+  void run_loop();
+  void accept_ready();
+  void on_readable(const Entry& e);
+  bool consume(const Entry& e, const uint8_t* data, size_t len);
+  bool start_payload(const Entry& e);
+  bool finish_frame_if_complete(const Entry& e);
+  bool on_frame(const Entry& e, Message&& frame);
+  bool on_hello(const Entry& e, Message&& frame);
+  bool on_auth(const Entry& e, Message&& frame);
+  void on_eof(const Entry& e);
+  void fail(const Entry& e, Status status, const std::string& reason);
+  void teardown(const ConnPtr& conn, const std::string& reason);
+  void expire_handshakes();
+  void drain_close_queue();
+
+  // Any thread.
+  void request_close(const ConnPtr& conn, const std::string& reason);
+  ConnPtr find_established(ConnId id) const;
+  Entry find_entry(uint64_t token) const;
+  std::string describe(const Conn& conn) const;
+
+  int epoll_fd_ = -1;
+  int wake_fd_ = -1;  // eventfd: wakes the loop for shutdown and close requests
+  std::atomic<bool> stopping_{false};
+
+  mutable std::mutex mu_;  // guards everything below up to the loop-only part
+  int listen_fd_ = -1;
+  std::unordered_map<ConnId, ConnPtr> conns_;
+  std::unordered_map<uint64_t, Entry> sockets_;  // epoll token -> socket
+  std::vector<ConnPtr> close_queue_;
+  ConnId next_conn_ = 1;
+  uint64_t next_token_ = 16;  // tokens below are reserved for the wake and listen fds
+
+  // Loop thread only.
+  std::vector<ConnPtr> pending_;  // accepted connections still in the handshake
+  std::unique_ptr<uint8_t[]> stage_;
+  bool accept_paused_ = false;
+  std::chrono::steady_clock::time_point accept_resume_at_;
+
+  std::thread loop_;  // last: started after everything above is initialised
+};
+
+}  // namespace fastps

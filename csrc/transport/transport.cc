@@ -1,0 +1,153 @@
+#include "transport/transport.h"
+
+#include <cstdio>
+#include <exception>
+
+#include "common/error.h"
+#include "transport/tcp.h"
+
+namespace fastps {
+
+namespace {
+
+void validate_options(const TransportOptions& o) {
+  FASTPS_CHECK(o.connections_per_peer >= 1 && o.connections_per_peer <= 64,
+               "fastps: connections_per_peer must be in [1, 64], got ", o.connections_per_peer);
+  FASTPS_CHECK(o.max_payload >= kMinMaxPayload && o.max_payload <= kMaxMaxPayload,
+               "fastps: max_payload must be in [", kMinMaxPayload, ", ", kMaxMaxPayload, "] bytes, got ",
+               o.max_payload);
+  FASTPS_CHECK(o.timeout.count() > 0, "fastps: timeout must be positive, got ", o.timeout.count(),
+               " ms");
+  FASTPS_CHECK(o.socket_buffer_bytes >= 0, "fastps: socket_buffer_bytes must be >= 0, got ",
+               o.socket_buffer_bytes);
+}
+
+}  // namespace
+
+void transport_log(const std::string& line) {
+  // One fprintf per line: stderr is unbuffered, and a single call keeps lines
+  // from different threads whole.
+  std::fprintf(stderr, "fastps: %s\n", line.c_str());
+}
+
+std::unique_ptr<Transport> Transport::create(const std::string& kind,
+                                             const TransportOptions& options) {
+  validate_options(options);
+  if (kind == "tcp") return std::make_unique<TcpTransport>(options);
+  throw InvalidArgument(detail::concat("fastps: unknown transport '", kind, "' (available: tcp)"));
+}
+
+Transport::Transport(std::string kind, const TransportOptions& options)
+    : kind_(std::move(kind)), options_(options) {
+  validate_options(options_);
+}
+
+Transport::~Transport() = default;
+
+void Transport::freeze_handlers(const char* what) {
+  FASTPS_CHECK(handler_ != nullptr, "fastps: call set_handler() before ", what, "()");
+  started_.store(true, std::memory_order_release);
+}
+
+void Transport::set_handler(MessageHandler handler) {
+  FASTPS_CHECK(!started_.load(std::memory_order_acquire),
+               "fastps: set_handler() must be called before listen()/connect()");
+  FASTPS_CHECK(handler != nullptr, "fastps: set_handler() needs a callable");
+  handler_ = std::move(handler);
+}
+
+void Transport::set_disconnect_handler(DisconnectHandler handler) {
+  FASTPS_CHECK(!started_.load(std::memory_order_acquire),
+               "fastps: set_disconnect_handler() must be called before listen()/connect()");
+  disconnect_handler_ = std::move(handler);
+}
+
+uint16_t Transport::listen(const std::string& host, uint16_t port) {
+  freeze_handlers("listen");
+  return do_listen(host, port);
+}
+
+ConnId Transport::connect(const std::string& host, uint16_t port, int rank) {
+  FASTPS_CHECK(!host.empty(), "fastps: connect() needs a host");
+  FASTPS_CHECK(port != 0, "fastps: connect() needs a non-zero port");
+  freeze_handlers("connect");
+  return do_connect(host, port, rank);
+}
+
+void Transport::send(ConnId conn, const MessageHeader& header, const ConstBuffer* segments,
+                     size_t nsegments) {
+  FASTPS_CHECK(nsegments == 0 || segments != nullptr, "fastps: send() with ", nsegments,
+               " segments but no segment array");
+  uint64_t payload_len = 0;
+  for (size_t i = 0; i < nsegments; ++i) {
+    FASTPS_CHECK(segments[i].data != nullptr || segments[i].size == 0,
+                 "fastps: send() payload segment ", i, " has a null pointer");
+    payload_len += segments[i].size;
+  }
+  MessageHeader h = header;
+  h.magic = kProtocolMagic;
+  h.version = kProtocolVersion;
+  h.payload_len = payload_len;
+  std::string problem = header_problem(h, options_.max_payload);
+  FASTPS_CHECK(problem.empty(), "fastps: cannot send: ", problem);
+  uint8_t bytes[kHeaderSize];
+  encode_header(h, bytes);
+  do_send(conn, bytes, segments, nsegments, payload_len);
+  bytes_sent_.fetch_add(kHeaderSize + payload_len, std::memory_order_relaxed);
+  messages_sent_.fetch_add(1, std::memory_order_relaxed);
+}
+
+void Transport::send_error(ConnId conn, uint64_t request_id, Status status,
+                           const std::string& message, uint64_t key) {
+  FASTPS_CHECK(status != Status::kOk, "fastps: send_error() needs a non-zero status");
+  std::string text = truncate_utf8(message, kMaxErrorMessage);
+  MessageHeader h;
+  h.op = Op::kError;
+  h.status = static_cast<uint32_t>(status);
+  h.request_id = request_id;
+  h.key = key;
+  ConstBuffer segment{text.data(), text.size()};
+  send(conn, h, &segment, text.empty() ? 0 : 1);
+}
+
+void Transport::close(ConnId conn) { do_close(conn, "closed locally"); }
+
+PeerInfo Transport::peer_info(ConnId conn) const { return do_peer_info(conn); }
+
+TransportStats Transport::stats() const {
+  TransportStats s;
+  s.bytes_sent = bytes_sent_.load(std::memory_order_relaxed);
+  s.messages_sent = messages_sent_.load(std::memory_order_relaxed);
+  s.bytes_received = bytes_received_.load(std::memory_order_relaxed);
+  s.messages_received = messages_received_.load(std::memory_order_relaxed);
+  return s;
+}
+
+bool Transport::deliver(ConnId conn, Message&& message) {
+  bytes_received_.fetch_add(kHeaderSize + message.payload.size(), std::memory_order_relaxed);
+  messages_received_.fetch_add(1, std::memory_order_relaxed);
+  try {
+    handler_(conn, std::move(message));
+    return true;
+  } catch (const std::exception& e) {
+    transport_log(detail::concat("message handler threw on connection ", conn, ": ", e.what(),
+                                 "; closing the connection"));
+  } catch (...) {
+    transport_log(detail::concat("message handler threw a non-standard exception on connection ",
+                                 conn, "; closing the connection"));
+  }
+  return false;
+}
+
+void Transport::notify_disconnect(ConnId conn, const std::string& reason) {
+  if (!disconnect_handler_) return;
+  try {
+    disconnect_handler_(conn, reason);
+  } catch (const std::exception& e) {
+    transport_log(detail::concat("disconnect handler threw on connection ", conn, ": ", e.what()));
+  } catch (...) {
+    transport_log(detail::concat("disconnect handler threw on connection ", conn));
+  }
+}
+
+}  // namespace fastps

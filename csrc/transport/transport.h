@@ -1,0 +1,182 @@
+// Transport: authenticated, framed, bidirectional connections between fastps
+// processes (docs/protocol.md). One interface, several implementations chosen
+// by name through Transport::create() ("tcp" today; "shm", "inproc" and "ucx"
+// are planned behind the same interface).
+//
+// Design note (the ps-lite Van pattern): the public methods are non-virtual;
+// they validate arguments, enforce the frame limits and keep the byte/message
+// counters, then call the protected do_*() virtuals. An implementation calls
+// deliver() for each received frame and notify_disconnect() when an
+// established connection ends, both from its event-loop thread.
+//
+// One Transport object can be a server (listen()), a client (connect()), or
+// both. Frames received on *any* of its connections, accepted or connected,
+// go to the one handler set with set_handler(); the ConnId says which
+// connection it came from, and a reply is sent on that same ConnId.
+//
+// Threading contract:
+//  * set_handler() and set_disconnect_handler() are called before the first
+//    listen() or connect(); later calls throw InvalidArgument.
+//  * The handlers run on the transport's event-loop thread, one call at a
+//    time (they need no locking among themselves). While a handler runs, no
+//    connection of this transport is read, so handlers should hand work off
+//    quickly. A handler may call send() (for example to reply), but send()
+//    blocks until the frame is written: a large reply to a peer that does not
+//    read stalls the loop until the send deadline. Servers reply from their
+//    shard threads instead.
+//  * An exception thrown by the message handler is logged and closes the
+//    connection whose frame it was handling; it does not stop the loop.
+//  * listen(), connect(), send(), close(), peer_info() and stats() may be
+//    called from any thread, concurrently.
+//  * Destruction stops the loop and closes every connection without calling
+//    the disconnect handler; no other thread may be inside a method then.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "transport/message.h"
+
+namespace fastps {
+
+// Identifies one logical connection of a Transport; never reused by it.
+using ConnId = uint64_t;
+constexpr ConnId kInvalidConnId = 0;
+
+// Called with each complete, authenticated, validated frame.
+using MessageHandler = std::function<void(ConnId conn, Message&& message)>;
+// Called once for each established connection that ends (peer closed, reset,
+// protocol violation, send failure, or a local close()), with a short reason.
+using DisconnectHandler = std::function<void(ConnId conn, const std::string& reason)>;
+
+struct TransportOptions {
+  // The per-job secret of the HMAC handshake; never sent. Empty = no
+  // protection (tests only).
+  std::string secret;
+  // Connections that connect() opens to one server; frames are spread over
+  // them (1-64).
+  int connections_per_peer = 1;
+  // Largest payload this side accepts (and sends); see docs/protocol.md.
+  size_t max_payload = kDefaultMaxPayload;
+  // Deadline of connect() (including the handshake), of each send(), and of
+  // an accepted connection's handshake.
+  std::chrono::milliseconds timeout{30000};
+  // SO_SNDBUF / SO_RCVBUF of every socket; 0 keeps the system default.
+  int socket_buffer_bytes = 4 << 20;
+};
+
+struct PeerInfo {
+  std::string address;  // "host:port" of the peer
+  int rank = -1;        // the rank the client sent in HELLO; -1 for connect()ed peers
+  bool outgoing = false;  // true if this side called connect()
+};
+
+struct TransportStats {
+  // Established-connection frames only (headers included); handshakes are
+  // not counted.
+  uint64_t bytes_sent = 0;
+  uint64_t messages_sent = 0;
+  uint64_t bytes_received = 0;
+  uint64_t messages_received = 0;
+};
+
+class Transport {
+ public:
+  // Builds a transport by name ("tcp"). Throws InvalidArgument for an unknown
+  // name or invalid options. The event loop starts here.
+  static std::unique_ptr<Transport> create(const std::string& kind,
+                                           const TransportOptions& options = TransportOptions());
+
+  virtual ~Transport();
+  Transport(const Transport&) = delete;
+  Transport& operator=(const Transport&) = delete;
+
+  const std::string& kind() const { return kind_; }
+  const TransportOptions& options() const { return options_; }
+
+  void set_handler(MessageHandler handler);
+  void set_disconnect_handler(DisconnectHandler handler);
+
+  // Server side: starts accepting connections on host:port (port 0 picks an
+  // ephemeral port) and returns the bound port. Binds to loopback unless told
+  // otherwise ("0.0.0.0" or "::" for all interfaces). At most once per
+  // transport. Throws ConnectionError if the address cannot be bound.
+  uint16_t listen(const std::string& host = "127.0.0.1", uint16_t port = 0);
+
+  // Client side: opens options().connections_per_peer connections to
+  // host:port and performs the handshake on each, announcing `rank`. Blocks
+  // until done or until options().timeout passes. Throws TimeoutError,
+  // ConnectionError (unreachable, refused, closed, authentication failed) or
+  // ProtocolError (not a fastps server, version mismatch), each naming
+  // host:port. Frames the server sends afterwards reach the handler (a frame
+  // the server sends unprompted may reach it before connect() returns).
+  // Name resolution (getaddrinfo) is not bounded by the deadline.
+  ConnId connect(const std::string& host, uint16_t port, int rank);
+
+  // Sends one frame: `header` followed by the concatenation of the payload
+  // segments, which are written in place (scatter/gather, never copied).
+  // magic, version and payload_len are filled in here; the caller sets op,
+  // status, count, request_id, key, aux. Blocks until the whole frame is
+  // written to the socket or options().timeout passes.
+  // Throws InvalidArgument for a header that breaks the protocol (handshake
+  // op, status/op mismatch, a limit exceeded locally or by the peer's
+  // announced max_payload), ConnectionError if the connection is closed or
+  // breaks, TimeoutError past the deadline. After a failure in the middle of a
+  // frame the connection is closed (the stream can no longer be framed).
+  // Thread-safe: frames from concurrent callers never interleave.
+  void send(ConnId conn, const MessageHeader& header, const ConstBuffer* segments = nullptr,
+            size_t nsegments = 0);
+  // Sends an ERROR frame (message truncated to kMaxErrorMessage bytes).
+  void send_error(ConnId conn, uint64_t request_id, Status status, const std::string& message,
+                  uint64_t key = 0);
+
+  // Closes a connection from this side. Returns at once; the disconnect
+  // handler then runs on the loop thread with reason "closed locally".
+  // Unknown or already closed ids are ignored.
+  void close(ConnId conn);
+
+  // Throws ConnectionError for an unknown or closed connection.
+  PeerInfo peer_info(ConnId conn) const;
+  TransportStats stats() const;
+
+ protected:
+  Transport(std::string kind, const TransportOptions& options);
+
+  virtual uint16_t do_listen(const std::string& host, uint16_t port) = 0;
+  virtual ConnId do_connect(const std::string& host, uint16_t port, int rank) = 0;
+  // `header` holds the kHeaderSize encoded bytes; `payload_len` is the sum of
+  // the segment sizes (already checked against options().max_payload).
+  virtual void do_send(ConnId conn, const uint8_t* header, const ConstBuffer* segments,
+                       size_t nsegments, uint64_t payload_len) = 0;
+  virtual void do_close(ConnId conn, const std::string& reason) = 0;
+  virtual PeerInfo do_peer_info(ConnId conn) const = 0;
+
+  // For implementations, on the event-loop thread. deliver() counts the frame
+  // and runs the handler; it returns false if the handler threw (the
+  // exception is logged), in which case the implementation closes `conn`.
+  bool deliver(ConnId conn, Message&& message);
+  void notify_disconnect(ConnId conn, const std::string& reason);
+
+ private:
+  void freeze_handlers(const char* what);
+
+  const std::string kind_;
+  const TransportOptions options_;
+  MessageHandler handler_;
+  DisconnectHandler disconnect_handler_;
+  std::atomic<bool> started_{false};
+  std::atomic<uint64_t> bytes_sent_{0};
+  std::atomic<uint64_t> messages_sent_{0};
+  std::atomic<uint64_t> bytes_received_{0};
+  std::atomic<uint64_t> messages_received_{0};
+};
+
+// One line on stderr, prefixed "fastps: " (the transports' diagnostic log).
+void transport_log(const std::string& line);
+
+}  // namespace fastps

@@ -1,0 +1,1185 @@
+// Self-test of the transport layer: SHA-256/HMAC vectors, frame codecs and
+// limits, and the TCP transport over loopback (echo, pipelining, several
+// connections per peer, and every misbehaving peer the protocol names).
+//
+// Standalone: builds from csrc/ only (see tests/cpp/CMakeLists.txt), runs in a
+// few seconds, prints "N passed, M failed" and exits non-zero on failure. The
+// "fastps: closing connection ..." lines on stderr are expected: they are the
+// server logging the peers that the tests make misbehave.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <random>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/error.h"
+#include "common/sha256.h"
+#include "transport/message.h"
+#include "transport/transport.h"
+
+using namespace fastps;
+using Clock = std::chrono::steady_clock;
+using Ms = std::chrono::milliseconds;
+
+// --- Minimal harness -----------------------------------------------------------
+
+namespace {
+
+int g_check_failures = 0;
+
+void check_failed(const char* what, const char* file, int line) {
+  ++g_check_failures;
+  std::fprintf(stderr, "  CHECK FAILED: %s at %s:%d\n", what, file, line);
+}
+
+#define CHECK(cond)                                        \
+  do {                                                     \
+    if (!(cond)) check_failed(#cond, __FILE__, __LINE__);  \
+  } while (0)
+
+// Runs `stmt`, expects an exception of `type` whose what() contains `text`.
+#define CHECK_THROWS(type, text, stmt)                                                        \
+  do {                                                                                        \
+    bool caught_ = false;                                                                     \
+    try {                                                                                     \
+      stmt;                                                                                   \
+    } catch (const type& e_) {                                                                \
+      caught_ = true;                                                                         \
+      const std::string text_ = (text);                                                       \
+      if (std::string(e_.what()).find(text_) == std::string::npos) {                          \
+        std::fprintf(stderr, "  message was: %s\n", e_.what());                              \
+        check_failed(("message contains \"" + text_ + "\"").c_str(), __FILE__, __LINE__);     \
+      }                                                                                       \
+    } catch (const std::exception& e_) {                                                      \
+      std::fprintf(stderr, "  wrong exception: %s\n", e_.what());                            \
+    }                                                                                         \
+    if (!caught_) check_failed(#stmt " throws " #type, __FILE__, __LINE__);                   \
+  } while (0)
+
+struct TestCase {
+  const char* name;
+  std::function<void()> fn;
+};
+
+std::vector<TestCase>& registry() {
+  static std::vector<TestCase> tests;
+  return tests;
+}
+
+struct Register {
+  Register(const char* name, std::function<void()> fn) { registry().push_back({name, std::move(fn)}); }
+};
+
+#define TEST(name)                              \
+  void test_##name();                           \
+  Register register_##name(#name, test_##name); \
+  void test_##name()
+
+std::string hex(const Sha256Digest& d) { return to_hex(d.data(), d.size()); }
+
+std::vector<uint8_t> bytes_of(const std::string& s) { return std::vector<uint8_t>(s.begin(), s.end()); }
+
+// Waits until pred() holds or `timeout` passes.
+bool eventually(const std::function<bool()>& pred, Ms timeout = Ms(3000)) {
+  auto deadline = Clock::now() + timeout;
+  while (Clock::now() < deadline) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(Ms(2));
+  }
+  return pred();
+}
+
+// --- Helpers for transport tests -------------------------------------------------
+
+TransportOptions opts(const std::string& secret = "job-secret") {
+  TransportOptions o;
+  o.secret = secret;
+  o.timeout = Ms(5000);
+  return o;
+}
+
+// Collects frames and disconnects delivered by a Transport.
+struct Inbox {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<std::pair<ConnId, Message>> frames;
+  std::vector<std::pair<ConnId, std::string>> disconnects;
+
+  void attach(Transport& t) {
+    t.set_handler([this](ConnId c, Message&& m) {
+      std::lock_guard<std::mutex> lock(mu);
+      frames.emplace_back(c, std::move(m));
+      cv.notify_all();
+    });
+    t.set_disconnect_handler([this](ConnId c, const std::string& reason) {
+      std::lock_guard<std::mutex> lock(mu);
+      disconnects.emplace_back(c, reason);
+      cv.notify_all();
+    });
+  }
+  bool wait_frames(size_t n, Ms timeout = Ms(5000)) {
+    std::unique_lock<std::mutex> lock(mu);
+    return cv.wait_for(lock, timeout, [&] { return frames.size() >= n; });
+  }
+  bool wait_disconnects(size_t n, Ms timeout = Ms(3000)) {
+    std::unique_lock<std::mutex> lock(mu);
+    return cv.wait_for(lock, timeout, [&] { return disconnects.size() >= n; });
+  }
+  Message pop() {
+    std::lock_guard<std::mutex> lock(mu);
+    Message m = std::move(frames.front().second);
+    frames.pop_front();
+    return m;
+  }
+  std::string last_reason() {
+    std::lock_guard<std::mutex> lock(mu);
+    return disconnects.empty() ? std::string() : disconnects.back().second;
+  }
+};
+
+// A server that answers every frame with a REPLY (PONG for PING) carrying the
+// same request_id, key, count and payload. Sends from the loop thread.
+struct EchoServer {
+  std::unique_ptr<Transport> t;
+  uint16_t port = 0;
+  Inbox events;  // only disconnects are recorded
+  std::atomic<uint64_t> frames{0};
+
+  explicit EchoServer(const TransportOptions& o = opts()) {
+    t = Transport::create("tcp", o);
+    t->set_handler([this](ConnId c, Message&& m) {
+      frames.fetch_add(1);
+      MessageHeader h = m.header;
+      h.op = m.header.op == Op::kPing ? Op::kPong : Op::kReply;
+      ConstBuffer seg{m.payload.data(), m.payload.size()};
+      t->send(c, h, &seg, m.payload.empty() ? 0 : 1);
+    });
+    t->set_disconnect_handler([this](ConnId c, const std::string& reason) {
+      std::lock_guard<std::mutex> lock(events.mu);
+      events.disconnects.emplace_back(c, reason);
+      events.cv.notify_all();
+    });
+    port = t->listen("127.0.0.1", 0);
+  }
+};
+
+// A client that sends one frame and waits for its echo; true if the bytes match.
+bool echo_roundtrip(uint16_t port, const std::string& secret = "job-secret") {
+  auto t = Transport::create("tcp", opts(secret));
+  Inbox in;
+  in.attach(*t);
+  ConnId c = t->connect("127.0.0.1", port, 3);
+  std::string text = "hello, parameter server";
+  MessageHeader h;
+  h.op = Op::kPush;
+  h.request_id = 77;
+  h.key = 5;
+  ConstBuffer seg{text.data(), text.size()};
+  t->send(c, h, &seg, 1);
+  if (!in.wait_frames(1)) return false;
+  Message m = in.pop();
+  return m.header.op == Op::kReply && m.header.request_id == 77 && m.header.key == 5 &&
+         m.payload == bytes_of(text);
+}
+
+// --- Raw sockets: peers that do not follow the rules -----------------------------
+
+int raw_connect(uint16_t port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  timeval tv{5, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+  return fd;
+}
+
+bool raw_write(int fd, const void* data, size_t len) {
+  const uint8_t* p = static_cast<const uint8_t*>(data);
+  while (len > 0) {
+    ssize_t r = ::send(fd, p, len, MSG_NOSIGNAL);
+    if (r <= 0) return false;
+    p += r;
+    len -= static_cast<size_t>(r);
+  }
+  return true;
+}
+
+bool raw_read(int fd, void* data, size_t len) {
+  uint8_t* p = static_cast<uint8_t*>(data);
+  while (len > 0) {
+    ssize_t r = ::recv(fd, p, len, 0);
+    if (r <= 0) return false;
+    p += r;
+    len -= static_cast<size_t>(r);
+  }
+  return true;
+}
+
+bool raw_send_frame(int fd, MessageHeader h, const std::vector<uint8_t>& payload) {
+  h.payload_len = payload.size();
+  uint8_t hb[kHeaderSize];
+  encode_header(h, hb);
+  return raw_write(fd, hb, kHeaderSize) && raw_write(fd, payload.data(), payload.size());
+}
+
+bool raw_read_frame(int fd, Message* m) {
+  uint8_t hb[kHeaderSize];
+  if (!raw_read(fd, hb, kHeaderSize)) return false;
+  m->header = decode_header(hb);
+  if (m->header.payload_len > (1 << 20)) return false;
+  m->payload.resize(m->header.payload_len);
+  return raw_read(fd, m->payload.data(), m->payload.size());
+}
+
+// True once the peer has closed `fd` (EOF or reset), skipping any data.
+bool raw_wait_closed(int fd, Ms timeout = Ms(3000)) {
+  auto deadline = Clock::now() + timeout;
+  uint8_t buf[4096];
+  while (Clock::now() < deadline) {
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, 50) <= 0) continue;
+    ssize_t r = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+    if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) return true;
+  }
+  return false;
+}
+
+// Client half of the handshake by hand; true if the server accepted.
+bool raw_handshake(int fd, const std::string& secret, int rank = 9) {
+  MessageHeader h;
+  h.op = Op::kHello;
+  Hello hello;
+  hello.rank = rank;
+  std::vector<uint8_t> p(kHelloSize);
+  encode_hello(hello, p.data());
+  if (!raw_send_frame(fd, h, p)) return false;
+  Message challenge;
+  if (!raw_read_frame(fd, &challenge) || challenge.header.op != Op::kChallenge) return false;
+  std::vector<uint8_t> auth(kAuthSize);
+  for (size_t i = 0; i < kNonceSize; ++i) auth[kSha256DigestSize + i] = static_cast<uint8_t>(i * 3);
+  Sha256Digest mac = auth_client_proof(secret, challenge.payload.data(), auth.data() + kSha256DigestSize);
+  std::memcpy(auth.data(), mac.data(), mac.size());
+  h.op = Op::kAuth;
+  if (!raw_send_frame(fd, h, auth)) return false;
+  Message ok;
+  if (!raw_read_frame(fd, &ok) || ok.header.op != Op::kAuthOk) return false;
+  Sha256Digest expected =
+      auth_server_proof(secret, challenge.payload.data(), auth.data() + kSha256DigestSize);
+  return constant_time_equal(expected.data(), ok.payload.data(), kAuthOkSize);
+}
+
+// A listening socket that plays a (mis)behaving server by hand.
+struct RawServer {
+  int fd = -1;
+  uint16_t port = 0;
+  RawServer() {
+    fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+    ::listen(fd, 16);
+    socklen_t len = sizeof(a);
+    getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+    port = ntohs(a.sin_port);
+  }
+  ~RawServer() { ::close(fd); }
+  int accept_one() {
+    int c = ::accept(fd, nullptr, nullptr);
+    timeval tv{5, 0};
+    setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    return c;
+  }
+  // Server half of the handshake; `good_proof` false sends a wrong AUTH_OK.
+  static bool handshake(int c, const std::string& secret, bool good_proof = true) {
+    Message hello;
+    if (!raw_read_frame(c, &hello) || hello.header.op != Op::kHello) return false;
+    std::vector<uint8_t> challenge(kChallengeSize, 0x42);
+    store_le64(challenge.data() + kNonceSize, kDefaultMaxPayload);
+    MessageHeader h;
+    h.op = Op::kChallenge;
+    if (!raw_send_frame(c, h, challenge)) return false;
+    Message auth;
+    if (!raw_read_frame(c, &auth) || auth.header.op != Op::kAuth) return false;
+    std::vector<uint8_t> proof(kAuthOkSize, 0);
+    if (good_proof) {
+      Sha256Digest d = auth_server_proof(secret, challenge.data(), auth.payload.data() + kSha256DigestSize);
+      std::memcpy(proof.data(), d.data(), d.size());
+    }
+    h.op = Op::kAuthOk;
+    return raw_send_frame(c, h, proof);
+  }
+};
+
+void close_with_reset(int fd) {
+  linger l{1, 0};
+  setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
+  ::close(fd);
+}
+
+}  // namespace
+
+// --- SHA-256 / HMAC ----------------------------------------------------------------
+
+TEST(sha256_fips_vectors) {
+  CHECK(hex(sha256("abc", 3)) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  CHECK(hex(sha256("", 0)) == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  const char* two_blocks = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
+  CHECK(hex(sha256(two_blocks, std::strlen(two_blocks))) ==
+        "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  std::string million(1000000, 'a');
+  CHECK(hex(sha256(million.data(), million.size())) ==
+        "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+}
+
+TEST(sha256_padding_boundaries_and_incremental) {
+  // Expected digests from Python's hashlib for bytes (i*31+7) & 0xff.
+  const std::pair<size_t, const char*> cases[] = {
+      {55, "8aa994584139d128848eeebc4e815639ba5ab6e6e39574195a63ac4f14f7c43b"},
+      {56, "ad574708f75c044c9b85de64cb568ee7711ff4f36448c6242f053ba8f6cc2b63"},
+      {57, "5b46e502092be01b1100193e089fdda95638c12e19a1d24f308eb2c3d3ae849d"},
+      {63, "280ed3e8ff1df845b2e7dfe6ac6cee817bef20e783cc65abc41b818b4d2fe076"},
+      {64, "c6ab9724ade5b6a7a1edfffb12f3aa9181351355af8fd08c919952ad211339dd"},
+      {65, "788367c73c7ddf4c53f65e68cc0d943e6227ab55b0e78ba63ace822b1c6301c0"},
+      {119, "3d610547d68216dedf7435a4fb6260353911f6b3fd3f18805ddb8be285d726fe"},
+      {120, "1f80156a804cb7862ad113e8200e9d74499723e7c7854d5f48776d3148e09656"},
+      {127, "192409cd280e14b743642ad1343fbd3e82d9305de72c078117745a679210cc3d"},
+      {128, "cc548ca2dec1f6fe4f58b2e27aa9c7521607df1130d140b55a4dad0665302356"},
+      {129, "81e89a7b2911aaa7795f9e3d4910cb47d6cd2b00d83b8399481527261a1a7519"},
+      {1000, "5097e7d587352f5097062ae679f37bda5802d9f875aba14c8cb4d1a188ada179"},
+  };
+  for (const auto& c : cases) {
+    std::vector<uint8_t> data(c.first);
+    for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<uint8_t>(i * 31 + 7);
+    CHECK(hex(sha256(data.data(), data.size())) == c.second);
+    // The same digest however the input is split across update() calls.
+    for (size_t split : {size_t{1}, size_t{7}, size_t{63}, size_t{64}, size_t{65}}) {
+      Sha256 h;
+      for (size_t off = 0; off < data.size(); off += split) {
+        h.update(data.data() + off, std::min(split, data.size() - off));
+      }
+      CHECK(hex(h.finish()) == c.second);
+    }
+  }
+}
+
+TEST(hmac_sha256_rfc4231) {
+  auto mac = [](const std::vector<uint8_t>& key, const std::string& data) {
+    return hex(hmac_sha256(key.data(), key.size(), data.data(), data.size()));
+  };
+  // Test cases 1 and 2 of RFC 4231, then 3, 4, 6 and 7 (6 and 7: keys longer
+  // than a block, which are hashed first).
+  CHECK(mac(std::vector<uint8_t>(20, 0x0b), "Hi There") ==
+        "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7");
+  CHECK(mac(bytes_of("Jefe"), "what do ya want for nothing?") ==
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+  CHECK(mac(std::vector<uint8_t>(20, 0xaa), std::string(50, '\xdd')) ==
+        "773ea91e36800e46854db8ebd09181a72959098b3ef8c122d9635514ced565fe");
+  std::vector<uint8_t> key4;
+  for (int i = 1; i <= 25; ++i) key4.push_back(static_cast<uint8_t>(i));
+  CHECK(mac(key4, std::string(50, '\xcd')) ==
+        "82558a389a443c0ea4cc819899f2083a85f0faa3e578f8077a2e3ff46729665b");
+  CHECK(mac(std::vector<uint8_t>(131, 0xaa), "Test Using Larger Than Block-Size Key - Hash Key First") ==
+        "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54");
+  CHECK(mac(std::vector<uint8_t>(131, 0xaa),
+            "This is a test using a larger than block-size key and a larger than block-size data. "
+            "The key needs to be hashed before being used by the HMAC algorithm.") ==
+        "9b09ffa71b942fcb27635fbcd5b0e944bfdc63644f0713938a7f51535c3a35e2");
+  HmacSha256 inc("Jefe", 4);
+  inc.update("what do ya ", 11);
+  inc.update("want for nothing?", 17);
+  CHECK(hex(inc.finish()) == "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+}
+
+TEST(constant_time_equal) {
+  uint8_t a[32], b[32];
+  for (int i = 0; i < 32; ++i) a[i] = b[i] = static_cast<uint8_t>(i);
+  CHECK(constant_time_equal(a, b, 32));
+  CHECK(constant_time_equal(a, b, 0));
+  b[31] ^= 0x80;
+  CHECK(!constant_time_equal(a, b, 32));
+  b[31] ^= 0x80;
+  b[0] ^= 1;
+  CHECK(!constant_time_equal(a, b, 32));
+}
+
+// --- Frame codecs -------------------------------------------------------------------
+
+TEST(header_layout_and_roundtrip) {
+  MessageHeader h;
+  h.op = Op::kPushPull;
+  h.flags = 0;
+  h.status = 0;
+  h.count = 0x01020304;
+  h.request_id = 0x1122334455667788ULL;
+  h.key = 0xa1a2a3a4a5a6a7a8ULL;
+  h.payload_len = 0x0000000b0c0d0e0fULL;
+  h.aux = 0xdeadbeef;
+  uint8_t b[kHeaderSize];
+  encode_header(h, b);
+  // Offsets of docs/protocol.md, little-endian.
+  CHECK(std::memcmp(b, "FPS1", 4) == 0);
+  CHECK(b[4] == 1 && b[5] == 0);
+  CHECK(b[6] == 19 && b[7] == 0);
+  CHECK(load_le32(b + 8) == 0);
+  CHECK(b[12] == 0x04 && b[15] == 0x01);
+  CHECK(b[16] == 0x88 && b[23] == 0x11);
+  CHECK(b[24] == 0xa8 && b[31] == 0xa1);
+  CHECK(b[32] == 0x0f && b[36] == 0x0b && b[39] == 0);
+  CHECK(b[40] == 0xef && b[43] == 0xde);
+  CHECK(load_le32(b + 44) == 0);
+  CHECK(decode_header(b) == h);
+
+  std::mt19937_64 rng(7);
+  for (int i = 0; i < 1000; ++i) {
+    MessageHeader r;
+    r.magic = static_cast<uint32_t>(rng());
+    r.version = static_cast<uint16_t>(rng());
+    r.op = static_cast<Op>(rng() & 0xff);
+    r.flags = static_cast<uint8_t>(rng());
+    r.status = static_cast<uint32_t>(rng());
+    r.count = static_cast<uint32_t>(rng());
+    r.request_id = rng();
+    r.key = rng();
+    r.payload_len = rng();
+    r.aux = static_cast<uint32_t>(rng());
+    r.reserved = static_cast<uint32_t>(rng());
+    uint8_t e[kHeaderSize];
+    encode_header(r, e);
+    CHECK(decode_header(e) == r);
+  }
+}
+
+TEST(header_validation_limits) {
+  const uint64_t limit = 1 << 20;
+  MessageHeader ok;
+  ok.op = Op::kPush;
+  ok.payload_len = limit;
+  ok.count = static_cast<uint32_t>(limit / 4);
+  validate_header(ok, limit);  // exactly at the limits: accepted
+
+  auto rejects = [&](MessageHeader h, const char* text) {
+    CHECK_THROWS(ProtocolError, "", validate_header(h, limit));
+    if (header_problem(h, limit).find(text) == std::string::npos) {
+      std::fprintf(stderr, "  problem was: %s\n", header_problem(h, limit).c_str());
+      check_failed(text, __FILE__, __LINE__);
+    }
+  };
+  MessageHeader h = ok;
+  h.payload_len = limit + 1;
+  rejects(h, "exceeds the limit");
+  h = ok;
+  h.payload_len = ~uint64_t{0};
+  rejects(h, "exceeds the limit");
+  h = ok;
+  h.count = static_cast<uint32_t>(limit / 4 + 1);
+  rejects(h, "count");
+  h = ok;
+  h.magic = 0x12345678;
+  rejects(h, "bad magic");
+  h = ok;
+  h.version = 2;
+  rejects(h, "version");
+  h = ok;
+  h.op = static_cast<Op>(99);
+  rejects(h, "unknown op");
+  h = ok;
+  h.op = Op::kAuth;
+  rejects(h, "handshake");
+  h = ok;
+  h.flags = 1;
+  rejects(h, "flags");
+  h = ok;
+  h.reserved = 1;
+  rejects(h, "reserved");
+  h = ok;
+  h.status = 3;
+  rejects(h, "non-zero status");
+  h = ok;
+  h.op = Op::kError;
+  h.status = 0;
+  h.payload_len = 10;
+  rejects(h, "status 0");
+  h.status = 4;
+  validate_header(h, limit);
+  h.payload_len = kMaxErrorMessage + 1;
+  rejects(h, "ERROR message");
+  CHECK(max_count_for(kDefaultMaxPayload) == (uint64_t{1} << 28));
+  CHECK(max_count_for(kMaxMaxPayload) == UINT32_MAX);
+}
+
+TEST(payload_codecs) {
+  Hello hello;
+  hello.rank = -1;
+  hello.max_payload = 12345678901ULL;
+  uint8_t hb[kHelloSize];
+  encode_hello(hello, hb);
+  Hello back = decode_hello(hb, kHelloSize);
+  CHECK(back.version == kProtocolVersion && back.rank == -1 && back.max_payload == 12345678901ULL);
+  CHECK_THROWS(ProtocolError, "HELLO payload", decode_hello(hb, kHelloSize - 1));
+
+  uint8_t ns[kNonceSize], nc[kNonceSize];
+  for (size_t i = 0; i < kNonceSize; ++i) {
+    ns[i] = static_cast<uint8_t>(i);
+    nc[i] = static_cast<uint8_t>(255 - i);
+  }
+  Sha256Digest c1 = auth_client_proof("k", ns, nc);
+  CHECK(c1 == auth_client_proof("k", ns, nc));
+  CHECK(c1 != auth_client_proof("K", ns, nc));
+  CHECK(c1 != auth_server_proof("k", ns, nc));  // distinct labels: no reflection
+  // mac_c is HMAC(K, nonce_s || "fastps-auth" || nonce_c), as documented.
+  std::string msg(reinterpret_cast<const char*>(ns), kNonceSize);
+  msg += "fastps-auth";
+  msg.append(reinterpret_cast<const char*>(nc), kNonceSize);
+  CHECK(c1 == hmac_sha256("k", 1, msg.data(), msg.size()));
+
+  OptimHyper o;
+  o.kind = OptimKind::kAdam;
+  o.lr = 3e-4;
+  o.weight_decay = 0.01;
+  o.beta1 = 0.8;
+  o.beta2 = 0.95;
+  o.eps = 1e-6;
+  o.amsgrad = true;
+  o.decoupled_weight_decay = true;
+  o.maximize = true;
+  uint8_t block[kOptimConfigSize + 8];
+  encode_optim_config(o, block);
+  CHECK(load_le32(block) == kOptimConfigSize && block[4] == 1 && block[5] == 0x0d);
+  size_t size = 0;
+  OptimHyper r = decode_optim_config(block, sizeof(block), &size);
+  CHECK(size == kOptimConfigSize);
+  CHECK(r.kind == o.kind && r.lr == o.lr && r.weight_decay == o.weight_decay && r.beta1 == o.beta1 &&
+        r.beta2 == o.beta2 && r.eps == o.eps && r.amsgrad && r.decoupled_weight_decay && r.maximize &&
+        !r.nesterov);
+  CHECK_THROWS(ProtocolError, "config block", decode_optim_config(block, kOptimConfigSize - 1));
+  block[4] = 9;
+  CHECK_THROWS(ProtocolError, "kind", decode_optim_config(block, sizeof(block)));
+
+  CHECK(truncate_utf8("abc", 2) == "ab");
+  CHECK(truncate_utf8("a\xc3\xa9", 2) == "a");  // never splits "é"
+  CHECK(truncate_utf8("a\xc3\xa9", 3) == "a\xc3\xa9");
+  const uint8_t bad[] = {'o', 'k', 0xff, '\n', 0xc3, 0xa9, 0xe0, 0x80};
+  CHECK(sanitize_error_text(bad, sizeof(bad)) == "ok??\xc3\xa9??");
+}
+
+// --- Transport: API contract -----------------------------------------------------------
+
+TEST(factory_and_options) {
+  CHECK_THROWS(InvalidArgument, "unknown transport", Transport::create("carrier-pigeon", opts()));
+  TransportOptions o = opts();
+  o.connections_per_peer = 0;
+  CHECK_THROWS(InvalidArgument, "connections_per_peer", Transport::create("tcp", o));
+  o = opts();
+  o.max_payload = 10;
+  CHECK_THROWS(InvalidArgument, "max_payload", Transport::create("tcp", o));
+  auto t = Transport::create("tcp", opts());
+  CHECK(t->kind() == "tcp");
+  CHECK_THROWS(InvalidArgument, "set_handler", t->listen());
+  Inbox in;
+  in.attach(*t);
+  uint16_t port = t->listen();
+  CHECK(port != 0);
+  CHECK_THROWS(InvalidArgument, "before listen", t->set_handler([](ConnId, Message&&) {}));
+  CHECK_THROWS(InvalidArgument, "already listening", t->listen());
+  MessageHeader h;
+  h.op = Op::kHello;
+  CHECK_THROWS(InvalidArgument, "handshake", t->send(1, h));
+  CHECK_THROWS(ConnectionError, "closed", t->send(12345, MessageHeader()));
+}
+
+// --- Transport: loopback traffic ---------------------------------------------------------
+
+TEST(echo_1kib_and_64mib_scatter_gather) {
+  EchoServer server;
+  auto client = Transport::create("tcp", opts());
+  Inbox in;
+  in.attach(*client);
+  ConnId c = client->connect("127.0.0.1", server.port, 0);
+  PeerInfo info = client->peer_info(c);
+  CHECK(info.outgoing && info.address == "127.0.0.1:" + std::to_string(server.port));
+
+  // 1 KiB in three segments.
+  std::vector<uint8_t> a(300), b(700), d(24);
+  for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<uint8_t>(i);
+  for (size_t i = 0; i < b.size(); ++i) b[i] = static_cast<uint8_t>(i * 7);
+  for (size_t i = 0; i < d.size(); ++i) d[i] = static_cast<uint8_t>(200 + i);
+  ConstBuffer segs[3] = {{a.data(), a.size()}, {b.data(), b.size()}, {d.data(), d.size()}};
+  MessageHeader h;
+  h.op = Op::kPush;
+  h.request_id = 1;
+  h.key = (uint64_t{42} << 16) | 3;
+  h.count = 256;
+  h.aux = 17;
+  client->send(c, h, segs, 3);
+  CHECK(in.wait_frames(1));
+  Message m = in.pop();
+  std::vector<uint8_t> expect = a;
+  expect.insert(expect.end(), b.begin(), b.end());
+  expect.insert(expect.end(), d.begin(), d.end());
+  CHECK(m.header.op == Op::kReply && m.header.request_id == 1 && m.header.key == h.key &&
+        m.header.count == 256 && m.header.aux == 17);
+  CHECK(m.payload == expect);
+
+  // 64 MiB of float32 in four segments (one of them empty), echoed several times.
+  const size_t kFloats = (64u << 20) / 4;
+  std::vector<float> big(kFloats);
+  std::mt19937 rng(3);
+  for (auto& v : big) v = static_cast<float>(rng()) * 1e-9f;
+  const size_t q = kFloats / 3;
+  ConstBuffer bsegs[4] = {{big.data(), q * 4}, {nullptr, 0}, {big.data() + q, q * 4},
+                          {big.data() + 2 * q, (kFloats - 2 * q) * 4}};
+  const int kRounds = 4;
+  auto t0 = Clock::now();
+  for (int round = 0; round < kRounds; ++round) {
+    h.request_id = 100 + round;
+    h.count = static_cast<uint32_t>(kFloats);
+    client->send(c, h, bsegs, 4);
+    CHECK(in.wait_frames(1, Ms(20000)));
+    Message r = in.pop();
+    CHECK(r.header.request_id == static_cast<uint64_t>(100 + round));
+    CHECK(r.payload.size() == kFloats * 4 && std::memcmp(r.payload.data(), big.data(), kFloats * 4) == 0);
+  }
+  double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  double mib = 64.0 * kRounds;
+  std::printf("  info: 64 MiB echo over loopback: %.1f ms per round trip, %.0f MiB/s each way "
+              "(%.0f MiB/s both directions)\n",
+              1e3 * secs / kRounds, mib / secs, 2 * mib / secs);
+
+  TransportStats s = client->stats();
+  CHECK(s.messages_sent == 1 + kRounds && s.messages_received == 1 + kRounds);
+  CHECK(s.bytes_sent == (1 + kRounds) * kHeaderSize + 1024 + kRounds * kFloats * 4);
+  CHECK(s.bytes_received == s.bytes_sent);
+  CHECK(server.t->stats().bytes_received == s.bytes_sent);
+}
+
+TEST(pipelined_requests_out_of_order_replies) {
+  // The server holds each batch of 16 requests and answers it shuffled.
+  auto server = Transport::create("tcp", opts());
+  std::vector<std::pair<ConnId, Message>> held;
+  std::mt19937 shuffle_rng(11);
+  server->set_handler([&](ConnId c, Message&& m) {
+    held.emplace_back(c, std::move(m));
+    if (held.size() < 16) return;
+    std::shuffle(held.begin(), held.end(), shuffle_rng);
+    for (auto& [conn, req] : held) {
+      MessageHeader h = req.header;
+      h.op = Op::kReply;
+      ConstBuffer seg{req.payload.data(), req.payload.size()};
+      server->send(conn, h, &seg, 1);
+    }
+    held.clear();
+  });
+  uint16_t port = server->listen();
+
+  auto client = Transport::create("tcp", opts());
+  Inbox in;
+  in.attach(*client);
+  ConnId c = client->connect("127.0.0.1", port, 1);
+  const int kRequests = 1600;
+  for (int id = 0; id < kRequests; ++id) {
+    std::vector<uint64_t> body(id % 50 + 1, static_cast<uint64_t>(id) * 2654435761u);
+    MessageHeader h;
+    h.op = Op::kPull;
+    h.request_id = static_cast<uint64_t>(id);
+    h.count = static_cast<uint32_t>(body.size());
+    ConstBuffer seg{body.data(), body.size() * 8};
+    client->send(c, h, &seg, 1);
+  }
+  CHECK(in.wait_frames(kRequests, Ms(10000)));
+  std::set<uint64_t> seen;
+  bool out_of_order = false;
+  uint64_t previous = 0;
+  for (int i = 0; i < kRequests; ++i) {
+    Message m = in.pop();
+    uint64_t id = m.header.request_id;
+    if (i > 0 && id < previous) out_of_order = true;
+    previous = id;
+    seen.insert(id);
+    std::vector<uint64_t> expect(id % 50 + 1, id * 2654435761u);
+    CHECK(m.payload.size() == expect.size() * 8 &&
+          std::memcmp(m.payload.data(), expect.data(), m.payload.size()) == 0);
+  }
+  CHECK(seen.size() == static_cast<size_t>(kRequests));
+  CHECK(out_of_order);
+}
+
+TEST(several_connections_per_peer_concurrent_senders) {
+  EchoServer server;
+  std::mutex mu;
+  TransportOptions o = opts();
+  o.connections_per_peer = 4;
+  auto client = Transport::create("tcp", o);
+  Inbox in;
+  in.attach(*client);
+  ConnId c = client->connect("127.0.0.1", server.port, 2);
+  const int kThreads = 4, kPerThread = 500;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      std::vector<uint32_t> body(1000);
+      for (int i = 0; i < kPerThread; ++i) {
+        uint64_t id = static_cast<uint64_t>(t) * kPerThread + i;
+        std::fill(body.begin(), body.end(), static_cast<uint32_t>(id));
+        MessageHeader h;
+        h.op = Op::kPushPull;
+        h.request_id = id;
+        h.count = 1000;
+        ConstBuffer seg{body.data(), body.size() * 4};
+        client->send(c, h, &seg, 1);
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  CHECK(in.wait_frames(kThreads * kPerThread, Ms(10000)));
+  std::set<uint64_t> ids;
+  std::set<ConnId> conns;
+  {
+    std::lock_guard<std::mutex> lock(in.mu);
+    for (auto& [conn, m] : in.frames) {
+      conns.insert(conn);
+      ids.insert(m.header.request_id);
+      uint32_t first;
+      std::memcpy(&first, m.payload.data(), 4);
+      CHECK(first == static_cast<uint32_t>(m.header.request_id) && m.payload.size() == 4000);
+    }
+  }
+  CHECK(ids.size() == static_cast<size_t>(kThreads * kPerThread));
+  CHECK(conns.size() == 1 && *conns.begin() == c);  // one logical connection on the client
+  CHECK(server.frames.load() == static_cast<uint64_t>(kThreads * kPerThread));
+  (void)mu;
+}
+
+TEST(peer_max_payload_is_enforced_locally) {
+  TransportOptions so = opts();
+  so.max_payload = 64 << 10;
+  EchoServer server(so);
+  auto client = Transport::create("tcp", opts());
+  Inbox in;
+  in.attach(*client);
+  ConnId c = client->connect("127.0.0.1", server.port, 0);
+  std::vector<uint8_t> body(100 << 10);
+  ConstBuffer seg{body.data(), body.size()};
+  MessageHeader h;
+  h.op = Op::kPush;
+  CHECK_THROWS(InvalidArgument, "the peer accepts at most", client->send(c, h, &seg, 1));
+  seg.size = 64 << 10;  // exactly the server's limit: fine, and the connection still works
+  client->send(c, h, &seg, 1);
+  CHECK(in.wait_frames(1));
+  CHECK(in.pop().payload.size() == static_cast<size_t>(64 << 10));
+}
+
+// --- Transport: handshake failures -------------------------------------------------------
+
+TEST(wrong_secret_rejected_server_keeps_serving) {
+  EchoServer server;
+  auto bad = Transport::create("tcp", opts("not-the-secret"));
+  Inbox in;
+  in.attach(*bad);
+  CHECK_THROWS(ConnectionError, "authentication failed", bad->connect("127.0.0.1", server.port, 5));
+  CHECK(echo_roundtrip(server.port));
+  CHECK(server.events.disconnects.empty());  // never established, so no disconnect call
+}
+
+TEST(fake_server_without_secret_is_rejected_by_client) {
+  RawServer fake;
+  std::thread th([&] {
+    int c = fake.accept_one();
+    RawServer::handshake(c, "job-secret", /*good_proof=*/false);
+    raw_wait_closed(c);
+    ::close(c);
+  });
+  auto client = Transport::create("tcp", opts());
+  Inbox in;
+  in.attach(*client);
+  CHECK_THROWS(ConnectionError, "failed to authenticate itself", client->connect("127.0.0.1", fake.port, 0));
+  th.join();
+}
+
+TEST(wrong_version_gets_readable_error) {
+  EchoServer server;
+  int fd = raw_connect(server.port);
+  CHECK(fd >= 0);
+  MessageHeader h;
+  h.op = Op::kHello;
+  h.version = 2;
+  Hello hello;
+  hello.version = 2;
+  std::vector<uint8_t> p(kHelloSize);
+  encode_hello(hello, p.data());
+  CHECK(raw_send_frame(fd, h, p));
+  Message reply;
+  CHECK(raw_read_frame(fd, &reply));
+  CHECK(reply.header.op == Op::kError && reply.header.status == static_cast<uint32_t>(Status::kVersion));
+  std::string text = sanitize_error_text(reply.payload.data(), reply.payload.size());
+  CHECK(text.find("version 2") != std::string::npos && text.find("version 1") != std::string::npos);
+  CHECK(raw_wait_closed(fd));
+  ::close(fd);
+  CHECK(echo_roundtrip(server.port));
+}
+
+TEST(connect_errors_name_the_peer) {
+  // Refused: a port that was just free.
+  uint16_t port;
+  {
+    RawServer tmp;
+    port = tmp.port;
+  }
+  auto client = Transport::create("tcp", opts());
+  Inbox in;
+  in.attach(*client);
+  CHECK_THROWS(ConnectionError, "127.0.0.1:" + std::to_string(port), client->connect("127.0.0.1", port, 0));
+
+  // A server that accepts and never answers: the handshake deadline.
+  RawServer silent;
+  TransportOptions o = opts();
+  o.timeout = Ms(300);
+  auto impatient = Transport::create("tcp", o);
+  impatient->set_handler([](ConnId, Message&&) {});
+  auto t0 = Clock::now();
+  CHECK_THROWS(TimeoutError, "127.0.0.1:" + std::to_string(silent.port),
+               impatient->connect("127.0.0.1", silent.port, 0));
+  CHECK(Clock::now() - t0 < Ms(2000));
+
+  // Not a fastps server: it answers with something else.
+  std::thread th([&] {
+    int c = silent.accept_one();  // the connection of the timed-out attempt
+    ::close(c);
+    c = silent.accept_one();
+    const char http[] = "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n.....................";
+    raw_write(c, http, sizeof(http));
+    raw_wait_closed(c);
+    ::close(c);
+  });
+  CHECK_THROWS(ProtocolError, "is not a fastps server", client->connect("127.0.0.1", silent.port, 0));
+  th.join();
+}
+
+TEST(server_closes_silent_unauthenticated_connection) {
+  TransportOptions o = opts();
+  o.timeout = Ms(300);
+  EchoServer server(o);
+  int fd = raw_connect(server.port);
+  CHECK(fd >= 0);
+  auto t0 = Clock::now();
+  CHECK(raw_wait_closed(fd, Ms(3000)));
+  CHECK(Clock::now() - t0 >= Ms(250));
+  ::close(fd);
+  CHECK(echo_roundtrip(server.port));
+}
+
+// --- Transport: misbehaving peers ----------------------------------------------------------
+
+TEST(garbage_bytes_before_auth) {
+  EchoServer server;
+  std::mt19937 rng(5);
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    int fd = raw_connect(server.port);
+    CHECK(fd >= 0);
+    std::vector<uint8_t> junk(4096 << attempt);
+    for (auto& x : junk) x = static_cast<uint8_t>(rng());
+    raw_write(fd, junk.data(), junk.size());  // may fail half-way once the server closed
+    CHECK(raw_wait_closed(fd));
+    ::close(fd);
+  }
+  // A plausible header announcing a huge payload before authentication.
+  int fd = raw_connect(server.port);
+  MessageHeader h;
+  h.op = Op::kHello;
+  h.payload_len = uint64_t{1} << 40;
+  uint8_t hb[kHeaderSize];
+  encode_header(h, hb);
+  raw_write(fd, hb, kHeaderSize);
+  Message reply;
+  CHECK(raw_read_frame(fd, &reply) && reply.header.op == Op::kError);
+  CHECK(raw_wait_closed(fd));
+  ::close(fd);
+  CHECK(echo_roundtrip(server.port));
+}
+
+TEST(bad_frames_after_auth_close_only_that_connection) {
+  EchoServer server;
+  // A well-behaved client stays connected throughout.
+  auto good = Transport::create("tcp", opts());
+  Inbox good_in;
+  good_in.attach(*good);
+  ConnId gc = good->connect("127.0.0.1", server.port, 0);
+
+  struct Case {
+    const char* name;
+    std::function<void(MessageHeader&)> corrupt;
+    const char* reason;
+  };
+  const Case cases[] = {
+      {"bad magic", [](MessageHeader& h) { h.magic = 0xdeadbeef; }, "bad magic"},
+      {"oversized payload", [](MessageHeader& h) { h.payload_len = uint64_t{1} << 40; }, "exceeds the limit"},
+      {"oversized count", [](MessageHeader& h) { h.count = 0xffffffffu; }, "count"},
+      {"handshake op", [](MessageHeader& h) { h.op = Op::kHello; }, "handshake op"},
+      {"unknown op", [](MessageHeader& h) { h.op = static_cast<Op>(200); }, "unknown op"},
+      {"error with status 0", [](MessageHeader& h) { h.op = Op::kError; }, "status 0"},
+  };
+  size_t expected_disconnects = 0;
+  for (const Case& c : cases) {
+    int fd = raw_connect(server.port);
+    CHECK(raw_handshake(fd, "job-secret"));
+    MessageHeader h;
+    h.op = Op::kPush;
+    c.corrupt(h);
+    uint8_t hb[kHeaderSize];
+    encode_header(h, hb);
+    CHECK(raw_write(fd, hb, kHeaderSize));
+    CHECK(raw_wait_closed(fd));
+    ::close(fd);
+    ++expected_disconnects;
+    CHECK(server.events.wait_disconnects(expected_disconnects));
+    std::string reason = server.events.last_reason();
+    if (reason.find(c.reason) == std::string::npos) {
+      std::fprintf(stderr, "  case %s: reason was: %s\n", c.name, reason.c_str());
+      check_failed(c.reason, __FILE__, __LINE__);
+    }
+  }
+  // The good client's connection was never disturbed.
+  MessageHeader h;
+  h.op = Op::kPing;
+  h.request_id = 5;
+  good->send(gc, h);
+  CHECK(good_in.wait_frames(1));
+  CHECK(good_in.pop().header.op == Op::kPong);
+  CHECK(good_in.disconnects.empty());
+}
+
+TEST(truncated_frame_then_close) {
+  EchoServer server;
+  // After authentication: a header announcing 1000 bytes, 10 bytes, close.
+  int fd = raw_connect(server.port);
+  CHECK(raw_handshake(fd, "job-secret"));
+  MessageHeader h;
+  h.op = Op::kPush;
+  h.payload_len = 1000;
+  uint8_t hb[kHeaderSize];
+  encode_header(h, hb);
+  CHECK(raw_write(fd, hb, kHeaderSize));
+  CHECK(raw_write(fd, hb, 10));
+  ::close(fd);
+  CHECK(server.events.wait_disconnects(1));
+  CHECK(server.events.last_reason().find("truncated frame: 58 of 1048 bytes") != std::string::npos);
+  // Half a header before authentication.
+  fd = raw_connect(server.port);
+  CHECK(raw_write(fd, hb, 20));
+  ::close(fd);
+  CHECK(echo_roundtrip(server.port));
+}
+
+TEST(abrupt_disconnect_fires_handler) {
+  EchoServer server;
+  int fd = raw_connect(server.port);
+  CHECK(raw_handshake(fd, "job-secret", 4));
+  auto t0 = Clock::now();
+  close_with_reset(fd);  // what the kernel does for a killed process with unread data
+  CHECK(server.events.wait_disconnects(1, Ms(2000)));
+  CHECK(Clock::now() - t0 < Ms(1000));
+  std::string reason = server.events.last_reason();
+  CHECK(reason.find("reset") != std::string::npos || reason.find("closed") != std::string::npos);
+
+  // A client transport that goes away.
+  {
+    auto client = Transport::create("tcp", opts());
+    Inbox in;
+    in.attach(*client);
+    ConnId c = client->connect("127.0.0.1", server.port, 8);
+    client->send(c, MessageHeader());
+    CHECK(in.wait_frames(1));
+  }
+  CHECK(server.events.wait_disconnects(2, Ms(2000)));
+  CHECK(server.events.last_reason() == "peer closed the connection");
+}
+
+TEST(handler_exception_closes_connection_only) {
+  auto server = Transport::create("tcp", opts());
+  Inbox events;
+  std::atomic<int> calls{0};
+  server->set_handler([&](ConnId c, Message&& m) {
+    calls.fetch_add(1);
+    if (m.header.key == 666) throw InvalidArgument("unknown key 666");
+    MessageHeader h = m.header;
+    h.op = Op::kReply;
+    server->send(c, h);
+  });
+  server->set_disconnect_handler([&](ConnId c, const std::string& r) {
+    std::lock_guard<std::mutex> lock(events.mu);
+    events.disconnects.emplace_back(c, r);
+    events.cv.notify_all();
+  });
+  uint16_t port = server->listen();
+  auto client = Transport::create("tcp", opts());
+  Inbox in;
+  in.attach(*client);
+  ConnId c = client->connect("127.0.0.1", port, 0);
+  MessageHeader h;
+  h.op = Op::kPush;
+  h.key = 666;
+  client->send(c, h);
+  CHECK(events.wait_disconnects(1));
+  CHECK(events.last_reason() == "the message handler threw");
+  CHECK(in.wait_disconnects(1));
+  CHECK_THROWS(ConnectionError, "closed", client->send(c, h));
+  ConnId c2 = client->connect("127.0.0.1", port, 0);
+  h.key = 1;
+  client->send(c2, h);
+  CHECK(in.wait_frames(1));
+}
+
+TEST(local_close_notifies_both_sides) {
+  auto server = Transport::create("tcp", opts());
+  Inbox sin;
+  sin.attach(*server);
+  uint16_t port = server->listen();
+  auto client = Transport::create("tcp", opts());
+  Inbox cin;
+  cin.attach(*client);
+  ConnId c = client->connect("127.0.0.1", port, 6);
+  client->send(c, MessageHeader());
+  CHECK(sin.wait_frames(1));
+  ConnId sc;
+  {
+    std::lock_guard<std::mutex> lock(sin.mu);
+    sc = sin.frames.front().first;
+  }
+  PeerInfo info = server->peer_info(sc);
+  CHECK(info.rank == 6 && !info.outgoing && info.address.rfind("127.0.0.1:", 0) == 0);
+  server->close(sc);
+  CHECK(sin.wait_disconnects(1));
+  CHECK(sin.last_reason() == "closed locally");
+  CHECK(cin.wait_disconnects(1));
+  CHECK(cin.last_reason() == "peer closed the connection");
+  CHECK_THROWS(ConnectionError, "closed", server->send(sc, MessageHeader()));
+  CHECK_THROWS(ConnectionError, "unknown or closed", server->peer_info(sc));
+  server->close(sc);  // already closed: ignored
+}
+
+// --- Transport: a blocked sender and a dying peer --------------------------------------------
+
+// The raw server completes the handshake and then never reads, so the
+// client's socket buffers fill and send() blocks.
+TEST(blocked_send_fails_when_peer_dies) {
+  RawServer raw;
+  std::atomic<int> accepted{-1};
+  std::thread th([&] {
+    int c = raw.accept_one();
+    RawServer::handshake(c, "job-secret");
+    accepted.store(c);
+  });
+  auto client = Transport::create("tcp", opts());
+  Inbox in;
+  in.attach(*client);
+  ConnId c = client->connect("127.0.0.1", raw.port, 0);
+  th.join();
+
+  std::vector<uint8_t> body(64 << 20, 0x5a);
+  std::atomic<bool> failed{false};
+  std::string what;
+  std::thread sender([&] {
+    ConstBuffer seg{body.data(), body.size()};
+    MessageHeader h;
+    h.op = Op::kPush;
+    try {
+      for (int i = 0; i < 8; ++i) client->send(c, h, &seg, 1);
+    } catch (const ConnectionError& e) {
+      what = e.what();
+      failed.store(true);
+    } catch (const std::exception& e) {
+      what = std::string("wrong type: ") + e.what();
+    }
+  });
+  std::this_thread::sleep_for(Ms(300));  // the sender is now blocked on a full socket
+  CHECK(!failed.load());
+  auto t0 = Clock::now();
+  close_with_reset(accepted.load());
+  sender.join();
+  CHECK(failed.load());
+  CHECK(Clock::now() - t0 < Ms(2000));
+  CHECK(what.find("127.0.0.1:" + std::to_string(raw.port)) != std::string::npos);
+  CHECK(in.wait_disconnects(1));
+}
+
+TEST(send_deadline_then_connection_closed) {
+  RawServer raw;
+  std::atomic<int> accepted{-1};
+  std::thread th([&] {
+    int c = raw.accept_one();
+    RawServer::handshake(c, "job-secret");
+    accepted.store(c);
+  });
+  TransportOptions o = opts();
+  o.timeout = Ms(300);
+  auto client = Transport::create("tcp", o);
+  Inbox in;
+  in.attach(*client);
+  ConnId c = client->connect("127.0.0.1", raw.port, 0);
+  th.join();
+  std::vector<uint8_t> body(64 << 20, 1);
+  ConstBuffer seg{body.data(), body.size()};
+  MessageHeader h;
+  h.op = Op::kPush;
+  auto t0 = Clock::now();
+  CHECK_THROWS(TimeoutError, "timed out after 300 ms sending to", client->send(c, h, &seg, 1));
+  CHECK(Clock::now() - t0 < Ms(1500));
+  CHECK(in.wait_disconnects(1));
+  CHECK(in.last_reason().find("timed out") != std::string::npos);
+  CHECK_THROWS(ConnectionError, "closed", client->send(c, h));
+  ::close(accepted.load());
+}
+
+// ---------------------------------------------------------------------------------------
+
+int main(int argc, char** argv) {
+  const char* filter = argc > 1 ? argv[1] : nullptr;
+  int passed = 0, failed = 0;
+  auto all0 = Clock::now();
+  for (auto& t : registry()) {
+    if (filter != nullptr && std::strstr(t.name, filter) == nullptr) continue;
+    int before = g_check_failures;
+    auto t0 = Clock::now();
+    std::printf("[ RUN  ] %s\n", t.name);
+    std::fflush(stdout);
+    bool ok = true;
+    try {
+      t.fn();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "  unexpected exception: %s\n", e.what());
+      ok = false;
+    }
+    ok = ok && g_check_failures == before;
+    double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+    std::printf("[ %s ] %s (%.0f ms)\n", ok ? " OK " : "FAIL", t.name, ms);
+    std::fflush(stdout);
+    (ok ? passed : failed)++;
+  }
+  double secs = std::chrono::duration<double>(Clock::now() - all0).count();
+  std::printf("%d passed, %d failed (%.1f s)\n", passed, failed, secs);
+  return failed == 0 ? 0 : 1;
+}
