@@ -10,7 +10,7 @@ inline void cpu_relax() {
   __builtin_ia32_pause();
 #endif
 }
-constexpr int kSpinBeforeSleep = 2000;
+constexpr int kSpinBeforeSleep = 200;  // short: spinning hurts on oversubscribed cores
 }  // namespace
 
 Shard::Shard(int index) : index_(index) { thread_ = std::thread([this] { loop(); }); }

@@ -30,6 +30,8 @@
 //    called from any thread, concurrently.
 //  * Destruction stops the loop and closes every connection without calling
 //    the disconnect handler; no other thread may be inside a method then.
+//    Destroy the transport before anything its handlers use (the loop thread
+//    may run a handler until the destructor has joined it).
 #pragma once
 
 #include <atomic>

@@ -96,16 +96,6 @@ std::string hex(const Sha256Digest& d) { return to_hex(d.data(), d.size()); }
 
 std::vector<uint8_t> bytes_of(const std::string& s) { return std::vector<uint8_t>(s.begin(), s.end()); }
 
-// Waits until pred() holds or `timeout` passes.
-bool eventually(const std::function<bool()>& pred, Ms timeout = Ms(3000)) {
-  auto deadline = Clock::now() + timeout;
-  while (Clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(Ms(2));
-  }
-  return pred();
-}
-
 // --- Helpers for transport tests -------------------------------------------------
 
 TransportOptions opts(const std::string& secret = "job-secret") {
@@ -162,6 +152,9 @@ struct EchoServer {
   Inbox events;  // only disconnects are recorded
   std::atomic<uint64_t> frames{0};
 
+  // The transport goes first: its loop thread uses the members below.
+  ~EchoServer() { t.reset(); }
+
   explicit EchoServer(const TransportOptions& o = opts()) {
     t = Transport::create("tcp", o);
     t->set_handler([this](ConnId c, Message&& m) {
@@ -182,8 +175,8 @@ struct EchoServer {
 
 // A client that sends one frame and waits for its echo; true if the bytes match.
 bool echo_roundtrip(uint16_t port, const std::string& secret = "job-secret") {
-  auto t = Transport::create("tcp", opts(secret));
   Inbox in;
+  auto t = Transport::create("tcp", opts(secret));
   in.attach(*t);
   ConnId c = t->connect("127.0.0.1", port, 3);
   std::string text = "hello, parameter server";
@@ -597,10 +590,10 @@ TEST(factory_and_options) {
   o = opts();
   o.max_payload = 10;
   CHECK_THROWS(InvalidArgument, "max_payload", Transport::create("tcp", o));
+  Inbox in;
   auto t = Transport::create("tcp", opts());
   CHECK(t->kind() == "tcp");
   CHECK_THROWS(InvalidArgument, "set_handler", t->listen());
-  Inbox in;
   in.attach(*t);
   uint16_t port = t->listen();
   CHECK(port != 0);
@@ -616,8 +609,8 @@ TEST(factory_and_options) {
 
 TEST(echo_1kib_and_64mib_scatter_gather) {
   EchoServer server;
-  auto client = Transport::create("tcp", opts());
   Inbox in;
+  auto client = Transport::create("tcp", opts());
   in.attach(*client);
   ConnId c = client->connect("127.0.0.1", server.port, 0);
   PeerInfo info = client->peer_info(c);
@@ -679,9 +672,9 @@ TEST(echo_1kib_and_64mib_scatter_gather) {
 
 TEST(pipelined_requests_out_of_order_replies) {
   // The server holds each batch of 16 requests and answers it shuffled.
-  auto server = Transport::create("tcp", opts());
   std::vector<std::pair<ConnId, Message>> held;
   std::mt19937 shuffle_rng(11);
+  auto server = Transport::create("tcp", opts());
   server->set_handler([&](ConnId c, Message&& m) {
     held.emplace_back(c, std::move(m));
     if (held.size() < 16) return;
@@ -696,8 +689,8 @@ TEST(pipelined_requests_out_of_order_replies) {
   });
   uint16_t port = server->listen();
 
-  auto client = Transport::create("tcp", opts());
   Inbox in;
+  auto client = Transport::create("tcp", opts());
   in.attach(*client);
   ConnId c = client->connect("127.0.0.1", port, 1);
   const int kRequests = 1600;
@@ -730,11 +723,10 @@ TEST(pipelined_requests_out_of_order_replies) {
 
 TEST(several_connections_per_peer_concurrent_senders) {
   EchoServer server;
-  std::mutex mu;
   TransportOptions o = opts();
   o.connections_per_peer = 4;
-  auto client = Transport::create("tcp", o);
   Inbox in;
+  auto client = Transport::create("tcp", o);
   in.attach(*client);
   ConnId c = client->connect("127.0.0.1", server.port, 2);
   const int kThreads = 4, kPerThread = 500;
@@ -771,15 +763,14 @@ TEST(several_connections_per_peer_concurrent_senders) {
   CHECK(ids.size() == static_cast<size_t>(kThreads * kPerThread));
   CHECK(conns.size() == 1 && *conns.begin() == c);  // one logical connection on the client
   CHECK(server.frames.load() == static_cast<uint64_t>(kThreads * kPerThread));
-  (void)mu;
 }
 
 TEST(peer_max_payload_is_enforced_locally) {
   TransportOptions so = opts();
   so.max_payload = 64 << 10;
   EchoServer server(so);
-  auto client = Transport::create("tcp", opts());
   Inbox in;
+  auto client = Transport::create("tcp", opts());
   in.attach(*client);
   ConnId c = client->connect("127.0.0.1", server.port, 0);
   std::vector<uint8_t> body(100 << 10);
@@ -797,12 +788,16 @@ TEST(peer_max_payload_is_enforced_locally) {
 
 TEST(wrong_secret_rejected_server_keeps_serving) {
   EchoServer server;
-  auto bad = Transport::create("tcp", opts("not-the-secret"));
   Inbox in;
+  auto bad = Transport::create("tcp", opts("not-the-secret"));
   in.attach(*bad);
   CHECK_THROWS(ConnectionError, "authentication failed", bad->connect("127.0.0.1", server.port, 5));
+  {
+    std::lock_guard<std::mutex> lock(server.events.mu);
+    CHECK(server.events.disconnects.empty());  // never established: no disconnect call
+  }
   CHECK(echo_roundtrip(server.port));
-  CHECK(server.events.disconnects.empty());  // never established, so no disconnect call
+  CHECK(server.frames.load() == 1);
 }
 
 TEST(fake_server_without_secret_is_rejected_by_client) {
@@ -813,8 +808,8 @@ TEST(fake_server_without_secret_is_rejected_by_client) {
     raw_wait_closed(c);
     ::close(c);
   });
-  auto client = Transport::create("tcp", opts());
   Inbox in;
+  auto client = Transport::create("tcp", opts());
   in.attach(*client);
   CHECK_THROWS(ConnectionError, "failed to authenticate itself", client->connect("127.0.0.1", fake.port, 0));
   th.join();
@@ -849,8 +844,8 @@ TEST(connect_errors_name_the_peer) {
     RawServer tmp;
     port = tmp.port;
   }
-  auto client = Transport::create("tcp", opts());
   Inbox in;
+  auto client = Transport::create("tcp", opts());
   in.attach(*client);
   CHECK_THROWS(ConnectionError, "127.0.0.1:" + std::to_string(port), client->connect("127.0.0.1", port, 0));
 
@@ -924,8 +919,8 @@ TEST(garbage_bytes_before_auth) {
 TEST(bad_frames_after_auth_close_only_that_connection) {
   EchoServer server;
   // A well-behaved client stays connected throughout.
-  auto good = Transport::create("tcp", opts());
   Inbox good_in;
+  auto good = Transport::create("tcp", opts());
   good_in.attach(*good);
   ConnId gc = good->connect("127.0.0.1", server.port, 0);
 
@@ -1007,8 +1002,8 @@ TEST(abrupt_disconnect_fires_handler) {
 
   // A client transport that goes away.
   {
-    auto client = Transport::create("tcp", opts());
     Inbox in;
+    auto client = Transport::create("tcp", opts());
     in.attach(*client);
     ConnId c = client->connect("127.0.0.1", server.port, 8);
     client->send(c, MessageHeader());
@@ -1019,8 +1014,8 @@ TEST(abrupt_disconnect_fires_handler) {
 }
 
 TEST(handler_exception_closes_connection_only) {
-  auto server = Transport::create("tcp", opts());
   Inbox events;
+  auto server = Transport::create("tcp", opts());
   std::atomic<int> calls{0};
   server->set_handler([&](ConnId c, Message&& m) {
     calls.fetch_add(1);
@@ -1035,8 +1030,8 @@ TEST(handler_exception_closes_connection_only) {
     events.cv.notify_all();
   });
   uint16_t port = server->listen();
-  auto client = Transport::create("tcp", opts());
   Inbox in;
+  auto client = Transport::create("tcp", opts());
   in.attach(*client);
   ConnId c = client->connect("127.0.0.1", port, 0);
   MessageHeader h;
@@ -1054,12 +1049,12 @@ TEST(handler_exception_closes_connection_only) {
 }
 
 TEST(local_close_notifies_both_sides) {
-  auto server = Transport::create("tcp", opts());
   Inbox sin;
+  auto server = Transport::create("tcp", opts());
   sin.attach(*server);
   uint16_t port = server->listen();
-  auto client = Transport::create("tcp", opts());
   Inbox cin;
+  auto client = Transport::create("tcp", opts());
   cin.attach(*client);
   ConnId c = client->connect("127.0.0.1", port, 6);
   client->send(c, MessageHeader());
@@ -1093,8 +1088,8 @@ TEST(blocked_send_fails_when_peer_dies) {
     RawServer::handshake(c, "job-secret");
     accepted.store(c);
   });
-  auto client = Transport::create("tcp", opts());
   Inbox in;
+  auto client = Transport::create("tcp", opts());
   in.attach(*client);
   ConnId c = client->connect("127.0.0.1", raw.port, 0);
   th.join();
@@ -1136,8 +1131,8 @@ TEST(send_deadline_then_connection_closed) {
   });
   TransportOptions o = opts();
   o.timeout = Ms(300);
-  auto client = Transport::create("tcp", o);
   Inbox in;
+  auto client = Transport::create("tcp", o);
   in.attach(*client);
   ConnId c = client->connect("127.0.0.1", raw.port, 0);
   th.join();
