@@ -9,6 +9,8 @@
 #include <vector>
 
 #include "client/embedded_client.h"
+#include "client/ps_client.h"
+#include "server/ps_server.h"
 #include "common/error.h"
 #include "server/server.h"
 #include "table/optimizer.h"
@@ -156,4 +158,118 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("tensor_ids"), py::arg("grads"), py::arg("hyper_index"), py::arg("hypers"),
           "One optimizer step for each (tensor id, gradient address, group index).");
+
+  py::class_<Future, std::shared_ptr<Future>>(m, "Future")
+      .def("done", &Future::done, "True once every chunk of the request completed (or failed).")
+      .def(
+          "wait",
+          [](const Future& f, double timeout_s) {
+            py::gil_scoped_release release;
+            f.wait(timeout_s);
+          },
+          py::arg("timeout") = 0.0,
+          "Block until done (timeout <= 0: the client's deadline); raises the request's error.");
+
+  py::class_<PsServer>(m, "PsServer")
+      .def(py::init([](int server_id, int num_workers, int num_shards, int staleness,
+                       const std::string& host, int port, const std::string& secret,
+                       double timeout_s, int64_t max_payload) {
+             PsServerOptions o;
+             o.server_id = server_id;
+             o.num_workers = num_workers;
+             o.num_shards = num_shards;
+             o.staleness = staleness;
+             o.host = host;
+             FASTPS_CHECK(port >= 0 && port < 65536, "port out of range: ", port);
+             o.port = static_cast<uint16_t>(port);
+             o.transport.secret = secret;
+             o.transport.timeout = std::chrono::milliseconds(int64_t(timeout_s * 1000));
+             o.transport.max_payload = static_cast<size_t>(max_payload);
+             py::gil_scoped_release release;
+             return std::make_unique<PsServer>(o);
+           }),
+           py::arg("server_id"), py::arg("num_workers"), py::arg("num_shards") = 0,
+           py::arg("staleness") = 0, py::arg("host") = "127.0.0.1", py::arg("port") = 0,
+           py::arg("secret") = "", py::arg("timeout_s") = 30.0,
+           py::arg("max_payload") = int64_t(kDefaultMaxPayload))
+      .def_property_readonly("port", &PsServer::port)
+      .def_property_readonly("server_id", &PsServer::server_id)
+      .def("stats", [](const PsServer& s) {
+        TransportStats t = s.stats();
+        return py::dict(py::arg("bytes_sent") = t.bytes_sent, py::arg("bytes_received") = t.bytes_received,
+                        py::arg("messages_sent") = t.messages_sent,
+                        py::arg("messages_received") = t.messages_received);
+      });
+
+  py::class_<PsClient>(m, "PsClient")
+      .def(py::init([](int rank, const std::string& secret, double timeout_s, int64_t chunk_bytes,
+                       int connections_per_peer) {
+             TransportOptions o;
+             o.secret = secret;
+             o.timeout = std::chrono::milliseconds(int64_t(timeout_s * 1000));
+             o.connections_per_peer = connections_per_peer;
+             return std::make_unique<PsClient>(rank, o, chunk_bytes);
+           }),
+           py::arg("rank"), py::arg("secret") = "", py::arg("timeout_s") = 30.0,
+           py::arg("chunk_bytes") = int64_t(4 << 20), py::arg("connections_per_peer") = 1)
+      .def(
+          "connect",
+          [](PsClient& c, const std::vector<std::pair<std::string, int>>& servers) {
+            std::vector<ServerAddress> a;
+            for (auto& s : servers) a.push_back(ServerAddress{s.first, static_cast<uint16_t>(s.second)});
+            py::gil_scoped_release release;
+            c.connect(a);
+          },
+          py::arg("servers"))
+      .def_property_readonly("num_servers", &PsClient::num_servers)
+      .def(
+          "register_dense",
+          [](PsClient& c, uint32_t tid, int64_t numel, bool sum_only, const OptimHyper& h,
+             uintptr_t init) {
+            py::gil_scoped_release release;
+            return c.register_dense(tid, numel, sum_only, h, as_ptr<const float>(init));
+          },
+          py::arg("tensor_id"), py::arg("numel"), py::arg("sum_only"), py::arg("hyper"),
+          py::arg("init"))
+      .def(
+          "push",
+          [](PsClient& c, uint32_t tid, uintptr_t grad, const OptimHyper& h, uint32_t clock) {
+            py::gil_scoped_release release;
+            return c.push(tid, as_ptr<const float>(grad), h, clock);
+          },
+          py::arg("tensor_id"), py::arg("grad"), py::arg("hyper"), py::arg("clock"))
+      .def(
+          "pull",
+          [](PsClient& c, uint32_t tid, uintptr_t dst, uint32_t min_version) {
+            py::gil_scoped_release release;
+            return c.pull(tid, as_ptr<float>(dst), min_version);
+          },
+          py::arg("tensor_id"), py::arg("dst"), py::arg("min_version"))
+      .def(
+          "push_pull",
+          [](PsClient& c, uint32_t tid, uintptr_t src, uintptr_t dst, uint32_t clock) {
+            py::gil_scoped_release release;
+            return c.push_pull(tid, as_ptr<const float>(src), as_ptr<float>(dst), clock);
+          },
+          py::arg("tensor_id"), py::arg("src"), py::arg("dst"), py::arg("clock"))
+      .def(
+          "state_get",
+          [](PsClient& c, uint32_t tid, int buffer, uintptr_t dst) {
+            py::gil_scoped_release release;
+            return c.state_get(tid, buffer, as_ptr<float>(dst));
+          },
+          py::arg("tensor_id"), py::arg("buffer"), py::arg("dst"))
+      .def(
+          "state_set",
+          [](PsClient& c, uint32_t tid, int buffer, uintptr_t src) {
+            py::gil_scoped_release release;
+            return c.state_set(tid, buffer, as_ptr<const float>(src));
+          },
+          py::arg("tensor_id"), py::arg("buffer"), py::arg("src"))
+      .def("stats", [](const PsClient& c) {
+        TransportStats t = c.stats();
+        return py::dict(py::arg("bytes_sent") = t.bytes_sent, py::arg("bytes_received") = t.bytes_received,
+                        py::arg("messages_sent") = t.messages_sent,
+                        py::arg("messages_received") = t.messages_received);
+      });
 }

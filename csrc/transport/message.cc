@@ -72,7 +72,7 @@ size_t utf8_sequence_length(const uint8_t* p, size_t left) {
 }  // namespace
 
 bool is_known_op(uint8_t op) {
-  return (op >= 1 && op <= 7) || (op >= 16 && op <= 22);
+  return (op >= 1 && op <= 7) || (op >= 16 && op <= 24);
 }
 
 bool is_handshake_op(Op op) {
@@ -95,6 +95,8 @@ std::string op_name(Op op) {
     case Op::kReply: return "REPLY";
     case Op::kBarrier: return "BARRIER";
     case Op::kShutdown: return "SHUTDOWN";
+    case Op::kStateGet: return "STATE_GET";
+    case Op::kStateSet: return "STATE_SET";
   }
   return "op#" + std::to_string(static_cast<unsigned>(op));
 }
@@ -170,7 +172,8 @@ std::string header_problem(const MessageHeader& h, uint64_t max_payload) {
   uint8_t op = static_cast<uint8_t>(h.op);
   if (!is_known_op(op)) return concat("unknown op ", static_cast<unsigned>(op));
   if (is_handshake_op(h.op)) return concat("handshake op ", op_name(h.op), " after the handshake");
-  if (h.flags != 0) return concat("undefined flags 0x", to_hex(&h.flags, 1), " in ", op_name(h.op));
+  if ((h.flags & ~kKnownFlags) != 0)
+    return concat("undefined flags 0x", to_hex(&h.flags, 1), " in ", op_name(h.op));
   if (h.reserved != 0) return concat("non-zero reserved field in ", op_name(h.op));
   if (h.op == Op::kError && h.status == 0) return "ERROR frame with status 0";
   if (h.op != Op::kError && h.status != 0) {

@@ -53,7 +53,15 @@ enum class Op : uint8_t {
   kReply = 20,
   kBarrier = 21,
   kShutdown = 22,
+  kStateGet = 23,
+  kStateSet = 24,
 };
+
+// Header flag bits (docs/protocol.md, "Flags"). Any other bit is a protocol error.
+constexpr uint8_t kFlagConfig = 0x01;  // PUSH/PUSH_PULL/REGISTER: payload starts with a config block
+constexpr uint8_t kFlagSkip = 0x02;    // PUSH/PUSH_PULL: no gradient this round (counts as a push)
+constexpr uint8_t kFlagSum = 0x04;     // REGISTER: an aggregation-only chunk (no optimizer)
+constexpr uint8_t kKnownFlags = kFlagConfig | kFlagSkip | kFlagSum;
 
 // Status codes of ERROR frames (0 everywhere else).
 enum class Status : uint32_t {

@@ -504,7 +504,7 @@ TEST(header_validation_limits) {
   h.op = Op::kAuth;
   rejects(h, "handshake");
   h = ok;
-  h.flags = 1;
+  h.flags = 0x80;
   rejects(h, "flags");
   h = ok;
   h.reserved = 1;

@@ -1,0 +1,110 @@
+// Worker-side access to remote parameter servers over a Transport.
+//
+// Tensors are split into chunks exactly as in the embedded mode; each chunk is
+// placed on the server with the fewest registered bytes at registration time.
+// Placement is a pure function of the sequence of register_dense() calls, so
+// every worker computes the same placement as long as all register the same
+// tensors in the same order (they run the same script).
+//
+// Every request returns a Future; a request spanning several chunks completes
+// when every chunk's reply arrived. Replies are matched by request id and
+// copied into the destination buffer on the transport's loop thread. When a
+// server's connection drops, every request outstanding on it fails with
+// ConnectionError naming the server; every wait has a deadline.
+//
+// Thread safety: all methods may be called from any thread.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "common/completion.h"
+#include "table/optimizer.h"
+#include "transport/transport.h"
+
+namespace fastps {
+
+class Future {
+ public:
+  Future(CompletionPtr completion, std::string what, std::chrono::milliseconds timeout)
+      : completion_(std::move(completion)), what_(std::move(what)), timeout_(timeout) {}
+  bool done() const { return completion_->finished(); }
+  // Blocks until done; timeout_s <= 0 uses the client's timeout. Throws the
+  // request's error, or TimeoutError.
+  void wait(double timeout_s = 0) const;
+
+ private:
+  CompletionPtr completion_;
+  std::string what_;
+  std::chrono::milliseconds timeout_;
+};
+using FuturePtr = std::shared_ptr<Future>;
+
+struct ServerAddress {
+  std::string host;
+  uint16_t port = 0;
+};
+
+class PsClient {
+ public:
+  PsClient(int rank, const TransportOptions& options, int64_t chunk_bytes);
+  ~PsClient();
+
+  // Connects to every server (index = server id). Blocking, with the deadline.
+  void connect(const std::vector<ServerAddress>& servers);
+  int num_servers() const { return static_cast<int>(servers_.size()); }
+  int rank() const { return rank_; }
+
+  // Records the tensor's placement; if `init` is non-null, also sends REGISTER
+  // frames creating the chunks with these values (one worker does this).
+  FuturePtr register_dense(uint32_t tensor_id, int64_t numel, bool sum_only,
+                           const OptimHyper& hyper, const float* init);
+  // `grad` null = a skip (this worker has no gradient this round).
+  FuturePtr push(uint32_t tensor_id, const float* grad, const OptimHyper& hyper, uint32_t clock);
+  FuturePtr pull(uint32_t tensor_id, float* dst, uint32_t min_version);
+  FuturePtr push_pull(uint32_t tensor_id, const float* src, float* dst, uint32_t clock);
+  // buffer: 0 = parameter, 1..3 = optimizer state, 255 = step counter (1 float)
+  FuturePtr state_get(uint32_t tensor_id, int buffer, float* dst);
+  FuturePtr state_set(uint32_t tensor_id, int buffer, const float* src);
+
+  TransportStats stats() const { return transport_->stats(); }
+
+ private:
+  struct Entry {
+    int64_t numel = 0;
+    std::vector<int> servers;  // per chunk
+  };
+  struct Pending {
+    CompletionPtr completion;
+    float* dst = nullptr;
+    int64_t count = 0;  // floats expected in the reply (0: ack only)
+    int server = -1;
+  };
+  using FrameFn = std::function<void(MessageHeader& h, std::vector<ConstBuffer>& segs, int64_t begin,
+                                     int64_t n)>;
+  FuturePtr request(uint32_t tensor_id, Op op, float* dst, bool dst_per_chunk, int64_t reply_count,
+                    const FrameFn& fill, const char* what);
+  void on_message(ConnId conn, Message&& m);
+  void on_disconnect(ConnId conn, const std::string& reason);
+  Entry& entry(uint32_t tensor_id);
+
+  const int rank_;
+  const int64_t chunk_elems_;
+  std::chrono::milliseconds timeout_;
+  std::unique_ptr<Transport> transport_;
+  std::vector<ServerAddress> servers_;
+  std::vector<ConnId> conns_;
+  std::vector<int64_t> server_bytes_;
+  std::mutex mu_;  // guards entries_, pending_, next_id_, conn_server_
+  std::unordered_map<uint32_t, Entry> entries_;
+  std::unordered_map<uint64_t, Pending> pending_;
+  std::unordered_map<ConnId, int> conn_server_;
+  uint64_t next_id_ = 1;
+};
+
+}  // namespace fastps
