@@ -251,7 +251,7 @@ void PsClient::on_disconnect(ConnId conn, const std::string& reason) {
   const std::string msg = detail::concat("fastps: lost parameter server ", server, " at ",
                                          servers_[server].host, ":", servers_[server].port, " (",
                                          reason, ")");
-  transport_log(msg.substr(8));
+  if (!failed.empty()) transport_log(msg.substr(8));  // quiet when nothing was lost (shutdown)
   for (Pending& p : failed) p.completion->done(std::make_exception_ptr(ConnectionError(msg)));
 }
 

@@ -9,6 +9,8 @@ before; see README.md.
 from ._version import __version__
 from . import errors, optim
 from ._runtime import Config, init
+from .client import Client, Future
+from .distributed_optimizer import DistributedOptimizer
 from .errors import (
     ConnectionError,
     FastPSError,
@@ -23,6 +25,9 @@ __all__ = [
     "errors",
     "init",
     "Config",
+    "Client",
+    "Future",
+    "DistributedOptimizer",
     "FastPSError",
     "InvalidArgumentError",
     "TimeoutError",

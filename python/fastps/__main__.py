@@ -1,10 +1,50 @@
-"""The ``fastps`` command line (also ``python -m fastps``)."""
+"""The ``fastps`` command line (also ``python -m fastps``).
+
+    fastps info                     build and CPU kernel information
+    fastps server [options]         a dedicated parameter server for a torchrun job
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from typing import List, Optional
+
+
+def _server(args: argparse.Namespace) -> int:
+    from . import _C, _cluster
+
+    addr = args.master_addr or os.environ.get("MASTER_ADDR")
+    port = args.master_port or int(os.environ.get("MASTER_PORT", "0"))
+    workers = args.workers or int(os.environ.get("WORLD_SIZE", "0"))
+    if not addr or not port or workers < 1:
+        print("fastps server: need --master-addr, --master-port and --workers (or MASTER_ADDR, "
+              "MASTER_PORT, WORLD_SIZE): the job's rendezvous store and its number of workers",
+              file=sys.stderr)
+        return 2
+    cfg = _cluster.ClusterConfig(rank=0, world_size=workers, master_addr=addr, master_port=port,
+                                 staleness=args.staleness, bind=args.bind, advertise=args.advertise,
+                                 timeout=args.timeout, num_shards=args.shards)
+    store, _raw = _cluster.open_store(cfg, host_store=False)
+    secret = os.environ.get("FASTPS_SECRET") or _cluster.store_get(
+        store, "secret", cfg.timeout, "rank 0 to publish the job secret").decode()
+    sid = workers + int(store.add("dedicated_servers", 1)) - 1
+    server = _C.PsServer(sid, workers, num_shards=args.shards, staleness=args.staleness,
+                         host=args.bind, port=args.port, secret=secret, timeout_s=cfg.timeout)
+    store.set(f"server/{sid}", f"{_cluster.advertised_host(cfg)}:{server.port}")
+    print(f"fastps server {sid} listening on {args.bind}:{server.port} for {workers} workers", flush=True)
+    # Serve until every worker has left the job (or the process is killed).
+    while True:
+        try:
+            if store.check(["barrier/shutdown/done"]):
+                break
+        except Exception:  # noqa: BLE001 - the store went away with the job
+            break
+        time.sleep(0.5)
+    del server
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -15,6 +55,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("info", help="print the build and CPU kernel information")
+    sp = sub.add_parser("server", help="run a dedicated parameter server for a torchrun job")
+    sp.add_argument("--master-addr", help="rendezvous store host (default: $MASTER_ADDR)")
+    sp.add_argument("--master-port", type=int, help="rendezvous store port (default: $MASTER_PORT)")
+    sp.add_argument("--workers", type=int, help="number of workers in the job (default: $WORLD_SIZE)")
+    sp.add_argument("--bind", default=os.environ.get("FASTPS_BIND", "127.0.0.1"),
+                    help="address to listen on (default 127.0.0.1; 0.0.0.0 for all interfaces)")
+    sp.add_argument("--advertise", default=os.environ.get("FASTPS_ADVERTISE"),
+                    help="address workers use to reach this server (default: --bind, or the hostname)")
+    sp.add_argument("--port", type=int, default=0, help="port (default: ephemeral)")
+    sp.add_argument("--staleness", type=int, default=int(os.environ.get("FASTPS_STALENESS", "0")),
+                    help="0 BSP (default), k SSP, -1 ASP; must match the workers")
+    sp.add_argument("--shards", type=int, default=int(os.environ.get("FASTPS_NUM_SHARDS", "0")),
+                    help="shard threads (default: one per core, at most 8)")
+    sp.add_argument("--timeout", type=float, default=float(os.environ.get("FASTPS_TIMEOUT", "300")),
+                    help="seconds to wait for the job to start")
     args = parser.parse_args(argv)
     if args.version:
         print(__version__)
@@ -23,6 +78,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"fastps {__version__}")
         print(f"optimizer kernels: {_C.optim_kernel_isa()}")
         return 0
+    if args.command == "server":
+        return _server(args)
     parser.print_help()
     return 0
 

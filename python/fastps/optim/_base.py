@@ -20,7 +20,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .. import _C, _runtime
+from .. import _C, _cluster, _runtime
+from ._distributed import DistState
 from .._tensor import address, check_grad, check_param
 
 _F32 = torch.float32
@@ -80,6 +81,12 @@ class ServerOptimizerMixin:
         # Binding per parameter (keyed by id(param)); rebuilt after unpickling.
         self._fastps_bindings: Dict[int, _Binding] = {}
         self._fastps_finalizer: Optional[weakref.finalize] = None
+        # Distributed mode (WORLD_SIZE > 1): state lives on the servers.
+        self._fastps_dist: Optional[DistState] = None
+        cl = _cluster.cluster()
+        if cl is not None:
+            self._fastps_dist = DistState(self, cl, overlap=_cluster._env("FASTPS_OVERLAP", bool, True))
+            self._fastps_dist.register_groups(self.param_groups)  # type: ignore[attr-defined]
         # GradScaler must unscale grads itself and then call step(): our step has
         # no grad_scale/found_inf arguments (torch sets this for fused=True).
         self._step_supports_amp_scaling = False
@@ -108,6 +115,41 @@ class ServerOptimizerMixin:
         if self.param_groups[-1].get("differentiable", False):  # type: ignore[attr-defined]
             self.param_groups.pop()  # type: ignore[attr-defined]
             raise ValueError("fastps.optim does not support differentiable=True; use torch.optim")
+        dist = getattr(self, "_fastps_dist", None)
+        if dist is not None:
+            dist.register_groups([self.param_groups[-1]])  # type: ignore[attr-defined]
+
+    def no_sync(self):
+        """Context manager: backward passes inside it accumulate gradients locally
+        without pushing them (gradient accumulation in the distributed mode, like
+        DDP's ``no_sync``). A no-op in the embedded mode.
+
+        Example::
+
+            with opt.no_sync():
+                loss1.backward()
+            loss2.backward()   # pushes the accumulated gradient
+            opt.step()
+        """
+        import contextlib
+
+        dist = getattr(self, "_fastps_dist", None)
+        return dist.no_sync() if dist is not None else contextlib.nullcontext()
+
+    def state_dict(self) -> Dict[str, Any]:
+        """torch's state_dict; in the distributed mode the state is first fetched from the servers."""
+        dist = getattr(self, "_fastps_dist", None)
+        if dist is not None:
+            dist.fetch_state()
+        return super().state_dict()  # type: ignore[misc]
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """torch's load_state_dict; in the distributed mode the loaded state and this rank's
+        current parameter values are then sent to the servers."""
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        dist = getattr(self, "_fastps_dist", None)
+        if dist is not None:
+            dist.push_state()
 
     # -- implemented by each optimizer ---------------------------------------------
     def _hyper(self, group: Dict[str, Any]) -> "_C.OptimHyper":
@@ -194,6 +236,9 @@ class ServerOptimizerMixin:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._fastps_dist is not None:
+            self._fastps_dist.step()
+            return loss
         emb = _runtime.embedded()
         bindings = self._fastps_bindings
         state_map = self.state  # type: ignore[attr-defined]

@@ -1,0 +1,233 @@
+"""Distributed mode: rendezvous, colocated servers and the worker's connections.
+
+A process is in the distributed mode when ``WORLD_SIZE`` > 1 (as ``torchrun``
+sets it). Ranks meet in torch's own ``TCPStore`` at ``MASTER_ADDR:MASTER_PORT``
+under the key prefix ``fastps/<restart>/``: under torchrun every rank connects
+to the agent's store as a client; otherwise rank 0 hosts a multi-tenant store
+that ``torch.distributed.init_process_group`` can share.
+
+By default every rank hosts one parameter server (colocated); ``FASTPS_NUM_SERVERS``
+dedicated ``fastps server`` processes can be added. Every worker connects to
+every server. All settings are in docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import os
+import secrets
+import socket
+import time
+import threading
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+from . import _C
+from .errors import ConnectionError as FastPSConnectionError
+from .errors import InvalidArgumentError, TimeoutError as FastPSTimeoutError
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Settings of the distributed mode (keyword > ``FASTPS_*`` > default)."""
+
+    rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    staleness: int = 0              # FASTPS_STALENESS: 0 BSP, k SSP, -1 ASP
+    num_servers: int = 0            # FASTPS_NUM_SERVERS: dedicated server processes
+    colocate: bool = True           # FASTPS_COLOCATE: each rank hosts a server
+    bind: str = "127.0.0.1"         # FASTPS_BIND: address servers listen on
+    advertise: Optional[str] = None # FASTPS_ADVERTISE: address others use (default: bind, or hostname)
+    timeout: float = 300.0          # FASTPS_TIMEOUT: every wait's deadline, seconds
+    chunk_bytes: int = 4 << 20      # FASTPS_CHUNK_BYTES
+    connections: int = 1            # FASTPS_CONNECTIONS: TCP connections per server
+    num_shards: int = 0             # FASTPS_NUM_SHARDS: shard threads per server
+
+
+def _env(name: str, kind, default):
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        if kind is bool:
+            return raw.lower() in ("1", "true", "yes", "on")
+        return kind(raw)
+    except ValueError:
+        raise InvalidArgumentError(f"fastps: environment variable {name}={raw!r} is not a {kind.__name__}") from None
+
+
+def is_distributed_env() -> bool:
+    """True when this process was launched as one rank of several (torchrun)."""
+    return _env("WORLD_SIZE", int, 1) > 1
+
+
+def config_from_env(**overrides) -> ClusterConfig:
+    world = _env("WORLD_SIZE", int, 1)
+    rank = _env("RANK", int, 0)
+    addr = os.environ.get("MASTER_ADDR")
+    port = _env("MASTER_PORT", int, 0)
+    if not addr or not port:
+        raise InvalidArgumentError(
+            "fastps: WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set; launch with torchrun "
+            "or set them to the rendezvous store's address")
+    cfg = dict(
+        rank=rank, world_size=world, master_addr=addr, master_port=port,
+        staleness=_env("FASTPS_STALENESS", int, 0),
+        num_servers=_env("FASTPS_NUM_SERVERS", int, 0),
+        colocate=_env("FASTPS_COLOCATE", bool, True),
+        bind=os.environ.get("FASTPS_BIND", "127.0.0.1"),
+        advertise=os.environ.get("FASTPS_ADVERTISE") or None,
+        timeout=_env("FASTPS_TIMEOUT", float, 300.0),
+        chunk_bytes=_env("FASTPS_CHUNK_BYTES", int, 4 << 20),
+        connections=_env("FASTPS_CONNECTIONS", int, 1),
+        num_shards=_env("FASTPS_NUM_SHARDS", int, 0),
+    )
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    c = ClusterConfig(**cfg)
+    if not 0 <= c.rank < c.world_size:
+        raise InvalidArgumentError(f"fastps: RANK={c.rank} is outside WORLD_SIZE={c.world_size}")
+    if c.staleness < -1:
+        raise InvalidArgumentError(f"fastps: staleness must be -1 (ASP), 0 (BSP) or k > 0 (SSP), got {c.staleness}")
+    if not c.colocate and c.num_servers < 1:
+        raise InvalidArgumentError("fastps: FASTPS_COLOCATE=0 needs FASTPS_NUM_SERVERS >= 1 dedicated servers")
+    return c
+
+
+def advertised_host(cfg: ClusterConfig) -> str:
+    if cfg.advertise:
+        return cfg.advertise
+    if cfg.bind in ("0.0.0.0", "::", ""):
+        return socket.gethostname()
+    return cfg.bind
+
+
+def open_store(cfg: ClusterConfig, *, host_store: Optional[bool] = None):
+    """Connect to the job's TCPStore and return it under the fastps/ prefix."""
+    import torch.distributed as dist
+
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    is_master = (cfg.rank == 0 and not agent) if host_store is None else host_store
+    try:
+        store = dist.TCPStore(cfg.master_addr, cfg.master_port, world_size=None, is_master=is_master,
+                              timeout=datetime.timedelta(seconds=cfg.timeout), wait_for_workers=False,
+                              multi_tenant=True)
+    except Exception as e:  # noqa: BLE001 - torch raises several types here
+        raise FastPSConnectionError(
+            f"fastps: cannot reach the rendezvous store at {cfg.master_addr}:{cfg.master_port} "
+            f"({'hosting' if is_master else 'as a client'}): {e}") from e
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"fastps/{restart}/", store), store
+
+
+def store_get(store, key: str, timeout: float, what: str) -> bytes:
+    """store.get with a deadline that raises fastps.TimeoutError naming what was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            store.wait([key], datetime.timedelta(seconds=max(0.1, min(5.0, deadline - time.monotonic()))))
+            return store.get(key)
+        except Exception as e:  # noqa: BLE001 - torch's store raises DistStoreError/RuntimeError
+            if time.monotonic() >= deadline:
+                raise FastPSTimeoutError(
+                    f"fastps: timed out after {timeout:.0f}s waiting for {what} (store key {key!r}); "
+                    "is every process of the job running? Raise FASTPS_TIMEOUT if startup is slow") from e
+
+
+def store_barrier(store, name: str, parties: int, timeout: float, what: str) -> None:
+    """Block until `parties` processes reached barrier `name`."""
+    n = store.add(f"barrier/{name}", 1)
+    if n == parties:
+        store.set(f"barrier/{name}/done", b"1")
+    store_get(store, f"barrier/{name}/done", timeout, what)
+
+
+class Cluster:
+    """This process's place in a distributed job: its server (if colocated) and client."""
+
+    def __init__(self, cfg: ClusterConfig) -> None:
+        self.config = cfg
+        self.rank = cfg.rank
+        self.world_size = cfg.world_size
+        self.store, self._raw_store = open_store(cfg)
+        self.secret = self._exchange_secret()
+        self.server: Optional[_C.PsServer] = None
+        if cfg.colocate:
+            self.server = _C.PsServer(cfg.rank, cfg.world_size, num_shards=cfg.num_shards,
+                                      staleness=cfg.staleness, host=cfg.bind, port=0,
+                                      secret=self.secret, timeout_s=cfg.timeout)
+            self.store.set(f"server/{cfg.rank}", f"{advertised_host(cfg)}:{self.server.port}")
+        self.num_servers = (cfg.world_size if cfg.colocate else 0) + cfg.num_servers
+        self.server_ids = (list(range(cfg.world_size)) if cfg.colocate else []) + \
+            [cfg.world_size + i for i in range(cfg.num_servers)]
+        addrs = []
+        for sid in self.server_ids:
+            raw = store_get(self.store, f"server/{sid}", cfg.timeout, f"parameter server {sid} to start").decode()
+            host, port = raw.rsplit(":", 1)
+            addrs.append((host, int(port)))
+        self.client = _C.PsClient(cfg.rank, secret=self.secret, timeout_s=cfg.timeout,
+                                  chunk_bytes=cfg.chunk_bytes, connections_per_peer=cfg.connections)
+        self.client.connect(addrs)
+        self._next_id = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        atexit.register(self.shutdown)
+
+    def _exchange_secret(self) -> str:
+        s = os.environ.get("FASTPS_SECRET")
+        if s:
+            return s
+        if self.rank == 0:
+            s = secrets.token_hex(32)
+            self.store.set("secret", s)
+            return s
+        return store_get(self.store, "secret", self.config.timeout, "rank 0 to publish the job secret").decode()
+
+    def next_tensor_id(self) -> int:
+        """Ids in registration order: equal on every rank that runs the same script."""
+        with self._lock:
+            self._next_id += 1
+            return self._next_id
+
+    def barrier(self, name: str, what: str) -> None:
+        store_barrier(self.store, name, self.world_size, self.config.timeout, what)
+
+    def shutdown(self) -> None:
+        """Leave the job: wait (bounded) for every rank, so no colocated server
+        disappears while others still need it, then close connections."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            store_barrier(self.store, "shutdown", self.world_size, min(self.config.timeout, 60.0),
+                          "every rank to finish")
+        except Exception:  # noqa: BLE001 - a peer died; leave anyway
+            pass
+        self.client = None
+        self.server = None
+
+
+_cluster: Optional[Cluster] = None
+_cluster_lock = threading.Lock()
+
+
+def cluster() -> Optional[Cluster]:
+    """The process's Cluster in the distributed mode (created on first use), else None."""
+    global _cluster
+    if _cluster is not None:
+        return _cluster
+    if not is_distributed_env():
+        return None
+    with _cluster_lock:
+        if _cluster is None:
+            _cluster = Cluster(config_from_env())
+    return _cluster
+
+
+def reset_for_tests() -> None:
+    global _cluster
+    if _cluster is not None:
+        _cluster.shutdown()
+    _cluster = None

@@ -1,0 +1,149 @@
+"""``fastps.DistributedOptimizer``: gradient averaging through push_pull, local step.
+
+The second dense mode: wrap any ``torch.optim`` optimizer; gradients are summed
+over all workers by the parameter servers (the all-reduce replacement),
+divided by the number of workers, and the wrapped optimizer steps locally, so
+every rank keeps the same parameters (all start from rank 0's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from . import _C, _cluster
+from ._tensor import check_grad, check_param
+from .errors import FastPSError
+
+
+class DistributedOptimizer:
+    """Wrap a torch optimizer so its gradients are averaged across workers by fastps.
+
+    In a single process (no ``torchrun``) it is a transparent pass-through.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` over float32 CPU parameters.
+        overlap: push each gradient from its accumulation hook while backward
+            still runs (default True); False pushes everything in ``step()``.
+
+    Example::
+
+        opt = fastps.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+        loss.backward(); opt.step(); opt.zero_grad()
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, overlap: bool = True) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"fastps.DistributedOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.optimizer = optimizer
+        self._cluster = _cluster.cluster()
+        self._ids: Dict[int, int] = {}
+        self._inflight: Dict[int, Tuple[Any, torch.Tensor]] = {}
+        self._clock = 0
+        self._sync = True
+        self._hooks: List[Any] = []
+        if self._cluster is None:
+            return
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.numel() > 0]
+        for p in params:
+            check_param(p)
+        client = self._cluster.client
+        h = _C.OptimHyper()
+        futures = []
+        for p in params:
+            tid = self._cluster.next_tensor_id()
+            self._ids[id(p)] = tid
+            init = p.detach().data_ptr() if self._cluster.rank == 0 else 0
+            futures.append(client.register_dense(tid, p.numel(), True, h, init))
+        for f in futures:
+            f.wait()
+        if params:
+            self._cluster.barrier(f"register/{self._ids[id(params[0])]}", "every rank to register")
+            # An aggregation key holds rank 0's initial values until its first round.
+            for f in [client.pull(self._ids[id(p)], p.detach().data_ptr(), 0) for p in params]:
+                f.wait()
+        if overlap:
+            for p in params:
+                if p.requires_grad:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    # The wrapped optimizer's attributes, so schedulers and user code see it.
+    @property
+    def param_groups(self) -> List[Dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @property
+    def defaults(self) -> Dict[str, Any]:
+        return self.optimizer.defaults
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero (or drop) the gradients, as the wrapped optimizer does."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The wrapped optimizer's state dict (identical on every rank)."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load into the wrapped optimizer."""
+        self.optimizer.load_state_dict(state_dict)
+
+    def __repr__(self) -> str:
+        return f"DistributedOptimizer({self.optimizer!r})"
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate locally without communication."""
+        old, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = old
+
+    def _hook(self, p: torch.Tensor) -> None:
+        if not self._sync:
+            return
+        if id(p) in self._inflight:
+            raise FastPSError("fastps: gradient accumulated twice before step(); use no_sync() for accumulation")
+        self._send(p)
+
+    def _send(self, p: torch.Tensor) -> None:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)  # as DDP: an unused parameter contributes zeros
+        g = check_grad(p, p.grad)
+        if g is not p.grad:
+            p.grad = g
+        fut = self._cluster.client.push_pull(self._ids[id(p)], g.data_ptr(), g.data_ptr(), self._clock + 1)
+        self._inflight[id(p)] = (fut, g)
+
+    def synchronize(self) -> None:
+        """Finish averaging every gradient (step() calls it)."""
+        if self._cluster is None:
+            return
+        for g in self.optimizer.param_groups:
+            for p in g["params"]:
+                if id(p) in self._ids and id(p) not in self._inflight:
+                    self._send(p)
+        try:
+            for fut, g in self._inflight.values():
+                fut.wait()
+                g.div_(self._cluster.world_size)
+        finally:
+            self._inflight.clear()
+        self._clock += 1
+
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """Average gradients across workers, then step the wrapped optimizer."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.synchronize()
+        self.optimizer.step()
+        return loss

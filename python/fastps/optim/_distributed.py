@@ -1,0 +1,163 @@
+"""The distributed path of ``fastps.optim``: push gradients, pull parameters.
+
+Used when the process is one rank of a job (see fastps/_cluster.py). The
+optimizer state lives only on the servers. Gradients are pushed from
+``Tensor.register_post_accumulate_grad_hook`` while backward still runs, and
+the pull of each parameter is issued right behind its push: the server answers
+it as soon as the chunk's update is applied (under BSP: once every worker
+pushed). ``step()`` pushes whatever the hooks did not (parameters whose
+gradient was set by hand, or that have none: a "skip"), then waits.
+
+Parameters are overwritten in place by the pulled values as replies arrive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Iterator, List, Tuple
+
+import torch
+
+from ..errors import FastPSError
+from .._tensor import check_grad
+
+
+class DistState:
+    """Per-optimizer bookkeeping of the distributed mode."""
+
+    def __init__(self, opt: Any, cluster: Any, *, overlap: bool = True) -> None:
+        self.opt = opt
+        self.cluster = cluster
+        self.client = cluster.client
+        self.ids: Dict[int, int] = {}
+        self.group_of: Dict[int, Dict[str, Any]] = {}
+        self.clock = 0
+        self.inflight: Dict[int, Tuple[Any, Any, Any]] = {}
+        self.sync = True
+        self.overlap = overlap
+        self.hooks: List[Any] = []
+
+    # -- registration ----------------------------------------------------------
+    def register_groups(self, groups: List[Dict[str, Any]]) -> None:
+        """Create the chunks (rank 0's values), then every rank pulls them."""
+        params = []
+        futures = []
+        for group in groups:
+            hyper = self.opt._hyper(group)
+            for p in group["params"]:
+                if p.numel() == 0 or id(p) in self.ids:
+                    continue
+                tid = self.cluster.next_tensor_id()
+                self.ids[id(p)] = tid
+                self.group_of[id(p)] = group
+                data = p.detach()
+                init = data.data_ptr() if self.cluster.rank == 0 else 0
+                futures.append((self.client.register_dense(tid, p.numel(), False, hyper, init), data))
+                params.append(p)
+        for f, _ in futures:
+            f.wait()
+        if not params:
+            return
+        first = self.ids[id(params[0])]
+        self.cluster.barrier(f"register/{first}", "every rank to register its parameters")
+        pulls = [self.client.pull(self.ids[id(p)], p.detach().data_ptr(), 0) for p in params]
+        for f in pulls:
+            f.wait()  # every rank now starts from rank 0's parameters, as DDP does
+        if self.overlap:
+            for p in params:
+                if p.requires_grad:
+                    self.hooks.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    # -- the step ----------------------------------------------------------------
+    def _hook(self, p: torch.Tensor) -> None:
+        if not self.sync:
+            return
+        if id(p) in self.inflight:
+            raise FastPSError(
+                "fastps: a gradient was accumulated twice before optimizer.step(); for gradient "
+                "accumulation run the extra backward passes inside `with optimizer.no_sync():`")
+        self._send(p)
+
+    def _send(self, p: torch.Tensor) -> None:
+        tid = self.ids[id(p)]
+        hyper = self.opt._hyper(self.group_of[id(p)])
+        g = p.grad
+        if g is not None:
+            g = check_grad(p, g)
+        clock = self.clock + 1
+        push = self.client.push(tid, g.data_ptr() if g is not None else 0, hyper, clock)
+        pull = self.client.pull(tid, p.detach().data_ptr(), clock)
+        self.inflight[id(p)] = (push, pull, g)
+
+    def step(self) -> None:
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                if id(p) not in self.ids:
+                    continue
+                if id(p) not in self.inflight:
+                    self._send(p)
+        try:
+            for push, pull, _ in self.inflight.values():
+                push.wait()
+                pull.wait()
+        finally:
+            self.inflight.clear()
+        self.clock += 1
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        old, self.sync = self.sync, False
+        try:
+            yield
+        finally:
+            self.sync = old
+
+    # -- state -------------------------------------------------------------------
+    def fetch_state(self) -> None:
+        """Copy the servers' optimizer state into optimizer.state (for state_dict)."""
+        if self.clock == 0:
+            return
+        futures = []
+        for group in self.opt.param_groups:
+            hyper = self.opt._hyper(group)
+            names = self.opt._names(hyper)
+            for p in group["params"]:
+                if id(p) not in self.ids:
+                    continue
+                tid = self.ids[id(p)]
+                state = self.opt.state[p]
+                if any(n not in state for n in names) or (self.opt._has_step() and "step" not in state):
+                    self.opt._init_state(p, group, state)
+                for i, n in enumerate(names):
+                    futures.append(self.client.state_get(tid, i + 1, state[n].data_ptr()))
+                if self.opt._has_step():
+                    futures.append(self.client.state_get(tid, 255, state["step"].data_ptr()))
+        for f in futures:
+            f.wait()
+
+    def push_state(self) -> None:
+        """Send loaded optimizer state and this rank's parameters to the servers."""
+        futures = []
+        keep = []
+        for group in self.opt.param_groups:
+            hyper = self.opt._hyper(group)
+            names = self.opt._names(hyper)
+            for p in group["params"]:
+                if id(p) not in self.ids:
+                    continue
+                tid = self.ids[id(p)]
+                data = p.detach().contiguous()
+                keep.append(data)
+                futures.append(self.client.state_set(tid, 0, data.data_ptr()))
+                state = self.opt.state.get(p, {})
+                for i, n in enumerate(names):
+                    if n in state:
+                        t = state[n].detach().to(torch.float32).contiguous()
+                        keep.append(t)
+                        futures.append(self.client.state_set(tid, i + 1, t.data_ptr()))
+                if self.opt._has_step() and "step" in state:
+                    s = torch.tensor([float(state["step"])], dtype=torch.float32)
+                    keep.append(s)
+                    futures.append(self.client.state_set(tid, 255, s.data_ptr()))
+        for f in futures:
+            f.wait()
