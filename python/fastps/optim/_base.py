@@ -93,7 +93,11 @@ class ServerOptimizerMixin:
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[misc]
-        self._fastps_setup()
+        # Unpickling or deepcopy builds a new object: set it up. torch's own
+        # load_state_dict also calls __setstate__ on a live optimizer: keep its
+        # bindings (they are re-checked each step) and its distributed state.
+        if not hasattr(self, "_fastps_bindings"):
+            self._fastps_setup()
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a param group, after checking every tensor is float32, dense and on the CPU.

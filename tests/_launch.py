@@ -1,0 +1,92 @@
+"""Start real multi-process fastps jobs on 127.0.0.1 for tests, and always clean up.
+
+Like ps-lite's ``local.sh 2 2`` inside pytest: N worker processes with the
+environment torchrun would give them (rank 0 hosts the rendezvous store on an
+ephemeral port), plus optional dedicated ``fastps server`` processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+WORKER = str(Path(__file__).with_name("dist_worker.py"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Job:
+    """A running job. Use as a context manager: every process is killed on exit."""
+
+    def __init__(self, workers: int, args: List[str], *, servers: int = 0,
+                 env: Optional[Dict[str, str]] = None, timeout: float = 60.0) -> None:
+        self.port = free_port()
+        self.timeout = timeout
+        base = dict(os.environ)
+        base.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+        base.update({
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(self.port), "WORLD_SIZE": str(workers),
+            "FASTPS_TIMEOUT": "30", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+        })
+        if servers:
+            base.update({"FASTPS_COLOCATE": "0", "FASTPS_NUM_SERVERS": str(servers)})
+        base.update(env or {})
+        self.workers: List[subprocess.Popen] = []
+        self.servers: List[subprocess.Popen] = []
+        for r in range(workers):
+            e = dict(base, RANK=str(r), LOCAL_RANK=str(r))
+            self.workers.append(subprocess.Popen([sys.executable, WORKER] + args, env=e,
+                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                 text=True, start_new_session=True))
+        for _ in range(servers):
+            self.servers.append(subprocess.Popen([sys.executable, "-m", "fastps", "server"], env=base,
+                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                 text=True, start_new_session=True))
+
+    def wait(self) -> List[subprocess.CompletedProcess]:
+        """Wait for the workers (bounded); return their results."""
+        deadline = time.monotonic() + self.timeout
+        out = []
+        for p in self.workers:
+            try:
+                so, se = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.kill()
+                so, se = p.communicate()
+                raise AssertionError(f"worker hung past {self.timeout}s; stderr:\n{se[-3000:]}")
+            out.append(subprocess.CompletedProcess(p.args, p.returncode, so, se))
+        return out
+
+    def kill(self) -> None:
+        for p in self.workers + self.servers:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for p in self.workers + self.servers:
+            try:
+                p.communicate(timeout=10)
+            except Exception:  # noqa: BLE001
+                pass
+
+    def __enter__(self) -> "Job":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
+
+def check(results: List[subprocess.CompletedProcess]) -> None:
+    for r, res in enumerate(results):
+        assert res.returncode == 0, f"worker {r} exited {res.returncode}:\n{res.stderr[-4000:]}"

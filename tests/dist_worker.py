@@ -1,0 +1,117 @@
+"""Worker program of the multi-process tests (started by tests/_launch.py).
+
+    dist_worker.py train OPT STEPS OUT     fastps.optim.OPT on this rank's half of a fixed batch
+    dist_worker.py wrap OPT STEPS OUT      fastps.DistributedOptimizer(torch.optim.OPT)
+    dist_worker.py ddp OPT STEPS OUT       torch DDP (gloo) reference
+    dist_worker.py slow OUT                trains until an error; records the error and its delay
+    dist_worker.py resume OPT STEPS OUT    train STEPS, checkpoint, reload into fresh objects, train STEPS
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+import fastps
+
+RANK = int(os.environ["RANK"])
+WORLD = int(os.environ["WORLD_SIZE"])
+
+
+def model_and_data(seed_by_rank: bool = True):
+    # Different initial parameters per rank: fastps must start everyone from rank 0's.
+    torch.manual_seed(100 + (RANK if seed_by_rank else 0))
+    model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(32, 8, generator=g)
+    y = torch.randn(32, 1, generator=g)
+    return model, x.chunk(WORLD)[RANK], y.chunk(WORLD)[RANK]
+
+
+def make_opt(name: str, params, fast: bool):
+    kw = {"SGD": dict(lr=0.05, momentum=0.9), "Adam": dict(lr=0.01), "AdamW": dict(lr=0.01),
+          "Adagrad": dict(lr=0.05)}[name]
+    return getattr(fastps.optim if fast else torch.optim, name)(params, **kw)
+
+
+def train_loop(model, opt, x, y, steps):
+    losses = []
+    for _ in range(steps):
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def main() -> int:
+    mode = sys.argv[1]
+    if mode == "train":
+        name, steps, out = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+        model, x, y = model_and_data()
+        opt = make_opt(name, model.parameters(), fast=True)
+        losses = train_loop(model, opt, x, y, steps)
+        torch.save({"params": [p.detach() for p in model.parameters()], "losses": losses}, f"{out}.{RANK}")
+    elif mode == "wrap":
+        name, steps, out = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+        model, x, y = model_and_data()
+        opt = fastps.DistributedOptimizer(make_opt(name, model.parameters(), fast=False))
+        losses = train_loop(model, opt, x, y, steps)
+        torch.save({"params": [p.detach() for p in model.parameters()], "losses": losses}, f"{out}.{RANK}")
+    elif mode == "ddp":
+        import torch.distributed as dist
+        name, steps, out = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+        dist.init_process_group("gloo")
+        model, x, y = model_and_data(seed_by_rank=False)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = make_opt(name, ddp.parameters(), fast=False)
+        losses = train_loop(ddp, opt, x, y, steps)
+        torch.save({"params": [p.detach() for p in model.parameters()], "losses": losses}, f"{out}.{RANK}")
+        dist.destroy_process_group()
+    elif mode == "slow":
+        out = sys.argv[2]
+        model, x, y = model_and_data()
+        opt = fastps.optim.SGD(model.parameters(), lr=0.01)
+        last_ok = time.monotonic()
+        try:
+            for step in range(100000):
+                loss = nn.functional.mse_loss(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                last_ok = time.monotonic()
+                if step == 5:
+                    with open(f"{out}.ready.{RANK}", "w") as f:
+                        f.write("ok")
+                time.sleep(0.02)
+        except fastps.FastPSError as e:
+            with open(f"{out}.{RANK}", "w") as f:
+                f.write(f"{type(e).__name__}\n{time.monotonic() - last_ok:.3f}\n{e}\n")
+            os._exit(3)  # skip the shutdown barrier: the job is broken
+        return 0
+    elif mode == "resume":
+        name, steps, out = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+        model, x, y = model_and_data()
+        opt = make_opt(name, model.parameters(), fast=True)
+        train_loop(model, opt, x, y, steps)
+        ckpt = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "opt": opt.state_dict()}
+        after = train_loop(model, opt, x, y, steps)
+        # A second optimizer over fresh modules, loaded from the checkpoint, must continue identically.
+        model2, _, _ = model_and_data()
+        opt2 = make_opt(name, model2.parameters(), fast=True)
+        model2.load_state_dict(ckpt["model"])
+        opt2.load_state_dict(ckpt["opt"])
+        again = train_loop(model2, opt2, x, y, steps)
+        torch.save({"after": after, "again": again}, f"{out}.{RANK}")
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Multi-process tests of the distributed mode on 127.0.0.1 (see tests/_launch.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fastps
+from fastps import _C
+
+from _launch import Job, check
+
+
+
+def _reference(name: str, steps: int):
+    """Single-process training on the concatenated global batch (both halves)."""
+    torch.manual_seed(100)  # rank 0's initial parameters
+    model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(32, 8, generator=g)
+    y = torch.randn(32, 1, generator=g)
+    kw = {"SGD": dict(lr=0.05, momentum=0.9), "Adam": dict(lr=0.01), "Adagrad": dict(lr=0.05)}[name]
+    opt = getattr(torch.optim, name)(model.parameters(), **kw)
+    for _ in range(steps):
+        # mean over the global batch == mean over workers of each half's mean (equal halves)
+        loss = (nn.functional.mse_loss(model(x[:16]), y[:16]) + nn.functional.mse_loss(model(x[16:]), y[16:])) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return [p.detach() for p in model.parameters()]
+
+
+def _load(out: Path, ranks: int):
+    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(ranks)]
+
+
+@pytest.mark.parametrize("name", [pytest.param("SGD", marks=pytest.mark.slow), "Adam",
+                                  pytest.param("Adagrad", marks=pytest.mark.slow)])
+def test_bsp_two_workers_two_servers_equals_single_process(tmp_path, name):
+    out = tmp_path / "res"
+    with Job(2, ["train", name, "15", str(out)], servers=2) as job:
+        check(job.wait())
+    res = _load(out, 2)
+    ref = _reference(name, 15)
+    for r in range(2):
+        for p, q in zip(res[r]["params"], ref):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)  # float32 summation order
+    for a, b in zip(res[0]["params"], res[1]["params"]):
+        assert torch.equal(a, b)  # every worker holds the same parameters
+
+
+def test_colocated_servers_bsp(tmp_path):
+    out = tmp_path / "res"
+    with Job(2, ["train", "Adam", "10", str(out)]) as job:
+        check(job.wait())
+    res = _load(out, 2)
+    for p, q in zip(res[0]["params"], _reference("Adam", 10)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("staleness", [pytest.param("-1", marks=pytest.mark.slow), "2"])
+def test_asp_and_ssp_converge(tmp_path, staleness):
+    out = tmp_path / "res"
+    with Job(2, ["train", "Adam", "40", str(out)], env={"FASTPS_STALENESS": staleness}) as job:
+        check(job.wait())
+    for r in _load(out, 2):
+        losses = r["losses"]
+        assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+
+
+@pytest.mark.parametrize("name", [pytest.param("SGD", marks=pytest.mark.slow), "Adam"])
+def test_distributed_optimizer_matches_ddp(tmp_path, name):
+    a, b = tmp_path / "fastps", tmp_path / "ddp"
+    with Job(2, ["wrap", name, "12", str(a)]) as job:
+        check(job.wait())
+    with Job(2, ["ddp", name, "12", str(b)]) as job:
+        check(job.wait())
+    ours, ddp = _load(a, 2), _load(b, 2)
+    for r in range(2):
+        for p, q in zip(ours[r]["params"], ddp[0]["params"]):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert ours[r]["losses"] == pytest.approx(ddp[r]["losses"], rel=1e-5, abs=1e-6)
+
+
+def test_state_dict_round_trip_in_distributed_mode(tmp_path):
+    out = tmp_path / "res"
+    with Job(2, ["resume", "Adam", "5", str(out)]) as job:
+        check(job.wait())
+    for r in _load(out, 2):
+        assert r["after"] == r["again"]
+
+
+def test_killed_server_makes_workers_raise_quickly(tmp_path):
+    out = tmp_path / "res"
+    with Job(2, ["slow", str(out)], servers=2, env={"FASTPS_TIMEOUT": "60"}, timeout=90) as job:
+        deadline = time.monotonic() + 60
+        while not all(Path(f"{out}.ready.{r}").exists() for r in range(2)):
+            assert time.monotonic() < deadline, "training did not start"
+            for p in job.workers:
+                assert p.poll() is None, p.communicate()[1][-3000:]
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        os.kill(job.servers[0].pid, signal.SIGKILL)
+        results = job.wait()
+        elapsed = time.monotonic() - t0
+    for r, res in enumerate(results):
+        assert res.returncode == 3, res.stderr[-3000:]
+        kind, delay, msg = Path(f"{out}.{r}").read_text().split("\n", 2)
+        assert kind in ("ConnectionError", "TimeoutError"), msg
+        assert float(delay) < 10.0, f"worker {r} took {delay}s to notice: {msg}"
+    assert elapsed < 15.0
+
+
+def test_wrong_secret_is_rejected_and_server_keeps_serving():
+    server = _C.PsServer(0, 1, secret="right")
+    addr = [("127.0.0.1", server.port)]
+    bad = _C.PsClient(0, secret="wrong", timeout_s=5)
+    with pytest.raises(fastps.ConnectionError, match="secret"):
+        bad.connect(addr)
+    good = _C.PsClient(0, secret="right", timeout_s=5, chunk_bytes=4096)
+    good.connect(addr)
+    _roundtrip(good)
+
+
+def _roundtrip(client, tid=1):
+    h = _C.OptimHyper()
+    h.kind = _C.OptimKind.SGD
+    h.lr = 0.5
+    p = torch.arange(3000, dtype=torch.float32)
+    client.register_dense(tid, 3000, False, h, p.data_ptr()).wait()
+    g = torch.ones(3000)
+    client.push(tid, g.data_ptr(), h, 1).wait()
+    out = torch.empty(3000)
+    client.pull(tid, out.data_ptr(), 1).wait()
+    assert torch.equal(out, p - 0.5)
+
+
+@pytest.mark.parametrize("garbage", [
+    pytest.param(os.urandom(4096), id="random"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", id="http"),
+    pytest.param(b"FPS1" + b"\x01\x00" + b"\x01" + b"\x00" * 41 + b"\xff" * 8, id="huge-length"),
+    pytest.param(b"FPS1\x01\x00", id="truncated"),
+])
+def test_garbage_bytes_do_not_hurt_the_server(garbage):
+    server = _C.PsServer(0, 1, secret="s")
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.sendall(garbage)
+            s.settimeout(0.3)
+            try:
+                s.recv(100)
+            except (socket.timeout, ConnectionResetError):
+                pass
+    client = _C.PsClient(0, secret="s", timeout_s=5, chunk_bytes=4096)
+    client.connect([("127.0.0.1", server.port)])
+    _roundtrip(client)
+
+
+def test_request_errors_are_typed():
+    server = _C.PsServer(0, 1, secret="s")
+    client = _C.PsClient(0, secret="s", timeout_s=5, chunk_bytes=4096)
+    client.connect([("127.0.0.1", server.port)])
+    with pytest.raises(fastps.InvalidArgumentError, match="not registered"):
+        client.pull(99, torch.empty(1).data_ptr(), 0)
+
+
+def test_unreachable_server_is_a_connection_error():
+    from _launch import free_port
+    client = _C.PsClient(0, secret="s", timeout_s=3)
+    with pytest.raises((fastps.ConnectionError, fastps.TimeoutError)):
+        client.connect([("127.0.0.1", free_port())])
+
+
+def test_client_outside_a_job_explains():
+    with pytest.raises(fastps.InvalidArgumentError, match="torchrun"):
+        fastps.Client()
