@@ -8,7 +8,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/sha256.h"
@@ -103,9 +105,32 @@ inline bool operator!=(const MessageHeader& a, const MessageHeader& b) { return 
 
 // A received frame. `payload` is allocated once, after the header's
 // payload_len was checked against the receiver's limit.
+// An allocator that leaves new bytes uninitialised: a received payload is
+// overwritten by recv() at once, so zero-filling it first would only cost a
+// pass over memory (and page faults) per frame.
+template <typename T>
+struct DefaultInitAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = DefaultInitAllocator<U>;
+  };
+  DefaultInitAllocator() = default;
+  template <typename U>
+  DefaultInitAllocator(const DefaultInitAllocator<U>&) noexcept {}
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+using Payload = std::vector<uint8_t, DefaultInitAllocator<uint8_t>>;
+
 struct Message {
   MessageHeader header;
-  std::vector<uint8_t> payload;
+  Payload payload;
 };
 
 // A piece of an outgoing payload; the bytes are read in place (never copied)

@@ -867,7 +867,7 @@ bool TcpTransport::start_payload(const Entry& e) {
   }
   try {
     s.frame.header = h;
-    s.frame.payload = std::vector<uint8_t>(h.payload_len);
+    s.frame.payload = Payload(h.payload_len);
   } catch (const std::bad_alloc&) {
     fail(e, Status::kLimit, concat("cannot allocate a ", h.payload_len, "-byte payload"));
     return false;
