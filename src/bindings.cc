@@ -222,6 +222,10 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("servers"))
       .def_property_readonly("num_servers", &PsClient::num_servers)
+      .def("attach_local", [](PsClient& c, PsServer& s, int index) { c.attach_local(&s, index); },
+           py::arg("server"), py::arg("index"), py::keep_alive<2, 1>(),
+           "Serve requests for server `index` in-process (the colocated server); the server "
+           "keeps this client alive, so it is destroyed first.")
       .def(
           "register_dense",
           [](PsClient& c, uint32_t tid, int64_t numel, bool sum_only, const OptimHyper& h,

@@ -38,6 +38,16 @@ void PsClient::connect(const std::vector<ServerAddress>& servers) {
   for (size_t i = 0; i < conns.size(); ++i) conn_server_[conns[i]] = int(i);
 }
 
+void PsClient::attach_local(PsServer* server, int index) {
+  FASTPS_CHECK(index >= 0 && index < num_servers(), "local server index ", index, " out of range");
+  server->set_local_sink(rank_, [this](const MessageHeader& h, const void* data, size_t bytes) {
+    complete(h, data, bytes);
+  });
+  std::lock_guard<std::mutex> lock(mu_);
+  local_server_ = server;
+  local_index_ = index;
+}
+
 PsClient::Entry& PsClient::entry(uint32_t tensor_id) {
   auto it = entries_.find(tensor_id);
   FASTPS_CHECK(it != entries_.end(), "tensor ", tensor_id, " is not registered with the servers");
@@ -183,6 +193,21 @@ FuturePtr PsClient::request(uint32_t tensor_id, Op op, float* dst, bool dst_per_
       completion, detail::concat(what, " of tensor ", tensor_id), timeout_);
   for (Frame& f : frames) {
     try {
+      if (f.server == local_index_) {
+        Message m;
+        m.header = f.header;
+        size_t total = 0;
+        for (const ConstBuffer& b : f.segs) total += b.size;
+        m.header.payload_len = total;
+        m.payload.resize(total);
+        size_t at = 0;
+        for (const ConstBuffer& b : f.segs) {
+          if (b.size) std::memcpy(m.payload.data() + at, b.data, b.size);
+          at += b.size;
+        }
+        local_server_->submit_local(std::move(m));
+        continue;
+      }
       transport_->send(conns_[f.server], f.header, f.segs.data(), f.segs.size());
     } catch (const Error& e) {
       std::lock_guard<std::mutex> lock(mu_);
@@ -199,20 +224,24 @@ FuturePtr PsClient::request(uint32_t tensor_id, Op op, float* dst, bool dst_per_
 }
 
 void PsClient::on_message(ConnId, Message&& m) {
+  complete(m.header, m.payload.data(), m.payload.size());
+}
+
+void PsClient::complete(const MessageHeader& h, const void* data, size_t bytes) {
   Pending p;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = pending_.find(m.header.request_id);
+    auto it = pending_.find(h.request_id);
     if (it == pending_.end()) return;  // a reply to a request that already failed
     p = it->second;
     pending_.erase(it);
   }
-  if (m.header.op == Op::kError) {
-    std::string msg = sanitize_error_text(m.payload.data(), m.payload.size());
+  if (h.op == Op::kError) {
+    std::string msg = sanitize_error_text(static_cast<const uint8_t*>(data), bytes);
     const std::string where = detail::concat("parameter server ", p.server, " (",
                                              servers_[p.server].host, ":", servers_[p.server].port, "): ");
     std::exception_ptr e;
-    if (m.header.status == uint32_t(Status::kTimeout))
+    if (h.status == uint32_t(Status::kTimeout))
       e = std::make_exception_ptr(ConnectionError("fastps: " + where + msg));
     else
       e = std::make_exception_ptr(InvalidArgument("fastps: " + where + msg));
@@ -220,13 +249,13 @@ void PsClient::on_message(ConnId, Message&& m) {
     return;
   }
   if (p.count > 0) {
-    if (m.payload.size() != size_t(p.count) * 4) {
+    if (bytes != size_t(p.count) * 4) {
       p.completion->done(std::make_exception_ptr(ProtocolError(detail::concat(
-          "fastps: parameter server ", p.server, " replied with ", m.payload.size(),
-          " bytes where ", p.count * 4, " were expected"))));
+          "fastps: parameter server ", p.server, " replied with ", bytes, " bytes where ",
+          p.count * 4, " were expected"))));
       return;
     }
-    std::memcpy(p.dst, m.payload.data(), m.payload.size());
+    std::memcpy(p.dst, data, bytes);
   }
   p.completion->done();
 }

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "common/completion.h"
+#include "server/ps_server.h"
 #include "table/optimizer.h"
 #include "transport/transport.h"
 
@@ -58,6 +59,10 @@ class PsClient {
   // Connects to every server (index = server id). Blocking, with the deadline.
   void connect(const std::vector<ServerAddress>& servers);
   int num_servers() const { return static_cast<int>(servers_.size()); }
+  // Serve requests for server `index` through `server` in this process,
+  // without the transport (See Note [Local requests] in server/ps_server.h).
+  // `server` must outlive this client's requests; call after connect().
+  void attach_local(PsServer* server, int index);
   int rank() const { return rank_; }
 
   // Records the tensor's placement; if `init` is non-null, also sends REGISTER
@@ -90,6 +95,7 @@ class PsClient {
   FuturePtr request(uint32_t tensor_id, Op op, float* dst, bool dst_per_chunk, int64_t reply_count,
                     const FrameFn& fill, const char* what);
   void on_message(ConnId conn, Message&& m);
+  void complete(const MessageHeader& h, const void* data, size_t bytes);
   void on_disconnect(ConnId conn, const std::string& reason);
   Entry& entry(uint32_t tensor_id);
 
@@ -105,6 +111,8 @@ class PsClient {
   std::unordered_map<uint64_t, Pending> pending_;
   std::unordered_map<ConnId, int> conn_server_;
   uint64_t next_id_ = 1;
+  PsServer* local_server_ = nullptr;
+  int local_index_ = -1;
 };
 
 }  // namespace fastps

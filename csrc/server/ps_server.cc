@@ -52,8 +52,8 @@ namespace {
 
 class Handler {
  public:
-  Handler(const PsServerOptions& o, Transport& t, PsServer::ShardState& s)
-      : opt_(o), tr_(t), st_(s) {}
+  Handler(const PsServerOptions& o, Transport& t, PsServer::ShardState& s, const LocalSink& local)
+      : opt_(o), tr_(t), st_(s), local_(local) {}
 
   void handle(ConnId conn, int worker, Message& m) {
     try {
@@ -314,6 +314,10 @@ class Handler {
     h.request_id = req.request_id;
     h.key = req.key;
     h.count = count;
+    if (conn == kLocalConn) {
+      local_(h, data, bytes);
+      return;
+    }
     ConstBuffer seg{data, bytes};
     try {
       tr_.send(conn, h, bytes ? &seg : nullptr, bytes ? 1 : 0);
@@ -323,6 +327,15 @@ class Handler {
   }
 
   void error(ConnId conn, uint64_t rid, uint64_t key, Status status, const std::string& msg) {
+    if (conn == kLocalConn) {
+      MessageHeader h;
+      h.op = Op::kError;
+      h.status = uint32_t(status);
+      h.request_id = rid;
+      h.key = key;
+      local_(h, msg.data(), msg.size());
+      return;
+    }
     try {
       tr_.send_error(conn, rid, status, msg, key);
     } catch (const Error& e) {
@@ -333,6 +346,7 @@ class Handler {
   const PsServerOptions& opt_;
   Transport& tr_;
   PsServer::ShardState& st_;
+  const LocalSink& local_;
 };
 
 }  // namespace
@@ -372,12 +386,37 @@ void PsServer::on_message(ConnId conn, Message&& message) {
   if (stopping_) return;
   auto it = conn_rank_.find(conn);
   if (it == conn_rank_.end()) it = conn_rank_.emplace(conn, transport_->peer_info(conn).rank).first;
-  const int worker = it->second;
+  dispatch(conn, it->second, std::move(message));
+}
+
+// Note [Local requests]
+// A colocated worker and its server live in one process; sending their frames
+// through the loopback socket would copy every byte twice through the kernel.
+// The worker's client hands such frames to submit_local() instead, and the
+// shard replies through the LocalSink, which copies the values straight into
+// the destination tensor. Everything else (routing to the owning shard,
+// rounds, errors) is the same code as for a remote worker.
+void PsServer::set_local_sink(int worker, LocalSink sink) {
+  FASTPS_CHECK(worker >= 0 && worker < options_.num_workers, "local worker rank ", worker,
+               " outside the job's ", options_.num_workers, " workers");
+  std::lock_guard<std::mutex> lock(submit_mu_);
+  local_worker_ = worker;
+  local_sink_ = std::move(sink);
+}
+
+void PsServer::submit_local(Message&& message) {
+  std::lock_guard<std::mutex> lock(submit_mu_);
+  FASTPS_CHECK(local_sink_ != nullptr, "PsServer::submit_local before set_local_sink");
+  FASTPS_CHECK_TYPED(ConnectionError, !stopping_, "fastps: the local parameter server is stopping");
+  dispatch(kLocalConn, local_worker_, std::move(message));
+}
+
+void PsServer::dispatch(ConnId conn, int worker, Message&& message) {
   const int shard = static_cast<int>(mix64(message.header.key) % uint64_t(server_->num_shards()));
   auto task = std::make_unique<MessageTask>();
   ShardState* st = shard_state_[shard].get();
   task->fn = [this, st, conn, worker, m = std::move(message)](Shard&) mutable {
-    Handler(options_, *transport_, *st).handle(conn, worker, m);
+    Handler(options_, *transport_, *st, local_sink_).handle(conn, worker, m);
   };
   server_->submit(shard, std::move(task));
 }
@@ -395,7 +434,7 @@ void PsServer::on_disconnect(ConnId conn, const std::string& reason) {
     auto task = std::make_unique<MessageTask>();
     ShardState* st = shard_state_[s].get();
     task->fn = [this, st, worker, reason](Shard&) {
-      Handler(options_, *transport_, *st).worker_died(worker, reason);
+      Handler(options_, *transport_, *st, local_sink_).worker_died(worker, reason);
     };
     server_->submit(s, std::move(task));
   }

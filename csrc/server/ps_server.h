@@ -24,6 +24,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -45,6 +46,14 @@ struct PsServerOptions {
   TransportOptions transport;
 };
 
+// A reply to an in-process requester: header (op REPLY or ERROR, request id,
+// key, status, count) and payload, valid only during the call. Called on a
+// shard thread.
+using LocalSink = std::function<void(const MessageHeader& header, const void* data, size_t bytes)>;
+
+// The connection id under which in-process requests are served.
+constexpr ConnId kLocalConn = ~ConnId{0};
+
 class PsServer {
  public:
   explicit PsServer(const PsServerOptions& options);
@@ -55,6 +64,13 @@ class PsServer {
   uint16_t port() const { return port_; }
   int server_id() const { return options_.server_id; }
   TransportStats stats() const { return transport_->stats(); }
+
+  // The colocated worker's shortcut (See Note [Local requests]): frames from
+  // the worker in this process skip the transport; replies go to `sink`.
+  // Set once, before the first submit_local().
+  void set_local_sink(int worker, LocalSink sink);
+  // Any thread. Serves `message` as if it came from the local worker.
+  void submit_local(Message&& message);
 
   struct ShardState;  // per-shard chunk table; defined in ps_server.cc
 
@@ -71,6 +87,10 @@ class PsServer {
   std::unordered_map<ConnId, int> conn_rank_;
   std::mutex submit_mu_;  // orders the loop thread's submits against destruction
   bool stopping_ = false;
+  int local_worker_ = -1;
+  LocalSink local_sink_;
+
+  void dispatch(ConnId conn, int worker, Message&& message);
 };
 
 }  // namespace fastps

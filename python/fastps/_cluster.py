@@ -170,6 +170,9 @@ class Cluster:
         self.client = _C.PsClient(cfg.rank, secret=self.secret, timeout_s=cfg.timeout,
                                   chunk_bytes=cfg.chunk_bytes, connections_per_peer=cfg.connections)
         self.client.connect(addrs)
+        if self.server is not None:
+            # The colocated server is reached without the socket (Note [Local requests]).
+            self.client.attach_local(self.server, self.server_ids.index(cfg.rank))
         self._next_id = 0
         self._lock = threading.Lock()
         self._closed = False
@@ -205,8 +208,8 @@ class Cluster:
                           "every rank to finish")
         except Exception:  # noqa: BLE001 - a peer died; leave anyway
             pass
+        self.server = None  # first: it keeps the client alive until its shards drained
         self.client = None
-        self.server = None
 
 
 _cluster: Optional[Cluster] = None
