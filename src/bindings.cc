@@ -40,6 +40,8 @@ void raise_as(const char* name, const std::exception& e) {
 
 }  // namespace
 
+void bind_sparse(pybind11::module_& m);
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastps native core (private; use the fastps package)";
 
@@ -276,4 +278,6 @@ PYBIND11_MODULE(_C, m) {
                         py::arg("messages_sent") = t.messages_sent,
                         py::arg("messages_received") = t.messages_received);
       });
+
+  bind_sparse(m);
 }

@@ -1,0 +1,246 @@
+#include "client/sparse_client.h"
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "common/completion.h"
+#include "common/error.h"
+
+namespace fastps {
+
+namespace {
+
+struct SparseTask : Task {
+  std::shared_ptr<SparseTable> table;
+  std::function<void(SparseTable&)> fn;
+  void run(Shard&) override { fn(*table); }
+};
+
+// The file's config must produce the same values for ids it does not hold.
+void check_same(bool same, const std::string& path, const char* field, const std::string& file,
+                const std::string& live, SparseFileReader& reader) {
+  if (same) return;
+  FASTPS_CHECK_TYPED(CheckpointError, reader.digest_ok(), "fastps: ", path,
+                     " is corrupt (SHA-256 checksum mismatch)");
+  throw InvalidArgument(detail::concat("fastps: cannot load ", path, " into this sparse table: the file has ",
+                                       field, " = ", file, ", the table has ", live));
+}
+
+}  // namespace
+
+ShardedSparseTable::ShardedSparseTable(Server& server, const SparseTableConfig& config,
+                                       std::chrono::milliseconds timeout)
+    : server_(server), config_(config), timeout_(timeout) {
+  sparse_config_validate(config_);
+  FASTPS_CHECK(timeout.count() > 0, "fastps: timeout must be positive");
+  const int shards = server.num_shards();
+  FASTPS_CHECK(shards >= 1, "fastps: the server has no shards");
+  FASTPS_CHECK(config_.max_rows == 0 || config_.max_rows >= shards, "fastps: max_rows (", config_.max_rows,
+               ") must be 0 (no cap) or at least the number of shards (", shards, ")");
+  tables_.reserve(static_cast<size_t>(shards));
+  for (int s = 0; s < shards; ++s) tables_.push_back(std::make_shared<SparseTable>(make_table(s)));
+}
+
+ShardedSparseTable::~ShardedSparseTable() = default;
+
+SparseTable ShardedSparseTable::make_table(int shard) const {
+  const int64_t shards = static_cast<int64_t>(server_.num_shards());
+  const int64_t cap =
+      config_.max_rows == 0 ? 0 : config_.max_rows / shards + (shard < config_.max_rows % shards ? 1 : 0);
+  const int64_t pending = std::max<int64_t>(1, config_.max_pending / shards);
+  return SparseTable(config_, cap, pending, static_cast<uint64_t>(shard));
+}
+
+void ShardedSparseTable::run(std::vector<ShardFn> per_shard, const char* what) {
+  uint32_t pieces = 0;
+  for (const ShardFn& f : per_shard) pieces += f != nullptr;
+  if (pieces == 0) return;
+  auto completion = std::make_shared<Completion>(pieces);
+  const auto deadline = Clock::now() + timeout_;
+  for (size_t s = 0; s < per_shard.size(); ++s) {
+    if (!per_shard[s]) continue;
+    auto task = std::make_unique<SparseTask>();
+    task->table = tables_[s];
+    task->fn = std::move(per_shard[s]);
+    task->completion = completion;
+    server_.submit(static_cast<int>(s), std::move(task));
+  }
+  completion->wait(deadline, what);
+}
+
+std::shared_ptr<std::vector<std::vector<int64_t>>> ShardedSparseTable::route(const int64_t* ids,
+                                                                            int64_t n) const {
+  const size_t shards = tables_.size();
+  auto index = std::make_shared<std::vector<std::vector<int64_t>>>(shards);
+  for (auto& v : *index) v.reserve(static_cast<size_t>(n / static_cast<int64_t>(shards) + 16));
+  for (int64_t i = 0; i < n; ++i)
+    (*index)[mix64(static_cast<uint64_t>(ids[i])) % shards].push_back(i);
+  return index;
+}
+
+void ShardedSparseTable::pull(const int64_t* ids, int64_t n, float* out) {
+  FASTPS_CHECK(n >= 0, "fastps: negative id count ", n);
+  if (n == 0) return;
+  FASTPS_CHECK(ids != nullptr && out != nullptr, "fastps: pull() got a null buffer");
+  const int64_t step = step_.load(std::memory_order_acquire);
+  std::vector<ShardFn> fns(tables_.size());
+  if (tables_.size() == 1) {
+    fns[0] = [=](SparseTable& t) { t.pull(ids, nullptr, n, out, step); };
+  } else {
+    auto index = route(ids, n);
+    for (size_t s = 0; s < fns.size(); ++s) {
+      if ((*index)[s].empty()) continue;
+      fns[s] = [=](SparseTable& t) {
+        const std::vector<int64_t>& idx = (*index)[s];
+        t.pull(ids, idx.data(), static_cast<int64_t>(idx.size()), out, step);
+      };
+    }
+  }
+  run(std::move(fns), "sparse pull on the embedded server");
+}
+
+void ShardedSparseTable::push(const int64_t* ids, int64_t n, const float* grads, const SparseOptim& rule,
+                              int64_t step) {
+  FASTPS_CHECK(n >= 0, "fastps: negative id count ", n);
+  sparse_optim_validate(rule);
+  FASTPS_CHECK(rule.rule == config_.rule, "fastps: push with rule '", sparse_rule_name(rule.rule),
+               "' on a table created for '", sparse_rule_name(config_.rule),
+               "' (the optimizer state layout differs)");
+  FASTPS_CHECK(step >= 1, "fastps: the table step must be >= 1, got ", step);
+  FASTPS_CHECK(n == 0 || (ids != nullptr && grads != nullptr), "fastps: push() got a null buffer");
+  std::lock_guard<std::mutex> lock(write_mu_);
+  if (n > 0) {
+    std::shared_ptr<std::vector<std::vector<int64_t>>> index;
+    if (tables_.size() > 1) index = route(ids, n);
+    auto for_each_shard = [&](auto&& body) {
+      std::vector<ShardFn> fns(tables_.size());
+      for (size_t s = 0; s < fns.size(); ++s) {
+        if (index && (*index)[s].empty()) continue;
+        fns[s] = [=](SparseTable& t) {
+          const int64_t* idx = index ? (*index)[s].data() : nullptr;
+          const int64_t m = index ? static_cast<int64_t>((*index)[s].size()) : n;
+          body(t, idx, m);
+        };
+      }
+      return fns;
+    };
+    if (config_.eviction == Eviction::kNone && config_.max_rows > 0) {
+      // Phase 1: every shard checks that its new rows fit, so that a full
+      // shard rejects the whole push before any shard changes.
+      run(for_each_shard([ids](SparseTable& t, const int64_t* idx, int64_t m) {
+            t.check_capacity(ids, idx, m);
+          }),
+          "sparse capacity check on the embedded server");
+    }
+    run(for_each_shard([ids, grads, rule, step](SparseTable& t, const int64_t* idx, int64_t m) {
+          t.push(ids, idx, m, grads, rule, step);
+        }),
+        "sparse push on the embedded server");
+  }
+  step_.store(step, std::memory_order_release);
+}
+
+int64_t ShardedSparseTable::size() {
+  auto sizes = std::make_shared<std::vector<int64_t>>(tables_.size(), 0);
+  std::vector<ShardFn> fns(tables_.size());
+  for (size_t s = 0; s < fns.size(); ++s)
+    fns[s] = [sizes, s](SparseTable& t) { (*sizes)[s] = t.size(); };
+  run(std::move(fns), "sparse size on the embedded server");
+  int64_t total = 0;
+  for (int64_t v : *sizes) total += v;
+  return total;
+}
+
+SparseTableStats ShardedSparseTable::stats() {
+  auto per = std::make_shared<std::vector<SparseTableStats>>(tables_.size());
+  std::vector<ShardFn> fns(tables_.size());
+  for (size_t s = 0; s < fns.size(); ++s)
+    fns[s] = [per, s](SparseTable& t) { (*per)[s] = t.stats(); };
+  run(std::move(fns), "sparse stats on the embedded server");
+  SparseTableStats total;
+  for (const SparseTableStats& p : *per) {
+    total.rows += p.rows;
+    total.admitted += p.admitted;
+    total.evicted += p.evicted;
+    total.expired += p.expired;
+    total.rejected += p.rejected;
+    total.pending += p.pending;
+    total.memory_bytes += p.memory_bytes;
+  }
+  return total;
+}
+
+void ShardedSparseTable::set_step(int64_t step) {
+  FASTPS_CHECK(step >= 0, "fastps: the table step must be >= 0, got ", step);
+  step_.store(step, std::memory_order_release);
+}
+
+void ShardedSparseTable::save(const std::string& path) {
+  std::lock_guard<std::mutex> lock(write_mu_);
+  auto writer = std::make_shared<SparseFileWriter>(path);
+  write_sparse_header(*writer, config_, step(), static_cast<uint32_t>(tables_.size()));
+  // One section per shard, written by the shard's own thread, one at a time
+  // (the writer is used by one thread at a time; no copy of the rows is made).
+  for (size_t s = 0; s < tables_.size(); ++s) {
+    std::vector<ShardFn> fns(tables_.size());
+    fns[s] = [writer](SparseTable& t) { t.write_section(*writer); };
+    run(std::move(fns), "saving a sparse table");
+  }
+  writer->commit();
+}
+
+void ShardedSparseTable::load(const std::string& path) {
+  std::lock_guard<std::mutex> lock(write_mu_);
+  SparseFileReader reader(path);
+  const SparseFileHeader h = read_sparse_header(reader);
+  const SparseTableConfig& f = h.config;
+  auto str = [](auto v) { return detail::concat(v); };
+  check_same(f.dim == config_.dim, path, "dim", str(f.dim), str(config_.dim), reader);
+  check_same(f.rule == config_.rule, path, "rule", sparse_rule_name(f.rule), sparse_rule_name(config_.rule),
+             reader);
+  check_same(f.init == config_.init, path, "init", sparse_init_name(f.init), sparse_init_name(config_.init),
+             reader);
+  check_same(f.init == SparseInit::kZeros || (f.init_a == config_.init_a && f.init_b == config_.init_b), path,
+             "init parameters", str(f.init_a) + ", " + str(f.init_b),
+             str(config_.init_a) + ", " + str(config_.init_b), reader);
+  check_same(f.seed == config_.seed, path, "seed", str(f.seed), str(config_.seed), reader);
+
+  const size_t shards = tables_.size();
+  std::vector<std::shared_ptr<SparseTable>> fresh;
+  fresh.reserve(shards);
+  for (size_t s = 0; s < shards; ++s)
+    fresh.push_back(std::make_shared<SparseTable>(make_table(static_cast<int>(s))));
+  const uint64_t record = static_cast<uint64_t>(h.record_bytes);
+  std::vector<float> values(static_cast<size_t>(h.record_bytes / 4));
+  for (uint32_t sec = 0; sec < h.num_sections; ++sec) {
+    const uint64_t rows = reader.get<uint64_t>();
+    const uint64_t pending = reader.get<uint64_t>();
+    FASTPS_CHECK_TYPED(CheckpointError,
+                       rows <= reader.remaining() / record && pending <= reader.remaining() / 16,
+                       "fastps: ", path, " is truncated or corrupt (section ", sec, " claims ", rows,
+                       " rows and ", pending, " pending ids)");
+    for (uint64_t r = 0; r < rows; ++r) {
+      RowHeader rh;
+      reader.read(&rh, sizeof(rh));
+      reader.read(values.data(), static_cast<size_t>(record - sizeof(RowHeader)));
+      fresh[mix64(static_cast<uint64_t>(rh.id)) % shards]->load_row(rh, values.data());
+    }
+    for (uint64_t p = 0; p < pending; ++p) {
+      const int64_t id = reader.get<int64_t>();
+      const uint64_t count = reader.get<uint64_t>();
+      fresh[mix64(static_cast<uint64_t>(id)) % shards]->load_pending(id, count);
+    }
+  }
+  reader.finish();
+
+  // Everything checked: swap the new tables in, each on its shard's thread.
+  std::vector<ShardFn> fns(shards);
+  for (size_t s = 0; s < shards; ++s) {
+    fns[s] = [table = fresh[s]](SparseTable& t) { std::swap(t, *table); };
+  }
+  run(std::move(fns), "installing a loaded sparse table");
+  step_.store(h.step, std::memory_order_release);
+}
+
+}  // namespace fastps

@@ -1,0 +1,679 @@
+// See the design note in sparse_table.h.
+//
+// Contraction stays off here as well: the initial values must be the same
+// bits on every platform (a + (b - a) * u must not become an fma on one and
+// not on another).
+#pragma GCC optimize("fp-contract=off")
+
+#include "table/sparse_table.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <new>
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+              "the table file format is little-endian and written natively");
+
+namespace fastps {
+
+namespace {
+
+constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
+constexpr uint64_t kSlotSalt = 0x2545F4914F6CDD1DULL;
+constexpr char kFileMagic[8] = {'F', 'A', 'S', 'T', 'P', 'S', 'S', 'P'};
+constexpr char kEndMagic[8] = {'F', 'P', 'S', 'S', 'P', 'E', 'N', 'D'};
+constexpr uint32_t kFileVersion = 1;
+constexpr uint32_t kHeaderBytes = 128;
+constexpr int64_t kTargetBlockBytes = 256 << 10;
+constexpr size_t kWriteBuffer = 1 << 20;
+
+// splitmix64's finaliser (the same function as mix64 in server/server.h,
+// which this layer does not include).
+inline uint64_t mix(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ULL;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebULL;
+  x ^= x >> 31;
+  return x;
+}
+
+inline double unit(uint64_t h) { return static_cast<double>(h >> 11) * 0x1.0p-53; }  // [0, 1)
+
+int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+}  // namespace
+
+const char* sparse_init_name(SparseInit init) {
+  switch (init) {
+    case SparseInit::kZeros: return "zeros";
+    case SparseInit::kUniform: return "uniform";
+    case SparseInit::kNormal: return "normal";
+  }
+  return "?";
+}
+
+const char* eviction_name(Eviction e) {
+  switch (e) {
+    case Eviction::kNone: return "none";
+    case Eviction::kLru: return "lru";
+    case Eviction::kLfu: return "lfu";
+    case Eviction::kTtl: return "ttl";
+  }
+  return "?";
+}
+
+void sparse_config_validate(const SparseTableConfig& c) {
+  FASTPS_CHECK(c.dim >= 1 && c.dim <= (int64_t{1} << 24), "fastps: sparse table dim must be in [1, 2^24], got ",
+               c.dim);
+  FASTPS_CHECK(static_cast<int>(c.rule) < kNumSparseRules, "fastps: unknown sparse rule ",
+               static_cast<int>(c.rule));
+  FASTPS_CHECK(static_cast<int>(c.init) <= 2, "fastps: unknown initialiser ", static_cast<int>(c.init));
+  FASTPS_CHECK(static_cast<int>(c.eviction) <= 3, "fastps: unknown eviction policy ",
+               static_cast<int>(c.eviction));
+  if (c.init == SparseInit::kUniform)
+    FASTPS_CHECK(std::isfinite(c.init_a) && std::isfinite(c.init_b) && c.init_a <= c.init_b,
+                 "fastps: uniform initialiser needs finite low <= high, got (", c.init_a, ", ", c.init_b, ")");
+  if (c.init == SparseInit::kNormal)
+    FASTPS_CHECK(std::isfinite(c.init_a) && std::isfinite(c.init_b) && c.init_b >= 0.0,
+                 "fastps: normal initialiser needs a finite mean and std >= 0, got (", c.init_a, ", ",
+                 c.init_b, ")");
+  FASTPS_CHECK(c.max_rows >= 0, "fastps: max_rows must be >= 0 (0: no cap), got ", c.max_rows);
+  FASTPS_CHECK(c.ttl_steps >= 0, "fastps: ttl_steps must be >= 0, got ", c.ttl_steps);
+  if (c.eviction == Eviction::kTtl)
+    FASTPS_CHECK(c.ttl_steps >= 1, "fastps: eviction 'ttl' needs ttl_steps >= 1");
+  FASTPS_CHECK(c.admit_threshold >= 0 && c.admit_threshold <= (int64_t{1} << 32),
+               "fastps: admit_threshold must be in [0, 2^32], got ", c.admit_threshold);
+  FASTPS_CHECK(c.max_pending >= 1, "fastps: max_pending must be >= 1, got ", c.max_pending);
+  FASTPS_CHECK(c.eviction_samples >= 1 && c.eviction_samples <= 1024,
+               "fastps: eviction_samples must be in [1, 1024], got ", c.eviction_samples);
+}
+
+void sparse_init_values(const SparseTableConfig& c, int64_t id, float* out) {
+  const int64_t dim = c.dim;
+  if (c.init == SparseInit::kZeros) {
+    std::fill(out, out + dim, 0.0f);
+    return;
+  }
+  const uint64_t base = mix(static_cast<uint64_t>(id) ^ mix(c.seed + kGolden));
+  const double a = c.init_a, b = c.init_b;
+  if (c.init == SparseInit::kUniform) {
+    const double width = b - a;
+    for (int64_t j = 0; j < dim; ++j) {
+      const double u = unit(mix(base + static_cast<uint64_t>(j + 1) * kGolden));
+      out[j] = static_cast<float>(a + width * u);
+    }
+    return;
+  }
+  constexpr double kTwoPi = 2.0 * 3.141592653589793;
+  for (int64_t j = 0; j < dim; ++j) {
+    const uint64_t k = static_cast<uint64_t>(2 * j);
+    const double u1 = 1.0 - unit(mix(base + (k + 1) * kGolden));  // (0, 1]
+    const double u2 = unit(mix(base + (k + 2) * kGolden));
+    const double z = std::sqrt(-2.0 * std::log(u1)) * std::cos(kTwoPi * u2);
+    out[j] = static_cast<float>(a + b * z);
+  }
+}
+
+// ---------------------------------------------------------------- IdMap
+
+IdMap::IdMap(int64_t min_capacity) {
+  int64_t cap = 16;
+  while (cap < min_capacity) cap *= 2;
+  slots_.assign(static_cast<size_t>(cap), Slot{0, 0});
+  mask_ = static_cast<uint64_t>(cap - 1);
+}
+
+uint64_t IdMap::home(int64_t id) const { return mix(static_cast<uint64_t>(id) ^ kSlotSalt) & mask_; }
+
+void IdMap::insert(int64_t id, uint64_t value) {
+  FASTPS_ASSERT(value != 0);
+  if ((size_ + 1) * 10 > capacity() * 7) grow();
+  uint64_t i = home(id);
+  while (slots_[i].value != 0) i = (i + 1) & mask_;
+  slots_[i] = Slot{id, value};
+  ++size_;
+}
+
+void IdMap::grow() {
+  std::vector<Slot> old(slots_.size() * 2, Slot{0, 0});
+  old.swap(slots_);
+  mask_ = slots_.size() - 1;
+  for (const Slot& s : old) {
+    if (s.value == 0) continue;
+    uint64_t i = home(s.id);
+    while (slots_[i].value != 0) i = (i + 1) & mask_;
+    slots_[i] = s;
+  }
+}
+
+void IdMap::erase_slot(int64_t slot) {
+  uint64_t i = static_cast<uint64_t>(slot);
+  FASTPS_ASSERT(slots_[i].value != 0);
+  uint64_t j = i;
+  while (true) {
+    j = (j + 1) & mask_;
+    if (slots_[j].value == 0) break;
+    const uint64_t k = home(slots_[j].id);
+    // Leave the entry where it is if its home lies cyclically in (i, j].
+    const bool stays = i <= j ? (i < k && k <= j) : (i < k || k <= j);
+    if (stays) continue;
+    slots_[i] = slots_[j];
+    i = j;
+  }
+  slots_[i] = Slot{0, 0};
+  --size_;
+}
+
+int64_t IdMap::occupied_from(uint64_t start) const {
+  if (size_ == 0) return -1;
+  uint64_t i = start & mask_;
+  while (slots_[i].value == 0) i = (i + 1) & mask_;
+  return static_cast<int64_t>(i);
+}
+
+// ---------------------------------------------------------------- RowPool
+
+void RowPool::FreeDeleter::operator()(unsigned char* p) const { std::free(p); }
+
+RowPool::RowPool(int64_t row_bytes, int64_t rows_per_block)
+    : row_bytes_(row_bytes), rows_per_block_(rows_per_block), block_shift_(0) {
+  FASTPS_ASSERT(rows_per_block > 0 && (rows_per_block & (rows_per_block - 1)) == 0);
+  while ((int64_t{1} << block_shift_) < rows_per_block) ++block_shift_;
+  block_bytes_ = round_up(row_bytes_ * rows_per_block_, 64);
+}
+
+int64_t RowPool::allocate() {
+  if (!free_.empty()) {
+    const int64_t r = free_.back();
+    free_.pop_back();
+    return r;
+  }
+  if (high_water_ == static_cast<int64_t>(blocks_.size()) * rows_per_block_) {
+    void* p = std::aligned_alloc(64, static_cast<size_t>(block_bytes_));
+    if (p == nullptr) throw std::bad_alloc();
+    blocks_.emplace_back(static_cast<unsigned char*>(p));
+  }
+  return high_water_++;
+}
+
+// ---------------------------------------------------------------- SparseTable
+
+namespace {
+int64_t rows_per_block_for(int64_t row_bytes, int64_t max_rows) {
+  int64_t rpb = 1;
+  while (rpb * 2 * row_bytes <= kTargetBlockBytes) rpb *= 2;
+  if (max_rows > 0)
+    while (rpb > 1 && rpb / 2 >= max_rows) rpb /= 2;
+  return rpb;
+}
+}  // namespace
+
+SparseTable::SparseTable(const SparseTableConfig& config, int64_t max_rows, int64_t max_pending,
+                         uint64_t salt)
+    : config_((sparse_config_validate(config), config)),
+      state_floats_(sparse_state_floats(config.rule, config.dim)),
+      row_bytes_(round_up(static_cast<int64_t>(sizeof(RowHeader)) +
+                              4 * (config.dim + sparse_state_floats(config.rule, config.dim)),
+                          16)),
+      max_rows_(max_rows),
+      max_pending_(std::max<int64_t>(1, max_pending)),
+      pool_(row_bytes_, rows_per_block_for(row_bytes_, max_rows)),
+      rng_(mix(config.seed ^ mix(salt + kGolden))) {
+  FASTPS_CHECK(max_rows >= 0, "fastps: max_rows must be >= 0");
+}
+
+SparseTableStats SparseTable::stats() const {
+  SparseTableStats s = counters_;
+  s.rows = map_.size();
+  s.pending = pending_.size();
+  s.memory_bytes = pool_.memory_bytes() + map_.memory_bytes() + pending_.memory_bytes() +
+                   static_cast<int64_t>(refs_.capacity() * sizeof(SparseRowRef));
+  return s;
+}
+
+uint64_t SparseTable::next_random() {
+  rng_ += kGolden;
+  return mix(rng_);
+}
+
+void SparseTable::touch(RowHeader& h) {
+  h.last_step = step_;
+  h.touch = ++clock_;
+  if (h.access_count != std::numeric_limits<uint32_t>::max()) ++h.access_count;
+}
+
+void SparseTable::remove_slot(int64_t slot) {
+  pool_.release(static_cast<int64_t>(map_.slot_value(slot) - 1));
+  map_.erase_slot(slot);
+}
+
+int64_t SparseTable::lookup_live(int64_t id) {
+  const int64_t slot = map_.find(id);
+  if (slot < 0) return -1;
+  const int64_t row = static_cast<int64_t>(map_.slot_value(slot) - 1);
+  if (expired(*header(row), step_)) {
+    remove_slot(slot);
+    ++counters_.expired;
+    return -1;
+  }
+  return row;
+}
+
+void SparseTable::pull(const int64_t* ids, const int64_t* index, int64_t n, float* out, int64_t step) {
+  step_ = step;
+  const int64_t dim = config_.dim;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t i = index ? index[k] : k;
+    float* dst = out + i * dim;
+    const int64_t row = lookup_live(ids[i]);
+    if (row >= 0) {
+      std::memcpy(dst, weight(row), static_cast<size_t>(dim) * sizeof(float));
+      touch(*header(row));
+    } else {
+      sparse_init_values(config_, ids[i], dst);
+    }
+  }
+}
+
+int64_t SparseTable::rows_needed(const int64_t* ids, const int64_t* index, int64_t n) const {
+  const int64_t k_admit = config_.admit_threshold;
+  int64_t needed = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t id = ids[index ? index[k] : k];
+    const int64_t slot = map_.find(id);
+    if (slot >= 0 && !expired(*header(static_cast<int64_t>(map_.slot_value(slot) - 1)), step_)) continue;
+    if (k_admit > 1) {
+      const int64_t ps = pending_.find(id);
+      const uint64_t counted = ps >= 0 ? pending_.slot_value(ps) : 0;
+      if (static_cast<int64_t>(counted) + 1 < k_admit) continue;
+    }
+    ++needed;
+  }
+  return needed;
+}
+
+void SparseTable::check_capacity(const int64_t* ids, const int64_t* index, int64_t n) const {
+  if (config_.eviction != Eviction::kNone || max_rows_ == 0) return;
+  const int64_t needed = rows_needed(ids, index, n);
+  FASTPS_CHECK_TYPED(CapacityError, size() + needed <= max_rows_,
+                     "fastps: sparse table is full: a push needs ", needed, " new rows on a shard holding ",
+                     size(), " of its ", max_rows_, " (max_rows=", config_.max_rows,
+                     " split over the shards). Raise max_rows or enable eviction "
+                     "('lru', 'lfu' or 'ttl'); nothing was changed by this push");
+}
+
+bool SparseTable::admit(int64_t id) {
+  const int64_t k_admit = config_.admit_threshold;
+  if (k_admit <= 1) return true;
+  const int64_t slot = pending_.find(id);
+  if (slot >= 0) {
+    const uint64_t counted = pending_.slot_value(slot) + 1;
+    if (static_cast<int64_t>(counted) >= k_admit) {
+      pending_.erase_slot(slot);
+      return true;
+    }
+    pending_.set_slot_value(slot, counted);
+    ++counters_.rejected;
+    return false;
+  }
+  if (pending_.size() >= max_pending_) {
+    // Drop the lowest count among sampled entries (that id starts over).
+    int64_t victim = -1;
+    for (int s = 0; s < config_.eviction_samples; ++s) {
+      const int64_t c = pending_.occupied_from(next_random());
+      if (victim < 0 || pending_.slot_value(c) < pending_.slot_value(victim)) victim = c;
+    }
+    pending_.erase_slot(victim);
+  }
+  pending_.insert(id, 1);
+  ++counters_.rejected;
+  return false;
+}
+
+void SparseTable::flush_updates(const SparseOptim& o) {
+  if (refs_.empty()) return;
+  sparse_optim_apply(o, step_, refs_.data(), static_cast<int64_t>(refs_.size()), config_.dim);
+  refs_.clear();
+}
+
+void SparseTable::evict_one(const SparseOptim& o) {
+  const bool lfu = config_.eviction == Eviction::kLfu;
+  int64_t best = -1;
+  bool best_current = true;
+  uint64_t best_primary = 0, best_touch = 0;
+  for (int s = 0; s < config_.eviction_samples; ++s) {
+    const int64_t slot = map_.occupied_from(next_random());
+    const RowHeader& h = *header(static_cast<int64_t>(map_.slot_value(slot) - 1));
+    const bool current = h.touch >= call_start_;  // touched by this push
+    const uint64_t primary = lfu ? h.access_count : h.touch;
+    const bool better = best < 0 || (!current && best_current) ||
+                        (current == best_current &&
+                         (primary < best_primary || (primary == best_primary && h.touch < best_touch)));
+    if (better) {
+      best = slot;
+      best_current = current;
+      best_primary = primary;
+      best_touch = h.touch;
+    }
+  }
+  FASTPS_ASSERT(best >= 0);
+  // The victim may be waiting for this push's update: apply the pending
+  // updates before its memory can be reused.
+  if (best_current) flush_updates(o);
+  const RowHeader& h = *header(static_cast<int64_t>(map_.slot_value(best) - 1));
+  if (expired(h, step_))
+    ++counters_.expired;
+  else
+    ++counters_.evicted;
+  remove_slot(best);
+}
+
+int64_t SparseTable::create_row(int64_t id, const SparseOptim& o) {
+  if (max_rows_ > 0 && map_.size() >= max_rows_) {
+    FASTPS_CHECK_TYPED(CapacityError, config_.eviction != Eviction::kNone,
+                       "fastps: sparse table is full (max_rows=", config_.max_rows,
+                       "); raise max_rows or enable eviction");
+    evict_one(o);
+  }
+  const int64_t row = pool_.allocate();
+  map_.insert(id, static_cast<uint64_t>(row) + 1);
+  RowHeader* h = header(row);
+  *h = RowHeader{id, step_, 0, 0, 0};
+  sparse_init_values(config_, id, weight(row));
+  float* st = state(row);
+  for (int64_t j = 0; j < state_floats_; ++j) st[j] = sparse_state_init(o, j, config_.dim);
+  ++counters_.admitted;
+  return row;
+}
+
+void SparseTable::sweep_expired(int64_t budget) {
+  if (map_.size() == 0) return;
+  const int64_t cap = map_.capacity();
+  uint64_t i = sweep_cursor_ & static_cast<uint64_t>(cap - 1);
+  for (int64_t b = 0; b < budget && b < cap; ++b) {
+    const uint64_t v = map_.slot_value(static_cast<int64_t>(i));
+    if (v != 0 && expired(*header(static_cast<int64_t>(v - 1)), step_)) {
+      remove_slot(static_cast<int64_t>(i));  // a later entry may shift into slot i: look again
+      ++counters_.expired;
+      continue;
+    }
+    i = (i + 1) & static_cast<uint64_t>(cap - 1);
+  }
+  sweep_cursor_ = i;
+}
+
+void SparseTable::push(const int64_t* ids, const int64_t* index, int64_t n, const float* grads,
+                       const SparseOptim& o, int64_t step) {
+  FASTPS_CHECK(o.rule == config_.rule, "fastps: push with rule '", sparse_rule_name(o.rule),
+               "' on a table created for '", sparse_rule_name(config_.rule),
+               "' (the optimizer state layout differs)");
+  FASTPS_CHECK(step >= 1, "fastps: the table step must be >= 1, got ", step);
+  step_ = step;
+  check_capacity(ids, index, n);
+  if (config_.eviction == Eviction::kTtl) sweep_expired(64 + 2 * n);
+  const int64_t dim = config_.dim;
+  call_start_ = clock_ + 1;
+  refs_.clear();
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t i = index ? index[k] : k;
+    const int64_t id = ids[i];
+    int64_t row = lookup_live(id);
+    if (row < 0) {
+      if (!admit(id)) continue;
+      row = create_row(id, o);
+    }
+    RowHeader& h = *header(row);
+    touch(h);
+    if (h.step_count != std::numeric_limits<uint32_t>::max()) ++h.step_count;
+    refs_.push_back(SparseRowRef{weight(row), state(row), grads + i * dim, static_cast<int64_t>(h.step_count)});
+  }
+  flush_updates(o);
+}
+
+void SparseTable::write_section(SparseFileWriter& w) const {
+  const size_t record = sizeof(RowHeader) + 4 * static_cast<size_t>(config_.dim + state_floats_);
+  w.put<uint64_t>(static_cast<uint64_t>(map_.size()));
+  w.put<uint64_t>(static_cast<uint64_t>(pending_.size()));
+  map_.for_each([&](int64_t, uint64_t v) { w.write(pool_.row(static_cast<int64_t>(v - 1)), record); });
+  pending_.for_each([&](int64_t id, uint64_t count) {
+    w.put<int64_t>(id);
+    w.put<uint64_t>(count);
+  });
+}
+
+void SparseTable::load_row(const RowHeader& h, const float* values) {
+  FASTPS_CHECK_TYPED(CheckpointError, map_.find(h.id) < 0, "fastps: corrupt sparse table file: id ", h.id,
+                     " appears twice");
+  FASTPS_CHECK_TYPED(CapacityError, max_rows_ == 0 || map_.size() < max_rows_,
+                     "fastps: the file holds more rows than this table's cap (max_rows=", config_.max_rows,
+                     "); load it into a table with a larger max_rows");
+  const int64_t row = pool_.allocate();
+  map_.insert(h.id, static_cast<uint64_t>(row) + 1);
+  std::memcpy(header(row), &h, sizeof(RowHeader));
+  std::memcpy(weight(row), values, 4 * static_cast<size_t>(config_.dim + state_floats_));
+  clock_ = std::max(clock_, h.touch);
+}
+
+void SparseTable::load_pending(int64_t id, uint64_t count) {
+  FASTPS_CHECK_TYPED(CheckpointError, count >= 1 && pending_.find(id) < 0,
+                     "fastps: corrupt sparse table file: bad admission count for id ", id);
+  if (pending_.size() >= max_pending_) return;  // over this table's bound: that id starts over
+  pending_.insert(id, count);
+}
+
+// ---------------------------------------------------------------- files
+
+namespace {
+std::string errno_text() { return std::strerror(errno); }
+
+std::string dir_of(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  if (slash == 0) return "/";
+  return path.substr(0, slash);
+}
+
+std::atomic<uint64_t> g_tmp_counter{0};
+}  // namespace
+
+SparseFileWriter::SparseFileWriter(const std::string& path) : path_(path) {
+  FASTPS_CHECK(!path.empty(), "fastps: empty file name");
+  tmp_ = path + ".tmp." + std::to_string(::getpid()) + "." +
+         std::to_string(g_tmp_counter.fetch_add(1, std::memory_order_relaxed));
+  fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  FASTPS_CHECK_TYPED(CheckpointError, fd_ >= 0, "fastps: cannot create ", tmp_, ": ", errno_text());
+  buf_.reserve(kWriteBuffer);
+}
+
+SparseFileWriter::~SparseFileWriter() {
+  if (fd_ >= 0) ::close(fd_);
+  if (!committed_) ::unlink(tmp_.c_str());
+}
+
+void SparseFileWriter::flush() {
+  const unsigned char* p = buf_.data();
+  size_t left = buf_.size();
+  while (left > 0) {
+    const ssize_t w = ::write(fd_, p, left);
+    if (w < 0 && errno == EINTR) continue;
+    FASTPS_CHECK_TYPED(CheckpointError, w > 0, "fastps: writing ", tmp_, " failed: ", errno_text());
+    p += w;
+    left -= static_cast<size_t>(w);
+  }
+  buf_.clear();
+}
+
+void SparseFileWriter::write(const void* data, size_t n) {
+  sha_.update(data, n);
+  const unsigned char* p = static_cast<const unsigned char*>(data);
+  while (n > 0) {
+    if (buf_.size() == kWriteBuffer) flush();
+    const size_t take = std::min(n, kWriteBuffer - buf_.size());
+    buf_.insert(buf_.end(), p, p + take);
+    p += take;
+    n -= take;
+  }
+}
+
+void SparseFileWriter::commit() {
+  FASTPS_ASSERT(!committed_ && fd_ >= 0);
+  write(kEndMagic, sizeof(kEndMagic));
+  const Sha256Digest digest = sha_.finish();
+  buf_.insert(buf_.end(), digest.begin(), digest.end());  // the digest is not hashed
+  flush();
+  FASTPS_CHECK_TYPED(CheckpointError, ::fsync(fd_) == 0, "fastps: fsync of ", tmp_, " failed: ", errno_text());
+  const int fd = fd_;
+  fd_ = -1;
+  FASTPS_CHECK_TYPED(CheckpointError, ::close(fd) == 0, "fastps: closing ", tmp_, " failed: ", errno_text());
+  FASTPS_CHECK_TYPED(CheckpointError, ::rename(tmp_.c_str(), path_.c_str()) == 0, "fastps: renaming ", tmp_,
+                     " to ", path_, " failed: ", errno_text());
+  committed_ = true;
+  const std::string dir = dir_of(path_);
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  FASTPS_CHECK_TYPED(CheckpointError, dfd >= 0, "fastps: cannot open directory ", dir, ": ", errno_text());
+  const int rc = ::fsync(dfd);
+  const int saved = errno;
+  ::close(dfd);
+  errno = saved;
+  FASTPS_CHECK_TYPED(CheckpointError, rc == 0, "fastps: fsync of directory ", dir, " failed: ", errno_text());
+}
+
+SparseFileReader::SparseFileReader(const std::string& path) : path_(path) {
+  f_ = std::fopen(path.c_str(), "rb");
+  FASTPS_CHECK_TYPED(CheckpointError, f_ != nullptr, "fastps: cannot open ", path, ": ", errno_text());
+  struct stat st;
+  FASTPS_CHECK_TYPED(CheckpointError, ::fstat(::fileno(f_), &st) == 0, "fastps: cannot stat ", path, ": ",
+                     errno_text());
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  const uint64_t trailer = sizeof(kEndMagic) + kSha256DigestSize;
+  FASTPS_CHECK_TYPED(CheckpointError, size >= kHeaderBytes + trailer, "fastps: ", path,
+                     " is truncated or not a fastps sparse table file (", size, " bytes)");
+  data_end_ = size - trailer;
+}
+
+SparseFileReader::~SparseFileReader() {
+  if (f_ != nullptr) std::fclose(f_);
+}
+
+void SparseFileReader::read(void* data, size_t n) {
+  FASTPS_CHECK_TYPED(CheckpointError, n <= remaining(), "fastps: ", path_,
+                     " is truncated or corrupt (a record runs past the end of the data)");
+  FASTPS_CHECK_TYPED(CheckpointError, std::fread(data, 1, n, f_) == n, "fastps: reading ", path_,
+                     " failed: ", errno_text());
+  sha_.update(data, n);
+  pos_ += n;
+}
+
+bool SparseFileReader::digest_ok() {
+  unsigned char chunk[1 << 14];
+  uint64_t left = data_end_ - pos_ + sizeof(kEndMagic);
+  while (left > 0) {
+    const size_t take = static_cast<size_t>(std::min<uint64_t>(left, sizeof(chunk)));
+    if (std::fread(chunk, 1, take, f_) != take) return false;
+    sha_.update(chunk, take);
+    left -= take;
+  }
+  Sha256Digest stored;
+  if (std::fread(stored.data(), 1, stored.size(), f_) != stored.size()) return false;
+  const Sha256Digest actual = sha_.finish();
+  return constant_time_equal(stored.data(), actual.data(), stored.size());
+}
+
+void SparseFileReader::finish() {
+  FASTPS_CHECK_TYPED(CheckpointError, remaining() == 0, "fastps: ", path_,
+                     " is corrupt: ", remaining(), " unexpected bytes before the end marker");
+  char end[sizeof(kEndMagic)];
+  FASTPS_CHECK_TYPED(CheckpointError, std::fread(end, 1, sizeof(end), f_) == sizeof(end), "fastps: reading ",
+                     path_, " failed");
+  sha_.update(end, sizeof(end));
+  Sha256Digest stored;
+  FASTPS_CHECK_TYPED(CheckpointError, std::fread(stored.data(), 1, stored.size(), f_) == stored.size(),
+                     "fastps: reading ", path_, " failed");
+  const Sha256Digest actual = sha_.finish();
+  FASTPS_CHECK_TYPED(CheckpointError,
+                     std::memcmp(end, kEndMagic, sizeof(end)) == 0 &&
+                         constant_time_equal(stored.data(), actual.data(), stored.size()),
+                     "fastps: ", path_, " is corrupt (SHA-256 checksum mismatch)");
+  FASTPS_CHECK_TYPED(CheckpointError, std::fgetc(f_) == EOF, "fastps: ", path_,
+                     " is corrupt (data after the checksum)");
+}
+
+void write_sparse_header(SparseFileWriter& w, const SparseTableConfig& c, int64_t step,
+                         uint32_t num_sections) {
+  const int64_t state = sparse_state_floats(c.rule, c.dim);
+  w.write(kFileMagic, sizeof(kFileMagic));
+  w.put<uint32_t>(kFileVersion);
+  w.put<uint32_t>(kHeaderBytes);
+  w.put<int64_t>(c.dim);
+  w.put<int64_t>(state);
+  w.put<uint32_t>(static_cast<uint32_t>(c.rule));
+  w.put<uint32_t>(static_cast<uint32_t>(c.init));
+  w.put<double>(c.init_a);
+  w.put<double>(c.init_b);
+  w.put<uint64_t>(c.seed);
+  w.put<uint32_t>(static_cast<uint32_t>(c.eviction));
+  w.put<uint32_t>(static_cast<uint32_t>(c.eviction_samples));
+  w.put<int64_t>(c.max_rows);
+  w.put<int64_t>(c.ttl_steps);
+  w.put<int64_t>(c.admit_threshold);
+  w.put<int64_t>(c.max_pending);
+  w.put<int64_t>(step);
+  w.put<int64_t>(static_cast<int64_t>(sizeof(RowHeader)) + 4 * (c.dim + state));
+  w.put<uint32_t>(num_sections);
+  w.put<uint32_t>(0);
+}
+
+SparseFileHeader read_sparse_header(SparseFileReader& r) {
+  char magic[sizeof(kFileMagic)];
+  r.read(magic, sizeof(magic));
+  FASTPS_CHECK_TYPED(CheckpointError, std::memcmp(magic, kFileMagic, sizeof(magic)) == 0,
+                     "fastps: not a fastps sparse table file (bad magic)");
+  const uint32_t version = r.get<uint32_t>();
+  FASTPS_CHECK_TYPED(CheckpointError, version == kFileVersion, "fastps: sparse table file version ", version,
+                     " is not supported (this build reads version ", kFileVersion, ")");
+  FASTPS_CHECK_TYPED(CheckpointError, r.get<uint32_t>() == kHeaderBytes,
+                     "fastps: corrupt sparse table file (header size)");
+  SparseFileHeader h;
+  SparseTableConfig& c = h.config;
+  c.dim = r.get<int64_t>();
+  h.state_floats = r.get<int64_t>();
+  const uint32_t rule = r.get<uint32_t>();
+  const uint32_t init = r.get<uint32_t>();
+  c.init_a = r.get<double>();
+  c.init_b = r.get<double>();
+  c.seed = r.get<uint64_t>();
+  const uint32_t eviction = r.get<uint32_t>();
+  c.eviction_samples = static_cast<int>(r.get<uint32_t>());
+  c.max_rows = r.get<int64_t>();
+  c.ttl_steps = r.get<int64_t>();
+  c.admit_threshold = r.get<int64_t>();
+  c.max_pending = r.get<int64_t>();
+  h.step = r.get<int64_t>();
+  h.record_bytes = r.get<int64_t>();
+  h.num_sections = r.get<uint32_t>();
+  r.get<uint32_t>();
+  FASTPS_CHECK_TYPED(CheckpointError,
+                     rule < kNumSparseRules && init <= 2 && eviction <= 3 && c.dim >= 1 &&
+                         c.dim <= (int64_t{1} << 24) && h.step >= 0,
+                     "fastps: corrupt sparse table file (header fields out of range)");
+  c.rule = static_cast<SparseRule>(rule);
+  c.init = static_cast<SparseInit>(init);
+  c.eviction = static_cast<Eviction>(eviction);
+  FASTPS_CHECK_TYPED(CheckpointError,
+                     h.state_floats == sparse_state_floats(c.rule, c.dim) &&
+                         h.record_bytes == static_cast<int64_t>(sizeof(RowHeader)) + 4 * (c.dim + h.state_floats),
+                     "fastps: corrupt sparse table file (row layout)");
+  return h;
+}
+
+}  // namespace fastps

@@ -1,0 +1,359 @@
+// SparseTable: one shard's slice of a sparse embedding table (int64 id ->
+// float row of `dim` values plus optimizer state).
+//
+// Design note
+// -----------
+// * Ownership. One SparseTable per shard, touched only by that shard's thread
+//   (see Note [Shard ownership] in server/shard.h). Nothing here locks or uses
+//   atomics; the sharded front end (client/sparse_client.h) reaches a table
+//   only through Tasks.
+//
+// * Ids. Any int64 is a valid id, INT64_MIN and INT64_MAX included, so no key
+//   value can mark an empty slot. The index (IdMap) is an open-addressing
+//   array of {id, value} slots where value == 0 means empty and the row index
+//   is stored as row + 1. Probing is linear from mix64(id ^ salt) & mask (the
+//   salt keeps the in-shard position independent of the shard choice, which
+//   uses mix64(id) % num_shards). Deletion is backward-shift (Knuth 6.4,
+//   Algorithm R): later members of the probe run are moved back into the hole,
+//   so there are no tombstones and lookups never degrade. The array doubles
+//   when it would pass 70% load.
+//
+// * Rows live in a block pool: fixed-size blocks of `rows_per_block` rows,
+//   each row `row_bytes` long, laid out as
+//       [RowHeader (32 B) | embedding: dim floats | optimizer state | pad to 16 B]
+//   Row r is at block r / rows_per_block, byte offset (r % rows_per_block) *
+//   row_bytes; every index and offset is 64-bit. Freed rows go on a free list
+//   and are reused before the pool grows; blocks are never returned (memory is
+//   reported, and capped through max_rows).
+//
+// * Rows are created on push, never on pull. An id without a row reads as its
+//   initial value, a pure function of (seed, id, element index) (see
+//   sparse_init_values), so results do not depend on arrival order, on which
+//   shard holds the id, or on the number of shards.
+//
+// * Admission (admit_threshold k > 1): an id gets a row on its k-th push; the
+//   earlier pushes only count (their gradients are dropped, counted as
+//   `rejected`). Counts of not-yet-admitted ids live in a second IdMap bounded
+//   by max_pending entries; when it is full, the entry with the lowest count
+//   among 16 sampled ones is dropped (that id starts counting again).
+//
+// * Eviction. max_rows caps the rows of this shard (0 = no cap). With policy
+//   kNone a push that would pass the cap throws CapacityError before it
+//   changes anything. Otherwise a new row replaces a victim chosen among
+//   `eviction_samples` sampled rows (Redis-style approximate LRU/LFU): kLru
+//   takes the least recently accessed, kLfu the least often accessed (ties:
+//   least recent), kTtl the least recently accessed as well. Rows already
+//   touched by the current push are avoided; if one must go, the pending
+//   updates are applied first, so an update never lands on a reused row.
+//   Under kTtl a row not accessed for more than ttl_steps table steps is
+//   expired: a lookup that finds it frees it and treats the id as new, and
+//   each push sweeps a bounded number of slots for expired rows.
+//   An access is a pull or a push: it sets last_step, bumps access_count and
+//   moves the row to the front of the LRU order (a shard-local clock).
+//
+// * Files: see docs/sparse.md "File format". The sharded front end writes one
+//   section per shard with SparseFileWriter; rows are re-routed on load, so a
+//   file loads into any number of shards.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/error.h"
+#include "common/sha256.h"
+#include "table/sparse_optim.h"
+
+namespace fastps {
+
+// A push needs a row but the table is at max_rows and eviction is off.
+class CapacityError : public Error {
+ public:
+  using Error::Error;
+};
+
+// A table file is corrupt, truncated or not a table file, or could not be
+// read or written (the message names the file and the OS error).
+class CheckpointError : public Error {
+ public:
+  using Error::Error;
+};
+
+enum class SparseInit : uint8_t { kZeros = 0, kUniform = 1, kNormal = 2 };
+enum class Eviction : uint8_t { kNone = 0, kLru = 1, kLfu = 2, kTtl = 3 };
+
+const char* sparse_init_name(SparseInit init);
+const char* eviction_name(Eviction e);
+
+// Whole-table settings; the sharded front end gives each shard its share of
+// max_rows and max_pending.
+struct SparseTableConfig {
+  int64_t dim = 0;
+  SparseRule rule = SparseRule::kSGD;  // fixes the optimizer state layout
+  SparseInit init = SparseInit::kUniform;
+  double init_a = -0.05;  // uniform: low;  normal: mean
+  double init_b = 0.05;   // uniform: high; normal: std
+  uint64_t seed = 0;
+  int64_t max_rows = 0;   // 0: no cap
+  Eviction eviction = Eviction::kNone;
+  int64_t ttl_steps = 0;  // kTtl only, >= 1
+  int64_t admit_threshold = 0;  // 0 or 1: admit on the first push
+  int64_t max_pending = int64_t{1} << 20;
+  int eviction_samples = 16;
+};
+
+// Throws InvalidArgument for an unusable config.
+void sparse_config_validate(const SparseTableConfig& c);
+
+// The initial value of every element of row `id` (dim floats into out).
+// uniform(a, b): a + (b - a) * u; normal(mean, std): Box-Muller from two
+// uniforms; u = (h >> 11) * 2^-53 with h = splitmix64 of (seed, id, element).
+void sparse_init_values(const SparseTableConfig& c, int64_t id, float* out);
+
+struct SparseTableStats {
+  int64_t rows = 0;          // live rows (under kTtl: including expired ones not yet swept)
+  int64_t admitted = 0;      // rows created
+  int64_t evicted = 0;       // rows removed to make room
+  int64_t expired = 0;       // rows removed by the TTL
+  int64_t rejected = 0;      // gradients dropped by admission
+  int64_t pending = 0;       // ids counting towards admission
+  int64_t memory_bytes = 0;  // blocks + index + admission counts
+};
+
+// Row metadata; also the first 32 bytes of a row record in a file.
+struct RowHeader {
+  int64_t id;
+  int64_t last_step;      // table step of the last access (TTL)
+  uint64_t touch;         // shard-local access clock (LRU)
+  uint32_t access_count;  // accesses, saturating (LFU)
+  uint32_t step_count;    // optimizer steps applied, saturating (kRowAdam)
+};
+static_assert(sizeof(RowHeader) == 32, "RowHeader is part of the file format");
+
+// Open-addressing map from any int64 to a nonzero uint64. See the design note.
+class IdMap {
+ public:
+  explicit IdMap(int64_t min_capacity = 16);
+
+  int64_t size() const { return size_; }
+  int64_t capacity() const { return static_cast<int64_t>(slots_.size()); }
+  int64_t memory_bytes() const { return capacity() * static_cast<int64_t>(sizeof(Slot)); }
+
+  // Slot holding `id`, or -1.
+  int64_t find(int64_t id) const {
+    uint64_t i = home(id);
+    while (true) {
+      const Slot& s = slots_[i];
+      if (s.value == 0) return -1;
+      if (s.id == id) return static_cast<int64_t>(i);
+      i = (i + 1) & mask_;
+    }
+  }
+  int64_t slot_id(int64_t slot) const { return slots_[slot].id; }
+  uint64_t slot_value(int64_t slot) const { return slots_[slot].value; }
+  void set_slot_value(int64_t slot, uint64_t value) { slots_[slot].value = value; }
+
+  // `id` must be absent and `value` nonzero. May grow (invalidates slots).
+  void insert(int64_t id, uint64_t value);
+  // Backward-shift deletion (invalidates slots after `slot` in its run).
+  void erase_slot(int64_t slot);
+  // The first occupied slot at or after `start` (mod capacity); -1 if empty.
+  int64_t occupied_from(uint64_t start) const;
+
+  template <typename F>
+  void for_each(F&& f) const {
+    for (const Slot& s : slots_)
+      if (s.value != 0) f(s.id, s.value);
+  }
+
+ private:
+  struct Slot {
+    int64_t id;
+    uint64_t value;  // 0: empty
+  };
+  uint64_t home(int64_t id) const;
+  void grow();
+
+  std::vector<Slot> slots_;
+  uint64_t mask_ = 0;
+  int64_t size_ = 0;
+};
+
+// Fixed-size rows in blocks, with a free list. Memory is 64-byte aligned.
+class RowPool {
+ public:
+  RowPool(int64_t row_bytes, int64_t rows_per_block);
+
+  int64_t allocate();
+  void release(int64_t row) { free_.push_back(row); }
+  unsigned char* row(int64_t r) const {
+    return blocks_[static_cast<size_t>(r >> block_shift_)].get() +
+           (r & (rows_per_block_ - 1)) * row_bytes_;
+  }
+  int64_t memory_bytes() const {
+    return static_cast<int64_t>(blocks_.size()) * block_bytes_ +
+           static_cast<int64_t>(free_.capacity() * sizeof(int64_t));
+  }
+
+ private:
+  struct FreeDeleter {
+    void operator()(unsigned char* p) const;
+  };
+  int64_t row_bytes_;
+  int64_t rows_per_block_;  // a power of two
+  int block_shift_;
+  int64_t block_bytes_;
+  int64_t high_water_ = 0;  // rows ever handed out from blocks
+  std::vector<std::unique_ptr<unsigned char[], FreeDeleter>> blocks_;
+  std::vector<int64_t> free_;
+};
+
+class SparseFileWriter;
+
+class SparseTable {
+ public:
+  // `max_rows` and `max_pending` are this shard's share; `salt` decorrelates
+  // shards' sampling streams.
+  SparseTable(const SparseTableConfig& config, int64_t max_rows, int64_t max_pending, uint64_t salt);
+  SparseTable(SparseTable&&) noexcept = default;
+  SparseTable& operator=(SparseTable&&) noexcept = default;
+
+  const SparseTableConfig& config() const { return config_; }
+  int64_t dim() const { return config_.dim; }
+  int64_t state_floats() const { return state_floats_; }
+  int64_t row_bytes() const { return row_bytes_; }
+  int64_t max_rows() const { return max_rows_; }
+  int64_t size() const { return map_.size(); }
+  SparseTableStats stats() const;
+
+  // Rows of ids[index[k]] for k < n (index null: k itself) into
+  // out + index[k] * dim. Never creates a row. `step` is the table step.
+  void pull(const int64_t* ids, const int64_t* index, int64_t n, float* out, int64_t step);
+
+  // How many rows a push of these ids would create (ids unique). Read-only.
+  int64_t rows_needed(const int64_t* ids, const int64_t* index, int64_t n) const;
+  // Throws CapacityError if eviction is off and rows_needed() would pass the cap.
+  void check_capacity(const int64_t* ids, const int64_t* index, int64_t n) const;
+
+  // One optimizer step for each id (ids unique; the caller guarantees it),
+  // gradient at grads + index[k] * dim. `o.rule` must be the table's rule and
+  // `step` (>= 1) the table-wide step of this push. With eviction off, throws
+  // CapacityError before changing anything if the rows would not fit.
+  void push(const int64_t* ids, const int64_t* index, int64_t n, const float* grads,
+            const SparseOptim& o, int64_t step);
+
+  // Persistence, shard thread (or a table no shard owns yet).
+  void write_section(SparseFileWriter& w) const;
+  // Adds a row read from a file (header, then dim + state floats). Throws
+  // CheckpointError on a duplicate id and CapacityError past max_rows.
+  void load_row(const RowHeader& h, const float* values);
+  void load_pending(int64_t id, uint64_t count);
+
+ private:
+  float* weight(int64_t row) const { return reinterpret_cast<float*>(pool_.row(row) + sizeof(RowHeader)); }
+  float* state(int64_t row) const { return weight(row) + config_.dim; }
+  RowHeader* header(int64_t row) const { return reinterpret_cast<RowHeader*>(pool_.row(row)); }
+  bool expired(const RowHeader& h, int64_t step) const {
+    return config_.eviction == Eviction::kTtl && h.last_step < step - config_.ttl_steps;
+  }
+  // Row of `id`, or -1; frees it first if the TTL expired it.
+  int64_t lookup_live(int64_t id);
+  void touch(RowHeader& h);
+  void remove_slot(int64_t slot);
+  bool admit(int64_t id);
+  int64_t create_row(int64_t id, const SparseOptim& o);
+  void evict_one(const SparseOptim& o);
+  void flush_updates(const SparseOptim& o);
+  void sweep_expired(int64_t budget);
+  uint64_t next_random();
+
+  SparseTableConfig config_;
+  int64_t state_floats_;
+  int64_t row_bytes_;
+  int64_t max_rows_;
+  int64_t max_pending_;
+  IdMap map_;       // id -> row + 1
+  IdMap pending_;   // id -> pushes counted (admission)
+  RowPool pool_;
+  int64_t step_ = 0;
+  uint64_t clock_ = 0;       // LRU clock
+  uint64_t call_start_ = 0;  // clock_ at the start of the current push
+  uint64_t rng_;
+  uint64_t sweep_cursor_ = 0;
+  SparseTableStats counters_;
+  std::vector<SparseRowRef> refs_;  // the current push's rows
+};
+
+// Buffered file writer for table files: hashes every byte (SHA-256) and
+// commits atomically (temp file, fsync, rename, fsync of the directory).
+// Dropped without commit(), it removes the temp file. One thread at a time.
+class SparseFileWriter {
+ public:
+  explicit SparseFileWriter(const std::string& path);
+  ~SparseFileWriter();
+  SparseFileWriter(const SparseFileWriter&) = delete;
+  SparseFileWriter& operator=(const SparseFileWriter&) = delete;
+
+  void write(const void* data, size_t n);
+  template <typename T>
+  void put(const T& v) { write(&v, sizeof(T)); }
+  // Appends the end marker and the digest, then makes the file durable under
+  // its final name.
+  void commit();
+
+ private:
+  void flush();
+  std::string path_;
+  std::string tmp_;
+  int fd_ = -1;
+  Sha256 sha_;
+  std::vector<unsigned char> buf_;
+  bool committed_ = false;
+};
+
+// Reader of table files: read() throws CheckpointError past the data; finish()
+// checks the end marker, the digest and that nothing follows.
+class SparseFileReader {
+ public:
+  explicit SparseFileReader(const std::string& path);
+  ~SparseFileReader();
+  SparseFileReader(const SparseFileReader&) = delete;
+  SparseFileReader& operator=(const SparseFileReader&) = delete;
+
+  void read(void* data, size_t n);
+  template <typename T>
+  T get() {
+    T v;
+    read(&v, sizeof(T));
+    return v;
+  }
+  // Data bytes left before the end marker.
+  uint64_t remaining() const { return data_end_ - pos_; }
+  void finish();
+  // Hashes the rest and returns whether the digest matches (no exception):
+  // used to tell a corrupt file from a mismatched one.
+  bool digest_ok();
+
+ private:
+  std::string path_;
+  std::FILE* f_ = nullptr;
+  Sha256 sha_;
+  uint64_t pos_ = 0;
+  uint64_t data_end_ = 0;  // file size minus end marker and digest
+};
+
+// The file header (see docs/sparse.md "File format").
+struct SparseFileHeader {
+  SparseTableConfig config;
+  int64_t state_floats = 0;
+  int64_t step = 0;
+  int64_t record_bytes = 0;
+  uint32_t num_sections = 0;
+};
+void write_sparse_header(SparseFileWriter& w, const SparseTableConfig& c, int64_t step,
+                         uint32_t num_sections);
+SparseFileHeader read_sparse_header(SparseFileReader& r);
+
+}  // namespace fastps

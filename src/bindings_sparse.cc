@@ -1,0 +1,203 @@
+// pybind11 bindings of the sparse embedding table (csrc/client/sparse_client.h):
+// type conversion, GIL release and nothing else. Ids, gradients and outputs
+// arrive as (address, count) after the Python side checked dtype (int64 ids,
+// float32 values), device and contiguity. Errors are translated by the
+// translator registered in bindings.cc (CapacityError and CheckpointError are
+// fastps::Error subclasses and surface as fastps.errors.FastPSError).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "client/sparse_client.h"
+#include "common/error.h"
+#include "server/server.h"
+#include "table/sparse_optim.h"
+#include "table/sparse_table.h"
+
+namespace py = pybind11;
+using namespace fastps;
+
+namespace {
+
+template <typename T>
+T* as_ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+py::dict stats_dict(const SparseTableStats& s) {
+  return py::dict(py::arg("rows") = s.rows, py::arg("admitted") = s.admitted,
+                  py::arg("evicted") = s.evicted, py::arg("expired") = s.expired,
+                  py::arg("rejected") = s.rejected, py::arg("pending") = s.pending,
+                  py::arg("memory_bytes") = s.memory_bytes);
+}
+
+}  // namespace
+
+void bind_sparse(py::module_& m) {
+  py::enum_<SparseRule>(m, "SparseRule")
+      .value("SGD", SparseRule::kSGD)
+      .value("ADAGRAD", SparseRule::kAdagrad)
+      .value("ROWWISE_ADAGRAD", SparseRule::kRowWiseAdagrad)
+      .value("SPARSE_ADAM", SparseRule::kSparseAdam)
+      .value("ROW_ADAM", SparseRule::kRowAdam)
+      .value("FTRL", SparseRule::kFtrl);
+
+  py::enum_<SparseInit>(m, "SparseInit")
+      .value("ZEROS", SparseInit::kZeros)
+      .value("UNIFORM", SparseInit::kUniform)
+      .value("NORMAL", SparseInit::kNormal);
+
+  py::enum_<Eviction>(m, "SparseEviction")
+      .value("NONE", Eviction::kNone)
+      .value("LRU", Eviction::kLru)
+      .value("LFU", Eviction::kLfu)
+      .value("TTL", Eviction::kTtl);
+
+  py::class_<SparseOptim>(m, "SparseOptim")
+      .def(py::init([](SparseRule rule, double lr, double eps, bool maximize, double lr_decay,
+                       double initial_accumulator_value, double beta1, double beta2, double l1,
+                       double l2, double ftrl_beta) {
+             SparseOptim o;
+             o.rule = rule;
+             o.lr = lr;
+             o.eps = eps;
+             o.maximize = maximize;
+             o.lr_decay = lr_decay;
+             o.initial_accumulator_value = initial_accumulator_value;
+             o.beta1 = beta1;
+             o.beta2 = beta2;
+             o.l1 = l1;
+             o.l2 = l2;
+             o.ftrl_beta = ftrl_beta;
+             sparse_optim_validate(o);
+             return o;
+           }),
+           py::arg("rule") = SparseRule::kSGD, py::kw_only(), py::arg("lr") = 0.01,
+           py::arg("eps") = 1e-8, py::arg("maximize") = false, py::arg("lr_decay") = 0.0,
+           py::arg("initial_accumulator_value") = 0.0, py::arg("beta1") = 0.9,
+           py::arg("beta2") = 0.999, py::arg("l1") = 0.0, py::arg("l2") = 0.0,
+           py::arg("ftrl_beta") = 0.0)
+      .def_readwrite("rule", &SparseOptim::rule)
+      .def_readwrite("lr", &SparseOptim::lr)
+      .def_readwrite("eps", &SparseOptim::eps)
+      .def_readwrite("maximize", &SparseOptim::maximize)
+      .def_readwrite("lr_decay", &SparseOptim::lr_decay)
+      .def_readwrite("initial_accumulator_value", &SparseOptim::initial_accumulator_value)
+      .def_readwrite("beta1", &SparseOptim::beta1)
+      .def_readwrite("beta2", &SparseOptim::beta2)
+      .def_readwrite("l1", &SparseOptim::l1)
+      .def_readwrite("l2", &SparseOptim::l2)
+      .def_readwrite("ftrl_beta", &SparseOptim::ftrl_beta);
+
+  m.def("sparse_optim_isa", &sparse_optim_isa, "Sparse kernel variant chosen for this CPU.");
+  m.def("sparse_state_floats", &sparse_state_floats, py::arg("rule"), py::arg("dim"),
+        "Optimizer state floats per row of `dim` floats under `rule`.");
+
+  m.def(
+      "sparse_optim_update",
+      [](const SparseOptim& o, int64_t step, int64_t row_step, uintptr_t weight, uintptr_t state,
+         uintptr_t grad, int64_t dim, bool generic) {
+        sparse_optim_validate(o);
+        FASTPS_CHECK(dim >= 1 && step >= 1 && row_step >= 1, "fastps: bad dim or step");
+        SparseRowRef ref{as_ptr<float>(weight), as_ptr<float>(state), as_ptr<const float>(grad), row_step};
+        py::gil_scoped_release release;
+        (generic ? sparse_optim_apply_generic : sparse_optim_apply)(o, step, &ref, 1, dim);
+      },
+      py::arg("rule"), py::arg("step"), py::arg("row_step"), py::arg("weight"), py::arg("state"),
+      py::arg("grad"), py::arg("dim"), py::arg("generic") = false,
+      "One fused sparse update of one row on raw float32 buffers (tests and benchmarks).");
+
+  py::class_<ShardedSparseTable>(m, "SparseTable")
+      .def(py::init([](Server& server, int64_t dim, uint64_t seed, SparseInit init, double init_a,
+                       double init_b, SparseRule rule, int64_t max_rows, Eviction eviction,
+                       int64_t ttl_steps, int64_t admit_threshold, int64_t max_pending,
+                       int eviction_samples, double timeout_s) {
+             FASTPS_CHECK(timeout_s > 0, "fastps: timeout must be positive, got ", timeout_s);
+             SparseTableConfig c;
+             c.dim = dim;
+             c.seed = seed;
+             c.init = init;
+             c.init_a = init_a;
+             c.init_b = init_b;
+             c.rule = rule;
+             c.max_rows = max_rows;
+             c.eviction = eviction;
+             c.ttl_steps = ttl_steps;
+             c.admit_threshold = admit_threshold;
+             c.max_pending = max_pending;
+             c.eviction_samples = eviction_samples;
+             return std::make_unique<ShardedSparseTable>(
+                 server, c, std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000.0)));
+           }),
+           py::arg("server"), py::arg("dim"), py::kw_only(), py::arg("seed") = 0,
+           py::arg("init") = SparseInit::kUniform, py::arg("init_a") = -0.05,
+           py::arg("init_b") = 0.05, py::arg("rule") = SparseRule::kSGD, py::arg("max_rows") = 0,
+           py::arg("eviction") = Eviction::kNone, py::arg("ttl_steps") = 0,
+           py::arg("admit_threshold") = 0, py::arg("max_pending") = int64_t{1} << 20,
+           py::arg("eviction_samples") = 16, py::arg("timeout_s") = 300.0, py::keep_alive<1, 2>(),
+           "A sparse embedding table on the shards of `server`. init_a/init_b: uniform low/high "
+           "or normal mean/std.")
+      .def_property_readonly("dim", &ShardedSparseTable::dim)
+      .def_property_readonly("num_shards", &ShardedSparseTable::num_shards)
+      .def_property_readonly("rule", [](const ShardedSparseTable& t) { return t.config().rule; })
+      .def_property_readonly("max_rows", [](const ShardedSparseTable& t) { return t.config().max_rows; })
+      .def_property_readonly("seed", [](const ShardedSparseTable& t) { return t.config().seed; })
+      .def("shard_of", &ShardedSparseTable::shard_of, py::arg("id"))
+      .def(
+          "pull",
+          [](ShardedSparseTable& t, uintptr_t ids, int64_t n, uintptr_t out) {
+            py::gil_scoped_release release;
+            t.pull(as_ptr<const int64_t>(ids), n, as_ptr<float>(out));
+          },
+          py::arg("ids"), py::arg("n"), py::arg("out"),
+          "Rows of n int64 ids into out (n x dim float32); never creates rows.")
+      .def(
+          "push",
+          [](ShardedSparseTable& t, uintptr_t ids, int64_t n, uintptr_t grads, const SparseOptim& rule,
+             int64_t step) {
+            py::gil_scoped_release release;
+            t.push(as_ptr<const int64_t>(ids), n, as_ptr<const float>(grads), rule, step);
+          },
+          py::arg("ids"), py::arg("n"), py::arg("grads"), py::arg("rule"), py::arg("step"),
+          "One optimizer step on n unique int64 ids with grads (n x dim float32) at table step `step`.")
+      .def("size",
+           [](ShardedSparseTable& t) {
+             py::gil_scoped_release release;
+             return t.size();
+           })
+      .def("__len__",
+           [](ShardedSparseTable& t) {
+             py::gil_scoped_release release;
+             return t.size();
+           })
+      .def("stats",
+           [](ShardedSparseTable& t) {
+             SparseTableStats s;
+             {
+               py::gil_scoped_release release;
+               s = t.stats();
+             }
+             return stats_dict(s);
+           })
+      .def(
+          "save",
+          [](ShardedSparseTable& t, const std::string& path) {
+            py::gil_scoped_release release;
+            t.save(path);
+          },
+          py::arg("path"))
+      .def(
+          "load",
+          [](ShardedSparseTable& t, const std::string& path) {
+            py::gil_scoped_release release;
+            t.load(path);
+          },
+          py::arg("path"))
+      .def_property_readonly("step", &ShardedSparseTable::step)
+      .def("set_step", &ShardedSparseTable::set_step, py::arg("step"));
+}
