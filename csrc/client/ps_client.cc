@@ -20,6 +20,16 @@ PsClient::PsClient(int rank, const TransportOptions& options, int64_t chunk_byte
   transport_->set_handler([this](ConnId c, Message&& m) { on_message(c, std::move(m)); });
   transport_->set_disconnect_handler(
       [this](ConnId c, const std::string& why) { on_disconnect(c, why); });
+  // Replies carrying values land straight in the destination tensor.
+  transport_->set_payload_target([this](ConnId, const MessageHeader& h) -> uint8_t* {
+    if (h.op != Op::kReply) return nullptr;
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = pending_.find(h.request_id);
+    if (it == pending_.end() || it->second.dst == nullptr ||
+        uint64_t(it->second.count) * 4 != h.payload_len)
+      return nullptr;
+    return reinterpret_cast<uint8_t*>(it->second.dst);
+  });
 }
 
 PsClient::~PsClient() {
@@ -224,7 +234,11 @@ FuturePtr PsClient::request(uint32_t tensor_id, Op op, float* dst, bool dst_per_
 }
 
 void PsClient::on_message(ConnId, Message&& m) {
-  complete(m.header, m.payload.data(), m.payload.size());
+  if (m.in_place != nullptr) {
+    complete(m.header, m.in_place, m.header.payload_len);  // already in place: no copy
+  } else {
+    complete(m.header, m.payload.data(), m.payload.size());
+  }
 }
 
 void PsClient::complete(const MessageHeader& h, const void* data, size_t bytes) {
@@ -255,7 +269,7 @@ void PsClient::complete(const MessageHeader& h, const void* data, size_t bytes) 
           p.count * 4, " were expected"))));
       return;
     }
-    std::memcpy(p.dst, data, bytes);
+    if (data != p.dst) std::memcpy(p.dst, data, bytes);
   }
   p.completion->done();
 }

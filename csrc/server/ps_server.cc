@@ -141,7 +141,6 @@ class Handler {
     if (c.sum_only || opt_.staleness == 0) {
       // One round at a time (Note [Consistency]).
       if (c.pushes == 0) {
-        c.accum.assign(c.numel, 0.0f);
         c.contributors = 0;
         c.pushed.assign(opt_.num_workers, 0);
       }
@@ -150,8 +149,12 @@ class Handler {
                    " (accumulating gradients over several backward passes needs no_sync())");
       c.pushed[worker] = 1;
       if (g) {
-        float* a = c.accum.data();
-        for (int64_t i = 0; i < c.numel; ++i) a[i] += g[i];
+        if (c.contributors == 0) {
+          c.accum.assign(g, g + c.numel);  // the round's first gradient: one pass, not two
+        } else {
+          float* a = c.accum.data();
+          for (int64_t i = 0; i < c.numel; ++i) a[i] += g[i];
+        }
         ++c.contributors;
       }
       ++c.pushes;
@@ -182,6 +185,7 @@ class Handler {
   }
 
   void complete_round(PsChunk& c) {
+    if (c.contributors == 0) c.accum.assign(c.numel, 0.0f);  // every worker skipped
     if (c.sum_only) {
       c.param.swap(c.accum);
     } else if (c.contributors > 0) {

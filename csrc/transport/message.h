@@ -131,6 +131,9 @@ using Payload = std::vector<uint8_t, DefaultInitAllocator<uint8_t>>;
 struct Message {
   MessageHeader header;
   Payload payload;
+  // Non-null when the transport received the payload straight into memory a
+  // PayloadTarget chose (header.payload_len bytes there); `payload` is empty.
+  uint8_t* in_place = nullptr;
 };
 
 // A piece of an outgoing payload; the bytes are read in place (never copied)

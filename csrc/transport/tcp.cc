@@ -356,6 +356,7 @@ struct TcpTransport::Socket {
   bool in_payload = false;
   Message frame;
   size_t payload_got = 0;
+  uint8_t* payload_at = nullptr;  // where this frame's payload goes
   uint8_t server_nonce[kNonceSize];
 };
 
@@ -767,7 +768,7 @@ void TcpTransport::on_readable(const Entry& e) {
     ssize_t r;
     if (direct) {
       size_t want = std::min<uint64_t>(s.frame.header.payload_len - s.payload_got, budget);
-      r = ::recv(s.fd, s.frame.payload.data() + s.payload_got, want, 0);
+      r = ::recv(s.fd, s.payload_at + s.payload_got, want, 0);
     } else {
       r = ::recv(s.fd, stage_.get(), kStageSize, 0);
     }
@@ -826,7 +827,7 @@ bool TcpTransport::consume(const Entry& e, const uint8_t* data, size_t len) {
       if (s.header_got == kHeaderSize && !start_payload(e)) return false;
     } else {
       take = std::min<uint64_t>(s.frame.header.payload_len - s.payload_got, len);
-      std::memcpy(s.frame.payload.data() + s.payload_got, data, take);
+      std::memcpy(s.payload_at + s.payload_got, data, take);
       s.payload_got += take;
     }
     data += take;
@@ -867,7 +868,16 @@ bool TcpTransport::start_payload(const Entry& e) {
   }
   try {
     s.frame.header = h;
-    s.frame.payload = Payload(h.payload_len);
+    uint8_t* target = nullptr;
+    if (s.phase == Socket::Phase::kEstablished && h.payload_len > 0)
+      target = payload_target(e.conn->id, h);
+    if (target != nullptr) {
+      s.frame.in_place = target;
+      s.payload_at = target;
+    } else {
+      s.frame.payload = Payload(h.payload_len);
+      s.payload_at = s.frame.payload.data();
+    }
   } catch (const std::bad_alloc&) {
     fail(e, Status::kLimit, concat("cannot allocate a ", h.payload_len, "-byte payload"));
     return false;
@@ -882,6 +892,7 @@ bool TcpTransport::finish_frame_if_complete(const Entry& e) {
   if (!s.in_payload || s.payload_got < s.frame.header.payload_len) return true;
   s.in_payload = false;
   s.payload_got = 0;
+  s.payload_at = nullptr;
   Message frame = std::move(s.frame);
   s.frame = Message();
   return on_frame(e, std::move(frame));

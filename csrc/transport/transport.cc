@@ -62,6 +62,12 @@ void Transport::set_disconnect_handler(DisconnectHandler handler) {
   disconnect_handler_ = std::move(handler);
 }
 
+void Transport::set_payload_target(PayloadTarget target) {
+  FASTPS_CHECK(!started_.load(std::memory_order_acquire),
+               "fastps: set_payload_target() must be called before listen()/connect()");
+  payload_target_ = std::move(target);
+}
+
 uint16_t Transport::listen(const std::string& host, uint16_t port) {
   freeze_handlers("listen");
   return do_listen(host, port);

@@ -52,6 +52,12 @@ constexpr ConnId kInvalidConnId = 0;
 
 // Called with each complete, authenticated, validated frame.
 using MessageHandler = std::function<void(ConnId conn, Message&& message)>;
+// Zero-copy receive: called on the loop thread with each established frame's
+// header before its payload is read; a non-null return is where the
+// payload_len bytes are received instead of a new buffer (the frame then
+// arrives with Message::in_place set). The memory must stay valid until the
+// frame reaches the handler.
+using PayloadTarget = std::function<uint8_t*(ConnId conn, const MessageHeader& header)>;
 // Called once for each established connection that ends (peer closed, reset,
 // protocol violation, send failure, or a local close()), with a short reason.
 using DisconnectHandler = std::function<void(ConnId conn, const std::string& reason)>;
@@ -103,6 +109,7 @@ class Transport {
 
   void set_handler(MessageHandler handler);
   void set_disconnect_handler(DisconnectHandler handler);
+  void set_payload_target(PayloadTarget target);
 
   // Server side: starts accepting connections on host:port (port 0 picks an
   // ephemeral port) and returns the bound port. Binds to loopback unless told
@@ -163,6 +170,9 @@ class Transport {
   // exception is logged), in which case the implementation closes `conn`.
   bool deliver(ConnId conn, Message&& message);
   void notify_disconnect(ConnId conn, const std::string& reason);
+  uint8_t* payload_target(ConnId conn, const MessageHeader& header) const {
+    return payload_target_ ? payload_target_(conn, header) : nullptr;
+  }
 
  private:
   void freeze_handlers(const char* what);
@@ -171,6 +181,7 @@ class Transport {
   const TransportOptions options_;
   MessageHandler handler_;
   DisconnectHandler disconnect_handler_;
+  PayloadTarget payload_target_;
   std::atomic<bool> started_{false};
   std::atomic<uint64_t> bytes_sent_{0};
   std::atomic<uint64_t> messages_sent_{0};
