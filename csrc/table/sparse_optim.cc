@@ -5,9 +5,9 @@
 // compiled twice from one source: inlined into an AVX2+FMA entry point (a
 // `target` attribute; the CMake flags of this file stay the baseline) and into
 // a generic one. The fma calls are explicit and contraction is off for the
-// whole file, so both variants compute the same bits. no-trapping-math (as
-// torch builds) changes no result; it lets FTRL's select vectorise.
-#pragma GCC optimize("fp-contract=off", "no-trapping-math")
+// whole file (CMakeLists.txt sets -ffp-contract=off for it), so both variants
+// compute the same bits. -fno-trapping-math (as torch builds) changes no
+// result; it lets FTRL's select vectorise.
 
 #include "table/sparse_optim.h"
 

@@ -3,7 +3,6 @@
 // Contraction stays off here as well: the initial values must be the same
 // bits on every platform (a + (b - a) * u must not become an fma on one and
 // not on another).
-#pragma GCC optimize("fp-contract=off")
 
 #include "table/sparse_table.h"
 
