@@ -8,6 +8,7 @@
 #include <memory>
 #include <vector>
 
+#include "common/hash.h"
 #include "server/shard.h"
 
 namespace fastps {
@@ -32,15 +33,5 @@ class Server {
  private:
   std::vector<std::unique_ptr<Shard>> shards_;
 };
-
-// 64-bit mixer (splitmix64 finaliser) used to spread keys over servers/shards.
-inline uint64_t mix64(uint64_t x) {
-  x ^= x >> 30;
-  x *= 0xbf58476d1ce4e5b9ULL;
-  x ^= x >> 27;
-  x *= 0x94d049bb133111ebULL;
-  x ^= x >> 31;
-  return x;
-}
 
 }  // namespace fastps

@@ -6,6 +6,8 @@
 
 #include "table/sparse_table.h"
 
+#include "common/hash.h"
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -35,16 +37,7 @@ constexpr uint32_t kHeaderBytes = 128;
 constexpr int64_t kTargetBlockBytes = 256 << 10;
 constexpr size_t kWriteBuffer = 1 << 20;
 
-// splitmix64's finaliser (the same function as mix64 in server/server.h,
-// which this layer does not include).
-inline uint64_t mix(uint64_t x) {
-  x ^= x >> 30;
-  x *= 0xbf58476d1ce4e5b9ULL;
-  x ^= x >> 27;
-  x *= 0x94d049bb133111ebULL;
-  x ^= x >> 31;
-  return x;
-}
+inline uint64_t mix(uint64_t x) { return mix64(x); }
 
 inline double unit(uint64_t h) { return static_cast<double>(h >> 11) * 0x1.0p-53; }  // [0, 1)
 

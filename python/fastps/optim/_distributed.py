@@ -113,25 +113,27 @@ class DistState:
             self.sync = old
 
     # -- state -------------------------------------------------------------------
+    def _registered(self) -> Iterator[Tuple[torch.Tensor, Dict[str, Any], int, Tuple[str, ...]]]:
+        """(param, group, tensor id, state buffer names) of every registered parameter."""
+        for group in self.opt.param_groups:
+            names = self.opt._names(self.opt._hyper(group))
+            for p in group["params"]:
+                if id(p) in self.ids:
+                    yield p, group, self.ids[id(p)], names
+
     def fetch_state(self) -> None:
         """Copy the servers' optimizer state into optimizer.state (for state_dict)."""
         if self.clock == 0:
             return
         futures = []
-        for group in self.opt.param_groups:
-            hyper = self.opt._hyper(group)
-            names = self.opt._names(hyper)
-            for p in group["params"]:
-                if id(p) not in self.ids:
-                    continue
-                tid = self.ids[id(p)]
-                state = self.opt.state[p]
-                if any(n not in state for n in names) or (self.opt._has_step() and "step" not in state):
-                    self.opt._init_state(p, group, state)
-                for i, n in enumerate(names):
-                    futures.append(self.client.state_get(tid, i + 1, state[n].data_ptr()))
-                if self.opt._has_step():
-                    futures.append(self.client.state_get(tid, 255, state["step"].data_ptr()))
+        for p, group, tid, names in self._registered():
+            state = self.opt.state[p]
+            if any(n not in state for n in names) or (self.opt._has_step() and "step" not in state):
+                self.opt._init_state(p, group, state)
+            for i, n in enumerate(names):
+                futures.append(self.client.state_get(tid, i + 1, state[n].data_ptr()))
+            if self.opt._has_step():
+                futures.append(self.client.state_get(tid, 255, state["step"].data_ptr()))
         for f in futures:
             f.wait()
 
@@ -139,25 +141,19 @@ class DistState:
         """Send loaded optimizer state and this rank's parameters to the servers."""
         futures = []
         keep = []
-        for group in self.opt.param_groups:
-            hyper = self.opt._hyper(group)
-            names = self.opt._names(hyper)
-            for p in group["params"]:
-                if id(p) not in self.ids:
-                    continue
-                tid = self.ids[id(p)]
-                data = p.detach().contiguous()
-                keep.append(data)
-                futures.append(self.client.state_set(tid, 0, data.data_ptr()))
-                state = self.opt.state.get(p, {})
-                for i, n in enumerate(names):
-                    if n in state:
-                        t = state[n].detach().to(torch.float32).contiguous()
-                        keep.append(t)
-                        futures.append(self.client.state_set(tid, i + 1, t.data_ptr()))
-                if self.opt._has_step() and "step" in state:
-                    s = torch.tensor([float(state["step"])], dtype=torch.float32)
-                    keep.append(s)
-                    futures.append(self.client.state_set(tid, 255, s.data_ptr()))
+        for p, _group, tid, names in self._registered():
+            data = p.detach().contiguous()
+            keep.append(data)
+            futures.append(self.client.state_set(tid, 0, data.data_ptr()))
+            state = self.opt.state.get(p, {})
+            for i, n in enumerate(names):
+                if n in state:
+                    t = state[n].detach().to(torch.float32).contiguous()
+                    keep.append(t)
+                    futures.append(self.client.state_set(tid, i + 1, t.data_ptr()))
+            if self.opt._has_step() and "step" in state:
+                s = torch.tensor([float(state["step"])], dtype=torch.float32)
+                keep.append(s)
+                futures.append(self.client.state_set(tid, 255, s.data_ptr()))
         for f in futures:
             f.wait()
