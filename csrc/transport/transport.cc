@@ -130,7 +130,7 @@ TransportStats Transport::stats() const {
 }
 
 bool Transport::deliver(ConnId conn, Message&& message) {
-  bytes_received_.fetch_add(kHeaderSize + message.payload.size(), std::memory_order_relaxed);
+  bytes_received_.fetch_add(kHeaderSize + message.header.payload_len, std::memory_order_relaxed);
   messages_received_.fetch_add(1, std::memory_order_relaxed);
   try {
     handler_(conn, std::move(message));

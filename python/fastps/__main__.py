@@ -2,6 +2,7 @@
 
     fastps info                     build and CPU kernel information
     fastps server [options]         a dedicated parameter server for a torchrun job
+    fastps demo [options]           train a small GPT data-parallel through fastps (docs/demo.md)
 """
 
 from __future__ import annotations
@@ -70,6 +71,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="shard threads (default: one per core, at most 8)")
     sp.add_argument("--timeout", type=float, default=float(os.environ.get("FASTPS_TIMEOUT", "300")),
                     help="seconds to wait for the job to start")
+    dp = sub.add_parser("demo", help="train a small GPT on the stdlib's source through fastps (local job)",
+                        description="Train a byte-level GPT on Python's standard library source, "
+                                    "data-parallel through fastps, with progress, TensorBoard logs, "
+                                    "checkpoints, a loss plot and a summary; see docs/demo.md.")
+    from .demo.launch import add_arguments as _demo_arguments
+
+    _demo_arguments(dp)
     args = parser.parse_args(argv)
     if args.version:
         print(__version__)
@@ -80,6 +88,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.command == "server":
         return _server(args)
+    if args.command == "demo":
+        from .demo.launch import run as _demo
+
+        return _demo(args)
     parser.print_help()
     return 0
 

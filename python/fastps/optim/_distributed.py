@@ -30,7 +30,9 @@ class DistState:
         self.cluster = cluster
         self.client = cluster.client
         self.ids: Dict[int, int] = {}
-        self.group_of: Dict[int, Dict[str, Any]] = {}
+        # Index of each parameter's group: torch's load_state_dict replaces the
+        # group dicts, so the live dict is looked up at every push.
+        self.group_index: Dict[int, int] = {}
         self.clock = 0
         self.inflight: Dict[int, Tuple[Any, Any, Any]] = {}
         self.sync = True
@@ -43,13 +45,14 @@ class DistState:
         params = []
         futures = []
         for group in groups:
+            gi = next(i for i, g in enumerate(self.opt.param_groups) if g is group)
             hyper = self.opt._hyper(group)
             for p in group["params"]:
                 if p.numel() == 0 or id(p) in self.ids:
                     continue
                 tid = self.cluster.next_tensor_id()
                 self.ids[id(p)] = tid
-                self.group_of[id(p)] = group
+                self.group_index[id(p)] = gi
                 data = p.detach()
                 init = data.data_ptr() if self.cluster.rank == 0 else 0
                 futures.append((self.client.register_dense(tid, p.numel(), False, hyper, init), data))
@@ -80,7 +83,7 @@ class DistState:
 
     def _send(self, p: torch.Tensor) -> None:
         tid = self.ids[id(p)]
-        hyper = self.opt._hyper(self.group_of[id(p)])
+        hyper = self.opt._hyper(self.opt.param_groups[self.group_index[id(p)]])
         g = p.grad
         if g is not None:
             g = check_grad(p, g)

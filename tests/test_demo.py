@@ -1,0 +1,180 @@
+"""The GPT demo (`fastps demo`, examples/train_gpt.py) in a tiny configuration."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastps.__main__ import main as fastps_main
+from fastps.demo import GPT, GPTConfig, load_corpus, train_batch
+from fastps.demo.data import val_windows
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--steps", "10", "--batch-size", "8", "--context", "32", "--n-layer", "2", "--n-head", "2",
+        "--d-model", "32", "--data-bytes", "200000", "--warmup", "2", "--eval-every", "5",
+        "--eval-batches", "2", "--save-every", "5", "--sample-bytes", "40"]
+
+
+def _env():
+    env = dict(os.environ)
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "FASTPS_STALENESS",
+              "FASTPS_NUM_SERVERS", "FASTPS_COLOCATE"):
+        env.pop(k, None)
+    env["FASTPS_TIMEOUT"] = "60"
+    return env
+
+
+def _demo(cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "fastps", "demo", "--timeout", str(timeout - 10), *args],
+                       cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"fastps demo exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def _metrics(run_dir: Path):
+    with open(run_dir / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    train = [(m["step"], m["loss"]) for m in rows if "loss" in m]
+    val = [(m["step"], m["val_loss"]) for m in rows if "val_loss" in m]
+    return train, val
+
+
+def _assert_same_curves(a: Path, b: Path, tol: float) -> None:
+    (ta, va), (tb, vb) = _metrics(a), _metrics(b)
+    assert [s for s, _ in ta] == [s for s, _ in tb] and [s for s, _ in va] == [s for s, _ in vb]
+    for (s, x), (_, y) in zip(ta + va, tb + vb):
+        assert abs(x - y) <= tol, f"step {s}: {x} vs {y}"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One uninterrupted 10-step demo on 2 workers (checkpoints at 5 and 10)."""
+    cwd = tmp_path_factory.mktemp("demo")
+    r = _demo(cwd, *TINY, "--logdir", "full")
+    return cwd, cwd / "full", r
+
+
+# -- pieces ---------------------------------------------------------------------------
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    data = torch.arange(10_000, dtype=torch.int64).remainder(256).to(torch.uint8)
+    x, y = train_batch(data, seed=3, step=7, batch_size=8, context=16)
+    x2, _ = train_batch(data, seed=3, step=7, batch_size=8, context=16)
+    assert torch.equal(x, x2) and torch.equal(y[:, :-1], x[:, 1:])
+    # the ranks' shares concatenate to the one-process batch
+    parts = [train_batch(data, seed=3, step=7, batch_size=8, context=16, rank=r, world_size=4)[0]
+             for r in range(4)]
+    assert torch.equal(torch.cat(parts), x)
+    assert not torch.equal(train_batch(data, seed=3, step=8, batch_size=8, context=16)[0], x)
+    with pytest.raises(ValueError, match="divisible"):
+        train_batch(data, seed=3, step=7, batch_size=8, context=16, rank=0, world_size=3)
+
+
+def test_corpus_is_stdlib_source_bounded_and_deterministic():
+    a, b = load_corpus(100_000), load_corpus(100_000)
+    assert torch.equal(a.train, b.train) and torch.equal(a.val, b.val)
+    assert 0 < a.val.numel() < a.train.numel()
+    assert a.num_bytes <= 100_000 + a.files  # a newline ends each file
+    assert b"import" in bytes(a.train[:50_000].tolist())
+    assert len(val_windows(a.val, count=5, context=32)) == 5
+
+
+def test_model_shapes_tied_head_and_generate():
+    model = GPT(GPTConfig(context=16, n_layer=1, n_head=2, d_model=16))
+    assert model.head.weight is model.wte.weight
+    x = torch.randint(0, 256, (3, 16))
+    logits, loss = model(x, x)
+    assert logits.shape == (3, 16, 256) and 5.0 < loss.item() < 6.0  # about ln 256 at init
+    out = model.generate(x[:1, :4], 20, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 24)
+    with pytest.raises(ValueError, match="divide"):
+        GPTConfig(n_head=3, d_model=16)
+
+
+def test_cli_rejects_other_transports_and_bad_settings(capsys):
+    assert fastps_main(["demo", "--transport", "shm"]) == 2
+    assert "only tcp exists today" in capsys.readouterr().err
+    assert fastps_main(["demo", "--workers", "3", "--batch-size", "8"]) == 2
+    assert "divisible" in capsys.readouterr().err
+
+
+# -- whole runs -------------------------------------------------------------------------
+
+def test_demo_trains_logs_plots_and_samples(tiny_run):
+    _, logdir, r = tiny_run
+    run = logdir / "fastps"
+    train, val = _metrics(run)
+    assert [s for s, _ in train] == list(range(10)) and [s for s, _ in val] == [0, 5, 10]
+    assert train[-1][1] < train[0][1] - 0.3 and val[-1][1] < val[0][1]
+    assert (logdir / "loss.png").stat().st_size > 10_000
+    assert glob.glob(str(run / "events.out.tfevents.*"))
+    assert (run / "ckpt.pt").exists() and (run / "sample.txt").read_text().startswith("def ")
+    info = json.loads((run / "run.json").read_text())
+    assert info["workers"] == 2 and info["mode"] == "bsp" and info["servers"] == 2
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert summary["runs"][0]["run"] == "fastps"
+    assert "ms/step" in r.stdout and "sample from the fastps model" in r.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert rows[-1]["sent"] > rows[0]["sent"] > 0  # push/pull traffic is recorded
+
+
+def test_bsp_on_two_workers_equals_one_process(tiny_run, tmp_path):
+    _, logdir, _ = tiny_run
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "train_gpt.py"), *TINY, "--logdir", "one"],
+                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "single" in r.stdout and (tmp_path / "one" / "loss.png").exists()
+    _assert_same_curves(logdir / "fastps", tmp_path / "one" / "fastps", 1e-5)  # float32 summation order
+
+
+def test_resume_continues_exactly(tiny_run):
+    cwd, logdir, _ = tiny_run
+    r = _demo(cwd, *TINY, "--logdir", "resumed", "--stop-after", "5")
+    assert "stopped after step 5" in r.stdout
+    assert len(_metrics(cwd / "resumed" / "fastps")[0]) == 5
+    _demo(cwd, *TINY, "--logdir", "resumed", "--resume")
+    _assert_same_curves(logdir / "fastps", cwd / "resumed" / "fastps", 1e-6)
+
+
+def test_ctrl_c_stops_every_process(tmp_path):
+    p = subprocess.Popen([sys.executable, "-m", "fastps", "demo", *TINY, "--steps", "100000",
+                          "--logdir", "run"], cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        metrics = tmp_path / "run" / "fastps" / "metrics.jsonl"
+        deadline = time.monotonic() + 90
+        while not (metrics.exists() and metrics.stat().st_size > 200):
+            assert p.poll() is None and time.monotonic() < deadline, "the demo did not start training"
+            time.sleep(0.2)
+        children = [int(c) for c in Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()]
+        assert len(children) == 2
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 130 and "interrupted" in err
+        for c in children:
+            assert not Path(f"/proc/{c}").exists() or "Z" in Path(f"/proc/{c}/stat").read_text().split()[2]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+
+
+@pytest.mark.slow
+def test_compare_ddp_agrees_in_bsp(tmp_path):
+    args = list(TINY)
+    args[args.index("--steps") + 1] = "20"
+    r = _demo(tmp_path, *args, "--logdir", "cmp", "--compare", "ddp", timeout=240)
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert [s["run"] for s in summary["runs"]] == ["fastps", "ddp"]
+    assert summary["agreement"]["steps_compared"] == 20
+    assert summary["agreement"]["max_abs_diff_train"] < 1e-4, summary["agreement"]
+    assert "fastps vs ddp" in r.stdout
