@@ -7,7 +7,7 @@ before; see README.md.
 """
 
 from ._version import __version__
-from . import errors, optim
+from . import errors, nn, optim
 from ._runtime import Config, init
 from .client import Client, Future
 from .distributed_optimizer import DistributedOptimizer
@@ -22,6 +22,7 @@ from .errors import (
 __all__ = [
     "__version__",
     "optim",
+    "nn",
     "errors",
     "init",
     "Config",

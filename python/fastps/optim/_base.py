@@ -23,6 +23,7 @@ import torch
 from .. import _C, _cluster, _runtime
 from ._distributed import DistState
 from .._tensor import address, check_grad, check_param
+from ..nn._grads import is_sparse_handle, push_sparse_grads
 
 _F32 = torch.float32
 _STRIDED = torch.strided
@@ -240,6 +241,9 @@ class ServerOptimizerMixin:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # fastps.nn embeddings whose handles this optimizer holds: push their rows'
+        # gradients first (every such group is validated before the first push).
+        push_sparse_grads(self)  # type: ignore[arg-type]
         if self._fastps_dist is not None:
             self._fastps_dist.step()
             return loss
@@ -263,7 +267,8 @@ class ServerOptimizerMixin:
                     hypers.append(hyper)
                     gi = len(hypers) - 1
                 if p.numel() == 0:  # nothing to update; count the step as torch does
-                    self._step_empty(p, group)
+                    if not is_sparse_handle(p):  # an embedding's handle: trained by push_sparse_grads
+                        self._step_empty(p, group)
                     continue
                 b = bindings.get(id(p))
                 if b is None or not b.current(emb, p, state_map.get(p), names):
