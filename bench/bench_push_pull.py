@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -85,6 +85,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--max-bytes", type=parse_size, default=parse_size("2G"),
                     help="cap on bytes timed per size and system; lowers -n for large sizes (2G)")
     ap.add_argument("--latency-iters", type=int, default=2000, help="1 KiB round trips timed (2000, 0: skip)")
+    ap.add_argument("--blocks", type=int, default=4,
+                    help="the systems take turns in this many blocks of iterations per size (4)")
     ap.add_argument("--systems", default="fastps,gloo", help="comma-separated: fastps,gloo")
     ap.add_argument("--json", metavar="PATH", help="write one record per system and size")
     ap.add_argument("--nproc", type=int, default=2, help="workers to start when not under torchrun (2)")
@@ -247,20 +249,45 @@ class GlooSystem(System):
         self.inp = self.buf = None
 
 
-def time_system(system: System, numel: int, iters: int, warmup: int, expected: torch.Tensor) -> tuple:
-    """Median microseconds per op and elements wrong on this rank (every op is checked)."""
-    system.prepare(numel)
-    times, wrong = [], 0
-    for i in range(warmup + iters):
+def run_ops(system: System, n: int, expected: torch.Tensor, times: Optional[list]) -> int:
+    """n checked operations; appends each one's microseconds to `times` (None: warmup)."""
+    wrong = 0
+    for _ in range(n):
         system.before()
         t0 = time.perf_counter()
         system.op()
         t1 = time.perf_counter()
         wrong += count_wrong(system.result(), expected)
-        if i >= warmup:
+        if times is not None:
             times.append((t1 - t0) * 1e6)
-    system.release()
-    return statistics.median(times), wrong
+    return wrong
+
+
+def time_systems(systems: List[System], numel: int, iters: int, warmup: int, expected: torch.Tensor,
+                 blocks: int) -> List[tuple]:
+    """(median us per op, elements wrong on this rank) per system; every op is checked.
+
+    The systems take turns in `blocks` blocks of iters/blocks operations, so a
+    burst of load from elsewhere on the machine hits all of them alike.
+    """
+    for s in systems:
+        s.prepare(numel)
+    times = [[] for _ in systems]
+    wrong = [0 for _ in systems]
+    per_block = -(-iters // max(1, min(blocks, iters)))
+    done = 0
+    first = True
+    while done < iters:
+        n = min(per_block, iters - done)
+        for i, s in enumerate(systems):
+            if first:
+                wrong[i] += run_ops(s, warmup, expected, None)
+            wrong[i] += run_ops(s, n, expected, times[i])
+        first = False
+        done += n
+    for s in systems:
+        s.release()
+    return [(statistics.median(t), w) for t, w in zip(times, wrong)]
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -300,8 +327,9 @@ def worker(args: argparse.Namespace) -> int:
     if args.latency_iters > 0:
         numel = 1024 // 4
         exp = expected_sum(numel, world)
-        for name in names:
-            t, w = time_system(systems[name], numel, args.latency_iters, max(10, args.latency_iters // 10), exp)
+        res = time_systems([systems[n] for n in names], numel, args.latency_iters,
+                           max(10, args.latency_iters // 10), exp, args.blocks)
+        for name, (t, w) in zip(names, res):
             lat[name] = (total(t) / world, int(total(w)))
         out("# 1 KiB round trip (median us): " +
             "  ".join(f"{n} {lat[n][0]:.1f}" + (f" ({lat[n][1]} wrong)" if lat[n][1] else "") for n in names))
@@ -323,8 +351,8 @@ def worker(args: argparse.Namespace) -> int:
         exp = expected_sum(numel, world)
         row = f"{size:>12} {numel:>10}"
         algbws = {}
-        for name in names:
-            t, w = time_system(systems[name], numel, iters, warmup, exp)
+        res = time_systems([systems[n] for n in names], numel, iters, warmup, exp, args.blocks)
+        for name, (t, w) in zip(names, res):
             t = total(t) / world  # mean of the ranks' medians
             w = int(total(w))
             algbw = size / t / 1e3
