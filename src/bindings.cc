@@ -15,15 +15,14 @@
 #include "server/server.h"
 #include "table/optimizer.h"
 
+#include "bind_util.h"
+
 namespace py = pybind11;
 using namespace fastps;
 
 namespace {
 
-template <typename T>
-T* as_ptr(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
+using bind::as_ptr;
 
 std::vector<float*> as_ptrs(const std::vector<uintptr_t>& addresses) {
   std::vector<float*> out;
@@ -196,12 +195,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("max_payload") = int64_t(kDefaultMaxPayload))
       .def_property_readonly("port", &PsServer::port)
       .def_property_readonly("server_id", &PsServer::server_id)
-      .def("stats", [](const PsServer& s) {
-        TransportStats t = s.stats();
-        return py::dict(py::arg("bytes_sent") = t.bytes_sent, py::arg("bytes_received") = t.bytes_received,
-                        py::arg("messages_sent") = t.messages_sent,
-                        py::arg("messages_received") = t.messages_received);
-      });
+      .def("stats", [](const PsServer& s) { return bind::stats_dict(s.stats()); },
+           "Bytes and messages this server's transport sent and received.");
 
   py::class_<PsClient>(m, "PsClient")
       .def(py::init([](int rank, const std::string& secret, double timeout_s, int64_t chunk_bytes,
@@ -272,12 +267,9 @@ PYBIND11_MODULE(_C, m) {
             return c.state_set(tid, buffer, as_ptr<const float>(src));
           },
           py::arg("tensor_id"), py::arg("buffer"), py::arg("src"))
-      .def("stats", [](const PsClient& c) {
-        TransportStats t = c.stats();
-        return py::dict(py::arg("bytes_sent") = t.bytes_sent, py::arg("bytes_received") = t.bytes_received,
-                        py::arg("messages_sent") = t.messages_sent,
-                        py::arg("messages_received") = t.messages_received);
-      });
+      .def("stats", [](const PsClient& c) { return bind::stats_dict(c.stats()); },
+           "Bytes and messages this client sent and received over the transport (local "
+           "requests to the colocated server are not counted).");
 
   bind_sparse(m);
 }

@@ -19,15 +19,14 @@
 #include "table/sparse_optim.h"
 #include "table/sparse_table.h"
 
+#include "bind_util.h"
+
 namespace py = pybind11;
 using namespace fastps;
 
 namespace {
 
-template <typename T>
-T* as_ptr(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
+using bind::as_ptr;
 
 py::dict stats_dict(const SparseTableStats& s) {
   return py::dict(py::arg("rows") = s.rows, py::arg("admitted") = s.admitted,

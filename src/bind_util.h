@@ -1,0 +1,27 @@
+// Helpers shared by the binding files (src/*.cc). Bindings only: no logic.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "transport/transport.h"
+
+namespace fastps {
+namespace bind {
+
+// A tensor's address as passed from Python (after python/fastps/_tensor.py checked it).
+template <typename T>
+T* as_ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+inline pybind11::dict stats_dict(const TransportStats& t) {
+  namespace py = pybind11;
+  return py::dict(py::arg("bytes_sent") = t.bytes_sent, py::arg("bytes_received") = t.bytes_received,
+                  py::arg("messages_sent") = t.messages_sent,
+                  py::arg("messages_received") = t.messages_received);
+}
+
+}  // namespace bind
+}  // namespace fastps
