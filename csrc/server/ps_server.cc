@@ -77,7 +77,13 @@ class Handler {
   void worker_died(int worker, const std::string& reason) {
     if (worker < 0 || worker >= opt_.num_workers) return;
     st_.dead[worker] = true;
-    for (auto& kv : st_.chunks) fail_unreachable(kv.first, kv.second, reason);
+    size_t failed = 0;
+    for (auto& kv : st_.chunks) failed += fail_unreachable(kv.first, kv.second, reason);
+    // A clean exit leaves nothing waiting; only a loss worth knowing about is logged.
+    if (failed > 0)
+      transport_log(detail::concat("server ", opt_.server_id, ": worker rank ", worker,
+                                   " disconnected (", reason, "); failed ", failed,
+                                   " request(s) waiting for it"));
   }
 
  private:
@@ -253,11 +259,13 @@ class Handler {
 
   // Fails the waiting requests of `c` that can no longer be answered because a
   // worker they depend on is dead.
-  void fail_unreachable(uint64_t, PsChunk& c, const std::string&) {
+  // Returns how many requests it failed.
+  size_t fail_unreachable(uint64_t, PsChunk& c, const std::string&) {
     std::vector<int> dead;
     for (int w = 0; w < opt_.num_workers; ++w)
       if (st_.dead[w]) dead.push_back(w);
-    if (dead.empty() || c.waiting.empty()) return;
+    if (dead.empty() || c.waiting.empty()) return 0;
+    const size_t before = c.waiting.size();
     std::string who = detail::concat("worker rank ", dead[0]);
     auto keep = c.waiting.begin();
     for (auto it = c.waiting.begin(); it != c.waiting.end(); ++it) {
@@ -277,6 +285,7 @@ class Handler {
       }
     }
     c.waiting.erase(keep, c.waiting.end());
+    return before - c.waiting.size();
   }
 
   void do_state_get(ConnId conn, Message& m) {
@@ -432,8 +441,6 @@ void PsServer::on_disconnect(ConnId conn, const std::string& reason) {
   if (it == conn_rank_.end()) return;
   const int worker = it->second;
   conn_rank_.erase(it);
-  transport_log(detail::concat("server ", options_.server_id, ": worker rank ", worker,
-                               " disconnected (", reason, ")"));
   for (int s = 0; s < server_->num_shards(); ++s) {
     auto task = std::make_unique<MessageTask>();
     ShardState* st = shard_state_[s].get();
