@@ -61,7 +61,8 @@ def main() -> None:
     print(f"largest loss difference over the run: {drift:.2e} (float32 rounding; torch's sqrt is not "
           f"correctly rounded)")
     print(f"done in {t_ref + t_ours:.1f} s (for timings see bench/bench_optim.py)")
-    if not ours[-1] < ours[0]:
+    k = max(1, min(10, args.steps // 4))
+    if not sum(ours[-k:]) < sum(ours[:k]):  # mean of the last k minibatches vs the first k
         raise SystemExit("the loss did not decrease: something is wrong")
 
 
