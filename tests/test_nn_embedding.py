@@ -39,6 +39,19 @@ def _zero(*opts):
         o.zero_grad()
 
 
+def _step_pair(mod, ref, opt, ropt, args, grad):
+    """One training step of the fastps module and its torch twin on the same input:
+    outputs must be equal; `grad` is the upstream gradient, or a function of the output."""
+    out, rout = mod(*args), ref(*args)
+    assert torch.equal(out, rout)
+    g = grad(out) if callable(grad) else grad
+    out.backward(g)
+    rout.backward(g)
+    opt.step()
+    ropt.step()
+    _zero(opt, ropt)
+
+
 def _sparse_parity(make_fastps, make_torch, *, exact_init_check: bool = True):
     gen = torch.Generator().manual_seed(5)
     emb = fastps.nn.Embedding(D, num_embeddings=N, init="normal", std=0.5, seed=3)
@@ -102,13 +115,7 @@ def test_sgd_is_exact():
     for _ in range(STEPS):
         ids = _batch(gen)
         g = torch.randint(-8, 9, (*ids.shape, D), generator=gen).float() / 64
-        out, rout = emb(ids), ref(ids)
-        assert torch.equal(out, rout)
-        out.backward(g)
-        rout.backward(g)
-        opt.step()
-        ropt.step()
-        _zero(opt, ropt)
+        _step_pair(emb, ref, opt, ropt, (ids,), g)
     assert torch.equal(emb.lookup(torch.arange(N)), ref.weight.detach())
 
 
@@ -130,14 +137,7 @@ def test_embedding_bag_matches_torch(mode, layout):
             offsets = torch.tensor([0, 3, 3, 9, 16] + ([20] if last else []))  # one empty bag
             psw = torch.rand(20, generator=gen) if layout == "weights" else None
             args = (ids, offsets, psw)
-        out, rout = bag(*args), ref(*args)
-        assert torch.equal(out, rout)
-        g = torch.randn(out.shape, generator=gen)
-        out.backward(g)
-        rout.backward(g)
-        opt.step()
-        ropt.step()
-        _zero(opt, ropt)
+        _step_pair(bag, ref, opt, ropt, args, lambda out: torch.randn(out.shape, generator=gen))
     torch.testing.assert_close(bag.lookup(torch.arange(N)), ref.weight.detach(), **TOL)
 
 
@@ -155,13 +155,7 @@ def test_padding_idx_reads_zero_and_never_trains():
         ids = torch.cat([_batch(gen, (10,)), torch.tensor([N - 1, N - 1])])
         touched.update(ids[:10].tolist())
         g = torch.randint(-8, 9, (12, D), generator=gen).float() / 64
-        out, rout = emb(ids), ref(ids)
-        assert torch.equal(out, rout)
-        out.backward(g)
-        rout.backward(g)
-        opt.step()
-        ropt.step()
-        _zero(opt, ropt)
+        _step_pair(emb, ref, opt, ropt, (ids,), g)
     assert torch.equal(emb.lookup(torch.arange(N)), ref.weight.detach())
     assert emb.num_rows == len(touched)  # the padding id never got a row
     bag = fastps.nn.EmbeddingBag(D, padding_idx=7, mode="mean")
