@@ -3,6 +3,9 @@
     fastps info                     build and CPU kernel information
     fastps server [options]         a dedicated parameter server for a torchrun job
     fastps demo [options]           train a small GPT data-parallel through fastps (docs/demo.md)
+    fastps bench allreduce|sparse|optim [options]
+                                    the benchmark suite: push_pull vs all_reduce, sparse embedding
+                                    step, Adam step, with JSON and plots (docs/benchmarks.md)
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ def _server(args: argparse.Namespace) -> int:
         store, "secret", cfg.timeout, "rank 0 to publish the job secret").decode()
     sid = workers + int(store.add("dedicated_servers", 1)) - 1
     server = _C.PsServer(sid, workers, num_shards=args.shards, staleness=args.staleness,
-                         host=args.bind, port=args.port, secret=secret, timeout_s=cfg.timeout)
+                         host=args.bind, port=args.port, secret=secret, timeout_s=cfg.timeout,
+                         transport=os.environ.get("FASTPS_TRANSPORT", "auto").strip().lower() or "auto")
     store.set(f"server/{sid}", f"{_cluster.advertised_host(cfg)}:{server.port}")
     print(f"fastps server {sid} listening on {args.bind}:{server.port} for {workers} workers", flush=True)
     # Serve until every worker has left the job (or the process is killed).
@@ -52,6 +56,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``fastps`` console script."""
     from . import __version__, _C
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser: options come after the benchmark's name
+        from .bench import main as _bench
+
+        return _bench(argv[1:], prog="fastps bench")
     parser = argparse.ArgumentParser(prog="fastps", description="fastps parameter server tools")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
@@ -78,6 +87,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .demo.launch import add_arguments as _demo_arguments
 
     _demo_arguments(dp)
+    # Listed for `fastps -h`; `fastps bench ...` is dispatched above, before this parser.
+    sub.add_parser("bench", help="the benchmark suite: allreduce, sparse, optim (docs/benchmarks.md)")
     args = parser.parse_args(argv)
     if args.version:
         print(__version__)

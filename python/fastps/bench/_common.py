@@ -1,0 +1,221 @@
+"""Pieces the benchmarks share: sizes, the worker launcher, JSON and plots.
+
+The launcher starts the workers of a multi-process benchmark with the
+environment torchrun would give them, streams their standard output, keeps
+their standard error in files, and bounds every wait: when one worker fails
+it stops the others and prints the tail of the failed worker's error output;
+when the deadline passes it kills them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+_SUFFIX = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'4K' -> 4096, '256M', '1G', '1024' (binary suffixes, as in nccl-tests; 'KiB', 'MB' also read)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in _SUFFIX else ""
+    try:
+        value = float(t[: len(t) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a size: {text!r} (write bytes as a number with an optional K, M or G suffix: "
+            "4096, 4K, 256M, 1G)") from None
+    n = int(value * _SUFFIX.get(unit, 1))
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r} (examples: 4K, 256M)")
+    return n
+
+
+def format_size(n: int) -> str:
+    """4096 -> '4K' (exact multiples only), else the number of bytes."""
+    for unit, f in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= f and n % f == 0:
+            return f"{n // f}{unit}"
+    return str(n)
+
+
+def size_sweep(begin: int, end: int, factor: int) -> List[int]:
+    """begin, begin*factor, ... up to end (nccl-tests' -b/-e/-f)."""
+    out, s = [], begin
+    while s <= end:
+        out.append(s)
+        s *= factor
+    return out
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def write_json(path: str, obj: object) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bar_chart(path: str, title: str, groups: Mapping[str, Mapping[str, float]], ylabel: str) -> None:
+    """Grouped bars: one group per key of `groups`, one bar per (label, value) in it, written as PNG."""
+    plt = pyplot()
+    labels: List[str] = []
+    for bars in groups.values():
+        labels += [k for k in bars if k not in labels]
+    width = 0.8 / max(1, len(labels))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * len(labels) / 2), 4.5))
+    for j, label in enumerate(labels):
+        xs = [i + (j - (len(labels) - 1) / 2) * width for i, bars in enumerate(groups.values()) if label in bars]
+        ys = [bars[label] for bars in groups.values() if label in bars]
+        ax.bar(xs, ys, width, label=label)
+    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def available_transports() -> Tuple[str, ...]:
+    """The transports this fastps build can select with ``FASTPS_TRANSPORT``.
+
+    A build without the shared-memory transport (its ``_C.PsClient`` has no
+    ``server_paths()``) has only TCP and does not read ``FASTPS_TRANSPORT``:
+    asking it for ``shm`` would measure TCP under another name, so the
+    benchmark refuses instead.
+    """
+    from .. import _C
+
+    return ("tcp", "shm") if hasattr(_C.PsClient, "server_paths") else ("tcp",)
+
+
+def transport_in_use(client) -> str:
+    """How a ``fastps.Client`` reaches the servers that are not in its process: 'tcp', 'shm' or 'shm+tcp'.
+
+    From the client itself where the build reports it, else the build's only transport.
+    """
+    paths = getattr(client._client, "server_paths", None)
+    if paths is None:
+        return "+".join(available_transports())
+    return "+".join(sorted(set(paths()) - {"local"})) or "local"
+
+
+def transport_problem(requested: str) -> Optional[str]:
+    """Why ``FASTPS_TRANSPORT=requested`` cannot be measured with this build, or None."""
+    have = available_transports()
+    if requested == "auto" or requested in have:
+        return None
+    return (f"transport {requested!r} is not in this fastps build (it has: {', '.join(have)}); "
+            f"use --transport {' or '.join(('auto',) + have)}")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: str, lines: int) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def launch_workers(name: str, cmd: Sequence[str], nproc: int, *, timeout: float,
+                   env: Optional[Dict[str, str]] = None, tail_lines: int = 20) -> int:
+    """Run `nproc` copies of `cmd` as ranks of one local job; return 0, or 1 if one failed or timed out.
+
+    Each worker gets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR
+    (127.0.0.1) and a free MASTER_PORT, plus `env`; FASTPS_TIMEOUT defaults to
+    120 s so that no wait in a worker outlives a dead peer for long. Every
+    worker runs in its own session and is killed (SIGKILL, with its children)
+    when this function returns, on Ctrl-C and on SIGTERM.
+    """
+    port = free_port()
+    base = dict(os.environ)
+    base.setdefault("FASTPS_TIMEOUT", "120")
+    base.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    base.update(env or {})
+    procs: List[subprocess.Popen] = []
+    logs = tempfile.TemporaryDirectory(prefix="fastps-bench-")
+    errs = [os.path.join(logs.name, f"rank{r}.stderr") for r in range(nproc)]
+
+    def kill_all() -> None:
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for p in procs:
+            p.wait()
+
+    def on_signal(signum, _frame):
+        kill_all()
+        sys.exit(128 + signum)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for rank in range(nproc):
+            e = dict(base, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                     LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            with open(errs[rank], "w") as err:
+                procs.append(subprocess.Popen(list(cmd), env=e, stderr=err, start_new_session=True))
+        deadline = time.monotonic() + timeout
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                r, c = failed[0]
+                kill_all()
+                print(f"{name}: worker rank {r} exited with code {c}; stopped the other workers. "
+                      f"Its last error output:", file=sys.stderr)
+                print(_tail(errs[r], tail_lines).rstrip() or "  (none)", file=sys.stderr)
+                return 1
+            if all(c == 0 for c in codes):
+                for path in errs:  # warnings and the like: shown, as if the workers had printed them
+                    sys.stderr.write(_tail(path, 10 ** 6))
+                return 0
+            if time.monotonic() > deadline:
+                kill_all()
+                print(f"{name}: workers still running after {timeout:.0f} s (--timeout); killed them. "
+                      f"Rank 0's last error output:", file=sys.stderr)
+                print(_tail(errs[0], tail_lines).rstrip() or "  (none)", file=sys.stderr)
+                return 1
+            time.sleep(0.05)
+    finally:
+        kill_all()
+        for s, h in old.items():
+            signal.signal(s, h)
+        logs.cleanup()
