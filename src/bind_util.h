@@ -4,6 +4,9 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <string>
+
+#include "common/error.h"
 
 #include "transport/transport.h"
 
@@ -14,6 +17,15 @@ namespace bind {
 template <typename T>
 T* as_ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
+}
+
+// FASTPS_TRANSPORT's values -> the shared-memory mode of the socket transport.
+inline ShmMode shm_mode(const std::string& transport) {
+  if (transport == "auto") return ShmMode::kAuto;
+  if (transport == "tcp") return ShmMode::kOff;
+  if (transport == "shm") return ShmMode::kRequire;
+  throw InvalidArgument("fastps: transport must be 'auto' (shared memory with processes on this host, "
+                        "TCP otherwise), 'tcp' or 'shm', got '" + transport + "'");
 }
 
 inline pybind11::dict stats_dict(const TransportStats& t) {

@@ -11,6 +11,7 @@
 #include "client/embedded_client.h"
 #include "client/ps_client.h"
 #include "server/ps_server.h"
+#include "transport/shm.h"
 #include "common/error.h"
 #include "server/server.h"
 #include "table/optimizer.h"
@@ -174,7 +175,8 @@ PYBIND11_MODULE(_C, m) {
   py::class_<PsServer>(m, "PsServer")
       .def(py::init([](int server_id, int num_workers, int num_shards, int staleness,
                        const std::string& host, int port, const std::string& secret,
-                       double timeout_s, int64_t max_payload) {
+                       double timeout_s, int64_t max_payload, const std::string& transport,
+                       int64_t shm_ring_bytes) {
              PsServerOptions o;
              o.server_id = server_id;
              o.num_workers = num_workers;
@@ -186,13 +188,18 @@ PYBIND11_MODULE(_C, m) {
              o.transport.secret = secret;
              o.transport.timeout = std::chrono::milliseconds(int64_t(timeout_s * 1000));
              o.transport.max_payload = static_cast<size_t>(max_payload);
+             o.transport.shm = bind::shm_mode(transport);
+             o.transport.shm_ring_bytes = static_cast<uint64_t>(shm_ring_bytes);
              py::gil_scoped_release release;
              return std::make_unique<PsServer>(o);
            }),
            py::arg("server_id"), py::arg("num_workers"), py::arg("num_shards") = 0,
            py::arg("staleness") = 0, py::arg("host") = "127.0.0.1", py::arg("port") = 0,
            py::arg("secret") = "", py::arg("timeout_s") = 30.0,
-           py::arg("max_payload") = int64_t(kDefaultMaxPayload))
+           py::arg("max_payload") = int64_t(kDefaultMaxPayload), py::arg("transport") = "auto",
+           py::arg("shm_ring_bytes") = int64_t(kShmDefaultRingBytes),
+           "A network parameter server. transport: 'auto' accepts shared-memory offers from "
+           "clients on this host, 'tcp' declines them ('shm' behaves as 'auto' on a server).")
       .def_property_readonly("port", &PsServer::port)
       .def_property_readonly("server_id", &PsServer::server_id)
       .def("stats", [](const PsServer& s) { return bind::stats_dict(s.stats()); },
@@ -200,15 +207,21 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<PsClient>(m, "PsClient")
       .def(py::init([](int rank, const std::string& secret, double timeout_s, int64_t chunk_bytes,
-                       int connections_per_peer) {
+                       int connections_per_peer, const std::string& transport,
+                       int64_t shm_ring_bytes) {
              TransportOptions o;
              o.secret = secret;
              o.timeout = std::chrono::milliseconds(int64_t(timeout_s * 1000));
              o.connections_per_peer = connections_per_peer;
+             o.shm = bind::shm_mode(transport);
+             o.shm_ring_bytes = static_cast<uint64_t>(shm_ring_bytes);
              return std::make_unique<PsClient>(rank, o, chunk_bytes);
            }),
            py::arg("rank"), py::arg("secret") = "", py::arg("timeout_s") = 30.0,
-           py::arg("chunk_bytes") = int64_t(4 << 20), py::arg("connections_per_peer") = 1)
+           py::arg("chunk_bytes") = int64_t(4 << 20), py::arg("connections_per_peer") = 1,
+           py::arg("transport") = "auto", py::arg("shm_ring_bytes") = int64_t(kShmDefaultRingBytes),
+           "A worker's client. transport: 'auto' uses shared memory with servers on this host "
+           "and TCP with the others, 'tcp' only TCP, 'shm' shared memory or a ConnectionError.")
       .def(
           "connect",
           [](PsClient& c, const std::vector<std::pair<std::string, int>>& servers) {
@@ -219,6 +232,8 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("servers"))
       .def_property_readonly("num_servers", &PsClient::num_servers)
+      .def("server_paths", &PsClient::server_paths,
+           "How each server is reached: 'local' (in-process), 'shm' or 'tcp'.")
       .def("attach_local", [](PsClient& c, PsServer& s, int index) { c.attach_local(&s, index); },
            py::arg("server"), py::arg("index"), py::keep_alive<2, 1>(),
            "Serve requests for server `index` in-process (the colocated server); the server "

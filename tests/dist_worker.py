@@ -56,7 +56,10 @@ def main() -> int:
         model, x, y = model_and_data()
         opt = make_opt(name, model.parameters(), fast=True)
         losses = train_loop(model, opt, x, y, steps)
-        torch.save({"params": [p.detach() for p in model.parameters()], "losses": losses}, f"{out}.{RANK}")
+        from fastps import _cluster
+        paths = _cluster._cluster.client.server_paths()  # how this worker reached each server
+        torch.save({"params": [p.detach() for p in model.parameters()], "losses": losses, "paths": paths},
+                   f"{out}.{RANK}")
     elif mode == "wrap":
         name, steps, out = sys.argv[2], int(sys.argv[3]), sys.argv[4]
         model, x, y = model_and_data()

@@ -56,13 +56,16 @@ def test_bsp_two_workers_two_servers_equals_single_process(tmp_path, name):
         assert torch.equal(a, b)  # every worker holds the same parameters
 
 
-def test_colocated_servers_bsp(tmp_path):
+@pytest.mark.parametrize("transport,remote", [("auto", "shm"), ("tcp", "tcp")])
+def test_colocated_servers_bsp(tmp_path, transport, remote):
     out = tmp_path / "res"
-    with Job(2, ["train", "Adam", "10", str(out)]) as job:
+    with Job(2, ["train", "Adam", "10", str(out)], env={"FASTPS_TRANSPORT": transport}) as job:
         check(job.wait())
     res = _load(out, 2)
     for p, q in zip(res[0]["params"], _reference("Adam", 10)):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+    # Each worker reaches its own server in-process and the other one as configured.
+    assert res[0]["paths"] == ["local", remote] and res[1]["paths"] == [remote, "local"]
 
 
 @pytest.mark.parametrize("staleness", [pytest.param("-1", marks=pytest.mark.slow), "2"])

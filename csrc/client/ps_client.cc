@@ -48,6 +48,18 @@ void PsClient::connect(const std::vector<ServerAddress>& servers) {
   for (size_t i = 0; i < conns.size(); ++i) conn_server_[conns[i]] = int(i);
 }
 
+std::vector<std::string> PsClient::server_paths() const {
+  std::vector<std::string> paths;
+  for (size_t i = 0; i < conns_.size(); ++i) {
+    if (local_server_ != nullptr && int(i) == local_index_) {
+      paths.push_back("local");
+    } else {
+      paths.push_back(transport_->peer_info(conns_[i]).shared_memory ? "shm" : "tcp");
+    }
+  }
+  return paths;
+}
+
 void PsClient::attach_local(PsServer* server, int index) {
   FASTPS_CHECK(index >= 0 && index < num_servers(), "local server index ", index, " out of range");
   server->set_local_sink(rank_, [this](const MessageHeader& h, const void* data, size_t bytes) {

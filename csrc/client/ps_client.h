@@ -78,6 +78,9 @@ class PsClient {
   FuturePtr state_set(uint32_t tensor_id, int buffer, const float* src);
 
   TransportStats stats() const { return transport_->stats(); }
+  // How each server is reached: "local" (in-process, Note [Local requests]),
+  // "shm" (shared-memory rings) or "tcp". Call after connect().
+  std::vector<std::string> server_paths() const;
 
  private:
   struct Entry {

@@ -8,11 +8,7 @@ namespace fastps {
 
 void Completion::wait(Clock::time_point deadline, const std::string& what) {
   // Short spin first: shard work on a small step often finishes in microseconds.
-  for (int i = 0; i < 64 && !finished(); ++i) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-  }
+  for (int i = 0; i < 64 && !finished(); ++i) cpu_relax();
   for (;;) {
     uint32_t left = remaining_.load(std::memory_order_acquire);
     if (left == 0) break;

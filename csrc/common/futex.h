@@ -19,4 +19,19 @@ bool futex_wait_until(std::atomic<uint32_t>* word, uint32_t expected, Clock::tim
 void futex_wait(std::atomic<uint32_t>* word, uint32_t expected);
 void futex_wake_all(std::atomic<uint32_t>* word);
 
+// The same on a word in memory shared between processes (a MAP_SHARED
+// mapping): the kernel keys these waits by the physical page, not by the
+// address space, so they must not use the *_PRIVATE futex operations.
+bool futex_wait_shared_until(std::atomic<uint32_t>* word, uint32_t expected, Clock::time_point deadline);
+void futex_wake_shared(std::atomic<uint32_t>* word);
+
+// One spin-wait hint to the CPU (PAUSE on x86).
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
 }  // namespace fastps

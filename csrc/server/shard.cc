@@ -5,11 +5,6 @@
 namespace fastps {
 
 namespace {
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
 constexpr int kSpinBeforeSleep = 200;  // short: spinning hurts on oversubscribed cores
 }  // namespace
 

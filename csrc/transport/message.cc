@@ -72,8 +72,10 @@ size_t utf8_sequence_length(const uint8_t* p, size_t left) {
 }  // namespace
 
 bool is_known_op(uint8_t op) {
-  return (op >= 1 && op <= 7) || (op >= 16 && op <= 24);
+  return (op >= 1 && op <= 10) || (op >= 16 && op <= 24);
 }
+
+bool is_transport_op(Op op) { return op == Op::kShmOffer || op == Op::kShmAccept || op == Op::kShmDecline; }
 
 bool is_handshake_op(Op op) {
   return op == Op::kHello || op == Op::kChallenge || op == Op::kAuth || op == Op::kAuthOk;
@@ -88,6 +90,9 @@ std::string op_name(Op op) {
     case Op::kError: return "ERROR";
     case Op::kPing: return "PING";
     case Op::kPong: return "PONG";
+    case Op::kShmOffer: return "SHM_OFFER";
+    case Op::kShmAccept: return "SHM_ACCEPT";
+    case Op::kShmDecline: return "SHM_DECLINE";
     case Op::kRegister: return "REGISTER";
     case Op::kPush: return "PUSH";
     case Op::kPull: return "PULL";

@@ -48,6 +48,9 @@ enum class Op : uint8_t {
   kError = 5,
   kPing = 6,
   kPong = 7,
+  kShmOffer = 8,    // client -> server after AUTH_OK: use these shared-memory rings
+  kShmAccept = 9,   // server -> client: rings mapped; every later frame goes through them
+  kShmDecline = 10, // server -> client: stay on TCP (payload: the reason, as text)
   kRegister = 16,
   kPush = 17,
   kPull = 18,
@@ -81,6 +84,12 @@ enum class Status : uint32_t {
 bool is_known_op(uint8_t op);
 // HELLO, CHALLENGE, AUTH, AUTH_OK: valid only before the handshake completes.
 bool is_handshake_op(Op op);
+// SHM_OFFER, SHM_ACCEPT, SHM_DECLINE: sent by transports themselves, never by
+// their users (Transport::send() refuses them).
+bool is_transport_op(Op op);
+// SHM_OFFER payload: u64 ring_bytes, token, then the segment name (no NUL).
+constexpr size_t kShmOfferFixedSize = 8 + 32;
+constexpr size_t kShmMaxNameSize = 255;
 // "PUSH", "ERROR", ...; "op#<n>" for unknown values.
 std::string op_name(Op op);
 // "AUTH", "LIMIT", ...; "status#<n>" for unknown values.

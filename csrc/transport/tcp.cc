@@ -24,6 +24,7 @@
 #include "common/error.h"
 #include "common/futex.h"
 #include "common/sha256.h"
+#include "transport/shm.h"
 
 namespace fastps {
 
@@ -38,6 +39,8 @@ constexpr size_t kReadBudget = 16 << 20;   // bytes read from one socket per wak
 constexpr int kMaxEvents = 64;
 constexpr int kTickMs = 100;               // loop tick while handshakes are pending
 constexpr int kListenBacklog = 1024;
+constexpr size_t kShmReadPiece = 256 << 10;  // ring bytes parsed before the space is freed
+constexpr auto kShmReaderSlice = std::chrono::milliseconds(100);
 
 std::string errno_text(int err) { return std::error_code(err, std::generic_category()).message(); }
 
@@ -274,6 +277,50 @@ uint64_t client_handshake(int fd, const TransportOptions& o, int rank, Clock::ti
   return std::min<uint64_t>(server_max, kMaxMaxPayload);
 }
 
+// Client side of docs/protocol.md "Shared memory": creates a segment, offers
+// it and returns it if the server mapped it; null (with the reason in *why)
+// if the server declined or no segment could be made.
+std::unique_ptr<ShmSegment> offer_shm(int fd, const TransportOptions& o, Clock::time_point deadline,
+                                      const std::string& where, std::string* why) {
+  std::unique_ptr<ShmSegment> seg;
+  try {
+    seg = ShmSegment::create(o.shm_ring_bytes);
+  } catch (const Error& e) {
+    *why = e.what();
+    return nullptr;
+  }
+  std::vector<uint8_t> offer(kShmOfferFixedSize + seg->name().size());
+  store_le64(offer.data(), seg->ring_bytes());
+  std::memcpy(offer.data() + 8, seg->token(), kShmTokenSize);
+  std::memcpy(offer.data() + kShmOfferFixedSize, seg->name().data(), seg->name().size());
+  MessageHeader h;
+  h.op = Op::kShmOffer;
+  write_frame_blocking(fd, h, offer.data(), offer.size(), deadline, where);
+
+  uint8_t hb[kHeaderSize];
+  read_exact_blocking(fd, hb, kHeaderSize, deadline, where);
+  MessageHeader r = decode_header(hb);
+  FASTPS_CHECK_TYPED(ProtocolError, r.magic == kProtocolMagic && r.payload_len <= kMaxHandshakePayload,
+                     "fastps: ", where, " answered the shared-memory offer with an invalid frame (",
+                     header_problem(r, kMaxHandshakePayload), ")");
+  std::vector<uint8_t> body(r.payload_len);
+  read_exact_blocking(fd, body.data(), body.size(), deadline, where);
+  std::string text = sanitize_error_text(body.data(), body.size());
+  if (r.op == Op::kShmAccept) {
+    seg->unlink();  // the server did already; nothing may remain in /dev/shm
+    return seg;
+  }
+  if (r.op == Op::kShmDecline) {
+    *why = concat(where, " declined: ", text);
+    return nullptr;
+  }
+  if (r.op == Op::kError) {
+    throw ConnectionError(concat("fastps: ", where, " refused the shared-memory offer (",
+                                 status_name(r.status), "): ", text));
+  }
+  throw ProtocolError(concat("fastps: ", where, " answered the shared-memory offer with ", op_name(r.op)));
+}
+
 // A non-blocking TCP connection to one of host's addresses, established before
 // the deadline.
 int connect_socket(const std::string& host, uint16_t port, const TransportOptions& o,
@@ -337,8 +384,10 @@ bool send_small_frame(int fd, MessageHeader h, const uint8_t* payload, size_t le
 // ---------------------------------------------------------------------------
 
 struct TcpTransport::Socket {
-  explicit Socket(int fd_in) : fd(fd_in) {}
-  ~Socket() { ::close(fd); }
+  explicit Socket(int fd_in) : fd(fd_in) {}  // -1: the receive state of a connection's rings
+  ~Socket() {
+    if (fd >= 0) ::close(fd);
+  }
   Socket(const Socket&) = delete;
   Socket& operator=(const Socket&) = delete;
 
@@ -376,10 +425,17 @@ struct TcpTransport::Conn {
   std::atomic<uint32_t> next_socket{0};
   std::mutex reason_mu;
   std::string close_reason;  // first reason given to request_close()
+
+  // Shared memory: `shm` and `shm_rx` are set before `use_shm` (release);
+  // from then on every frame, in both directions, goes through the rings.
+  std::unique_ptr<ShmSegment> shm;
+  SocketPtr shm_rx;  // the reader thread's parse state (fd -1)
+  std::atomic<bool> use_shm{false};
+  std::timed_mutex shm_send_mu;  // one writer of the outgoing ring at a time
 };
 
-TcpTransport::TcpTransport(const TransportOptions& options)
-    : Transport("tcp", options), stage_(new uint8_t[kStageSize]) {
+TcpTransport::TcpTransport(std::string kind, const TransportOptions& options)
+    : Transport(std::move(kind), options), stage_(new uint8_t[kStageSize]) {
   epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
   FASTPS_CHECK_TYPED(Error, epoll_fd_ >= 0, "fastps: epoll_create1 failed: ", errno_text(errno));
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -410,10 +466,17 @@ TcpTransport::~TcpTransport() {
     if (listen_fd_ >= 0) ::close(listen_fd_);
     listen_fd_ = -1;
   }
+  std::unordered_map<ConnId, std::thread> readers;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    readers.swap(readers_);
+  }
   for (auto& kv : conns) {
     kv.second->closing.store(true, std::memory_order_release);
     for (auto& s : kv.second->sockets) ::shutdown(s->fd, SHUT_RDWR);
+    wake_shm(*kv.second);
   }
+  for (auto& kv : readers) kv.second.join();
   pending_.clear();
   conns.clear();  // sockets close as their last reference goes
   ::close(wake_fd_);
@@ -531,6 +594,19 @@ ConnId TcpTransport::do_connect(const std::string& host, uint16_t port, int rank
     auto socket = std::make_shared<Socket>(connect_socket(host, port, options(), deadline, where));
     conn->peer_max_payload = client_handshake(socket->fd, options(), rank, deadline, where);
     conn->sockets.push_back(socket);
+    if (i > 0 || options().shm == ShmMode::kOff) continue;
+    std::string why;
+    conn->shm = offer_shm(socket->fd, options(), deadline, where, &why);
+    if (conn->shm) break;  // the rings carry every frame; one socket suffices for liveness
+    if (options().shm == ShmMode::kRequire) {
+      throw ConnectionError(concat("fastps: cannot use shared memory with ", where, ": ", why,
+                                   " (FASTPS_TRANSPORT=shm needs every server on this host; use auto "
+                                   "or tcp otherwise)"));
+    }
+  }
+  if (conn->shm) {
+    conn->shm_rx = std::make_shared<Socket>(-1);
+    conn->use_shm.store(true, std::memory_order_release);
   }
   conn->established.store(true, std::memory_order_release);
   {
@@ -553,6 +629,7 @@ ConnId TcpTransport::do_connect(const std::string& host, uint16_t port, int rank
       throw ConnectionError(concat("fastps: cannot watch the connection to ", where, ": ", errno_text(err)));
     }
   }
+  if (conn->use_shm.load(std::memory_order_acquire)) start_shm_reader(conn);
   return conn->id;
 }
 
@@ -568,6 +645,10 @@ void TcpTransport::do_send(ConnId id, const uint8_t* header, const ConstBuffer* 
   FASTPS_CHECK(payload_len <= conn->peer_max_payload, "fastps: cannot send a ", payload_len,
                "-byte payload to ", conn->peer, ": the peer accepts at most ", conn->peer_max_payload,
                " bytes per frame");
+  if (conn->use_shm.load(std::memory_order_acquire)) {
+    shm_send(conn, header, segments, nsegments, payload_len, deadline);
+    return;
+  }
 
   // Pick a free socket of the connection, else wait for the next in turn.
   const size_t n = conn->sockets.size();
@@ -655,6 +736,7 @@ PeerInfo TcpTransport::do_peer_info(ConnId id) const {
   info.address = conn->peer;
   info.rank = conn->rank;
   info.outgoing = conn->outgoing;
+  info.shared_memory = conn->use_shm.load(std::memory_order_acquire);
   return info;
 }
 
@@ -666,6 +748,7 @@ void TcpTransport::request_close(const ConnPtr& conn, const std::string& reason)
   if (conn->closing.exchange(true, std::memory_order_acq_rel)) return;
   // Fails blocked senders at once and tells the peer.
   for (auto& s : conn->sockets) ::shutdown(s->fd, SHUT_RDWR);
+  wake_shm(*conn);
   {
     std::lock_guard<std::mutex> lock(mu_);
     close_queue_.push_back(conn);
@@ -691,6 +774,7 @@ TcpTransport::Entry TcpTransport::find_entry(uint64_t token) const {
 std::string TcpTransport::describe(const Conn& conn) const {
   std::string s = concat("connection ", conn.id, " (", conn.outgoing ? "to " : "from ", conn.peer);
   if (conn.established.load(std::memory_order_acquire) && conn.rank >= 0) s += concat(", rank ", conn.rank);
+  if (conn.use_shm.load(std::memory_order_acquire)) s += ", shared memory";
   return s + ")";
 }
 
@@ -869,7 +953,7 @@ bool TcpTransport::start_payload(const Entry& e) {
   try {
     s.frame.header = h;
     uint8_t* target = nullptr;
-    if (s.phase == Socket::Phase::kEstablished && h.payload_len > 0)
+    if (s.phase == Socket::Phase::kEstablished && h.payload_len > 0 && !is_transport_op(h.op))
       target = payload_target(e.conn->id, h);
     if (target != nullptr) {
       s.frame.in_place = target;
@@ -912,6 +996,7 @@ bool TcpTransport::on_frame(const Entry& e, Message&& frame) {
     teardown(e.conn, "closed");
     return false;
   }
+  if (is_transport_op(frame.header.op)) return on_transport_op(e, std::move(frame));
   if (!deliver(conn.id, std::move(frame))) {
     request_close(e.conn, "the message handler threw");
     teardown(e.conn, "the message handler threw");
@@ -1013,13 +1098,15 @@ void TcpTransport::fail(const Entry& e, Status status, const std::string& reason
   Conn& conn = *e.conn;
   if (!conn.closing.load(std::memory_order_acquire)) {
     transport_log(concat("closing ", describe(conn), ": ", reason));
-    std::unique_lock<std::timed_mutex> lock(e.socket->send_mu, std::try_to_lock);
+    // A ring's parse state has no descriptor: the last word goes on the socket.
+    Socket& socket = e.socket->fd >= 0 ? *e.socket : *conn.sockets.front();
+    std::unique_lock<std::timed_mutex> lock(socket.send_mu, std::try_to_lock);
     if (lock.owns_lock()) {
       std::string text = truncate_utf8(reason, kMaxErrorMessage);
       MessageHeader h;
       h.op = Op::kError;
       h.status = static_cast<uint32_t>(status);
-      send_small_frame(e.socket->fd, h, reinterpret_cast<const uint8_t*>(text.data()), text.size());
+      send_small_frame(socket.fd, h, reinterpret_cast<const uint8_t*>(text.data()), text.size());
     }
   }
   teardown(e.conn, reason);
@@ -1037,6 +1124,20 @@ void TcpTransport::teardown(const ConnPtr& conn, const std::string& reason) {
     epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, s->fd, nullptr);
     ::shutdown(s->fd, SHUT_RDWR);
   }
+  // The ring's reader delivers nothing after this: the disconnect handler
+  // runs after the connection's last frame (unless the reader itself is
+  // here, on a protocol error, in which case it delivers nothing more).
+  wake_shm(*conn);
+  std::thread reader;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = readers_.find(conn->id);
+    if (it != readers_.end() && it->second.get_id() != std::this_thread::get_id()) {
+      reader = std::move(it->second);
+      readers_.erase(it);
+    }
+  }
+  if (reader.joinable()) reader.join();
   std::string why;
   {
     std::lock_guard<std::mutex> lock(conn->reason_mu);
@@ -1045,6 +1146,119 @@ void TcpTransport::teardown(const ConnPtr& conn, const std::string& reason) {
   if (conn->established.load(std::memory_order_acquire) && !stopping_.load(std::memory_order_acquire)) {
     notify_disconnect(conn->id, why);
   }
+}
+
+}  // namespace fastps
+
+namespace fastps {
+
+// --- Shared memory ----------------------------------------------------------------
+
+// Server side of docs/protocol.md "Shared memory" (loop thread).
+bool TcpTransport::on_transport_op(const Entry& e, Message&& frame) {
+  Conn& conn = *e.conn;
+  const MessageHeader& h = frame.header;
+  if (h.op != Op::kShmOffer || conn.outgoing || conn.use_shm.load(std::memory_order_acquire) ||
+      e.socket->fd < 0) {
+    fail(e, Status::kProtocol, concat("unexpected ", op_name(h.op), " frame"));
+    return false;
+  }
+  const Payload& p = frame.payload;
+  if (p.size() <= kShmOfferFixedSize || p.size() > kShmOfferFixedSize + kShmMaxNameSize) {
+    fail(e, Status::kProtocol, concat("malformed SHM_OFFER (", p.size(), " bytes)"));
+    return false;
+  }
+  std::string why;
+  std::unique_ptr<ShmSegment> seg;
+  if (options().shm == ShmMode::kOff) {
+    why = "this server uses TCP only (its FASTPS_TRANSPORT is tcp)";
+  } else {
+    std::string name(reinterpret_cast<const char*>(p.data() + kShmOfferFixedSize), p.size() - kShmOfferFixedSize);
+    seg = ShmSegment::open(name, p.data() + 8, load_le64(p.data()), &why);
+  }
+  MessageHeader reply;
+  bool sent;
+  if (seg) {
+    conn.shm = std::move(seg);
+    conn.shm_rx = std::make_shared<Socket>(-1);
+    conn.use_shm.store(true, std::memory_order_release);
+    reply.op = Op::kShmAccept;
+    sent = send_small_frame(e.socket->fd, reply, nullptr, 0);
+  } else {
+    reply.op = Op::kShmDecline;
+    std::string text = truncate_utf8(why, kMaxErrorMessage);
+    sent = send_small_frame(e.socket->fd, reply, reinterpret_cast<const uint8_t*>(text.data()), text.size());
+  }
+  if (!sent) {
+    std::string reason = concat("could not answer SHM_OFFER: ", errno_text(errno));
+    transport_log(concat("closing ", describe(conn), ": ", reason));
+    teardown(e.conn, reason);
+    return false;
+  }
+  if (conn.use_shm.load(std::memory_order_relaxed)) start_shm_reader(e.conn);
+  return true;
+}
+
+void TcpTransport::start_shm_reader(const ConnPtr& conn) {
+  Entry e{conn->shm_rx, conn};
+  std::lock_guard<std::mutex> lock(mu_);
+  readers_[conn->id] = std::thread([this, e] { shm_reader(e); });
+}
+
+// The reader thread of one shared-memory connection: the counterpart of
+// on_readable() for sockets, feeding the same parser (consume()) straight from
+// the ring, so a payload is copied once, from the ring to its destination.
+void TcpTransport::shm_reader(const Entry& e) {
+  Conn& conn = *e.conn;
+  ShmRing& rx = conn.shm->rx();
+  while (!conn.closing.load(std::memory_order_acquire) && !stopping_.load(std::memory_order_acquire)) {
+    const uint8_t* data = nullptr;
+    size_t n = rx.readable(&data);
+    if (n == 0) {
+      rx.wait_readable(conn.closing, kShmReaderSlice);
+      continue;
+    }
+    n = std::min(n, kShmReadPiece);
+    const bool ok = consume(e, data, n);
+    rx.consume(n);
+    if (!ok) return;
+  }
+}
+
+void TcpTransport::shm_send(const ConnPtr& conn, const uint8_t* header, const ConstBuffer* segments,
+                            size_t nsegments, uint64_t payload_len, Clock::time_point deadline) {
+  std::unique_lock<std::timed_mutex> lock(conn->shm_send_mu, deadline);
+  FASTPS_CHECK_TYPED(TimeoutError, lock.owns_lock(), "fastps: timed out after ", options().timeout.count(),
+                     " ms waiting to send to ", conn->peer, " (earlier frames are still being written)");
+  ShmRing& tx = conn->shm->tx();
+  uint64_t written = 0;
+  bool ok = tx.write(header, kHeaderSize, conn->closing, deadline, &written);
+  for (size_t i = 0; ok && i < nsegments; ++i) {
+    if (segments[i].size > 0) ok = tx.write(segments[i].data, segments[i].size, conn->closing, deadline, &written);
+  }
+  if (ok) {
+    tx.flush();
+    return;
+  }
+  const uint64_t total = kHeaderSize + payload_len;
+  if (conn->closing.load(std::memory_order_acquire)) {
+    throw ConnectionError(concat("fastps: connection to ", conn->peer, " was closed while sending (",
+                                 written, " of ", total, " bytes written)"));
+  }
+  std::string what = concat("fastps: timed out after ", options().timeout.count(), " ms sending to ",
+                            conn->peer, " over shared memory (", written, " of ", total,
+                            " bytes written; is the peer alive and reading?)");
+  if (written > 0) {
+    request_close(conn, "a send timed out in the middle of a frame");
+    what += "; the connection was closed";
+  }
+  throw TimeoutError(what);
+}
+
+void TcpTransport::wake_shm(const Conn& conn) {
+  if (!conn.use_shm.load(std::memory_order_acquire)) return;
+  conn.shm->rx().wake_all();
+  conn.shm->tx().wake_all();
 }
 
 }  // namespace fastps

@@ -27,6 +27,12 @@
 //    torn down on the loop thread, which calls the disconnect handler once.
 //    File descriptors are closed when the last reference to the socket goes
 //    away, so a sender never writes to a reused descriptor.
+//  * Shared memory (ShmMode kAuto/kRequire; transport/shm.h): right after the
+//    handshake the client offers a segment on its first socket; if the server
+//    maps it, frames travel through its rings from then on, in both
+//    directions. Such a connection has one socket, kept only as the liveness
+//    channel, and a reader thread of its own that parses the ring with the
+//    same code as the loop parses sockets and delivers the frames.
 #pragma once
 
 #include <atomic>
@@ -38,6 +44,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "common/futex.h"
 #include "transport/transport.h"
 
 namespace fastps {
@@ -46,7 +53,8 @@ class TcpTransport final : public Transport {
  public:
   // Creates the epoll instance and starts the loop thread. Throws Error if the
   // kernel refuses (out of file descriptors).
-  explicit TcpTransport(const TransportOptions& options);
+  // `kind` is what kind() reports ("tcp", "shm" or "auto").
+  TcpTransport(std::string kind, const TransportOptions& options);
   // Stops and joins the loop thread and closes every socket; no disconnect
   // handler calls. See the threading contract in transport.h.
   ~TcpTransport() override;
@@ -84,6 +92,14 @@ class TcpTransport final : public Transport {
   void teardown(const ConnPtr& conn, const std::string& reason);
   void expire_handshakes();
   void drain_close_queue();
+  bool on_transport_op(const Entry& e, Message&& frame);
+
+  // Shared-memory connections.
+  void start_shm_reader(const ConnPtr& conn);
+  void shm_reader(const Entry& e);
+  void shm_send(const ConnPtr& conn, const uint8_t* header, const ConstBuffer* segments,
+                size_t nsegments, uint64_t payload_len, Clock::time_point deadline);
+  static void wake_shm(const Conn& conn);
 
   // Any thread.
   void request_close(const ConnPtr& conn, const std::string& reason);
@@ -100,6 +116,7 @@ class TcpTransport final : public Transport {
   std::unordered_map<ConnId, ConnPtr> conns_;
   std::unordered_map<uint64_t, Entry> sockets_;  // epoll token -> socket
   std::vector<ConnPtr> close_queue_;
+  std::unordered_map<ConnId, std::thread> readers_;  // shared-memory reader threads
   ConnId next_conn_ = 1;
   uint64_t next_token_ = 16;  // tokens below are reserved for the wake and listen fds
 

@@ -4,6 +4,7 @@
 #include <exception>
 
 #include "common/error.h"
+#include "transport/shm.h"
 #include "transport/tcp.h"
 
 namespace fastps {
@@ -20,6 +21,9 @@ void validate_options(const TransportOptions& o) {
                " ms");
   FASTPS_CHECK(o.socket_buffer_bytes >= 0, "fastps: socket_buffer_bytes must be >= 0, got ",
                o.socket_buffer_bytes);
+  FASTPS_CHECK(o.shm_ring_bytes >= kShmMinRingBytes && o.shm_ring_bytes <= kShmMaxRingBytes,
+               "fastps: shm_ring_bytes must be in [", kShmMinRingBytes, ", ", kShmMaxRingBytes,
+               "], got ", o.shm_ring_bytes);
 }
 
 }  // namespace
@@ -33,8 +37,18 @@ void transport_log(const std::string& line) {
 std::unique_ptr<Transport> Transport::create(const std::string& kind,
                                              const TransportOptions& options) {
   validate_options(options);
-  if (kind == "tcp") return std::make_unique<TcpTransport>(options);
-  throw InvalidArgument(detail::concat("fastps: unknown transport '", kind, "' (available: tcp)"));
+  if (kind == "tcp") return std::make_unique<TcpTransport>("tcp", options);
+  TransportOptions o = options;
+  if (kind == "shm") {
+    o.shm = ShmMode::kRequire;
+    return std::make_unique<TcpTransport>("shm", o);
+  }
+  if (kind == "auto") {
+    o.shm = ShmMode::kAuto;
+    return std::make_unique<TcpTransport>("auto", o);
+  }
+  throw InvalidArgument(detail::concat("fastps: unknown transport '", kind,
+                                       "' (available: tcp, shm, auto)"));
 }
 
 Transport::Transport(std::string kind, const TransportOptions& options)
@@ -96,6 +110,8 @@ void Transport::send(ConnId conn, const MessageHeader& header, const ConstBuffer
   h.payload_len = payload_len;
   std::string problem = header_problem(h, options_.max_payload);
   FASTPS_CHECK(problem.empty(), "fastps: cannot send: ", problem);
+  FASTPS_CHECK(!is_transport_op(h.op), "fastps: cannot send: ", op_name(h.op),
+               " is used by the transport itself");
   uint8_t bytes[kHeaderSize];
   encode_header(h, bytes);
   do_send(conn, bytes, segments, nsegments, payload_len);

@@ -1,7 +1,9 @@
 // Transport: authenticated, framed, bidirectional connections between fastps
 // processes (docs/protocol.md). One interface, several implementations chosen
-// by name through Transport::create() ("tcp" today; "shm", "inproc" and "ucx"
-// are planned behind the same interface).
+// by name through Transport::create(): "tcp" (sockets), "shm" and "auto" (the
+// same transport, whose connections between processes of one host switch to
+// shared-memory rings after the handshake; transport/shm.h). "ucx" is planned
+// behind the same interface.
 //
 // Design note (the ps-lite Van pattern): the public methods are non-virtual;
 // they validate arguments, enforce the frame limits and keep the byte/message
@@ -18,9 +20,13 @@
 //  * set_handler() and set_disconnect_handler() are called before the first
 //    listen() or connect(); later calls throw InvalidArgument.
 //  * The handlers run on the transport's event-loop thread, one call at a
-//    time (they need no locking among themselves). While a handler runs, no
-//    connection of this transport is read, so handlers should hand work off
-//    quickly. A handler may call send() (for example to reply), but send()
+//    time, except that the frames of a shared-memory connection are
+//    delivered by that connection's own reader thread: handlers that keep
+//    state across connections must lock it (frames of one connection always
+//    arrive in order, one at a time; its disconnect handler runs after its
+//    last frame was delivered). While a handler runs, its connection (and,
+//    on the loop thread, every socket) is not read, so handlers should hand
+//    work off quickly. A handler may call send() (for example to reply), but send()
 //    blocks until the frame is written: a large reply to a peer that does not
 //    read stalls the loop until the send deadline. Servers reply from their
 //    shard threads instead.
@@ -62,6 +68,13 @@ using PayloadTarget = std::function<uint8_t*(ConnId conn, const MessageHeader& h
 // protocol violation, send failure, or a local close()), with a short reason.
 using DisconnectHandler = std::function<void(ConnId conn, const std::string& reason)>;
 
+// Whether a "tcp" transport moves same-host connections to shared memory.
+enum class ShmMode {
+  kOff,      // sockets only
+  kAuto,     // shared memory when the peer can map it (same host), else TCP
+  kRequire,  // shared memory or a ConnectionError at connect()
+};
+
 struct TransportOptions {
   // The per-job secret of the HMAC handshake; never sent. Empty = no
   // protection (tests only).
@@ -76,12 +89,18 @@ struct TransportOptions {
   std::chrono::milliseconds timeout{30000};
   // SO_SNDBUF / SO_RCVBUF of every socket; 0 keeps the system default.
   int socket_buffer_bytes = 4 << 20;
+  // Shared memory (client side decides by offering; a kOff server declines).
+  // create("shm") and create("auto") override this field.
+  ShmMode shm = ShmMode::kOff;
+  // Bytes of each of a shared-memory connection's two rings.
+  uint64_t shm_ring_bytes = 4 << 20;
 };
 
 struct PeerInfo {
   std::string address;  // "host:port" of the peer
   int rank = -1;        // the rank the client sent in HELLO; -1 for connect()ed peers
   bool outgoing = false;  // true if this side called connect()
+  bool shared_memory = false;  // frames travel through shared-memory rings
 };
 
 struct TransportStats {
@@ -95,7 +114,7 @@ struct TransportStats {
 
 class Transport {
  public:
-  // Builds a transport by name ("tcp"). Throws InvalidArgument for an unknown
+  // Builds a transport by name ("tcp", "shm", "auto"). Throws InvalidArgument for an unknown
   // name or invalid options. The event loop starts here.
   static std::unique_ptr<Transport> create(const std::string& kind,
                                            const TransportOptions& options = TransportOptions());

@@ -45,6 +45,8 @@ class ClusterConfig:
     chunk_bytes: int = 4 << 20      # FASTPS_CHUNK_BYTES
     connections: int = 1            # FASTPS_CONNECTIONS: TCP connections per server
     num_shards: int = 0             # FASTPS_NUM_SHARDS: shard threads per server
+    transport: str = "auto"         # FASTPS_TRANSPORT: auto (shm on this host, else tcp), tcp, shm
+    shm_ring_bytes: int = 4 << 20   # FASTPS_SHM_RING_BYTES: each shared-memory ring
 
 
 def _env(name: str, kind, default):
@@ -84,6 +86,8 @@ def config_from_env(**overrides) -> ClusterConfig:
         chunk_bytes=_env("FASTPS_CHUNK_BYTES", int, 4 << 20),
         connections=_env("FASTPS_CONNECTIONS", int, 1),
         num_shards=_env("FASTPS_NUM_SHARDS", int, 0),
+        transport=os.environ.get("FASTPS_TRANSPORT", "auto").strip().lower() or "auto",
+        shm_ring_bytes=_env("FASTPS_SHM_RING_BYTES", int, 4 << 20),
     )
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     c = ClusterConfig(**cfg)
@@ -91,6 +95,13 @@ def config_from_env(**overrides) -> ClusterConfig:
         raise InvalidArgumentError(f"fastps: RANK={c.rank} is outside WORLD_SIZE={c.world_size}")
     if c.staleness < -1:
         raise InvalidArgumentError(f"fastps: staleness must be -1 (ASP), 0 (BSP) or k > 0 (SSP), got {c.staleness}")
+    if c.transport not in ("auto", "tcp", "shm"):
+        raise InvalidArgumentError(
+            f"fastps: FASTPS_TRANSPORT must be auto (shared memory between processes of one host, TCP "
+            f"between hosts), tcp or shm, got {c.transport!r}")
+    if not (64 << 10) <= c.shm_ring_bytes <= (1 << 30):
+        raise InvalidArgumentError(
+            f"fastps: FASTPS_SHM_RING_BYTES must be between 65536 and 1073741824, got {c.shm_ring_bytes}")
     if not c.colocate and c.num_servers < 1:
         raise InvalidArgumentError("fastps: FASTPS_COLOCATE=0 needs FASTPS_NUM_SERVERS >= 1 dedicated servers")
     return c
@@ -157,7 +168,8 @@ class Cluster:
         if cfg.colocate:
             self.server = _C.PsServer(cfg.rank, cfg.world_size, num_shards=cfg.num_shards,
                                       staleness=cfg.staleness, host=cfg.bind, port=0,
-                                      secret=self.secret, timeout_s=cfg.timeout)
+                                      secret=self.secret, timeout_s=cfg.timeout,
+                                      transport=cfg.transport, shm_ring_bytes=cfg.shm_ring_bytes)
             self.store.set(f"server/{cfg.rank}", f"{advertised_host(cfg)}:{self.server.port}")
         self.num_servers = (cfg.world_size if cfg.colocate else 0) + cfg.num_servers
         self.server_ids = (list(range(cfg.world_size)) if cfg.colocate else []) + \
@@ -168,7 +180,8 @@ class Cluster:
             host, port = raw.rsplit(":", 1)
             addrs.append((host, int(port)))
         self.client = _C.PsClient(cfg.rank, secret=self.secret, timeout_s=cfg.timeout,
-                                  chunk_bytes=cfg.chunk_bytes, connections_per_peer=cfg.connections)
+                                  chunk_bytes=cfg.chunk_bytes, connections_per_peer=cfg.connections,
+                                  transport=cfg.transport, shm_ring_bytes=cfg.shm_ring_bytes)
         self.client.connect(addrs)
         if self.server is not None:
             # The colocated server is reached without the socket (Note [Local requests]).

@@ -1,0 +1,314 @@
+#include "transport/shm.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <system_error>
+
+#include "common/error.h"
+
+namespace fastps {
+
+namespace {
+
+using detail::concat;
+
+constexpr uint64_t kSegmentMagic = 0x314d485353504621ULL;  // "!FPSSHM1"
+constexpr uint32_t kSegmentVersion = 1;
+constexpr size_t kPage = 4096;
+constexpr size_t kCtlOffset = kPage;       // two ShmRingCtl blocks
+constexpr size_t kDataOffset = 2 * kPage;  // ring 0 data, then ring 1 data
+// Bytes a writer copies before it publishes them, so that a large frame is
+// copied out by the reader while the rest is still being copied in.
+constexpr size_t kPublishChunk = 256 << 10;
+// Waiting: spin (each probe is a few ns), then yield the core to other
+// runnable threads (on a machine with few cores the peer we wait for may need
+// this one), then sleep on the futex.
+// FASTPS_SHM_SPIN_US / FASTPS_SHM_YIELD_US (read once) tune the first two
+// phases; spinning only pays when a core is free for the peer.
+std::chrono::microseconds env_us(const char* name, long fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return std::chrono::microseconds(fallback);
+  char* end = nullptr;
+  long x = std::strtol(v, &end, 10);
+  return std::chrono::microseconds(end != v && x >= 0 ? x : fallback);
+}
+const std::chrono::microseconds kSpinFor = env_us("FASTPS_SHM_SPIN_US", 20);
+const std::chrono::microseconds kYieldFor = kSpinFor + env_us("FASTPS_SHM_YIELD_US", 180);
+constexpr auto kWriterSlice = std::chrono::milliseconds(50);
+
+struct SegmentHeader {
+  uint64_t magic;
+  uint32_t version;
+  uint32_t reserved;
+  uint64_t ring_bytes;
+  uint8_t token[kShmTokenSize];
+};
+static_assert(sizeof(SegmentHeader) <= kPage, "segment header must fit its page");
+static_assert(2 * sizeof(ShmRingCtl) <= kPage, "ring control blocks must fit their page");
+
+std::string errno_text(int err) { return std::error_code(err, std::generic_category()).message(); }
+
+uint64_t round_to_page(uint64_t n) { return (n + kPage - 1) / kPage * kPage; }
+
+size_t segment_size(uint64_t ring_bytes) { return kDataOffset + 2 * ring_bytes; }
+
+// Waits in the escalating way described above until ready() holds, stop is
+// set, or `limit` passes; `sleep_word` is the futex this side sleeps on.
+template <typename Ready>
+bool spin_yield_sleep(Ready ready, const std::atomic<bool>& stop, std::atomic<uint32_t>* sleep_word,
+                      Clock::time_point limit) {
+  const Clock::time_point start = Clock::now();
+  for (uint32_t i = 0;; ++i) {
+    if (ready()) return true;
+    if (stop.load(std::memory_order_acquire)) return false;
+    if ((i & 63) != 63) {
+      cpu_relax();
+      continue;
+    }
+    const Clock::time_point now = Clock::now();
+    if (now >= limit) return ready();
+    if (now - start < kSpinFor) continue;
+    if (now - start < kYieldFor) {
+      sched_yield();
+      continue;
+    }
+    // Announce the sleep, then re-check: the other side either sees the flag
+    // and wakes us, or we see its update here (both accesses are seq_cst).
+    sleep_word->store(1, std::memory_order_seq_cst);
+    if (ready() || stop.load(std::memory_order_seq_cst)) {
+      sleep_word->store(0, std::memory_order_relaxed);
+      return ready();
+    }
+    futex_wait_shared_until(sleep_word, 1, limit);
+    sleep_word->store(0, std::memory_order_relaxed);
+    return ready();
+  }
+}
+
+void wake(std::atomic<uint32_t>* word) {
+  if (word->load(std::memory_order_seq_cst) != 0 && word->exchange(0, std::memory_order_seq_cst) != 0) {
+    futex_wake_shared(word);
+  }
+}
+
+}  // namespace
+
+// --- ShmRing ------------------------------------------------------------------
+
+bool ShmRing::write(const void* src, size_t len, const std::atomic<bool>& stop,
+                    Clock::time_point deadline, uint64_t* written) {
+  if (!wtail_init_) {
+    wtail_ = ctl_->tail.load(std::memory_order_relaxed);
+    wtail_init_ = true;
+  }
+  const uint8_t* p = static_cast<const uint8_t*>(src);
+  uint64_t unpublished = wtail_ - ctl_->tail.load(std::memory_order_relaxed);
+  while (len > 0) {
+    uint64_t used = wtail_ - ctl_->head.load(std::memory_order_acquire);
+    if (used == cap_) {
+      flush();
+      unpublished = 0;
+      const Clock::time_point limit = std::min(deadline, Clock::now() + kWriterSlice);
+      bool space = spin_yield_sleep(
+          [&] { return wtail_ - ctl_->head.load(std::memory_order_seq_cst) < cap_; }, stop,
+          &ctl_->writer_sleeping, limit);
+      if (!space && (stop.load(std::memory_order_acquire) || Clock::now() >= deadline)) return false;
+      continue;
+    }
+    const uint64_t off = wtail_ % cap_;
+    const size_t n = static_cast<size_t>(std::min<uint64_t>({len, cap_ - used, cap_ - off, kPublishChunk}));
+    std::memcpy(data_ + off, p, n);
+    p += n;
+    len -= n;
+    wtail_ += n;
+    *written += n;
+    unpublished += n;
+    if (unpublished >= kPublishChunk) {
+      flush();
+      unpublished = 0;
+    }
+  }
+  return true;
+}
+
+void ShmRing::flush() {
+  if (!wtail_init_) return;
+  ctl_->tail.store(wtail_, std::memory_order_seq_cst);
+  wake(&ctl_->reader_sleeping);
+}
+
+size_t ShmRing::readable(const uint8_t** data) const {
+  const uint64_t head = ctl_->head.load(std::memory_order_relaxed);  // only this thread writes it
+  const uint64_t avail = ctl_->tail.load(std::memory_order_acquire) - head;
+  const uint64_t off = head % cap_;
+  *data = data_ + off;
+  return static_cast<size_t>(std::min<uint64_t>(avail, cap_ - off));
+}
+
+void ShmRing::consume(size_t n) {
+  ctl_->head.store(ctl_->head.load(std::memory_order_relaxed) + n, std::memory_order_seq_cst);
+  wake(&ctl_->writer_sleeping);
+}
+
+bool ShmRing::wait_readable(const std::atomic<bool>& stop, std::chrono::microseconds slice) {
+  return spin_yield_sleep(
+      [&] {
+        return ctl_->tail.load(std::memory_order_seq_cst) != ctl_->head.load(std::memory_order_relaxed);
+      },
+      stop, &ctl_->reader_sleeping, Clock::now() + slice);
+}
+
+void ShmRing::wake_all() {
+  ctl_->reader_sleeping.store(0, std::memory_order_seq_cst);
+  futex_wake_shared(&ctl_->reader_sleeping);
+  ctl_->writer_sleeping.store(0, std::memory_order_seq_cst);
+  futex_wake_shared(&ctl_->writer_sleeping);
+}
+
+// --- ShmSegment -----------------------------------------------------------------
+
+void sweep_stale_segments() {
+  DIR* dir = opendir("/dev/shm");
+  if (dir == nullptr) return;
+  while (dirent* ent = readdir(dir)) {
+    long pid = 0;
+    char rest[64];
+    if (std::sscanf(ent->d_name, "fastps-%ld-%63s", &pid, rest) != 2 || pid <= 0) continue;
+    if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // alive, or not ours to judge
+    ::shm_unlink(concat("/", ent->d_name).c_str());
+  }
+  closedir(dir);
+}
+
+std::unique_ptr<ShmSegment> ShmSegment::create(uint64_t ring_bytes) {
+  FASTPS_CHECK(ring_bytes >= kShmMinRingBytes && ring_bytes <= kShmMaxRingBytes,
+               "fastps: shared-memory ring size must be in [", kShmMinRingBytes, ", ", kShmMaxRingBytes,
+               "] bytes, got ", ring_bytes);
+  static std::once_flag swept;
+  std::call_once(swept, sweep_stale_segments);
+  std::unique_ptr<ShmSegment> seg(new ShmSegment());
+  seg->ring_bytes_ = round_to_page(ring_bytes);
+  seg->owner_ = true;
+  uint8_t rnd[8];
+  if (getrandom(seg->token_, kShmTokenSize, 0) != static_cast<ssize_t>(kShmTokenSize) ||
+      getrandom(rnd, sizeof(rnd), 0) != static_cast<ssize_t>(sizeof(rnd))) {
+    throw Error("fastps: getrandom failed while creating a shared-memory segment");
+  }
+  char hex[17];
+  for (int i = 0; i < 8; ++i) std::snprintf(hex + 2 * i, 3, "%02x", rnd[i]);
+  seg->name_ = concat("/fastps-", static_cast<long>(::getpid()), "-", hex);
+  int fd = ::shm_open(seg->name_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  FASTPS_CHECK_TYPED(Error, fd >= 0, "fastps: cannot create shared memory ", seg->name_, ": ",
+                     errno_text(errno));
+  seg->size_ = segment_size(seg->ring_bytes_);
+  if (::ftruncate(fd, static_cast<off_t>(seg->size_)) != 0) {
+    int err = errno;
+    ::close(fd);
+    ::shm_unlink(seg->name_.c_str());
+    throw Error(concat("fastps: cannot size shared memory ", seg->name_, " to ", seg->size_,
+                       " bytes: ", errno_text(err), " (is /dev/shm full?)"));
+  }
+  try {
+    seg->map(fd, true);
+  } catch (...) {
+    ::close(fd);
+    ::shm_unlink(seg->name_.c_str());
+    throw;
+  }
+  ::close(fd);
+  auto* h = static_cast<SegmentHeader*>(seg->base_);
+  h->magic = kSegmentMagic;
+  h->version = kSegmentVersion;
+  h->reserved = 0;
+  h->ring_bytes = seg->ring_bytes_;
+  std::memcpy(h->token, seg->token_, kShmTokenSize);
+  return seg;
+}
+
+std::unique_ptr<ShmSegment> ShmSegment::open(const std::string& name, const uint8_t* token,
+                                             uint64_t ring_bytes, std::string* why) {
+  if (name.size() < 9 || name.size() > 255 || name.compare(0, 8, "/fastps-") != 0 ||
+      name.find('/', 1) != std::string::npos) {
+    *why = "not a fastps segment name";
+    return nullptr;
+  }
+  if (ring_bytes < kShmMinRingBytes || ring_bytes > kShmMaxRingBytes || ring_bytes % kPage != 0) {
+    *why = concat("ring size ", ring_bytes, " out of range");
+    return nullptr;
+  }
+  int fd = ::shm_open(name.c_str(), O_RDWR | O_CLOEXEC, 0);
+  if (fd < 0) {
+    *why = concat("cannot open ", name, ": ", errno_text(errno), " (the peer is on another host or "
+                  "another /dev/shm)");
+    return nullptr;
+  }
+  struct stat st {};
+  std::unique_ptr<ShmSegment> seg(new ShmSegment());
+  seg->name_ = name;
+  seg->ring_bytes_ = ring_bytes;
+  seg->size_ = segment_size(ring_bytes);
+  if (::fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) != seg->size_) {
+    *why = concat(name, " has the wrong size");
+    ::close(fd);
+    return nullptr;
+  }
+  try {
+    seg->map(fd, false);
+  } catch (const std::exception& e) {
+    *why = e.what();
+    ::close(fd);
+    return nullptr;
+  }
+  ::close(fd);
+  const auto* h = static_cast<const SegmentHeader*>(seg->base_);
+  if (h->magic != kSegmentMagic || h->version != kSegmentVersion || h->ring_bytes != ring_bytes ||
+      std::memcmp(h->token, token, kShmTokenSize) != 0) {
+    *why = concat(name, " does not hold the offered segment");
+    return nullptr;  // not ours: leave the name alone
+  }
+  std::memcpy(seg->token_, token, kShmTokenSize);
+  seg->unlink();
+  return seg;
+}
+
+void ShmSegment::map(int fd, bool client) {
+  // MAP_POPULATE: fault the rings in now, not on the first large frame.
+  base_ = ::mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+  if (base_ == MAP_FAILED) {
+    base_ = nullptr;
+    throw Error(concat("fastps: cannot map shared memory ", name_, " (", size_, " bytes): ",
+                       errno_text(errno)));
+  }
+  auto* base = static_cast<uint8_t*>(base_);
+  auto* ctl = reinterpret_cast<ShmRingCtl*>(base + kCtlOffset);
+  ShmRing ring0(&ctl[0], base + kDataOffset, ring_bytes_);               // client -> server
+  ShmRing ring1(&ctl[1], base + kDataOffset + ring_bytes_, ring_bytes_);  // server -> client
+  tx_ = client ? ring0 : ring1;
+  rx_ = client ? ring1 : ring0;
+}
+
+void ShmSegment::unlink() {
+  if (unlinked_ || name_.empty()) return;
+  unlinked_ = true;
+  ::shm_unlink(name_.c_str());  // ENOENT: the other side was first
+}
+
+ShmSegment::~ShmSegment() {
+  if (owner_) unlink();
+  if (base_ != nullptr) ::munmap(base_, size_);
+}
+
+}  // namespace fastps
