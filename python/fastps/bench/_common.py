@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 _SUFFIX = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -65,6 +65,24 @@ def positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
     return n
+
+
+def new_parser(prog: str, description: str, *, json_help: str, plot_help: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: the module docstring as description, and the --json and --plot outputs."""
+    ap = argparse.ArgumentParser(prog=prog, description=description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    out = ap.add_argument_group("output")
+    out.add_argument("--json", metavar="PATH", help=json_help)
+    out.add_argument("--plot", metavar="PATH", help=plot_help)
+    return ap
+
+
+def save_outputs(args: argparse.Namespace, data, plot: Callable[[str, object], None]) -> None:
+    """Write `data` to --json and plot(--plot, data), where asked for."""
+    if args.json:
+        write_json(args.json, data)
+    if args.plot:
+        plot(args.plot, data)
 
 
 def write_json(path: str, obj: object) -> None:

@@ -39,8 +39,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ._common import (format_size, launch_workers, parse_size, positive_int, pyplot, size_sweep,
-                      transport_in_use, transport_problem, write_json)
+from ._common import (format_size, launch_workers, new_parser, parse_size, positive_int, pyplot,
+                      size_sweep, transport_in_use, transport_problem, write_json)
 
 SYSTEMS = ("fastps", "gloo", "nccl")
 
@@ -61,8 +61,9 @@ def iterations(size: int, iters: int, warmup: int, max_bytes: int) -> tuple:
 
 
 def parse_args(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = new_parser(prog or "fastps bench allreduce", __doc__,
+                    json_help="write one record per system and size",
+                    plot_help="write a PNG of algbw against size, one line per system")
     sweep = ap.add_argument_group("sweep (as in nccl-tests; sizes in bytes, with K, M or G: 4096, 4K, 256M, 1G)")
     sweep.add_argument("-b", "--minbytes", type=parse_size, default=parse_size("4K"), metavar="SIZE",
                        help="smallest size (4K)")
@@ -93,9 +94,6 @@ def parse_args(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> 
                      help="torch intra-op threads per worker (1)")
     job.add_argument("--timeout", type=float, default=900.0, metavar="S",
                      help="seconds before the launcher kills the workers (900)")
-    out = ap.add_argument_group("output")
-    out.add_argument("--json", metavar="PATH", help="write one record per system and size")
-    out.add_argument("--plot", metavar="PATH", help="write a PNG of algbw against size, one line per system")
     args = ap.parse_args(argv)
     if args.stepfactor < 2:
         ap.error(f"-f must be at least 2 (the factor between sizes), got {args.stepfactor}")

@@ -11,7 +11,6 @@ step and each torch variant's time divided by fastps's (higher = fastps faster).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ import torch
 
 import fastps
 
-from ._common import bar_chart, positive_int, write_json
+from ._common import bar_chart, new_parser, positive_int, save_outputs
 
 
 def _params(numel: int, ntensors: int) -> List[torch.Tensor]:
@@ -77,14 +76,12 @@ def plot(path: str, records: List[dict]) -> None:
 
 
 def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
-    ap = argparse.ArgumentParser(prog=prog or "fastps bench optim", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = new_parser(prog or "fastps bench optim", __doc__, json_help="also write the records as JSON",
+                    plot_help="write a PNG bar chart of ms per step")
     ap.add_argument("--numel", type=float, default=25e6, help="parameters in total (default 25M)")
     ap.add_argument("--tensors", type=positive_int, nargs="+", default=[1, 200], help="layouts to time")
     ap.add_argument("--steps", type=positive_int, default=10, help="timed steps per variant (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    ap.add_argument("--json", metavar="PATH", help="also write the records as JSON")
-    ap.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of ms per step")
     args = ap.parse_args(argv)
     if args.numel < max(args.tensors) or args.warmup < 0:
         ap.error("--numel must be at least the largest --tensors (one element per tensor) and --warmup >= 0")
@@ -100,10 +97,7 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
         print(f"  {r['tensors']:>8} {r['system']:>14} {r['ms']:>9.2f} {r['fastps_speedup']:>11.2f}x  {gbs:6.1f}")
     print("# x vs fastps = that system's time / fastps's time (>1: fastps is faster)")
     print("# GB/s* = 28 bytes per parameter (ideal fused traffic) / time")
-    if args.json:
-        write_json(args.json, records)
-    if args.plot:
-        plot(args.plot, records)
+    save_outputs(args, records, plot)
     return 0
 
 

@@ -23,7 +23,6 @@ breakdown of fastps's iteration into its primitives.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ from fastps import _C
 from fastps.nn._backend import EmbeddedTable, TableSpec
 from fastps.nn.embedding import _dedup
 
-from ._common import bar_chart, positive_int, write_json
+from ._common import bar_chart, new_parser, positive_int, save_outputs
 
 
 def zipf_batches(rows: int, batch: int, count: int, a: float, seed: int) -> List[torch.Tensor]:
@@ -318,8 +317,8 @@ def plot(path: str, res: dict) -> None:
 
 
 def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
-    ap = argparse.ArgumentParser(prog=prog or "fastps bench sparse", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = new_parser(prog or "fastps bench sparse", __doc__, json_help="also write the results to this file",
+                    plot_help="write a PNG bar chart of each variant's iteration time")
     ap.add_argument("--rows", type=positive_int, default=1_000_000, help="ids in the table (1000000)")
     ap.add_argument("--dim", type=positive_int, default=64, help="embedding dimension (64)")
     ap.add_argument("--batch", type=positive_int, default=16384, help="ids per batch (16384)")
@@ -327,17 +326,12 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
     ap.add_argument("--steps", type=positive_int, default=50, help="timed steps (50)")
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps first (10)")
     ap.add_argument("--rules", nargs="+", default=["adam", "adagrad"], choices=["adam", "adagrad"])
-    ap.add_argument("--json", metavar="PATH", help="also write the results to this file")
-    ap.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of each variant's iteration time")
     args = ap.parse_args(argv)
     if args.zipf <= 0 or args.warmup < 0:
         ap.error("--zipf must be > 0 and --warmup >= 0")
     res = run(args)
     report(res)
-    if args.json:
-        write_json(args.json, res)
-    if args.plot:
-        plot(args.plot, res)
+    save_outputs(args, res, plot)
     return 0
 
 
