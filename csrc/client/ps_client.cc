@@ -221,11 +221,18 @@ FuturePtr PsClient::request(uint32_t tensor_id, Op op, float* dst, bool dst_per_
         size_t total = 0;
         for (const ConstBuffer& b : f.segs) total += b.size;
         m.header.payload_len = total;
-        m.payload.resize(total);
-        size_t at = 0;
-        for (const ConstBuffer& b : f.segs) {
-          if (b.size) std::memcpy(m.payload.data() + at, b.data, b.size);
-          at += b.size;
+        if (f.segs.size() == 1) {
+          // The shard reads the caller's tensor in place: it stays valid until
+          // this request completes (the Future's contract), and the shard is
+          // done reading before it replies.
+          m.in_place = const_cast<uint8_t*>(static_cast<const uint8_t*>(f.segs[0].data));
+        } else {
+          m.payload.resize(total);
+          size_t at = 0;
+          for (const ConstBuffer& b : f.segs) {
+            if (b.size) std::memcpy(m.payload.data() + at, b.data, b.size);
+            at += b.size;
+          }
         }
         local_server_->submit_local(std::move(m));
         continue;

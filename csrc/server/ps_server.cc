@@ -64,7 +64,7 @@ class Handler {
         case Op::kPull: return do_pull(conn, worker, m);
         case Op::kStateGet: return do_state_get(conn, m);
         case Op::kStateSet: return do_state_set(conn, m);
-        case Op::kPing: return reply(conn, m.header, Op::kPong, m.payload.data(), m.payload.size(),
+        case Op::kPing: return reply(conn, m.header, Op::kPong, body(m), m.header.payload_len,
                                      m.header.count);
         default:
           throw InvalidArgument(detail::concat("server cannot serve op ", op_name(m.header.op)));
@@ -94,16 +94,20 @@ class Handler {
     return it->second;
   }
 
+  // A frame's payload: its own buffer, or (a local request, Note [Local
+  // requests]) the worker's memory, valid until the request completes.
+  static const uint8_t* body(const Message& m) { return m.in_place ? m.in_place : m.payload.data(); }
+
   const float* floats(const Message& m, size_t offset, int64_t n) {
-    FASTPS_CHECK(m.payload.size() == offset + size_t(n) * 4, op_name(m.header.op), " payload of ",
-                 m.payload.size(), " bytes, expected ", offset + size_t(n) * 4);
-    return reinterpret_cast<const float*>(m.payload.data() + offset);
+    FASTPS_CHECK(m.header.payload_len == offset + size_t(n) * 4, op_name(m.header.op), " payload of ",
+                 m.header.payload_len, " bytes, expected ", offset + size_t(n) * 4);
+    return reinterpret_cast<const float*>(body(m) + offset);
   }
 
   size_t read_config(const Message& m, OptimHyper* hyper) {
     if (!(m.header.flags & kFlagConfig)) return 0;
     size_t used = 0;
-    *hyper = decode_optim_config(m.payload.data(), m.payload.size(), &used);
+    *hyper = decode_optim_config(body(m), m.header.payload_len, &used);
     return used;
   }
 
