@@ -170,6 +170,10 @@ def _tail(path: str, lines: int) -> str:
         return ""
 
 
+def _report(message: str, tail: str, intro: str) -> None:
+    print(message + (f" {intro}\n{tail.rstrip()}" if tail.strip() else ""), file=sys.stderr)
+
+
 def launch_workers(name: str, cmd: Sequence[str], nproc: int, *, timeout: float,
                    env: Optional[Dict[str, str]] = None, tail_lines: int = 20) -> int:
     """Run `nproc` copies of `cmd` as ranks of one local job; return 0, or 1 if one failed or timed out.
@@ -217,9 +221,8 @@ def launch_workers(name: str, cmd: Sequence[str], nproc: int, *, timeout: float,
             if failed:
                 r, c = failed[0]
                 kill_all()
-                print(f"{name}: worker rank {r} exited with code {c}; stopped the other workers. "
-                      f"Its last error output:", file=sys.stderr)
-                print(_tail(errs[r], tail_lines).rstrip() or "  (none)", file=sys.stderr)
+                _report(f"{name}: worker rank {r} exited with code {c}; stopped the other workers.",
+                        _tail(errs[r], tail_lines), f"Rank {r}'s last error output:")
                 return 1
             if all(c == 0 for c in codes):
                 for path in errs:  # warnings and the like: shown, as if the workers had printed them
@@ -227,9 +230,8 @@ def launch_workers(name: str, cmd: Sequence[str], nproc: int, *, timeout: float,
                 return 0
             if time.monotonic() > deadline:
                 kill_all()
-                print(f"{name}: workers still running after {timeout:.0f} s (--timeout); killed them. "
-                      f"Rank 0's last error output:", file=sys.stderr)
-                print(_tail(errs[0], tail_lines).rstrip() or "  (none)", file=sys.stderr)
+                _report(f"{name}: workers still running after {timeout:.0f} s (--timeout); killed them.",
+                        _tail(errs[0], tail_lines), "Rank 0's last error output:")
                 return 1
             time.sleep(0.05)
     finally:
