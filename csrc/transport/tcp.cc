@@ -1227,7 +1227,8 @@ void TcpTransport::shm_reader(const Entry& e) {
 
 void TcpTransport::shm_send(const ConnPtr& conn, const uint8_t* header, const ConstBuffer* segments,
                             size_t nsegments, uint64_t payload_len, Clock::time_point deadline) {
-  std::unique_lock<std::timed_mutex> lock(conn->shm_send_mu, deadline);
+  std::unique_lock<std::timed_mutex> lock(conn->shm_send_mu, std::try_to_lock);
+  if (!lock.owns_lock()) lock = std::unique_lock<std::timed_mutex>(conn->shm_send_mu, deadline);
   FASTPS_CHECK_TYPED(TimeoutError, lock.owns_lock(), "fastps: timed out after ", options().timeout.count(),
                      " ms waiting to send to ", conn->peer, " (earlier frames are still being written)");
   ShmRing& tx = conn->shm->tx();

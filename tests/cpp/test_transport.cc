@@ -1,12 +1,15 @@
 // Self-test of the transport layer: SHA-256/HMAC vectors, frame codecs and
 // limits, and the TCP transport over loopback (echo, pipelining, several
-// connections per peer, and every misbehaving peer the protocol names).
+// connections per peer, and every misbehaving peer the protocol names), and
+// its shared-memory path (rings smaller than the frames, fallback, forced
+// mode, a blocked writer failed by a close). Clean under -fsanitize=thread.
 //
 // Standalone: builds from csrc/ only (see tests/cpp/CMakeLists.txt), runs in a
 // few seconds, prints "N passed, M failed" and exits non-zero on failure. The
 // "fastps: closing connection ..." lines on stderr are expected: they are the
 // server logging the peers that the tests make misbehave.
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -157,12 +160,15 @@ struct EchoServer {
 
   explicit EchoServer(const TransportOptions& o = opts()) {
     t = Transport::create("tcp", o);
-    t->set_handler([this](ConnId c, Message&& m) {
+    // The handler uses a pointer that never changes: `t` itself is written
+    // by reset() while the handler threads may still run.
+    Transport* raw = t.get();
+    t->set_handler([this, raw](ConnId c, Message&& m) {
       frames.fetch_add(1);
       MessageHeader h = m.header;
       h.op = m.header.op == Op::kPing ? Op::kPong : Op::kReply;
       ConstBuffer seg{m.payload.data(), m.payload.size()};
-      t->send(c, h, &seg, m.payload.empty() ? 0 : 1);
+      raw->send(c, h, &seg, m.payload.empty() ? 0 : 1);
     });
     t->set_disconnect_handler([this](ConnId c, const std::string& reason) {
       std::lock_guard<std::mutex> lock(events.mu);
@@ -1147,6 +1153,125 @@ TEST(send_deadline_then_connection_closed) {
   CHECK(in.last_reason().find("timed out") != std::string::npos);
   CHECK_THROWS(ConnectionError, "closed", client->send(c, h));
   ::close(accepted.load());
+}
+
+// --- Shared memory (transport/shm.h) ------------------------------------------------------
+
+std::vector<std::string> shm_names_of_this_process() {
+  std::vector<std::string> names;
+  const std::string prefix = "fastps-" + std::to_string(::getpid()) + "-";
+  if (DIR* d = opendir("/dev/shm")) {
+    while (dirent* e = readdir(d))
+      if (std::strncmp(e->d_name, prefix.c_str(), prefix.size()) == 0) names.push_back(e->d_name);
+    closedir(d);
+  }
+  return names;
+}
+
+TransportOptions shm_opts(ShmMode mode, uint64_t ring = 64 << 10) {
+  TransportOptions o = opts();
+  o.shm = mode;
+  o.shm_ring_bytes = ring;
+  return o;
+}
+
+TEST(shm_echo_small_and_larger_than_the_ring) {
+  EchoServer server(shm_opts(ShmMode::kAuto));
+  Inbox in;
+  auto client = Transport::create("shm", shm_opts(ShmMode::kOff));  // "shm" forces kRequire
+  CHECK(client->kind() == "shm");
+  in.attach(*client);
+  ConnId c = client->connect("127.0.0.1", server.port, 0);
+  CHECK(client->peer_info(c).shared_memory);
+  CHECK(shm_names_of_this_process().empty());  // unlinked once mapped
+
+  std::vector<uint8_t> small(1000);
+  for (size_t i = 0; i < small.size(); ++i) small[i] = static_cast<uint8_t>(i * 13);
+  // 3 MiB + 5 bytes in two segments through 64 KiB rings: every frame wraps.
+  std::vector<uint8_t> big((3u << 20) + 5);
+  std::mt19937 rng(5);
+  for (auto& v : big) v = static_cast<uint8_t>(rng());
+  MessageHeader h;
+  h.op = Op::kPush;
+  for (int round = 0; round < 20; ++round) {
+    const bool large = round % 4 == 3;
+    const std::vector<uint8_t>& body = large ? big : small;
+    ConstBuffer segs[2] = {{body.data(), 7}, {body.data() + 7, body.size() - 7}};
+    h.request_id = round;
+    client->send(c, h, segs, 2);
+    CHECK(in.wait_frames(1, Ms(10000)));
+    Message r = in.pop();
+    CHECK(r.header.op == Op::kReply && r.header.request_id == static_cast<uint64_t>(round));
+    CHECK(r.payload.size() == body.size() && std::memcmp(r.payload.data(), body.data(), body.size()) == 0);
+  }
+  TransportStats st = client->stats();
+  CHECK(st.messages_sent == 20 && st.bytes_received == st.bytes_sent);
+  server.t.reset();  // the server goes away: the client hears it through the socket
+  CHECK(in.wait_disconnects(1));
+}
+
+TEST(shm_declined_falls_back_to_tcp_or_fails_when_required) {
+  EchoServer server(shm_opts(ShmMode::kOff));
+  {
+    Inbox in;
+    auto client = Transport::create("auto", opts());
+    in.attach(*client);
+    ConnId c = client->connect("127.0.0.1", server.port, 0);
+    CHECK(!client->peer_info(c).shared_memory);
+    MessageHeader h;
+    h.op = Op::kPing;
+    client->send(c, h);
+    CHECK(in.wait_frames(1));
+  }
+  Inbox in;
+  auto client = Transport::create("shm", opts());
+  in.attach(*client);
+  CHECK_THROWS(ConnectionError, "TCP only", client->connect("127.0.0.1", server.port, 0));
+  CHECK(shm_names_of_this_process().empty());
+  MessageHeader h;
+  h.op = Op::kShmOffer;
+  CHECK_THROWS(InvalidArgument, "transport itself", client->send(1, h));
+}
+
+TEST(shm_blocked_send_fails_when_peer_closes) {
+  // The server's handler stalls on the first frame, so its ring fills up and
+  // the client's sender blocks; a close on the server side must fail it at once.
+  auto server = Transport::create("auto", opts());
+  std::atomic<ConnId> conn{kInvalidConnId};
+  std::atomic<bool> release{false};
+  server->set_handler([&](ConnId c, Message&&) {
+    conn.store(c);
+    while (!release.load()) std::this_thread::sleep_for(Ms(5));
+  });
+  uint16_t port = server->listen();
+  Inbox in;
+  auto client = Transport::create("shm", shm_opts(ShmMode::kRequire));
+  in.attach(*client);
+  ConnId c = client->connect("127.0.0.1", port, 0);
+  std::vector<uint8_t> body(8 << 20, 0x5a);
+  std::atomic<bool> failed{false};
+  std::thread sender([&] {
+    ConstBuffer seg{body.data(), body.size()};
+    MessageHeader h;
+    h.op = Op::kPush;
+    try {
+      for (int i = 0; i < 8; ++i) client->send(c, h, &seg, 1);
+    } catch (const ConnectionError&) {
+      failed.store(true);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "  wrong exception: %s\n", e.what());
+    }
+  });
+  std::this_thread::sleep_for(Ms(300));
+  CHECK(!failed.load() && conn.load() != kInvalidConnId);
+  auto t0 = Clock::now();
+  server->close(conn.load());  // shuts the socket down at once
+  std::this_thread::sleep_for(Ms(100));
+  release.store(true);
+  sender.join();
+  CHECK(failed.load());
+  CHECK(Clock::now() - t0 < Ms(2000));
+  CHECK(in.wait_disconnects(1));
 }
 
 // ---------------------------------------------------------------------------------------
