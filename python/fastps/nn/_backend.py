@@ -225,6 +225,10 @@ class RemoteTable:
         assert grads.dtype == torch.float32 and grads.is_contiguous() and tuple(grads.shape) == (n, self.spec.dim)
         assert step == self._step + 1, (step, self._step)
         self._ensure()
+        # Under BSP a server takes step t + 1 only once step t is applied; a rank
+        # that stepped without pulling in between (its batch missed the module)
+        # must not run ahead. Normally the forward's pull has waited already.
+        self._flush()
         # The frames are written (or copied for the colocated server) before this returns.
         f = self._client.sparse_push(self._id, ids.data_ptr() if n else 0, n, self.spec.dim,
                                      grads.data_ptr() if n else 0, optim, step)
