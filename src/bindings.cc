@@ -41,6 +41,7 @@ void raise_as(const char* name, const std::exception& e) {
 }  // namespace
 
 void bind_sparse(pybind11::module_& m);
+void bind_sparse_client(pybind11::class_<PsClient>& cls);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastps native core (private; use the fastps package)";
@@ -205,7 +206,8 @@ PYBIND11_MODULE(_C, m) {
       .def("stats", [](const PsServer& s) { return bind::stats_dict(s.stats()); },
            "Bytes and messages this server's transport sent and received.");
 
-  py::class_<PsClient>(m, "PsClient")
+  py::class_<PsClient> ps_client(m, "PsClient");
+  ps_client
       .def(py::init([](int rank, const std::string& secret, double timeout_s, int64_t chunk_bytes,
                        int connections_per_peer, const std::string& transport,
                        int64_t shm_ring_bytes) {
@@ -287,4 +289,5 @@ PYBIND11_MODULE(_C, m) {
            "requests to the colocated server are not counted).");
 
   bind_sparse(m);
+  bind_sparse_client(ps_client);
 }

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "client/ps_client.h"
 #include "client/sparse_client.h"
 #include "common/error.h"
 #include "server/server.h"
@@ -35,7 +36,90 @@ py::dict stats_dict(const SparseTableStats& s) {
                   py::arg("memory_bytes") = s.memory_bytes);
 }
 
+SparseTableConfig make_config(int64_t dim, uint64_t seed, SparseInit init, double init_a, double init_b,
+                              SparseRule rule, int64_t max_rows, Eviction eviction, int64_t ttl_steps,
+                              int64_t admit_threshold, int64_t max_pending, int eviction_samples) {
+  SparseTableConfig c;
+  c.dim = dim;
+  c.seed = seed;
+  c.init = init;
+  c.init_a = init_a;
+  c.init_b = init_b;
+  c.rule = rule;
+  c.max_rows = max_rows;
+  c.eviction = eviction;
+  c.ttl_steps = ttl_steps;
+  c.admit_threshold = admit_threshold;
+  c.max_pending = max_pending;
+  c.eviction_samples = eviction_samples;
+  sparse_config_validate(c);
+  return c;
+}
+
 }  // namespace
+
+// The sparse calls of PsClient (the distributed mode's tables); PsClient
+// itself is bound in bindings.cc.
+void bind_sparse_client(py::class_<PsClient>& cls) {
+  cls.def(
+         "sparse_create",
+         [](PsClient& c, uint64_t table, const SparseTableConfig& config, bool replace) {
+           py::gil_scoped_release release;
+           return c.sparse_create(table, config, replace);
+         },
+         py::arg("table"), py::arg("config"), py::arg("replace") = false,
+         "Create sparse table `table` on every server (idempotent for the same config).")
+      .def(
+          "sparse_pull",
+          [](PsClient& c, uint64_t table, uintptr_t ids, int64_t n, int64_t dim, uintptr_t out,
+             uint32_t min_step) {
+            py::gil_scoped_release release;
+            return c.sparse_pull(table, as_ptr<const int64_t>(ids), n, dim, as_ptr<float>(out), min_step);
+          },
+          py::arg("table"), py::arg("ids"), py::arg("n"), py::arg("dim"), py::arg("out"), py::arg("min_step"),
+          "Rows of n int64 ids into out (n x dim float32) once the table step is >= min_step. "
+          "ids and out must stay alive until the future is done.")
+      .def(
+          "sparse_push",
+          [](PsClient& c, uint64_t table, uintptr_t ids, int64_t n, int64_t dim, uintptr_t grads,
+             const SparseOptim& optim, uint32_t step) {
+            py::gil_scoped_release release;
+            return c.sparse_push(table, as_ptr<const int64_t>(ids), n, dim, as_ptr<const float>(grads), optim,
+                                 step);
+          },
+          py::arg("table"), py::arg("ids"), py::arg("n"), py::arg("dim"), py::arg("grads"), py::arg("optim"),
+          py::arg("step"), "This worker's gradient rows (n unique ids) for table step `step`.")
+      .def(
+          "sparse_stats",
+          [](PsClient& c, uint64_t table, uint32_t min_step) {
+            std::vector<int64_t> v;
+            {
+              py::gil_scoped_release release;
+              v = c.sparse_stats(table, min_step);
+            }
+            return py::dict(py::arg("rows") = v[0], py::arg("admitted") = v[1], py::arg("evicted") = v[2],
+                            py::arg("expired") = v[3], py::arg("rejected") = v[4], py::arg("pending") = v[5],
+                            py::arg("memory_bytes") = v[6], py::arg("step") = v[7]);
+          },
+          py::arg("table"), py::arg("min_step") = 0, "Counters summed over the servers, and the table step.")
+      .def(
+          "sparse_save",
+          [](PsClient& c, uint64_t table, const SparseTableConfig& config, uint32_t min_step,
+             const std::string& path) {
+            py::gil_scoped_release release;
+            c.sparse_save(table, config, min_step, path);
+          },
+          py::arg("table"), py::arg("config"), py::arg("min_step"), py::arg("path"),
+          "Write the whole table (every server's rows) to the table file at `path`.")
+      .def(
+          "sparse_load",
+          [](PsClient& c, uint64_t table, const SparseTableConfig& config, const std::string& path) {
+            py::gil_scoped_release release;
+            return c.sparse_load(table, config, path);
+          },
+          py::arg("table"), py::arg("config"), py::arg("path"),
+          "Replace the table's rows on every server with the file's; returns the file's step.");
+}
 
 void bind_sparse(py::module_& m) {
   py::enum_<SparseRule>(m, "SparseRule")
@@ -92,6 +176,17 @@ void bind_sparse(py::module_& m) {
       .def_readwrite("l1", &SparseOptim::l1)
       .def_readwrite("l2", &SparseOptim::l2)
       .def_readwrite("ftrl_beta", &SparseOptim::ftrl_beta);
+
+  py::class_<SparseTableConfig>(m, "SparseTableConfig")
+      .def(py::init(&make_config), py::arg("dim"), py::kw_only(), py::arg("seed") = 0,
+           py::arg("init") = SparseInit::kUniform, py::arg("init_a") = -0.05, py::arg("init_b") = 0.05,
+           py::arg("rule") = SparseRule::kSGD, py::arg("max_rows") = 0, py::arg("eviction") = Eviction::kNone,
+           py::arg("ttl_steps") = 0, py::arg("admit_threshold") = 0, py::arg("max_pending") = int64_t{1} << 20,
+           py::arg("eviction_samples") = 16, "A whole sparse table's settings (validated).")
+      .def_readonly("dim", &SparseTableConfig::dim)
+      .def_readonly("rule", &SparseTableConfig::rule)
+      .def_readonly("seed", &SparseTableConfig::seed)
+      .def_readonly("max_rows", &SparseTableConfig::max_rows);
 
   m.def("sparse_optim_isa", &sparse_optim_isa, "Sparse kernel variant chosen for this CPU.");
   m.def("sparse_state_floats", &sparse_state_floats, py::arg("rule"), py::arg("dim"),

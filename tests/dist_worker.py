@@ -5,6 +5,9 @@
     dist_worker.py ddp OPT STEPS OUT       torch DDP (gloo) reference
     dist_worker.py slow OUT                trains until an error; records the error and its delay
     dist_worker.py resume OPT STEPS OUT    train STEPS, checkpoint, reload into fresh objects, train STEPS
+    dist_worker.py emb STEPS OUT           fastps.nn.Embedding + Linear under fastps.optim.Adam; then
+                                           state_dict, 2 more steps, reload, the same 2 steps again
+    dist_worker.py emb_slow OUT            trains an embedding until an error; records it and its delay
 """
 
 from __future__ import annotations
@@ -47,6 +50,19 @@ def train_loop(model, opt, x, y, steps):
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+EMB_IDS = 40  # ids 0..39; the halves' batches share some ids
+
+
+def emb_model_and_data():
+    torch.manual_seed(100 + RANK)  # dense layers: fastps starts every rank from rank 0's
+    emb = fastps.nn.Embedding(8, seed=3)
+    model = nn.Sequential(emb, nn.Flatten(), nn.Linear(8 * 3, 1))
+    g = torch.Generator().manual_seed(11)
+    x = torch.randint(0, EMB_IDS, (32, 3), generator=g)
+    y = torch.randn(32, 1, generator=g)
+    return emb, model, x.chunk(WORLD)[RANK], y.chunk(WORLD)[RANK]
 
 
 def main() -> int:
@@ -111,6 +127,53 @@ def main() -> int:
         opt2.load_state_dict(ckpt["opt"])
         again = train_loop(model2, opt2, x, y, steps)
         torch.save({"after": after, "again": again}, f"{out}.{RANK}")
+    elif mode == "emb":
+        import copy
+        steps, out = int(sys.argv[2]), sys.argv[3]
+        emb, model, x, y = emb_model_and_data()
+        opt = fastps.optim.Adam(model.parameters(), lr=0.05)
+        losses = train_loop(model, opt, x, y, steps)
+        all_ids = torch.arange(EMB_IDS)
+        rows = emb.lookup(all_ids)
+        num_rows, step_count = emb.num_rows, emb.step_count
+        sd = copy.deepcopy(model.state_dict())
+        osd = copy.deepcopy(opt.state_dict())
+        if RANK == 0:
+            torch.save(sd, f"{out}.sd")
+        train_loop(model, opt, x, y, 2)
+        rows_a = emb.lookup(all_ids)
+        # Nobody may still read the rows when a rank replaces them (docs/sparse.md).
+        fastps._cluster.cluster().barrier("test-emb-reload", "every rank before the reload")
+        model.load_state_dict(sd)
+        opt.load_state_dict(osd)
+        rows_loaded = emb.lookup(all_ids)
+        train_loop(model, opt, x, y, 2)
+        rows_b = emb.lookup(all_ids)
+        torch.save({"rows": rows, "dense": [p.detach().clone() for p in model[2].parameters()],
+                    "losses": losses, "num_rows": num_rows, "step": step_count,
+                    "rows_loaded": rows_loaded, "rows_a": rows_a, "rows_b": rows_b}, f"{out}.{RANK}")
+    elif mode == "emb_slow":
+        out = sys.argv[2]
+        emb, model, x, y = emb_model_and_data()
+        opt = fastps.optim.SGD(model.parameters(), lr=0.01)
+        last_ok = time.monotonic()
+        try:
+            for step in range(100000):
+                loss = nn.functional.mse_loss(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                emb.lookup(torch.tensor([1]))  # a pull after every step: waits for the step's round
+                last_ok = time.monotonic()
+                if step == 5:
+                    with open(f"{out}.ready.{RANK}", "w") as f:
+                        f.write("ok")
+                time.sleep(0.02)
+        except fastps.FastPSError as e:
+            with open(f"{out}.{RANK}", "w") as f:
+                f.write(f"{type(e).__name__}\n{time.monotonic() - last_ok:.3f}\n{e}\n")
+            os._exit(3)
+        return 0
     else:
         raise SystemExit(f"unknown mode {mode}")
     return 0

@@ -457,8 +457,10 @@ def test_frozen_embedding_and_no_grad_forward():
     assert not emb(torch.tensor([1])).requires_grad
 
 
-def test_distributed_mode_is_refused(monkeypatch):
+def test_distributed_mode_without_a_rendezvous_explains(monkeypatch):
+    # Multi-process training is tested in tests/test_nn_distributed.py.
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(fastps.nn.DistributedNotSupportedError) as e:
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(fastps.InvalidArgumentError, match="torchrun") as e:
         fastps.nn.Embedding(4)
-    assert isinstance(e.value, FastPSError) and isinstance(e.value, NotImplementedError)
+    assert isinstance(e.value, FastPSError)

@@ -131,7 +131,8 @@ def test_killed_server_process_fails_a_waiting_request_quickly(tmp_path):
         h.kind = _C.OptimKind.SGD
         p = torch.zeros(5000)
         client.register_dense(1, 5000, False, h, p.data_ptr()).wait()
-        fut = client.push(1, p.data_ptr(), h, 1)  # waits for the second worker
+        client.push(1, p.data_ptr(), h, 1).wait()
+        fut = client.pull(1, p.data_ptr(), 1)  # the round needs the second worker's push
         proc.kill()
         t0 = time.monotonic()
         with pytest.raises((fastps.ConnectionError, fastps.TimeoutError)):

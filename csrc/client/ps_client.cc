@@ -1,10 +1,12 @@
 #include "client/ps_client.h"
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 
 #include "client/embedded_client.h"  // chunk_key
 #include "common/error.h"
+#include "server/sparse_wire.h"
 
 namespace fastps {
 
@@ -215,29 +217,7 @@ FuturePtr PsClient::request(uint32_t tensor_id, Op op, float* dst, bool dst_per_
       completion, detail::concat(what, " of tensor ", tensor_id), timeout_);
   for (Frame& f : frames) {
     try {
-      if (f.server == local_index_) {
-        Message m;
-        m.header = f.header;
-        size_t total = 0;
-        for (const ConstBuffer& b : f.segs) total += b.size;
-        m.header.payload_len = total;
-        if (f.segs.size() == 1) {
-          // The shard reads the caller's tensor in place: it stays valid until
-          // this request completes (the Future's contract), and the shard is
-          // done reading before it replies.
-          m.in_place = const_cast<uint8_t*>(static_cast<const uint8_t*>(f.segs[0].data));
-        } else {
-          m.payload.resize(total);
-          size_t at = 0;
-          for (const ConstBuffer& b : f.segs) {
-            if (b.size) std::memcpy(m.payload.data() + at, b.data, b.size);
-            at += b.size;
-          }
-        }
-        local_server_->submit_local(std::move(m));
-        continue;
-      }
-      transport_->send(conns_[f.server], f.header, f.segs.data(), f.segs.size());
+      send_frame(f.server, f.header, f.segs);
     } catch (const Error& e) {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = pending_.find(f.header.request_id);
@@ -250,6 +230,339 @@ FuturePtr PsClient::request(uint32_t tensor_id, Op op, float* dst, bool dst_per_
     }
   }
   return future;
+}
+
+void PsClient::send_frame(int server, const MessageHeader& header, const std::vector<ConstBuffer>& segs) {
+  if (server == local_index_) {
+    Message m;
+    m.header = header;
+    size_t total = 0;
+    for (const ConstBuffer& b : segs) total += b.size;
+    m.header.payload_len = total;
+    if (segs.size() == 1 && (header.op == Op::kPush || header.op == Op::kPushPull)) {
+      // A gradient is read in place: it stays valid until this request
+      // completes (the Future's contract), and the shard is done reading it
+      // before it replies.
+      m.in_place = const_cast<uint8_t*>(static_cast<const uint8_t*>(segs[0].data));
+    } else {
+      m.payload.resize(total);
+      size_t at = 0;
+      for (const ConstBuffer& b : segs) {
+        if (b.size) std::memcpy(m.payload.data() + at, b.data, b.size);
+        at += b.size;
+      }
+    }
+    local_server_->submit_local(std::move(m));
+    return;
+  }
+  transport_->send(conns_[server], header, segs.data(), segs.size());
+}
+
+FuturePtr PsClient::submit(std::vector<OutFrame>& frames, const std::string& what) {
+  auto completion = std::make_shared<Completion>(uint32_t(frames.size()));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    FASTPS_CHECK(!conns_.empty(), "PsClient is not connected");
+    for (OutFrame& f : frames) {
+      f.header.request_id = next_id_++;
+      Pending p;
+      p.completion = completion;
+      p.dst = f.dst;
+      p.count = f.count;
+      p.server = f.server;
+      p.sink = f.sink;
+      pending_[f.header.request_id] = std::move(p);
+    }
+  }
+  auto future = std::make_shared<Future>(completion, what, timeout_);
+  for (OutFrame& f : frames) {
+    try {
+      send_frame(f.server, f.header, f.segs);
+    } catch (const Error& e) {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = pending_.find(f.header.request_id);
+      if (it != pending_.end()) {
+        it->second.completion->done(std::make_exception_ptr(ConnectionError(detail::concat(
+            "fastps: cannot reach parameter server ", f.server, " at ", servers_[f.server].host, ":",
+            servers_[f.server].port, ": ", e.what()))));
+        pending_.erase(it);
+      }
+    }
+  }
+  return future;
+}
+
+// ------------------------------------------------------------------ sparse tables
+
+SparseTableConfig PsClient::sparse_share(const SparseTableConfig& c, int server) const {
+  const int64_t n = num_servers();
+  SparseTableConfig s = c;
+  if (c.max_rows > 0) s.max_rows = c.max_rows / n + (server < c.max_rows % n ? 1 : 0);
+  s.max_pending = std::max<int64_t>(1, c.max_pending / n);
+  return s;
+}
+
+FuturePtr PsClient::sparse_create(uint64_t table, const SparseTableConfig& config, bool replace) {
+  sparse_config_validate(config);
+  const int servers = num_servers();
+  FASTPS_CHECK(servers > 0, "PsClient is not connected");
+  FASTPS_CHECK(config.max_rows == 0 || config.max_rows >= servers, "fastps: max_rows (", config.max_rows,
+               ") must be 0 (no cap) or at least the number of parameter servers (", servers, ")");
+  std::vector<std::array<uint8_t, kSparseConfigSize>> blocks(static_cast<size_t>(servers));
+  std::vector<OutFrame> frames(static_cast<size_t>(servers));
+  for (int s = 0; s < servers; ++s) {
+    encode_sparse_config(sparse_share(config, s), blocks[size_t(s)].data());
+    OutFrame& f = frames[size_t(s)];
+    f.server = s;
+    f.header.op = Op::kSparseCreate;
+    f.header.key = table;
+    f.header.aux = replace ? 1 : 0;
+    f.segs.push_back({blocks[size_t(s)].data(), kSparseConfigSize});
+  }
+  return submit(frames, detail::concat("SPARSE_CREATE of sparse table ", table));
+}
+
+FuturePtr PsClient::sparse_pull(uint64_t table, const int64_t* ids, int64_t n, int64_t dim, float* out,
+                                uint32_t min_step) {
+  FASTPS_CHECK(n >= 0 && dim >= 1, "fastps: bad sparse pull of ", n, " ids of dim ", dim);
+  FASTPS_CHECK(n == 0 || (ids != nullptr && out != nullptr), "fastps: sparse pull got a null buffer");
+  const int servers = num_servers();
+  FASTPS_CHECK(servers > 0, "PsClient is not connected");
+  const uint64_t limit = transport_->options().max_payload;
+  std::vector<OutFrame> frames;
+  const std::string what = detail::concat("SPARSE_PULL of sparse table ", table);
+  if (servers == 1) {  // the reply is already in the caller's order: receive it in place
+    if (n == 0) return submit(frames, what);
+    FASTPS_CHECK(uint64_t(n) * uint64_t(dim) * 4 <= limit, "fastps: a sparse pull of ", n, " rows of dim ",
+                 dim, " exceeds the message limit of ", limit, " bytes; pull fewer ids at a time");
+    OutFrame f;
+    f.server = 0;
+    f.header.op = Op::kSparsePull;
+    f.header.key = table;
+    f.header.count = uint32_t(n);
+    f.header.aux = min_step;
+    f.segs.push_back({ids, size_t(n) * 8});
+    f.dst = out;
+    f.count = n * dim;
+    frames.push_back(std::move(f));
+    return submit(frames, what);
+  }
+  // Positions of each server's ids in the caller's arrays; the reply rows of
+  // server s are scattered back to them.
+  auto pos = std::make_shared<std::vector<std::vector<int64_t>>>(static_cast<size_t>(servers));
+  std::vector<std::vector<int64_t>> sids(static_cast<size_t>(servers));
+  for (int64_t i = 0; i < n; ++i) {
+    const int s = sparse_server_of(ids[i], servers);
+    (*pos)[size_t(s)].push_back(i);
+    sids[size_t(s)].push_back(ids[i]);
+  }
+  for (int s = 0; s < servers; ++s) {
+    const int64_t m = int64_t(sids[size_t(s)].size());
+    if (m == 0) continue;
+    FASTPS_CHECK(uint64_t(m) * uint64_t(dim) * 4 <= limit, "fastps: a sparse pull of ", m, " rows of dim ",
+                 dim, " from one server exceeds the message limit of ", limit,
+                 " bytes; pull fewer ids at a time");
+    OutFrame f;
+    f.server = s;
+    f.header.op = Op::kSparsePull;
+    f.header.key = table;
+    f.header.count = uint32_t(m);
+    f.header.aux = min_step;
+    f.segs.push_back({sids[size_t(s)].data(), size_t(m) * 8});
+    f.sink = [pos, s, m, dim, out](const MessageHeader&, const void* data, size_t bytes) {
+      FASTPS_CHECK_TYPED(ProtocolError, bytes == size_t(m) * size_t(dim) * 4, "fastps: parameter server ", s,
+                         " answered a sparse pull of ", m, " rows of dim ", dim, " with ", bytes, " bytes");
+      const float* rows = static_cast<const float*>(data);
+      const std::vector<int64_t>& p = (*pos)[size_t(s)];
+      for (int64_t k = 0; k < m; ++k)
+        std::memcpy(out + p[size_t(k)] * dim, rows + k * dim, size_t(dim) * 4);
+    };
+    frames.push_back(std::move(f));
+  }
+  return submit(frames, what);  // sends before returning: sids may go
+}
+
+FuturePtr PsClient::sparse_push(uint64_t table, const int64_t* ids, int64_t n, int64_t dim,
+                                const float* grads, const SparseOptim& optim, uint32_t step) {
+  FASTPS_CHECK(n >= 0 && dim >= 1, "fastps: bad sparse push of ", n, " ids of dim ", dim);
+  FASTPS_CHECK(n == 0 || (ids != nullptr && grads != nullptr), "fastps: sparse push got a null buffer");
+  FASTPS_CHECK(step >= 1, "fastps: the table step of a push must be >= 1, got ", step);
+  sparse_optim_validate(optim);
+  const int servers = num_servers();
+  FASTPS_CHECK(servers > 0, "PsClient is not connected");
+  const uint64_t limit = transport_->options().max_payload;
+  uint8_t block[kSparseOptimSize];
+  encode_sparse_optim(optim, block);
+  std::vector<std::vector<int64_t>> sids(static_cast<size_t>(servers));
+  std::vector<std::vector<float>> sgrads(static_cast<size_t>(servers));
+  if (servers > 1) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int s = sparse_server_of(ids[i], servers);
+      sids[size_t(s)].push_back(ids[i]);
+      sgrads[size_t(s)].insert(sgrads[size_t(s)].end(), grads + i * dim, grads + (i + 1) * dim);
+    }
+  }
+  std::vector<OutFrame> frames(static_cast<size_t>(servers));
+  for (int s = 0; s < servers; ++s) {
+    const int64_t m = servers == 1 ? n : int64_t(sids[size_t(s)].size());
+    const int64_t* sid = servers == 1 ? ids : sids[size_t(s)].data();
+    const float* sg = servers == 1 ? grads : sgrads[size_t(s)].data();
+    FASTPS_CHECK(kSparseOptimSize + uint64_t(m) * (8 + uint64_t(dim) * 4) <= limit, "fastps: a sparse push of ",
+                 m, " rows of dim ", dim, " to one server exceeds the message limit of ", limit, " bytes");
+    OutFrame& f = frames[size_t(s)];
+    f.server = s;
+    f.header.op = Op::kSparsePush;
+    f.header.key = table;
+    f.header.count = uint32_t(m);
+    f.header.aux = step;
+    f.segs.push_back({block, sizeof(block)});
+    if (m > 0) {
+      f.segs.push_back({sid, size_t(m) * 8});
+      f.segs.push_back({sg, size_t(m) * size_t(dim) * 4});
+    }
+  }
+  return submit(frames, detail::concat("SPARSE_PUSH of sparse table ", table, " at step ", step));
+}
+
+std::vector<int64_t> PsClient::sparse_stats(uint64_t table, uint32_t min_step) {
+  const int servers = num_servers();
+  FASTPS_CHECK(servers > 0, "PsClient is not connected");
+  struct Sum {
+    std::mutex mu;  // sinks of several servers may run at once
+    std::vector<int64_t> v = std::vector<int64_t>(kSparseStatsCount, 0);
+  };
+  auto sum = std::make_shared<Sum>();
+  std::vector<OutFrame> frames(static_cast<size_t>(servers));
+  for (int s = 0; s < servers; ++s) {
+    OutFrame& f = frames[size_t(s)];
+    f.server = s;
+    f.header.op = Op::kSparseStats;
+    f.header.key = table;
+    f.header.aux = min_step;
+    f.sink = [sum, s](const MessageHeader&, const void* data, size_t bytes) {
+      FASTPS_CHECK_TYPED(ProtocolError, bytes == 8 * kSparseStatsCount, "fastps: parameter server ", s,
+                         " sent a sparse stats reply of ", bytes, " bytes");
+      const uint8_t* p = static_cast<const uint8_t*>(data);
+      std::lock_guard<std::mutex> lock(sum->mu);
+      for (uint32_t i = 0; i + 1 < kSparseStatsCount; ++i) sum->v[i] += int64_t(load_le64(p + 8 * i));
+      sum->v[7] = std::max(sum->v[7], int64_t(load_le64(p + 56)));
+    };
+  }
+  submit(frames, detail::concat("SPARSE_STATS of sparse table ", table))->wait();
+  std::lock_guard<std::mutex> lock(sum->mu);
+  return sum->v;
+}
+
+void PsClient::sparse_save(uint64_t table, const SparseTableConfig& config, uint32_t min_step,
+                           const std::string& path) {
+  const int servers = num_servers();
+  // Wait until every server applied min_step, and learn the step to record.
+  const int64_t step = sparse_stats(table, min_step)[7];
+  // sections[s][k]: shard k of server s. Shard 0 first tells each server's shard count.
+  auto sections = std::make_shared<std::vector<std::vector<std::vector<uint8_t>>>>(static_cast<size_t>(servers));
+  auto shards = std::make_shared<std::vector<uint32_t>>(static_cast<size_t>(servers), 0);
+  auto fetch = [&](std::vector<std::pair<int, uint32_t>> which) {
+    std::vector<OutFrame> frames;
+    for (auto [s, k] : which) {
+      OutFrame f;
+      f.server = s;
+      f.header.op = Op::kSparseExport;
+      f.header.key = table;
+      f.header.aux = k;
+      f.sink = [sections, shards, s, k](const MessageHeader& h, const void* data, size_t bytes) {
+        // Each (s, k) slot is written by its own reply only.
+        FASTPS_CHECK_TYPED(ProtocolError, h.count >= 1 && k < h.count, "fastps: parameter server ", s,
+                           " reports ", h.count, " shards");
+        const uint8_t* p = static_cast<const uint8_t*>(data);
+        if (k == 0) {
+          (*shards)[size_t(s)] = h.count;
+          (*sections)[size_t(s)].resize(h.count);
+        }
+        (*sections)[size_t(s)][k].assign(p, p + bytes);
+      };
+      frames.push_back(std::move(f));
+    }
+    submit(frames, detail::concat("SPARSE_EXPORT of sparse table ", table))->wait();
+  };
+  std::vector<std::pair<int, uint32_t>> first, rest;
+  for (int s = 0; s < servers; ++s) first.push_back({s, 0});
+  fetch(first);
+  uint32_t total = 0;
+  for (int s = 0; s < servers; ++s) {
+    total += (*shards)[size_t(s)];
+    for (uint32_t k = 1; k < (*shards)[size_t(s)]; ++k) rest.push_back({s, k});
+  }
+  if (!rest.empty()) fetch(rest);
+  SparseFileWriter w(path);
+  write_sparse_header(w, config, step, total);
+  for (auto& server : *sections)
+    for (auto& sec : server) w.write(sec.data(), sec.size());
+  w.commit();
+}
+
+int64_t PsClient::sparse_load(uint64_t table, const SparseTableConfig& config, const std::string& path) {
+  sparse_config_validate(config);
+  const int servers = num_servers();
+  FASTPS_CHECK(servers > 0, "PsClient is not connected");
+  SparseFileReader reader(path);
+  const SparseFileHeader h = read_sparse_header(reader);
+  const SparseTableConfig& f = h.config;
+  FASTPS_CHECK(f.dim == config.dim && f.rule == config.rule && f.init == config.init && f.seed == config.seed &&
+                   (f.init == SparseInit::kZeros || (f.init_a == config.init_a && f.init_b == config.init_b)),
+               "fastps: cannot load ", path, " into sparse table ", table, ": the file has ",
+               describe_sparse_config(f), ", the table has ", describe_sparse_config(config));
+  const uint64_t record = uint64_t(h.record_bytes);
+  std::vector<std::vector<uint8_t>> rows(static_cast<size_t>(servers)), pending(static_cast<size_t>(servers));
+  std::vector<uint64_t> nrows(static_cast<size_t>(servers), 0), npending(static_cast<size_t>(servers), 0);
+  std::vector<uint8_t> rec(record);
+  for (uint32_t sec = 0; sec < h.num_sections; ++sec) {
+    const uint64_t r = reader.get<uint64_t>();
+    const uint64_t p = reader.get<uint64_t>();
+    FASTPS_CHECK_TYPED(CheckpointError, r <= reader.remaining() / record && p <= reader.remaining() / 16,
+                       "fastps: ", path, " is truncated or corrupt (section ", sec, " claims ", r, " rows and ",
+                       p, " pending ids)");
+    for (uint64_t k = 0; k < r; ++k) {
+      reader.read(rec.data(), rec.size());
+      int64_t id;
+      std::memcpy(&id, rec.data(), 8);
+      const int s = sparse_server_of(id, servers);
+      rows[size_t(s)].insert(rows[size_t(s)].end(), rec.begin(), rec.end());
+      ++nrows[size_t(s)];
+    }
+    for (uint64_t k = 0; k < p; ++k) {
+      uint8_t pair[16];
+      reader.read(pair, 16);
+      int64_t id;
+      std::memcpy(&id, pair, 8);
+      const int s = sparse_server_of(id, servers);
+      pending[size_t(s)].insert(pending[size_t(s)].end(), pair, pair + 16);
+      ++npending[size_t(s)];
+    }
+  }
+  reader.finish();  // checksum verified: only now does anything reach the servers
+  const uint64_t limit = transport_->options().max_payload;
+  std::vector<std::vector<uint8_t>> heads(static_cast<size_t>(servers), std::vector<uint8_t>(kSparseConfigSize + 24));
+  std::vector<OutFrame> frames(static_cast<size_t>(servers));
+  for (int s = 0; s < servers; ++s) {
+    uint8_t* hd = heads[size_t(s)].data();
+    encode_sparse_config(sparse_share(config, s), hd);
+    store_le64(hd + kSparseConfigSize, uint64_t(h.step));
+    store_le64(hd + kSparseConfigSize + 8, nrows[size_t(s)]);
+    store_le64(hd + kSparseConfigSize + 16, npending[size_t(s)]);
+    const uint64_t bytes = heads[size_t(s)].size() + rows[size_t(s)].size() + pending[size_t(s)].size();
+    FASTPS_CHECK(bytes <= limit, "fastps: ", path, " holds ", bytes, " bytes for parameter server ", s,
+                 ", more than the message limit of ", limit, " bytes");
+    OutFrame& fr = frames[size_t(s)];
+    fr.server = s;
+    fr.header.op = Op::kSparseLoad;
+    fr.header.key = table;
+    fr.header.count = uint32_t(std::min<uint64_t>(nrows[size_t(s)], UINT32_MAX / 4));
+    fr.segs.push_back({hd, heads[size_t(s)].size()});
+    if (!rows[size_t(s)].empty()) fr.segs.push_back({rows[size_t(s)].data(), rows[size_t(s)].size()});
+    if (!pending[size_t(s)].empty()) fr.segs.push_back({pending[size_t(s)].data(), pending[size_t(s)].size()});
+  }
+  submit(frames, detail::concat("SPARSE_LOAD of sparse table ", table))->wait();
+  return h.step;
 }
 
 void PsClient::on_message(ConnId, Message&& m) {
@@ -276,9 +589,21 @@ void PsClient::complete(const MessageHeader& h, const void* data, size_t bytes) 
     std::exception_ptr e;
     if (h.status == uint32_t(Status::kTimeout))
       e = std::make_exception_ptr(ConnectionError("fastps: " + where + msg));
+    else if (h.status == uint32_t(Status::kLimit))
+      e = std::make_exception_ptr(CapacityError("fastps: " + where + msg));
     else
       e = std::make_exception_ptr(InvalidArgument("fastps: " + where + msg));
     p.completion->done(e);
+    return;
+  }
+  if (p.sink) {
+    try {
+      p.sink(h, data, bytes);
+    } catch (const Error&) {
+      p.completion->done(std::current_exception());
+      return;
+    }
+    p.completion->done();
     return;
   }
   if (p.count > 0) {

@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -26,6 +27,8 @@
 #include "common/completion.h"
 #include "server/ps_server.h"
 #include "table/optimizer.h"
+#include "table/sparse_optim.h"
+#include "table/sparse_table.h"
 #include "transport/transport.h"
 
 namespace fastps {
@@ -77,6 +80,37 @@ class PsClient {
   FuturePtr state_get(uint32_t tensor_id, int buffer, float* dst);
   FuturePtr state_set(uint32_t tensor_id, int buffer, const float* src);
 
+  // --- Sparse tables (docs/protocol.md "Sparse tables", docs/sparse.md) ---
+  // Ids are split over the servers (Note [Sparse id routing] in
+  // server/sparse_wire.h), one frame per server; rows come back in the
+  // caller's order. `config` is the whole table's (this client gives each
+  // server its share of max_rows and max_pending). Buffers passed to the
+  // async calls must stay valid until the future is done (pull's `out`);
+  // push and create copy or send what they need before returning.
+  //
+  // Creates the table on every server; idempotent for an identical config.
+  // replace: a table of another config is replaced by an empty one.
+  FuturePtr sparse_create(uint64_t table, const SparseTableConfig& config, bool replace);
+  // Rows of ids (any order, duplicates allowed) into out (n x dim), once the
+  // table step is at least min_step.
+  FuturePtr sparse_pull(uint64_t table, const int64_t* ids, int64_t n, int64_t dim, float* out,
+                        uint32_t min_step);
+  // This worker's gradient rows (n x dim, ids unique) for table step `step`;
+  // sent to every server (an empty push still counts towards a BSP round).
+  FuturePtr sparse_push(uint64_t table, const int64_t* ids, int64_t n, int64_t dim, const float* grads,
+                        const SparseOptim& optim, uint32_t step);
+  // Blocking, with the deadline. Counters summed over servers: rows,
+  // admitted, evicted, expired, rejected, pending, memory_bytes, then the
+  // largest step; once every server's table step is at least min_step.
+  std::vector<int64_t> sparse_stats(uint64_t table, uint32_t min_step);
+  // Blocking. Fetches every shard's rows (after the table reached min_step)
+  // and writes the table file (docs/sparse.md) atomically at `path`.
+  void sparse_save(uint64_t table, const SparseTableConfig& config, uint32_t min_step,
+                   const std::string& path);
+  // Blocking. Reads and verifies the file, then replaces every server's rows
+  // with it (and the table's config with `config`). Returns the file's step.
+  int64_t sparse_load(uint64_t table, const SparseTableConfig& config, const std::string& path);
+
   TransportStats stats() const { return transport_->stats(); }
   // How each server is reached: "local" (in-process, Note [Local requests]),
   // "shm" (shared-memory rings) or "tcp". Call after connect().
@@ -87,12 +121,28 @@ class PsClient {
     int64_t numel = 0;
     std::vector<int> servers;  // per chunk
   };
+  // Receives a reply's payload instead of a plain copy (sparse requests).
+  // Runs on the transport's loop thread or a local shard thread; may throw.
+  using Sink = std::function<void(const MessageHeader& h, const void* data, size_t bytes)>;
   struct Pending {
     CompletionPtr completion;
     float* dst = nullptr;
     int64_t count = 0;  // floats expected in the reply (0: ack only)
     int server = -1;
+    Sink sink;
   };
+  struct OutFrame {
+    int server = -1;
+    MessageHeader header;
+    std::vector<ConstBuffer> segs;
+    float* dst = nullptr;  // as Pending
+    int64_t count = 0;
+    Sink sink;
+  };
+  // Registers and sends frames (request ids assigned here); one future for all.
+  FuturePtr submit(std::vector<OutFrame>& frames, const std::string& what);
+  void send_frame(int server, const MessageHeader& header, const std::vector<ConstBuffer>& segs);
+  SparseTableConfig sparse_share(const SparseTableConfig& c, int server) const;
   using FrameFn = std::function<void(MessageHeader& h, std::vector<ConstBuffer>& segs, int64_t begin,
                                      int64_t n)>;
   FuturePtr request(uint32_t tensor_id, Op op, float* dst, bool dst_per_chunk, int64_t reply_count,

@@ -1,11 +1,14 @@
 #include "server/ps_server.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <functional>
 
 #include "common/error.h"
+#include "server/sparse_wire.h"
 #include "table/optimizer.h"
+#include "table/sparse_table.h"
 
 namespace fastps {
 
@@ -41,14 +44,131 @@ struct MessageTask : Task {
   void run(Shard& shard) override { fn(shard); }
 };
 
+// Note [Sparse tables on the network server]
+// A sparse table exists on every shard of every server (SPARSE_CREATE reaches
+// them all); each shard owns one SparseTable with the ids routed to it (Note
+// [Sparse id routing] in server/sparse_wire.h) and, like a chunk, is touched
+// only by its shard's thread. A request is split on the thread that received
+// it into one piece per shard involved (index lists into the request's
+// payload, which the pieces share); each shard does its part and whichever
+// finishes last sends the one reply (or the first error). Pieces of a pull
+// write disjoint rows of one reply buffer; the countdown's acq_rel ordering
+// publishes their writes to the finisher. No lock on this path: a mutex is
+// taken only to record an error.
+// Consistency, as in Note [Consistency]: under BSP every push reaches every
+// shard (empty or not) and joins the round of its step, which must be the
+// table's next; a shard sums the round's rows per id over all workers, and
+// when all W pushed it applies the fused rule once per id with the mean
+// (sum / W) at that step. Pushes are answered once their round is applied (so
+// an error applying it reaches every worker), pulls once the table step is at
+// least their `aux`. SSP/ASP apply each push at once (rows / W); pulls wait
+// for the slowest worker's clock as chunks do.
+struct SparseRequest {
+  ConnId conn = 0;
+  int worker = -1;
+  MessageHeader header;
+  Payload payload;
+  int num_shards = 1;
+  // Views into payload, set by dispatch_sparse.
+  const uint8_t* ids = nullptr;  // int64 ids (possibly unaligned: memcpy'd)
+  int64_t n = 0;
+  const uint8_t* grads = nullptr;
+  int64_t dim = 0;
+  SparseOptim optim;
+  SparseTableConfig config;
+  int64_t load_step = 0;
+  const uint8_t* records = nullptr;  // SPARSE_LOAD
+  int64_t record_bytes = 0;
+  const uint8_t* pending = nullptr;
+  std::vector<std::vector<int64_t>> index;          // per shard: ids / records of that shard
+  std::vector<std::vector<int64_t>> pending_index;  // per shard (SPARSE_LOAD)
+  // Results.
+  std::vector<float> rows;                // SPARSE_PULL
+  std::vector<uint8_t> bytes;             // SPARSE_EXPORT
+  std::vector<SparseTableStats> stats;    // SPARSE_STATS, per shard
+  std::vector<int64_t> steps;             // SPARSE_STATS, per shard
+  std::atomic<int> remaining{0};
+  std::mutex error_mu;  // the error path only
+  Status status = Status::kOk;
+  std::string error;
+
+  int64_t id(int64_t k) const {
+    int64_t v;
+    std::memcpy(&v, ids + 8 * k, 8);
+    return v;
+  }
+};
+using SparseRequestPtr = std::shared_ptr<SparseRequest>;
+
+struct SparseWait {
+  SparseRequestPtr req;
+  uint32_t need;
+  int shard;
+  bool is_push;  // a BSP push waiting for its round (nothing to fill)
+};
+
+struct PsSparse {
+  SparseTableConfig config;  // this server's share of the caps
+  std::unique_ptr<SparseTable> table;
+  int64_t step = 0;          // BSP: applied rounds; SSP/ASP: the largest step pushed
+  // BSP round being accumulated.
+  int pushes = 0;
+  std::vector<uint8_t> pushed;
+  std::unordered_map<int64_t, int64_t> slot;  // id -> index in round_ids
+  std::vector<int64_t> round_ids;
+  std::vector<float> accum;
+  SparseOptim optim;
+  std::vector<uint32_t> clock;  // pushes per worker (SSP/ASP)
+  std::vector<SparseWait> waiting;
+};
+
 }  // namespace
 
 struct PsServer::ShardState {
   std::unordered_map<uint64_t, PsChunk> chunks;
+  std::unordered_map<uint64_t, PsSparse> sparse;  // table id -> this shard's slice
   std::vector<bool> dead;  // per worker
 };
 
 namespace {
+
+// Sends a reply frame (or hands it to the local sink). Any thread.
+void send_reply(const PsServerOptions& o, Transport& tr, const LocalSink& local, ConnId conn,
+                const MessageHeader& req, Op op, const void* data, size_t bytes, uint32_t count) {
+  MessageHeader h;
+  h.op = op;
+  h.request_id = req.request_id;
+  h.key = req.key;
+  h.count = count;
+  if (conn == kLocalConn) {
+    local(h, data, bytes);
+    return;
+  }
+  ConstBuffer seg{data, bytes};
+  try {
+    tr.send(conn, h, bytes ? &seg : nullptr, bytes ? 1 : 0);
+  } catch (const Error& e) {
+    transport_log(detail::concat("server ", o.server_id, ": reply dropped: ", e.what()));
+  }
+}
+
+void send_error_to(const PsServerOptions& o, Transport& tr, const LocalSink& local, ConnId conn,
+                   uint64_t rid, uint64_t key, Status status, const std::string& msg) {
+  if (conn == kLocalConn) {
+    MessageHeader h;
+    h.op = Op::kError;
+    h.status = uint32_t(status);
+    h.request_id = rid;
+    h.key = key;
+    local(h, msg.data(), msg.size());
+    return;
+  }
+  try {
+    tr.send_error(conn, rid, status, msg, key);
+  } catch (const Error& e) {
+    transport_log(detail::concat("server ", o.server_id, ": error reply dropped: ", e.what()));
+  }
+}
 
 class Handler {
  public:
@@ -79,6 +199,7 @@ class Handler {
     st_.dead[worker] = true;
     size_t failed = 0;
     for (auto& kv : st_.chunks) failed += fail_unreachable(kv.first, kv.second, reason);
+    for (auto& kv : st_.sparse) failed += fail_unreachable_sparse(kv.second);
     // A clean exit leaves nothing waiting; only a loss worth knowing about is logged.
     if (failed > 0)
       transport_log(detail::concat("server ", opt_.server_id, ": worker rank ", worker,
@@ -326,39 +447,343 @@ class Handler {
 
   void reply(ConnId conn, const MessageHeader& req, Op op, const void* data, size_t bytes,
              uint32_t count) {
-    MessageHeader h;
-    h.op = op;
-    h.request_id = req.request_id;
-    h.key = req.key;
-    h.count = count;
-    if (conn == kLocalConn) {
-      local_(h, data, bytes);
-      return;
-    }
-    ConstBuffer seg{data, bytes};
-    try {
-      tr_.send(conn, h, bytes ? &seg : nullptr, bytes ? 1 : 0);
-    } catch (const Error& e) {
-      transport_log(detail::concat("server ", opt_.server_id, ": reply dropped: ", e.what()));
-    }
+    send_reply(opt_, tr_, local_, conn, req, op, data, bytes, count);
   }
 
   void error(ConnId conn, uint64_t rid, uint64_t key, Status status, const std::string& msg) {
-    if (conn == kLocalConn) {
-      MessageHeader h;
-      h.op = Op::kError;
-      h.status = uint32_t(status);
-      h.request_id = rid;
-      h.key = key;
-      local_(h, msg.data(), msg.size());
-      return;
-    }
+    send_error_to(opt_, tr_, local_, conn, rid, key, status, msg);
+  }
+
+  // ------------------------------------------------------------ sparse tables
+  // See Note [Sparse tables on the network server].
+ public:
+  void sparse(const SparseRequestPtr& r, int shard) {
     try {
-      tr_.send_error(conn, rid, status, msg, key);
+      switch (r->header.op) {
+        case Op::kSparseCreate: sparse_create(*r, shard); break;
+        case Op::kSparsePull: return sparse_pull(r, shard);    // may wait: finishes itself
+        case Op::kSparsePush: return sparse_push(r, shard);    // likewise
+        case Op::kSparseStats: return sparse_stats(r, shard);  // likewise
+        case Op::kSparseExport: sparse_table(r->header.key).table->append_section(r->bytes); break;
+        case Op::kSparseLoad: sparse_load(*r, shard); break;
+        default: FASTPS_ASSERT(false);
+      }
+      piece_done(r);
+    } catch (const CapacityError& e) {
+      piece_failed(r, Status::kLimit, e.what());
     } catch (const Error& e) {
-      transport_log(detail::concat("server ", opt_.server_id, ": error reply dropped: ", e.what()));
+      piece_failed(r, Status::kInvalidArgument, e.what());
     }
   }
+
+ private:
+  void piece_failed(const SparseRequestPtr& r, Status status, const std::string& msg) {
+    {
+      std::lock_guard<std::mutex> lock(r->error_mu);
+      if (r->status == Status::kOk) {
+        r->status = status;
+        r->error = msg;
+      }
+    }
+    piece_done(r);
+  }
+
+  // The last piece of a request sends its reply.
+  void piece_done(const SparseRequestPtr& r) {
+    if (r->remaining.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    if (r->status != Status::kOk) {
+      error(r->conn, r->header.request_id, r->header.key, r->status, r->error);
+      return;
+    }
+    switch (r->header.op) {
+      case Op::kSparsePull:
+        reply(r->conn, r->header, Op::kReply, r->rows.data(), r->rows.size() * 4, uint32_t(r->n));
+        return;
+      case Op::kSparseExport:
+        reply(r->conn, r->header, Op::kReply, r->bytes.data(), r->bytes.size(), uint32_t(r->num_shards));
+        return;
+      case Op::kSparseStats: {
+        int64_t v[kSparseStatsCount] = {};
+        for (size_t s = 0; s < r->stats.size(); ++s) {
+          const SparseTableStats& p = r->stats[s];
+          v[0] += p.rows;
+          v[1] += p.admitted;
+          v[2] += p.evicted;
+          v[3] += p.expired;
+          v[4] += p.rejected;
+          v[5] += p.pending;
+          v[6] += p.memory_bytes;
+          v[7] = std::max(v[7], r->steps[s]);
+        }
+        uint8_t out[8 * kSparseStatsCount];
+        for (uint32_t i = 0; i < kSparseStatsCount; ++i) store_le64(out + 8 * i, uint64_t(v[i]));
+        reply(r->conn, r->header, Op::kReply, out, sizeof(out), kSparseStatsCount);
+        return;
+      }
+      default:
+        reply(r->conn, r->header, Op::kReply, nullptr, 0, 0);
+    }
+  }
+
+  PsSparse& sparse_table(uint64_t key) {
+    auto it = st_.sparse.find(key);
+    FASTPS_CHECK(it != st_.sparse.end(), "server ", opt_.server_id, " has no sparse table ", key,
+                 "; create it first (SPARSE_CREATE)");
+    return it->second;
+  }
+
+  // This shard's share of a server's caps (as ShardedSparseTable::make_table).
+  static std::unique_ptr<SparseTable> make_shard_table(const SparseTableConfig& c, int shard, int shards) {
+    const int64_t cap = c.max_rows == 0 ? 0 : c.max_rows / shards + (shard < c.max_rows % shards ? 1 : 0);
+    const int64_t pending = std::max<int64_t>(1, c.max_pending / shards);
+    return std::make_unique<SparseTable>(c, cap, pending, uint64_t(shard));
+  }
+
+  void reset_round(PsSparse& t) {
+    t.pushes = 0;
+    t.slot.clear();
+    t.round_ids.clear();
+    t.accum.clear();
+  }
+
+  void sparse_create(SparseRequest& r, int shard) {
+    auto it = st_.sparse.find(r.header.key);
+    if (it != st_.sparse.end()) {
+      PsSparse& t = it->second;
+      if (same_sparse_config(t.config, r.config)) return;  // every worker creates every table
+      FASTPS_CHECK(r.header.aux == 1, "sparse table ", r.header.key, " exists on server ", opt_.server_id,
+                   " with another spec (", describe_sparse_config(t.config), ") than this worker's (",
+                   describe_sparse_config(r.config),
+                   "); every worker must build its embeddings with the same arguments, in the same order");
+      for (SparseWait& w : t.waiting)
+        piece_failed(w.req, Status::kInvalidArgument,
+                     detail::concat("sparse table ", r.header.key, " was replaced while this request waited"));
+      t.waiting.clear();
+      t.table = make_shard_table(r.config, shard, r.num_shards);
+      t.config = r.config;
+      t.step = 0;
+      reset_round(t);
+      return;
+    }
+    PsSparse t;
+    t.table = make_shard_table(r.config, shard, r.num_shards);
+    t.config = r.config;
+    t.clock.assign(opt_.num_workers, 0);
+    st_.sparse.emplace(r.header.key, std::move(t));
+  }
+
+  bool sparse_ready(const PsSparse& t, uint32_t need) const {
+    if (opt_.staleness == 0) return t.step >= int64_t(need);
+    if (opt_.staleness < 0) return true;
+    uint32_t m = UINT32_MAX;
+    for (int w = 0; w < opt_.num_workers; ++w) m = std::min(m, t.clock[w]);
+    return uint64_t(m) + uint64_t(opt_.staleness) >= need;
+  }
+
+  // Runs the piece's work once the table is ready for it, or parks it.
+  void run_or_wait(PsSparse& t, const SparseRequestPtr& r, int shard, uint32_t need) {
+    if (sparse_ready(t, need)) {
+      fill(t, *r, shard);
+      piece_done(r);
+      return;
+    }
+    t.waiting.push_back(SparseWait{r, need, shard, false});
+    fail_unreachable_sparse(t);
+  }
+
+  void fill(PsSparse& t, SparseRequest& r, int shard) {
+    if (r.header.op == Op::kSparsePull) {
+      // A pull's ids start the payload, whose buffer is heap-allocated (aligned).
+      const std::vector<int64_t>& idx = r.index[shard];
+      t.table->pull(reinterpret_cast<const int64_t*>(r.ids), idx.data(), int64_t(idx.size()), r.rows.data(),
+                    t.step);
+    } else {  // stats
+      r.stats[shard] = t.table->stats();
+      r.steps[shard] = t.step;
+    }
+  }
+
+  void sparse_pull(const SparseRequestPtr& r, int shard) {
+    PsSparse& t = sparse_table(r->header.key);
+    FASTPS_CHECK(t.config.dim == r->dim, "SPARSE_PULL for dim ", r->dim, " from a table of dim ", t.config.dim);
+    run_or_wait(t, r, shard, r->header.aux);
+  }
+
+  void sparse_stats(const SparseRequestPtr& r, int shard) {
+    run_or_wait(sparse_table(r->header.key), r, shard, r->header.aux);
+  }
+
+  // Adds this shard's rows of push `r` into the round sum (duplicates sum too).
+  void accumulate(PsSparse& t, const SparseRequest& r, int shard) {
+    const int64_t dim = t.config.dim;
+    for (int64_t k : r.index[shard]) {
+      const int64_t id = r.id(k);
+      const uint8_t* g = r.grads + size_t(k) * size_t(dim) * 4;
+      auto ins = t.slot.emplace(id, int64_t(t.round_ids.size()));
+      if (ins.second) {
+        t.round_ids.push_back(id);
+        const size_t at = t.accum.size();
+        t.accum.resize(at + size_t(dim));
+        std::memcpy(t.accum.data() + at, g, size_t(dim) * 4);
+      } else {
+        float* a = t.accum.data() + size_t(ins.first->second) * size_t(dim);
+        for (int64_t d = 0; d < dim; ++d) {
+          float x;
+          std::memcpy(&x, g + 4 * d, 4);
+          a[d] += x;
+        }
+      }
+    }
+  }
+
+  // Mean over the W workers, then one fused update per id. Returns the error
+  // text ("" if none); the table is unchanged on a CapacityError.
+  std::string apply_round(PsSparse& t, int64_t step) {
+    std::string err;
+    if (!t.round_ids.empty()) {
+      const float w = float(opt_.num_workers);
+      for (float& x : t.accum) x /= w;
+      try {
+        t.table->push(t.round_ids.data(), nullptr, int64_t(t.round_ids.size()), t.accum.data(), t.optim, step);
+      } catch (const Error& e) {
+        err = e.what();
+      }
+    }
+    reset_round(t);
+    return err;
+  }
+
+  void sparse_push(const SparseRequestPtr& r, int shard) {
+    PsSparse& t = sparse_table(r->header.key);
+    const int worker = r->worker;
+    FASTPS_CHECK(worker >= 0 && worker < opt_.num_workers, "SPARSE_PUSH from rank ", worker,
+                 " but the job has ", opt_.num_workers, " workers");
+    FASTPS_CHECK(r->n == 0 || r->dim == t.config.dim, "SPARSE_PUSH of rows of dim ", r->dim,
+                 " to a table of dim ", t.config.dim);
+    FASTPS_CHECK(r->optim.rule == t.config.rule, "push with rule '", sparse_rule_name(r->optim.rule),
+                 "' to sparse table ", r->header.key, " created for '", sparse_rule_name(t.config.rule), "'");
+    const int64_t step = r->header.aux;
+    FASTPS_CHECK(step >= 1, "SPARSE_PUSH at step ", step, "; steps start at 1");
+    if (opt_.staleness == 0) {
+      FASTPS_CHECK(step == t.step + 1, "worker rank ", worker, " pushed step ", step, " to sparse table ",
+                   r->header.key, ", whose next step is ", t.step + 1,
+                   " (under BSP every worker steps every embedding once per optimizer step)");
+      if (t.pushes == 0) t.pushed.assign(opt_.num_workers, 0);
+      FASTPS_CHECK(!t.pushed[worker], "worker rank ", worker, " pushed sparse table ", r->header.key,
+                   " twice in step ", step);
+      t.pushed[worker] = 1;
+      t.optim = r->optim;
+      accumulate(t, *r, shard);
+      ++t.pushes;
+      t.waiting.push_back(SparseWait{r, uint32_t(step), shard, true});
+      if (t.pushes < opt_.num_workers) {
+        fail_unreachable_sparse(t);
+        return;
+      }
+      const std::string err = apply_round(t, step);
+      t.step = step;  // a failed round still counts, so every worker stays in step
+      if (!err.empty()) {
+        auto keep = t.waiting.begin();
+        for (auto it = t.waiting.begin(); it != t.waiting.end(); ++it) {
+          if (it->is_push) {
+            piece_failed(it->req, Status::kLimit, err + " (this step's rows were not applied on this shard)");
+          } else {
+            *keep++ = *it;
+          }
+        }
+        t.waiting.erase(keep, t.waiting.end());
+      }
+      serve_sparse_waiting(t);
+      return;
+    }
+    // SSP / ASP: apply at once.
+    t.clock[worker] += 1;
+    t.optim = r->optim;
+    accumulate(t, *r, shard);
+    const std::string err = apply_round(t, step);
+    t.step = std::max(t.step, step);
+    if (err.empty()) {
+      piece_done(r);
+    } else {
+      piece_failed(r, Status::kLimit, err);
+    }
+    serve_sparse_waiting(t);
+  }
+
+  void serve_sparse_waiting(PsSparse& t) {
+    std::vector<SparseWait> ready;
+    auto keep = t.waiting.begin();
+    for (auto it = t.waiting.begin(); it != t.waiting.end(); ++it) {
+      if (sparse_ready(t, it->need)) {
+        ready.push_back(*it);
+      } else {
+        *keep++ = *it;
+      }
+    }
+    t.waiting.erase(keep, t.waiting.end());
+    for (SparseWait& w : ready) {
+      if (!w.is_push) fill(t, *w.req, w.shard);
+      piece_done(w.req);
+    }
+  }
+
+  // See fail_unreachable(): the same rule for a sparse table's waiters.
+  size_t fail_unreachable_sparse(PsSparse& t) {
+    std::vector<int> dead;
+    for (int w = 0; w < opt_.num_workers; ++w)
+      if (st_.dead[w]) dead.push_back(w);
+    if (dead.empty() || t.waiting.empty()) return 0;
+    const size_t before = t.waiting.size();
+    std::vector<SparseWait> failed;
+    auto keep = t.waiting.begin();
+    for (auto it = t.waiting.begin(); it != t.waiting.end(); ++it) {
+      bool blocked = opt_.staleness == 0;  // a round needs every worker's push
+      if (!blocked)
+        for (int w : dead) blocked |= uint64_t(t.clock[w]) + uint64_t(std::max(opt_.staleness, 0)) < it->need;
+      if (blocked) {
+        failed.push_back(*it);
+      } else {
+        *keep++ = *it;
+      }
+    }
+    t.waiting.erase(keep, t.waiting.end());
+    for (SparseWait& w : failed)
+      piece_failed(w.req, Status::kTimeout,
+                   detail::concat("server ", opt_.server_id, ": worker rank ", dead[0],
+                                  " disconnected; this step of sparse table ", w.req->header.key,
+                                  " can never complete"));
+    return before - t.waiting.size();
+  }
+
+  void sparse_load(SparseRequest& r, int shard) {
+    PsSparse& t = sparse_table(r.header.key);
+    FASTPS_CHECK(r.config.dim == t.config.dim, "SPARSE_LOAD of rows of dim ", r.config.dim,
+                 " into a table of dim ", t.config.dim);
+    std::unique_ptr<SparseTable> fresh = make_shard_table(r.config, shard, r.num_shards);
+    std::vector<float> values(size_t(r.record_bytes - int64_t(sizeof(RowHeader))) / 4);
+    for (int64_t k : r.index[shard]) {
+      const uint8_t* rec = r.records + size_t(k) * size_t(r.record_bytes);
+      RowHeader h;
+      std::memcpy(&h, rec, sizeof(h));
+      std::memcpy(values.data(), rec + sizeof(h), values.size() * 4);
+      fresh->load_row(h, values.data());
+    }
+    for (int64_t k : r.pending_index[shard]) {
+      int64_t id;
+      uint64_t count;
+      std::memcpy(&id, r.pending + 16 * size_t(k), 8);
+      std::memcpy(&count, r.pending + 16 * size_t(k) + 8, 8);
+      fresh->load_pending(id, count);
+    }
+    // The round being accumulated stays: a worker that loaded first may
+    // already have pushed the next step (See docs/protocol.md SPARSE_LOAD).
+    t.table = std::move(fresh);
+    t.config = r.config;
+    t.step = r.load_step;
+    serve_sparse_waiting(t);
+  }
+
+ private:
 
   const PsServerOptions& opt_;
   Transport& tr_;
@@ -429,6 +854,8 @@ void PsServer::submit_local(Message&& message) {
 }
 
 void PsServer::dispatch(ConnId conn, int worker, Message&& message) {
+  const uint8_t op = uint8_t(message.header.op);
+  if (op >= 32 && op <= 63) return dispatch_sparse(conn, worker, std::move(message));
   const int shard = static_cast<int>(mix64(message.header.key) % uint64_t(server_->num_shards()));
   auto task = std::make_unique<MessageTask>();
   ShardState* st = shard_state_[shard].get();
@@ -436,6 +863,153 @@ void PsServer::dispatch(ConnId conn, int worker, Message&& message) {
     Handler(options_, *transport_, *st, local_sink_).handle(conn, worker, m);
   };
   server_->submit(shard, std::move(task));
+}
+
+// Parses and checks a sparse request, splits it into per-shard pieces and
+// submits them (See Note [Sparse tables on the network server]). Runs on the
+// thread that received the request, under submit_mu_.
+void PsServer::dispatch_sparse(ConnId conn, int worker, Message&& message) {
+  auto r = std::make_shared<SparseRequest>();
+  r->conn = conn;
+  r->worker = worker;
+  r->header = message.header;
+  r->payload = std::move(message.payload);
+  const int shards = server_->num_shards();
+  r->num_shards = shards;
+  const uint8_t* p = r->payload.data();
+  const size_t len = r->payload.size();
+  const uint64_t key = r->header.key;
+  std::vector<int> targets;  // shards that get a piece
+  auto all_shards = [&] {
+    for (int s = 0; s < shards; ++s) targets.push_back(s);
+  };
+  auto route_ids = [&] {
+    r->index.assign(size_t(shards), {});
+    for (int64_t k = 0; k < r->n; ++k) r->index[size_t(sparse_shard_of(r->id(k), shards))].push_back(k);
+  };
+  auto dim_of = [&]() -> int64_t {
+    auto it = sparse_dim_.find(key);
+    FASTPS_CHECK(it != sparse_dim_.end(), "server ", options_.server_id, " has no sparse table ", key,
+                 "; create it first (SPARSE_CREATE)");
+    return it->second;
+  };
+  try {
+    switch (r->header.op) {
+      case Op::kSparseCreate: {
+        FASTPS_CHECK(len == kSparseConfigSize, "SPARSE_CREATE payload of ", len, " bytes, expected ",
+                     kSparseConfigSize);
+        r->config = decode_sparse_config(p, len);
+        FASTPS_CHECK(r->config.max_rows == 0 || r->config.max_rows >= shards, "max_rows share ",
+                     r->config.max_rows, " of server ", options_.server_id,
+                     " is below its number of shards (", shards, "); raise max_rows or use fewer shards");
+        auto it = sparse_dim_.find(key);
+        if (it == sparse_dim_.end() || r->header.aux == 1) sparse_dim_[key] = r->config.dim;
+        all_shards();
+        break;
+      }
+      case Op::kSparsePull: {
+        r->n = r->header.count;
+        FASTPS_CHECK(len == size_t(r->n) * 8, "SPARSE_PULL payload of ", len, " bytes for ", r->n, " ids");
+        r->dim = dim_of();
+        FASTPS_CHECK(uint64_t(r->n) * uint64_t(r->dim) * 4 <= options_.transport.max_payload,
+                     "SPARSE_PULL of ", r->n, " rows of dim ", r->dim, " exceeds the reply limit");
+        r->ids = p;
+        r->rows.resize(size_t(r->n) * size_t(r->dim));
+        route_ids();
+        for (int s = 0; s < shards; ++s)
+          if (!r->index[size_t(s)].empty()) targets.push_back(s);
+        break;
+      }
+      case Op::kSparsePush: {
+        FASTPS_CHECK(len >= kSparseOptimSize, "SPARSE_PUSH payload of ", len, " bytes has no optimizer block");
+        r->optim = decode_sparse_optim(p, len);
+        r->n = r->header.count;
+        const uint64_t rest = len - kSparseOptimSize;
+        FASTPS_CHECK(rest >= uint64_t(r->n) * 8, "SPARSE_PUSH payload too short for ", r->n, " ids");
+        const uint64_t values = rest - uint64_t(r->n) * 8;
+        const int64_t dim = dim_of();
+        FASTPS_CHECK(values == uint64_t(r->n) * uint64_t(dim) * 4, "SPARSE_PUSH of ", r->n, " ids carries ",
+                     values, " bytes of gradients; the table's rows have dim ", dim);
+        r->dim = dim;
+        r->ids = p + kSparseOptimSize;
+        r->grads = r->ids + size_t(r->n) * 8;
+        route_ids();
+        all_shards();  // every shard counts every push (Note [Sparse tables on the network server])
+        break;
+      }
+      case Op::kSparseStats:
+        FASTPS_CHECK(len == 0, "SPARSE_STATS carries no payload");
+        r->stats.resize(size_t(shards));
+        r->steps.assign(size_t(shards), 0);
+        all_shards();
+        break;
+      case Op::kSparseExport:
+        FASTPS_CHECK(len == 0, "SPARSE_EXPORT carries no payload");
+        FASTPS_CHECK(r->header.aux < uint32_t(shards), "SPARSE_EXPORT of shard ", r->header.aux,
+                     "; server ", options_.server_id, " has ", shards);
+        targets.push_back(int(r->header.aux));
+        break;
+      case Op::kSparseLoad: {
+        FASTPS_CHECK(len >= kSparseConfigSize + 24, "SPARSE_LOAD payload of ", len, " bytes is too short");
+        r->config = decode_sparse_config(p, kSparseConfigSize);
+        r->load_step = int64_t(load_le64(p + kSparseConfigSize));
+        const uint64_t rows = load_le64(p + kSparseConfigSize + 8);
+        const uint64_t pending = load_le64(p + kSparseConfigSize + 16);
+        FASTPS_CHECK(r->load_step >= 0, "SPARSE_LOAD with a negative step");
+        r->record_bytes = int64_t(sizeof(RowHeader)) +
+                          4 * (r->config.dim + sparse_state_floats(r->config.rule, r->config.dim));
+        const uint64_t body = len - kSparseConfigSize - 24;
+        FASTPS_CHECK(rows <= body / uint64_t(r->record_bytes) && pending <= body / 16 &&
+                         rows * uint64_t(r->record_bytes) + pending * 16 == body,
+                     "SPARSE_LOAD payload of ", len, " bytes does not hold ", rows, " rows and ", pending,
+                     " pending ids");
+        r->records = p + kSparseConfigSize + 24;
+        r->pending = r->records + rows * uint64_t(r->record_bytes);
+        r->index.assign(size_t(shards), {});
+        r->pending_index.assign(size_t(shards), {});
+        for (uint64_t k = 0; k < rows; ++k) {
+          int64_t id;
+          std::memcpy(&id, r->records + k * uint64_t(r->record_bytes), 8);
+          r->index[size_t(sparse_shard_of(id, shards))].push_back(int64_t(k));
+        }
+        for (uint64_t k = 0; k < pending; ++k) {
+          int64_t id;
+          std::memcpy(&id, r->pending + 16 * k, 8);
+          r->pending_index[size_t(sparse_shard_of(id, shards))].push_back(int64_t(k));
+        }
+        // Every shard checks nothing it cannot undo: the caps are checked here,
+        // before any shard replaces its rows.
+        const SparseTableConfig& c = r->config;
+        for (int s = 0; s < shards; ++s) {
+          const int64_t cap = c.max_rows == 0 ? 0 : c.max_rows / shards + (s < c.max_rows % shards ? 1 : 0);
+          FASTPS_CHECK_TYPED(CapacityError, cap == 0 || int64_t(r->index[size_t(s)].size()) <= cap,
+                             "fastps: the file holds more rows than this table's cap (max_rows=", c.max_rows,
+                             " on server ", options_.server_id, "); load it into a table with a larger max_rows");
+        }
+        dim_of();
+        sparse_dim_[key] = c.dim;
+        all_shards();
+        break;
+      }
+      default:
+        throw InvalidArgument(detail::concat("server cannot serve op ", op_name(r->header.op)));
+    }
+  } catch (const Error& e) {
+    const Status status = dynamic_cast<const CapacityError*>(&e) ? Status::kLimit : Status::kInvalidArgument;
+    send_error_to(options_, *transport_, local_sink_, conn, r->header.request_id, key, status, e.what());
+    return;
+  }
+  if (targets.empty()) {  // e.g. a pull of no ids
+    send_reply(options_, *transport_, local_sink_, conn, r->header, Op::kReply, nullptr, 0, 0);
+    return;
+  }
+  r->remaining.store(int(targets.size()), std::memory_order_relaxed);
+  for (int s : targets) {
+    auto task = std::make_unique<MessageTask>();
+    ShardState* st = shard_state_[size_t(s)].get();
+    task->fn = [this, st, r, s](Shard&) { Handler(options_, *transport_, *st, local_sink_).sparse(r, s); };
+    server_->submit(s, std::move(task));
+  }
 }
 
 void PsServer::on_disconnect(ConnId conn, const std::string& reason) {

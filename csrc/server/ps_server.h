@@ -18,6 +18,9 @@
 // Aggregation-only chunks (REGISTER with kFlagSum) answer each PUSH_PULL of a
 // round with the plain sum of that round, for DistributedOptimizer.
 //
+// Sparse tables (ops SPARSE_*): see Note [Sparse tables on the network
+// server] in ps_server.cc.
+//
 // A worker whose connection drops is marked dead: every request that would
 // wait for it fails at once with an ERROR frame naming it, so survivors raise
 // instead of hanging.
@@ -90,7 +93,12 @@ class PsServer {
   int local_worker_ = -1;
   LocalSink local_sink_;
 
+  // Loop thread (or a local submitter), under submit_mu_: which dim each
+  // sparse table has, so a pull's reply buffer is sized before the shards run.
+  std::unordered_map<uint64_t, int64_t> sparse_dim_;
+
   void dispatch(ConnId conn, int worker, Message&& message);
+  void dispatch_sparse(ConnId conn, int worker, Message&& message);
 };
 
 }  // namespace fastps

@@ -443,6 +443,25 @@ void SparseTable::write_section(SparseFileWriter& w) const {
   });
 }
 
+void SparseTable::append_section(std::vector<uint8_t>& out) const {
+  const size_t record = sizeof(RowHeader) + 4 * static_cast<size_t>(config_.dim + state_floats_);
+  const size_t at = out.size();
+  out.resize(at + 16 + record * static_cast<size_t>(map_.size()) + 16 * static_cast<size_t>(pending_.size()));
+  uint8_t* p = out.data() + at;
+  const uint64_t counts[2] = {static_cast<uint64_t>(map_.size()), static_cast<uint64_t>(pending_.size())};
+  std::memcpy(p, counts, 16);  // the file format is little-endian, as the row records (memcpy'd) are
+  p += 16;
+  map_.for_each([&](int64_t, uint64_t v) {
+    std::memcpy(p, pool_.row(static_cast<int64_t>(v - 1)), record);
+    p += record;
+  });
+  pending_.for_each([&](int64_t id, uint64_t count) {
+    std::memcpy(p, &id, 8);
+    std::memcpy(p + 8, &count, 8);
+    p += 16;
+  });
+}
+
 void SparseTable::load_row(const RowHeader& h, const float* values) {
   FASTPS_CHECK_TYPED(CheckpointError, map_.find(h.id) < 0, "fastps: corrupt sparse table file: id ", h.id,
                      " appears twice");

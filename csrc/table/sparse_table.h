@@ -246,6 +246,10 @@ class SparseTable {
 
   // Persistence, shard thread (or a table no shard owns yet).
   void write_section(SparseFileWriter& w) const;
+  // The same bytes as write_section(), appended to `out` (a server's
+  // SPARSE_EXPORT reply; the worker writes the file).
+  void append_section(std::vector<uint8_t>& out) const;
+  int64_t step() const { return step_; }
   // Adds a row read from a file (header, then dim + state floats). Throws
   // CheckpointError on a duplicate id and CapacityError past max_rows.
   void load_row(const RowHeader& h, const float* values);

@@ -60,6 +60,13 @@ enum class Op : uint8_t {
   kShutdown = 22,
   kStateGet = 23,
   kStateSet = 24,
+  // Sparse tables (32-63; see docs/protocol.md "Sparse tables").
+  kSparseCreate = 32,
+  kSparsePull = 33,
+  kSparsePush = 34,
+  kSparseStats = 35,
+  kSparseExport = 36,
+  kSparseLoad = 37,
 };
 
 // Header flag bits (docs/protocol.md, "Flags"). Any other bit is a protocol error.

@@ -187,6 +187,7 @@ class Cluster:
             # The colocated server is reached without the socket (Note [Local requests]).
             self.client.attach_local(self.server, self.server_ids.index(cfg.rank))
         self._next_id = 0
+        self._next_table = 0
         self._lock = threading.Lock()
         self._closed = False
         atexit.register(self.shutdown)
@@ -206,6 +207,13 @@ class Cluster:
         with self._lock:
             self._next_id += 1
             return self._next_id
+
+    def next_table_id(self) -> int:
+        """Sparse table ids in creation order (their own namespace on the servers): equal on every
+        rank that builds the same embeddings in the same order."""
+        with self._lock:
+            self._next_table += 1
+            return self._next_table
 
     def barrier(self, name: str, what: str) -> None:
         store_barrier(self.store, name, self.world_size, self.config.timeout, what)

@@ -2,10 +2,12 @@
 
 A module talks to its table only through :class:`SparseBackend` (pull, push,
 save, load, size, stats, step). :func:`make_backend` picks the implementation:
-today the embedded, in-process :class:`EmbeddedTable` (a ``_C.SparseTable`` on
-the shard threads of ``_runtime.embedded().server``); the distributed mode will
-add a remote client with the same five calls. Until then a module built under
-``torchrun`` raises :class:`DistributedNotSupportedError`.
+the embedded, in-process :class:`EmbeddedTable` (a ``_C.SparseTable`` on the
+shard threads of ``_runtime.embedded().server``), or, in the distributed mode
+(``WORLD_SIZE`` > 1, see ``fastps._cluster``), :class:`RemoteTable`: the rows
+spread over every parameter server of the job, reached through the rank's
+``_C.PsClient`` (docs/sparse.md "Distributed mode", docs/protocol.md "Sparse
+tables").
 
 Tensors reach the native table as (address, count) after the checks here
 (int64 ids, float32 rows, contiguous, on the CPU), as in ``fastps._tensor``.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Protocol
+from typing import Any, Dict, List, Optional, Protocol
 
 import torch
 
@@ -27,6 +29,7 @@ __all__ = [
     "TableSpec",
     "SparseBackend",
     "EmbeddedTable",
+    "RemoteTable",
     "make_backend",
     "check_supported",
     "read_file_header",
@@ -34,7 +37,7 @@ __all__ = [
 
 
 class DistributedNotSupportedError(FastPSError, NotImplementedError):
-    """``fastps.nn`` embeddings do not run in the distributed (torchrun) mode yet."""
+    """Kept for compatibility: raised by nothing since the distributed mode has :class:`RemoteTable`."""
 
 
 @dataclass(frozen=True)
@@ -130,19 +133,143 @@ class EmbeddedTable:
         return dict(self._table.stats())
 
 
+def _config(spec: TableSpec) -> Any:
+    return _C.SparseTableConfig(
+        spec.dim, seed=spec.seed, init=spec.init, init_a=spec.init_a, init_b=spec.init_b, rule=spec.rule,
+        max_rows=spec.max_rows, eviction=spec.eviction if spec.eviction is not None else _C.SparseEviction.NONE,
+        ttl_steps=spec.ttl_steps, admit_threshold=spec.admit_threshold, max_pending=spec.max_pending)
+
+
+class RemoteTable:
+    """A table spread over the parameter servers of a distributed job (one per module and rank).
+
+    Every rank builds the same modules in the same order, so the k-th table a
+    rank creates has id k on every rank, and the servers' idempotent
+    ``SPARSE_CREATE`` makes the ranks' creations one table. Ids are split over
+    the servers by a hash and over each server's shards by another
+    (docs/protocol.md "Sparse tables").
+
+    Steps: this rank counts its pushes (``step``); a pull asks for rows that
+    reflect that step (under BSP: every worker's gradients of it, averaged and
+    applied once per id). Pushes are sent at ``step()`` and confirmed lazily:
+    the next pull, ``size``, ``stats``, ``save`` or ``load`` waits for them and
+    raises their errors. Every wait has the job's deadline (``FASTPS_TIMEOUT``).
+
+    Args:
+        spec: the table's settings.
+        replaces: a RemoteTable of the same module whose table this one takes
+            over (same id) with ``spec`` (the module's provisional rule
+            replaced at its first step, or a load): nothing is sent until the
+            first call, which creates with replacement (a load sends the
+            file's rows and spec instead).
+    """
+
+    # A BSP round needs every worker's push: fastps.optim pushes this table at
+    # every step of an optimizer that holds the module, with no rows if it has none.
+    needs_every_step = True
+
+    def __init__(self, spec: TableSpec, *, replaces: Optional["RemoteTable"] = None) -> None:
+        cl = _cluster.cluster()
+        assert cl is not None
+        self.spec = spec
+        self._client = cl.client
+        self._config = _config(spec)  # validates
+        self._inflight: List[Any] = []
+        self._step = 0
+        if replaces is None:
+            self._id = cl.next_table_id()
+            self._client.sparse_create(self._id, self._config, False).wait()
+            self._created = True
+        else:
+            self._id = replaces._id
+            replaces._flush()
+            self._step = replaces._step
+            self._created = False
+
+    @property
+    def table_id(self) -> int:
+        return self._id
+
+    @property
+    def rule(self) -> Any:
+        return self.spec.rule
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    def _ensure(self) -> None:
+        if not self._created:
+            self._client.sparse_create(self._id, self._config, True).wait()
+            self._created = True
+
+    def _flush(self) -> None:
+        """Wait for the pushes sent so far; raise the first one's error."""
+        inflight, self._inflight = self._inflight, []
+        for f in inflight:
+            f.wait()
+
+    def pull(self, ids: torch.Tensor) -> torch.Tensor:
+        _check_ids(ids)
+        self._ensure()
+        self._flush()
+        n = ids.numel()
+        out = torch.empty(n, self.spec.dim, dtype=torch.float32)
+        if n:
+            self._client.sparse_pull(self._id, ids.data_ptr(), n, self.spec.dim, out.data_ptr(), self._step).wait()
+        return out
+
+    def push(self, ids: torch.Tensor, grads: torch.Tensor, optim: Any, step: int) -> None:
+        _check_ids(ids)
+        n = ids.numel()
+        assert grads.dtype == torch.float32 and grads.is_contiguous() and tuple(grads.shape) == (n, self.spec.dim)
+        assert step == self._step + 1, (step, self._step)
+        self._ensure()
+        # Under BSP a server takes step t + 1 only once step t is applied; a rank
+        # that stepped without pulling in between (its batch missed the module)
+        # must not run ahead. Normally the forward's pull has waited already.
+        self._flush()
+        # The frames are written (or copied for the colocated server) before this returns.
+        f = self._client.sparse_push(self._id, ids.data_ptr() if n else 0, n, self.spec.dim,
+                                     grads.data_ptr() if n else 0, optim, step)
+        self._inflight.append(f)
+        self._step = step
+
+    def save(self, path: str) -> None:
+        self._ensure()
+        self._flush()
+        self._client.sparse_save(self._id, self._config, self._step, path)
+
+    def load(self, path: str) -> None:
+        self._flush()
+        self._step = self._client.sparse_load(self._id, self._config, path)
+        self._created = True
+
+    def size(self) -> int:
+        return self.stats()["rows"]
+
+    def stats(self) -> Dict[str, int]:
+        self._ensure()
+        self._flush()
+        s = dict(self._client.sparse_stats(self._id, self._step))
+        s.pop("step", None)
+        return s
+
+
 def check_supported() -> None:
-    """Raise :class:`DistributedNotSupportedError` in the distributed mode."""
+    """Kept for compatibility: every mode has a backend now (this never raises)."""
+
+
+def make_backend(spec: TableSpec, *, replaces: Optional[SparseBackend] = None) -> SparseBackend:
+    """The backend for this process's mode (see the module docstring).
+
+    ``replaces``: the module's current backend, when the new one takes over
+    its table (a provisional rule replaced at the first step, or a load). The
+    embedded mode then simply builds a new table; the distributed mode keeps
+    the table id, which must stay equal on every rank.
+    """
     if _cluster.is_distributed_env():
-        raise DistributedNotSupportedError(
-            "fastps.nn embeddings run only in the embedded (single-process) mode for now; this process "
-            "was launched as one rank of several (WORLD_SIZE > 1). Train the embedding in a single "
-            "process, or use torch.nn.Embedding(sparse=True) with torch.optim.SparseAdam under torchrun"
-        )
-
-
-def make_backend(spec: TableSpec) -> SparseBackend:
-    """The backend for this process's mode (see the module docstring)."""
-    check_supported()
+        return RemoteTable(spec, replaces=replaces if isinstance(replaces, RemoteTable) else None)
     return EmbeddedTable(spec)
 
 

@@ -20,10 +20,18 @@ import torch
 # Modules with gradients not yet pushed. Weak: a dropped module takes its
 # gradients with it.
 _PENDING: "weakref.WeakSet[Any]" = weakref.WeakSet()
+# Modules pushed at every step of an optimizer holding them, with no rows when
+# they have no gradient: in the distributed mode a BSP round of a table needs
+# every worker's push (a rank whose batch missed the embedding still counts).
+_EVERY_STEP: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def mark_pending(module: Any) -> None:
     _PENDING.add(module)
+
+
+def mark_every_step(module: Any) -> None:
+    _EVERY_STEP.add(module)
 
 
 def clear_pending(module: Any) -> None:
@@ -41,9 +49,9 @@ def push_sparse_grads(optimizer: torch.optim.Optimizer) -> None:
     Called by ``fastps.optim`` optimizers at the start of ``step()``; costs one
     emptiness test when no embedding has pending gradients.
     """
-    if not _PENDING:
+    if not _PENDING and not _EVERY_STEP:
         return
-    by_handle = {id(m.sparse_handle): m for m in list(_PENDING)}
+    by_handle = {id(m.sparse_handle): m for m in list(_PENDING) + list(_EVERY_STEP)}
     work: List[Tuple[Any, Any]] = []
     for group in optimizer.param_groups:
         for p in group["params"]:

@@ -176,6 +176,8 @@ class _SparseEmbedding(nn.Module):
         self._backend: _backend.SparseBackend = _backend.make_backend(self._spec)
         self._pending: list = []
         self.sparse_handle = _new_handle()
+        if getattr(self._backend, "needs_every_step", False):
+            _grads.mark_every_step(self)
 
     # -- public surface --------------------------------------------------------------
     @property
@@ -246,7 +248,7 @@ class _SparseEmbedding(nn.Module):
                 f"optimizer {fixed.name}")
         spec = dataclasses.replace(self._spec, rule=h["rule"], init=h["init"], init_a=h["init_a"],
                                    init_b=h["init_b"], seed=h["seed"])
-        b = _backend.make_backend(spec)
+        b = _backend.make_backend(spec, replaces=self._backend)
         b.load(path)
         self._backend, self._spec = b, spec
 
@@ -292,6 +294,8 @@ class _SparseEmbedding(nn.Module):
         table = d.pop("_fastps_table", None)
         super().__setstate__(d)
         self._backend = _backend.make_backend(self._spec)
+        if getattr(self._backend, "needs_every_step", False):
+            _grads.mark_every_step(self)
         if table is not None:
             self.set_extra_state(table)
 
@@ -402,7 +406,10 @@ class _SparseEmbedding(nn.Module):
     def _push_pending(self, optim: Any) -> None:
         entries = self._pending
         if not entries:
-            return
+            if not getattr(self._backend, "needs_every_step", False):
+                return
+            # Distributed BSP: this rank's (empty) share of the step still counts.
+            entries = [(torch.empty(0, dtype=torch.int64), torch.empty(0, self.embedding_dim))]
         if len(entries) == 1:
             uids, grads = entries[0]
         else:  # several backward passes: sum per id
@@ -413,7 +420,7 @@ class _SparseEmbedding(nn.Module):
         if b.rule != optim.rule:  # first push, provisional table: it holds no rows
             assert b.step == 0
             spec = dataclasses.replace(self._spec, rule=optim.rule)
-            b = _backend.make_backend(spec)
+            b = _backend.make_backend(spec, replaces=b)
             self._backend, self._spec = b, spec
         b.push(uids, grads, optim, b.step + 1)
         self._pending = []

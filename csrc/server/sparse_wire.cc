@@ -1,0 +1,119 @@
+#include "server/sparse_wire.h"
+
+#include <cstring>
+
+#include "common/error.h"
+#include "transport/message.h"
+
+namespace fastps {
+
+namespace {
+
+void put_f64(uint8_t* p, double v) {
+  uint64_t bits;
+  std::memcpy(&bits, &v, 8);
+  store_le64(p, bits);
+}
+double get_f64(const uint8_t* p) {
+  const uint64_t bits = load_le64(p);
+  double v;
+  std::memcpy(&v, &bits, 8);
+  return v;
+}
+
+}  // namespace
+
+void encode_sparse_config(const SparseTableConfig& c, uint8_t out[kSparseConfigSize]) {
+  std::memset(out, 0, kSparseConfigSize);
+  store_le32(out, uint32_t(kSparseConfigSize));
+  out[4] = uint8_t(c.rule);
+  out[5] = uint8_t(c.init);
+  out[6] = uint8_t(c.eviction);
+  store_le64(out + 8, uint64_t(c.dim));
+  put_f64(out + 16, c.init_a);
+  put_f64(out + 24, c.init_b);
+  store_le64(out + 32, c.seed);
+  store_le64(out + 40, uint64_t(c.max_rows));
+  store_le64(out + 48, uint64_t(c.ttl_steps));
+  store_le64(out + 56, uint64_t(c.admit_threshold));
+  store_le64(out + 64, uint64_t(c.max_pending));
+  store_le32(out + 72, uint32_t(c.eviction_samples));
+}
+
+SparseTableConfig decode_sparse_config(const uint8_t* in, size_t len) {
+  FASTPS_CHECK_TYPED(ProtocolError, len >= kSparseConfigSize && load_le32(in) == kSparseConfigSize,
+                     "sparse config block of ", len, " bytes, expected ", kSparseConfigSize);
+  FASTPS_CHECK_TYPED(ProtocolError, in[4] < kNumSparseRules && in[5] <= 2 && in[6] <= 3 && in[7] == 0 &&
+                                        load_le32(in + 76) == 0,
+                     "sparse config block with an unknown rule, init or eviction");
+  SparseTableConfig c;
+  c.rule = SparseRule(in[4]);
+  c.init = SparseInit(in[5]);
+  c.eviction = Eviction(in[6]);
+  c.dim = int64_t(load_le64(in + 8));
+  c.init_a = get_f64(in + 16);
+  c.init_b = get_f64(in + 24);
+  c.seed = load_le64(in + 32);
+  c.max_rows = int64_t(load_le64(in + 40));
+  c.ttl_steps = int64_t(load_le64(in + 48));
+  c.admit_threshold = int64_t(load_le64(in + 56));
+  c.max_pending = int64_t(load_le64(in + 64));
+  c.eviction_samples = int32_t(load_le32(in + 72));
+  sparse_config_validate(c);
+  return c;
+}
+
+bool same_sparse_config(const SparseTableConfig& a, const SparseTableConfig& b) {
+  return a.dim == b.dim && a.rule == b.rule && a.init == b.init && a.init_a == b.init_a &&
+         a.init_b == b.init_b && a.seed == b.seed && a.max_rows == b.max_rows &&
+         a.eviction == b.eviction && a.ttl_steps == b.ttl_steps &&
+         a.admit_threshold == b.admit_threshold && a.max_pending == b.max_pending &&
+         a.eviction_samples == b.eviction_samples;
+}
+
+std::string describe_sparse_config(const SparseTableConfig& c) {
+  return detail::concat("dim ", c.dim, ", rule ", sparse_rule_name(c.rule), ", init ",
+                        sparse_init_name(c.init), "(", c.init_a, ", ", c.init_b, "), seed ", c.seed,
+                        ", max_rows ", c.max_rows, ", eviction ", eviction_name(c.eviction),
+                        ", ttl_steps ", c.ttl_steps, ", admit_threshold ", c.admit_threshold,
+                        ", max_pending ", c.max_pending);
+}
+
+void encode_sparse_optim(const SparseOptim& o, uint8_t out[kSparseOptimSize]) {
+  std::memset(out, 0, kSparseOptimSize);
+  store_le32(out, uint32_t(kSparseOptimSize));
+  out[4] = uint8_t(o.rule);
+  out[5] = o.maximize ? 0x01 : 0x00;
+  put_f64(out + 8, o.lr);
+  put_f64(out + 16, o.eps);
+  put_f64(out + 24, o.lr_decay);
+  put_f64(out + 32, o.initial_accumulator_value);
+  put_f64(out + 40, o.beta1);
+  put_f64(out + 48, o.beta2);
+  put_f64(out + 56, o.l1);
+  put_f64(out + 64, o.l2);
+  put_f64(out + 72, o.ftrl_beta);
+}
+
+SparseOptim decode_sparse_optim(const uint8_t* in, size_t len) {
+  FASTPS_CHECK_TYPED(ProtocolError, len >= kSparseOptimSize && load_le32(in) == kSparseOptimSize,
+                     "sparse optimizer block of ", len, " bytes, expected ", kSparseOptimSize);
+  FASTPS_CHECK_TYPED(ProtocolError, in[4] < kNumSparseRules && (in[5] & ~0x01) == 0 && load_le16(in + 6) == 0,
+                     "sparse optimizer block with an unknown rule or flag");
+  SparseOptim o;
+  o.rule = SparseRule(in[4]);
+  o.maximize = (in[5] & 0x01) != 0;
+  o.lr = get_f64(in + 8);
+  o.eps = get_f64(in + 16);
+  o.lr_decay = get_f64(in + 24);
+  o.initial_accumulator_value = get_f64(in + 32);
+  o.beta1 = get_f64(in + 40);
+  o.beta2 = get_f64(in + 48);
+  o.l1 = get_f64(in + 56);
+  o.l2 = get_f64(in + 64);
+  o.ftrl_beta = get_f64(in + 72);
+  sparse_optim_validate(o);
+  return o;
+}
+
+}  // namespace fastps
