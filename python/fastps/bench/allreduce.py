@@ -10,8 +10,10 @@ system's. A line before the table reports the median round trip of a 1 KiB
 operation.
 
 Systems: ``fastps`` (``fastps.Client.push_pull`` on CPU tensors), ``gloo``
-(``all_reduce`` of CPU tensors) and, only where CUDA and at least 2 GPUs are
-present, ``nccl`` (``all_reduce`` of CUDA tensors, one GPU per worker).
+(``all_reduce`` of CPU tensors), only where CUDA and at least 2 GPUs are
+present ``nccl`` (``all_reduce`` of CUDA tensors, one GPU per worker), and
+``memcpy`` (each worker copies its tensor once: the machine's copy bandwidth,
+the yardstick for fastps; not a sum).
 
 The command starts its own workers, or runs as one under torchrun:
 
@@ -42,7 +44,7 @@ import torch
 from ._common import (format_size, launch_workers, new_parser, parse_size, positive_int, pyplot,
                       size_sweep, transport_in_use, transport_problem, write_json)
 
-SYSTEMS = ("fastps", "gloo", "nccl")
+SYSTEMS = ("fastps", "gloo", "nccl", "memcpy")
 
 
 def nccl_usable(nproc: int) -> bool:
@@ -109,7 +111,7 @@ def parse_args(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> 
         ap.error(f"-np must be at least 2 (a sum over one worker measures nothing), got {args.nproc}")
     world = int(os.environ.get("WORLD_SIZE", "0")) or args.nproc
     if args.systems is None:
-        args.systems = ["fastps", "gloo"] + (["nccl"] if nccl_usable(world) else [])
+        args.systems = ["fastps", "gloo"] + (["nccl"] if nccl_usable(world) else []) + ["memcpy"]
     else:
         args.systems = list(dict.fromkeys(s.strip() for s in args.systems.split(",") if s.strip()))
         bad = [s for s in args.systems if s not in SYSTEMS]
@@ -157,6 +159,10 @@ class System:
     def op(self) -> None: ...
 
     def result(self) -> torch.Tensor: ...
+
+    def wrong(self, expected: torch.Tensor) -> int:
+        """Elements of the last result that differ from the exact sum."""
+        return count_wrong(self.result(), expected)
 
     def release(self) -> None: ...
 
@@ -210,6 +216,30 @@ class GlooSystem(System):
         self.inp = self.buf = None
 
 
+class MemcpySystem(System):
+    """The machine's copy bandwidth: every worker copies its tensor once (``Tensor.copy_``),
+    at the same time, the yardstick of issue 5's "50% of memcpy bandwidth" target. Not a sum:
+    its #wrong column checks the copy."""
+
+    name = "memcpy"
+
+    def prepare(self, numel: int) -> None:
+        self.inp = fill(numel, 0)
+        self.out = torch.empty(numel)
+
+    def op(self) -> None:
+        self.out.copy_(self.inp)
+
+    def result(self) -> torch.Tensor:
+        return self.out
+
+    def wrong(self, expected: torch.Tensor) -> int:
+        return count_wrong(self.out, self.inp)
+
+    def release(self) -> None:
+        self.inp = self.out = None
+
+
 # --- NCCL: only where CUDA and one GPU per worker exist (nccl_usable) ----------
 # Untested on the CPU-only reference machine. Each operation is timed until the
 # GPU finished it (synchronize), and checked on a copy back to the host.
@@ -250,7 +280,7 @@ def run_ops(system: System, n: int, expected: torch.Tensor, times: Optional[list
         t0 = time.perf_counter()
         system.op()
         t1 = time.perf_counter()
-        wrong += count_wrong(system.result(), expected)
+        wrong += system.wrong(expected)
         if times is not None:
             times.append((t1 - t0) * 1e6)
     return wrong
@@ -325,6 +355,8 @@ def worker(args: argparse.Namespace) -> int:
             systems[n] = FastpsSystem(client, rank)
         elif n == "gloo":
             systems[n] = GlooSystem(rank)
+        elif n == "memcpy":
+            systems[n] = MemcpySystem()
         else:
             systems[n] = NcclSystem(rank, int(os.environ.get("LOCAL_RANK", rank)))
 
