@@ -36,9 +36,9 @@ def test_allreduce_sweep_writes_json_and_plot(tmp_path, capfd):
     assert rc == 0, captured.err
     doc = json.loads(out.read_text())
     assert doc["benchmark"] == "allreduce" and doc["world_size"] == 2 and doc["transport"]
-    assert set(doc["latency_1k_us"]) == {"fastps", "gloo"}
+    assert set(doc["latency_1k_us"]) == {"fastps", "gloo", "memcpy"}
     got = {(r["system"], r["size"]) for r in doc["records"]}
-    assert got == {(s, n) for s in ("fastps", "gloo") for n in (4096, 8192, 16384)}
+    assert got == {(s, n) for s in ("fastps", "gloo", "memcpy") for n in (4096, 8192, 16384)}
     for r in doc["records"]:
         assert r["wrong"] == 0 and r["count"] == r["size"] // 4
         assert r["time_us"] > 0 and r["algbw"] > 0 and r["busbw"] == pytest.approx(r["algbw"])

@@ -31,6 +31,9 @@ struct PsChunk {
   bool fresh = true;          // SGD: momentum buffer not yet initialised
   OptimHyper hyper;
   std::vector<float> accum;   // BSP round sum
+  // The round's first gradient, not yet copied (Note [Deferred first gradient]).
+  const float* deferred = nullptr;
+  Payload deferred_owner;     // its bytes, when they came in a frame
   int pushes = 0;             // pushes in the current round
   std::vector<uint8_t> pushed;  // which workers pushed in the current round (BSP)
   int contributors = 0;       // non-skip pushes in the current round
@@ -280,8 +283,27 @@ class Handler {
                    " (accumulating gradients over several backward passes needs no_sync())");
       c.pushed[worker] = 1;
       if (g) {
-        if (c.contributors == 0) {
-          c.accum.assign(g, g + c.numel);  // the round's first gradient: one pass, not two
+        // Note [Deferred first gradient]
+        // Copying the round's first gradient into the sum and adding the
+        // second to it are two passes over memory; keeping the first where it
+        // is and writing first + second into the sum is one (the same
+        // float32 additions in the same order). The first stays valid: a
+        // frame's payload moves into the chunk; a local request's tensor is
+        // the caller's until its PUSH_PULL is answered at the end of the
+        // round (a local PUSH is answered at once, so it is added now).
+        if (c.contributors == 0 && (m.in_place == nullptr || push_pull)) {
+          if (m.in_place == nullptr) {
+            c.deferred_owner = std::move(m.payload);  // the buffer moves, `g` stays valid
+          }
+          c.deferred = g;
+        } else if (c.contributors == 0) {
+          c.accum.assign(g, g + c.numel);
+        } else if (c.deferred != nullptr) {
+          c.accum.resize(c.numel);
+          float* a = c.accum.data();
+          const float* d = c.deferred;
+          for (int64_t i = 0; i < c.numel; ++i) a[i] = d[i] + g[i];
+          drop_deferred(c);
         } else {
           float* a = c.accum.data();
           for (int64_t i = 0; i < c.numel; ++i) a[i] += g[i];
@@ -315,7 +337,16 @@ class Handler {
     serve_waiting(m.header.key, c);
   }
 
+  static void drop_deferred(PsChunk& c) {
+    c.deferred = nullptr;
+    c.deferred_owner = Payload();
+  }
+
   void complete_round(PsChunk& c) {
+    if (c.deferred != nullptr) {  // a single contributor
+      c.accum.assign(c.deferred, c.deferred + c.numel);
+      drop_deferred(c);
+    }
     if (c.contributors == 0) c.accum.assign(c.numel, 0.0f);  // every worker skipped
     if (c.sum_only) {
       c.param.swap(c.accum);
@@ -410,6 +441,9 @@ class Handler {
       }
     }
     c.waiting.erase(keep, c.waiting.end());
+    // The round can never complete; a deferred local tensor may be freed
+    // once its request has failed.
+    if (c.waiting.size() != before) drop_deferred(c);
     return before - c.waiting.size();
   }
 

@@ -7,7 +7,10 @@
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
+
+#include <cstddef>
 
 #include <algorithm>
 #include <cerrno>
@@ -17,6 +20,7 @@
 #include <mutex>
 #include <system_error>
 #include <thread>
+#include <vector>
 
 #include "common/error.h"
 
@@ -60,7 +64,14 @@ struct SegmentHeader {
   uint32_t reserved;
   uint64_t ring_bytes;
   uint8_t token[kShmTokenSize];
+  // Per side (0 client, 1 server): its pid, where it mapped the segment, and
+  // whether it can read the other process's memory (Note [Single copy]).
+  int32_t pid[2];
+  uint64_t base[2];
+  std::atomic<uint32_t> can_read[2];
 };
+// The probe reads back this prefix of the header from the peer's mapping.
+constexpr size_t kProbeBytes = offsetof(SegmentHeader, token) + kShmTokenSize;
 static_assert(sizeof(SegmentHeader) <= kPage, "segment header must fit its page");
 static_assert(2 * sizeof(ShmRingCtl) <= kPage, "ring control blocks must fit their page");
 
@@ -149,6 +160,39 @@ bool ShmRing::write(const void* src, size_t len, const std::atomic<bool>& stop,
   return true;
 }
 
+bool ShmRing::wait_byref(uint64_t seq, const std::atomic<bool>& stop, Clock::time_point deadline) {
+  for (;;) {
+    const Clock::time_point limit = std::min(deadline, Clock::now() + kWriterSlice);
+    if (spin_yield_sleep([&] { return ctl_->byref_done.load(std::memory_order_seq_cst) >= seq; }, stop,
+                         &ctl_->byref_sleeping, limit)) {
+      return true;
+    }
+    if (stop.load(std::memory_order_acquire) || Clock::now() >= deadline) return false;
+  }
+}
+
+void ShmRing::byref_copied() {
+  ctl_->byref_done.fetch_add(1, std::memory_order_seq_cst);
+  wake(&ctl_->byref_sleeping);
+}
+
+bool ShmRing::read_exact(uint8_t* out, size_t n, const std::atomic<bool>& stop) {
+  while (n > 0) {
+    const uint8_t* data = nullptr;
+    size_t got = std::min(readable(&data), n);
+    if (got == 0) {
+      if (stop.load(std::memory_order_acquire)) return false;
+      wait_readable(stop, std::chrono::milliseconds(100));
+      continue;
+    }
+    std::memcpy(out, data, got);
+    consume(got);
+    out += got;
+    n -= got;
+  }
+  return true;
+}
+
 void ShmRing::flush() {
   if (!wtail_init_) return;
   ctl_->tail.store(wtail_, std::memory_order_seq_cst);
@@ -181,6 +225,8 @@ void ShmRing::wake_all() {
   futex_wake_shared(&ctl_->reader_sleeping);
   ctl_->writer_sleeping.store(0, std::memory_order_seq_cst);
   futex_wake_shared(&ctl_->writer_sleeping);
+  ctl_->byref_sleeping.store(0, std::memory_order_seq_cst);
+  futex_wake_shared(&ctl_->byref_sleeping);
 }
 
 // --- ShmSegment -----------------------------------------------------------------
@@ -240,6 +286,8 @@ std::unique_ptr<ShmSegment> ShmSegment::create(uint64_t ring_bytes) {
   h->reserved = 0;
   h->ring_bytes = seg->ring_bytes_;
   std::memcpy(h->token, seg->token_, kShmTokenSize);
+  h->pid[0] = static_cast<int32_t>(::getpid());
+  h->base[0] = reinterpret_cast<uintptr_t>(seg->base_);
   return seg;
 }
 
@@ -285,7 +333,12 @@ std::unique_ptr<ShmSegment> ShmSegment::open(const std::string& name, const uint
     return nullptr;  // not ours: leave the name alone
   }
   std::memcpy(seg->token_, token, kShmTokenSize);
+  seg->side_ = 1;
+  auto* hw = static_cast<SegmentHeader*>(seg->base_);
+  hw->pid[1] = static_cast<int32_t>(::getpid());
+  hw->base[1] = reinterpret_cast<uintptr_t>(seg->base_);
   seg->unlink();
+  seg->probe_peer();
   return seg;
 }
 
@@ -303,6 +356,58 @@ void ShmSegment::map(int fd, bool client) {
   ShmRing ring1(&ctl[1], base + kDataOffset + ring_bytes_, ring_bytes_);  // server -> client
   tx_ = client ? ring0 : ring1;
   rx_ = client ? ring1 : ring0;
+}
+
+// Note [Single copy]
+// Two copies per payload (into the ring, out of it) cost as much as the sum
+// itself on a 2-core machine. process_vm_readv copies from another process's
+// memory into ours in one pass. Whether the kernel allows it (same user, Yama
+// ptrace_scope 0 or absent, the same pid namespace: pids in the header must
+// mean the same processes) is found out here, once: each side reads the
+// peer's mapping of this very header and compares it with its own.
+void ShmSegment::probe_peer() {
+  auto* h = static_cast<SegmentHeader*>(base_);
+  const int peer = 1 - side_;
+  peer_pid_ = h->pid[peer];
+  uint8_t theirs[kProbeBytes];
+  iovec local{theirs, kProbeBytes};
+  iovec remote{reinterpret_cast<void*>(static_cast<uintptr_t>(h->base[peer])), kProbeBytes};
+  can_read_peer_ = peer_pid_ > 0 && h->base[peer] != 0 &&
+                   ::process_vm_readv(peer_pid_, &local, 1, &remote, 1, 0) == static_cast<ssize_t>(kProbeBytes) &&
+                   std::memcmp(theirs, h, kProbeBytes) == 0;
+  h->can_read[side_].store(can_read_peer_ ? 1 : 0, std::memory_order_seq_cst);
+}
+
+bool ShmSegment::peer_can_read_me() const {
+  const auto* h = static_cast<const SegmentHeader*>(base_);
+  return h->can_read[1 - side_].load(std::memory_order_acquire) == 1;
+}
+
+bool ShmSegment::read_from_peer(uint8_t* dst, const iovec* remote, size_t nremote, uint64_t total,
+                                std::string* why) const {
+  // The kernel may copy less than asked (at most IOV_MAX pieces, or a fault
+  // part way): continue from where it stopped.
+  std::vector<iovec> rem(remote, remote + nremote);
+  size_t first = 0;
+  uint64_t done = 0;
+  while (done < total) {
+    iovec local{dst + done, static_cast<size_t>(total - done)};
+    ssize_t r = ::process_vm_readv(peer_pid_, &local, 1, rem.data() + first, rem.size() - first, 0);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) {
+      *why = concat("process_vm_readv from pid ", peer_pid_, " failed after ", done, " of ", total,
+                    " bytes: ", r < 0 ? errno_text(errno) : std::string("no progress"));
+      return false;
+    }
+    done += static_cast<uint64_t>(r);
+    size_t left = static_cast<size_t>(r);
+    while (left > 0 && first < rem.size() && left >= rem[first].iov_len) left -= rem[first++].iov_len;
+    if (left > 0) {
+      rem[first].iov_base = static_cast<uint8_t*>(rem[first].iov_base) + left;
+      rem[first].iov_len -= left;
+    }
+  }
+  return true;
 }
 
 void ShmSegment::unlink() {

@@ -20,6 +20,15 @@
 //    sleep on a full ring. The store-then-load on each side is sequentially
 //    consistent (the Dekker pattern), so a wakeup is never lost; every wait
 //    is also bounded by a short slice, so flags are re-read regardless.
+//  * Payloads by reference (Note [Single copy]): where the kernel lets one
+//    process read the other's memory (process_vm_readv; same user, no Yama
+//    restriction, one pid namespace), a large frame carries only a descriptor
+//    of the sender's buffers; the reader copies the bytes straight from them
+//    into the destination and counts `byref_done`, which the sender waits for
+//    before its send() returns (its buffers must stay valid until then). Each
+//    side finds out at setup whether it can read the other by reading back
+//    the peer's copy of the segment header (a probe), so a failure is never
+//    discovered on a real frame.
 //  * Segments are unlinked from /dev/shm as soon as the server has mapped
 //    them; the mapping lives on until both processes unmap it or exit, so
 //    kill -9 leaves nothing behind. A client killed between creating and
@@ -32,6 +41,8 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+
+#include <sys/uio.h>
 
 #include "common/futex.h"
 
@@ -49,6 +60,9 @@ struct ShmRingCtl {
   alignas(64) std::atomic<uint64_t> head;  // written by the consumer
   alignas(64) std::atomic<uint32_t> reader_sleeping;
   alignas(64) std::atomic<uint32_t> writer_sleeping;
+  // Payloads by reference: frames whose bytes the reader has copied.
+  alignas(64) std::atomic<uint64_t> byref_done;
+  std::atomic<uint32_t> byref_sleeping;
 };
 
 // One direction of a connection, as seen by this process.
@@ -70,6 +84,11 @@ class ShmRing {
              uint64_t* written);
   // Makes everything written so far visible and wakes a sleeping reader.
   void flush();
+  // By-reference frames: the sequence number (1, 2, ...) of the next one this
+  // writer sends, and the wait until the reader has copied frame `seq`
+  // (false if `stop` was set or `deadline` passed first).
+  uint64_t next_byref_seq() { return ++byref_sent_; }
+  bool wait_byref(uint64_t seq, const std::atomic<bool>& stop, Clock::time_point deadline);
 
   // --- Consumer side (one thread) ---
 
@@ -77,6 +96,11 @@ class ShmRing {
   size_t readable(const uint8_t** data) const;
   // Marks n readable bytes as consumed (frees their space for the writer).
   void consume(size_t n);
+  // Copies exactly n bytes out and consumes them, waiting while fewer are
+  // there. False if `stop` was set first.
+  bool read_exact(uint8_t* out, size_t n, const std::atomic<bool>& stop);
+  // Reader: the by-reference frame it took last is copied (or failed).
+  void byref_copied();
   // Waits until something is readable, `stop` is set, or the spin + sleep
   // budget of one call (at most `slice`) is used up. Returns true if data is
   // readable.
@@ -92,6 +116,7 @@ class ShmRing {
   // Producer-local: bytes written but not yet published.
   uint64_t wtail_ = 0;
   bool wtail_init_ = false;
+  uint64_t byref_sent_ = 0;
 };
 
 // A mapped segment: a header, two ring control blocks and two data areas.
@@ -119,6 +144,17 @@ class ShmSegment {
   ShmRing& tx() { return tx_; }
   ShmRing& rx() { return rx_; }
 
+  // Note [Single copy]. probe_peer() (the server in open(), the client once
+  // the server accepted) tries to read the peer's view of the segment header
+  // out of the peer process and records the outcome for both sides to see.
+  void probe_peer();
+  bool can_read_peer() const { return can_read_peer_; }
+  bool peer_can_read_me() const;
+  // Reads `total` bytes described by the peer's (address, length) pairs into
+  // dst. False with the reason in *why if the kernel refuses.
+  bool read_from_peer(uint8_t* dst, const iovec* remote, size_t nremote, uint64_t total,
+                      std::string* why) const;
+
  private:
   ShmSegment() = default;
   void map(int fd, bool client);
@@ -130,6 +166,9 @@ class ShmSegment {
   size_t size_ = 0;
   bool unlinked_ = false;
   bool owner_ = false;  // created here: the name is removed at the latest on destruction
+  int side_ = 0;        // 0 client, 1 server (index into the header's per-side fields)
+  bool can_read_peer_ = false;
+  int peer_pid_ = 0;
   ShmRing tx_;
   ShmRing rx_;
 };

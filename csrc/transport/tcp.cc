@@ -40,6 +40,15 @@ constexpr int kMaxEvents = 64;
 constexpr int kTickMs = 100;               // loop tick while handshakes are pending
 constexpr int kListenBacklog = 1024;
 constexpr size_t kShmReadPiece = 256 << 10;  // ring bytes parsed before the space is freed
+// Note [Single copy] (transport/shm.h): payloads from this size on travel by
+// reference when the receiver can read the sender's memory. In the ring such
+// a frame is its header with `reserved` = kRingByRef, then u32 n, u32 0 and n
+// pairs (u64 address, u64 length) of the sender's buffers; payload_len is the
+// total. Never on a socket: a header with a non-zero `reserved` is invalid there.
+constexpr uint64_t kByRefMinPayload = 64 << 10;
+constexpr uint32_t kRingByRef = 1;
+constexpr size_t kByRefMaxSegments = 16;
+constexpr size_t kHeaderReservedOffset = 44;
 constexpr auto kShmReaderSlice = std::chrono::milliseconds(100);
 
 std::string errno_text(int err) { return std::error_code(err, std::generic_category()).message(); }
@@ -308,6 +317,7 @@ std::unique_ptr<ShmSegment> offer_shm(int fd, const TransportOptions& o, Clock::
   std::string text = sanitize_error_text(body.data(), body.size());
   if (r.op == Op::kShmAccept) {
     seg->unlink();  // the server did already; nothing may remain in /dev/shm
+    seg->probe_peer();
     return seg;
   }
   if (r.op == Op::kShmDecline) {
@@ -737,6 +747,7 @@ PeerInfo TcpTransport::do_peer_info(ConnId id) const {
   info.rank = conn->rank;
   info.outgoing = conn->outgoing;
   info.shared_memory = conn->use_shm.load(std::memory_order_acquire);
+  info.single_copy = info.shared_memory && conn->shm->can_read_peer() && conn->shm->peer_can_read_me();
   return info;
 }
 
@@ -1206,10 +1217,13 @@ void TcpTransport::start_shm_reader(const ConnPtr& conn) {
 }
 
 // The reader thread of one shared-memory connection: the counterpart of
-// on_readable() for sockets, feeding the same parser (consume()) straight from
-// the ring, so a payload is copied once, from the ring to its destination.
+// on_readable() for sockets. It takes each header out of the ring itself (a
+// by-reference frame is copied straight from the sender, Note [Single copy]),
+// then feeds the payload bytes to the socket parser (start_payload(),
+// consume()) so a payload is copied once from the ring to its destination.
 void TcpTransport::shm_reader(const Entry& e) {
   Conn& conn = *e.conn;
+  Socket& s = *e.socket;
   ShmRing& rx = conn.shm->rx();
   while (!conn.closing.load(std::memory_order_acquire) && !stopping_.load(std::memory_order_acquire)) {
     const uint8_t* data = nullptr;
@@ -1218,11 +1232,85 @@ void TcpTransport::shm_reader(const Entry& e) {
       rx.wait_readable(conn.closing, kShmReaderSlice);
       continue;
     }
-    n = std::min(n, kShmReadPiece);
-    const bool ok = consume(e, data, n);
-    rx.consume(n);
-    if (!ok) return;
+    if (s.in_payload) {
+      // Only this frame's bytes: the next header is taken above, not by consume().
+      n = static_cast<size_t>(std::min<uint64_t>({n, kShmReadPiece, s.frame.header.payload_len - s.payload_got}));
+      const bool ok = consume(e, data, n);
+      rx.consume(n);
+      if (!ok) return;
+      continue;
+    }
+    const size_t take = std::min(n, kHeaderSize - s.header_got);
+    std::memcpy(s.header_bytes + s.header_got, data, take);
+    rx.consume(take);
+    s.header_got += take;
+    if (s.header_got < kHeaderSize) continue;
+    if (load_le32(s.header_bytes + kHeaderReservedOffset) == kRingByRef) {
+      s.header_got = 0;
+      if (!shm_take_byref(e)) return;
+      continue;
+    }
+    if (!start_payload(e) || !finish_frame_if_complete(e)) return;
   }
+}
+
+// A by-reference frame's header is in s.header_bytes: read its descriptor,
+// copy the payload out of the sender, tell the sender, deliver.
+bool TcpTransport::shm_take_byref(const Entry& e) {
+  Conn& conn = *e.conn;
+  Socket& s = *e.socket;
+  ShmRing& rx = conn.shm->rx();
+  MessageHeader h = decode_header(s.header_bytes);
+  uint8_t count[8];
+  if (!rx.read_exact(count, sizeof(count), conn.closing)) return false;
+  const uint32_t nseg = load_le32(count);
+  if (!conn.shm->can_read_peer() || nseg == 0 || nseg > kByRefMaxSegments) {
+    rx.byref_copied();
+    fail(e, Status::kProtocol, concat("by-reference frame with ", nseg, " segments (limit ", kByRefMaxSegments,
+                                      ")", conn.shm->can_read_peer() ? "" : " but this side cannot read the peer"));
+    return false;
+  }
+  uint8_t desc[kByRefMaxSegments * 16];
+  if (!rx.read_exact(desc, nseg * 16, conn.closing)) return false;
+  iovec remote[kByRefMaxSegments];
+  uint64_t total = 0;
+  for (uint32_t i = 0; i < nseg; ++i) {
+    remote[i].iov_base = reinterpret_cast<void*>(static_cast<uintptr_t>(load_le64(desc + 16 * i)));
+    remote[i].iov_len = static_cast<size_t>(load_le64(desc + 16 * i + 8));
+    total += remote[i].iov_len;
+  }
+  h.reserved = 0;
+  std::string problem = header_problem(h, options().max_payload);
+  if (problem.empty() && total != h.payload_len)
+    problem = concat("by-reference frame describes ", total, " bytes but announces ", h.payload_len);
+  if (!problem.empty()) {
+    rx.byref_copied();
+    fail(e, Status::kProtocol, problem);
+    return false;
+  }
+  Message frame;
+  frame.header = h;
+  std::string why;
+  bool copied;
+  try {
+    uint8_t* dst = is_transport_op(h.op) ? nullptr : payload_target(conn.id, h);
+    if (dst != nullptr) {
+      frame.in_place = dst;
+    } else {
+      frame.payload = Payload(h.payload_len);
+      dst = frame.payload.data();
+    }
+    copied = conn.shm->read_from_peer(dst, remote, nseg, total, &why);
+  } catch (const std::bad_alloc&) {
+    copied = false;
+    why = concat("cannot allocate a ", h.payload_len, "-byte payload");
+  }
+  rx.byref_copied();  // the sender's buffers are free again, whatever happened
+  if (!copied) {
+    fail(e, Status::kInternal, why);
+    return false;
+  }
+  return on_frame(e, std::move(frame));
 }
 
 void TcpTransport::shm_send(const ConnPtr& conn, const uint8_t* header, const ConstBuffer* segments,
@@ -1233,22 +1321,51 @@ void TcpTransport::shm_send(const ConnPtr& conn, const uint8_t* header, const Co
                      " ms waiting to send to ", conn->peer, " (earlier frames are still being written)");
   ShmRing& tx = conn->shm->tx();
   uint64_t written = 0;
-  bool ok = tx.write(header, kHeaderSize, conn->closing, deadline, &written);
-  for (size_t i = 0; ok && i < nsegments; ++i) {
-    if (segments[i].size > 0) ok = tx.write(segments[i].data, segments[i].size, conn->closing, deadline, &written);
-  }
-  if (ok) {
-    tx.flush();
-    return;
+  size_t used = 0;
+  for (size_t i = 0; i < nsegments; ++i) used += segments[i].size > 0;
+  bool ok;
+  uint64_t seq = 0;
+  if (payload_len >= kByRefMinPayload && used <= kByRefMaxSegments && conn->shm->peer_can_read_me()) {
+    // Note [Single copy]: the header, marked, and where the bytes are.
+    uint8_t desc[kHeaderSize + 8 + kByRefMaxSegments * 16];
+    std::memcpy(desc, header, kHeaderSize);
+    store_le32(desc + kHeaderReservedOffset, kRingByRef);
+    store_le32(desc + kHeaderSize, static_cast<uint32_t>(used));
+    store_le32(desc + kHeaderSize + 4, 0);
+    size_t at = kHeaderSize + 8;
+    for (size_t i = 0; i < nsegments; ++i) {
+      if (segments[i].size == 0) continue;
+      store_le64(desc + at, reinterpret_cast<uintptr_t>(segments[i].data));
+      store_le64(desc + at + 8, segments[i].size);
+      at += 16;
+    }
+    seq = tx.next_byref_seq();
+    ok = tx.write(desc, at, conn->closing, deadline, &written);
+    if (ok) {
+      tx.flush();
+      // The reader copies from our buffers: they must outlive this wait.
+      ok = tx.wait_byref(seq, conn->closing, deadline);
+      if (ok) return;
+      written = 1;  // the frame is half sent either way: the connection must close
+    }
+  } else {
+    ok = tx.write(header, kHeaderSize, conn->closing, deadline, &written);
+    for (size_t i = 0; ok && i < nsegments; ++i) {
+      if (segments[i].size > 0) ok = tx.write(segments[i].data, segments[i].size, conn->closing, deadline, &written);
+    }
+    if (ok) {
+      tx.flush();
+      return;
+    }
   }
   const uint64_t total = kHeaderSize + payload_len;
   if (conn->closing.load(std::memory_order_acquire)) {
     throw ConnectionError(concat("fastps: connection to ", conn->peer, " was closed while sending (",
-                                 written, " of ", total, " bytes written)"));
+                                 seq ? "by reference" : concat(written, " of ", total, " bytes written"), ")"));
   }
   std::string what = concat("fastps: timed out after ", options().timeout.count(), " ms sending to ",
-                            conn->peer, " over shared memory (", written, " of ", total,
-                            " bytes written; is the peer alive and reading?)");
+                            conn->peer, " over shared memory (", seq ? "the peer did not copy the payload"
+                            : concat(written, " of ", total, " bytes written"), "; is the peer alive and reading?)");
   if (written > 0) {
     request_close(conn, "a send timed out in the middle of a frame");
     what += "; the connection was closed";

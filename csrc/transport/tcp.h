@@ -97,6 +97,7 @@ class TcpTransport final : public Transport {
   // Shared-memory connections.
   void start_shm_reader(const ConnPtr& conn);
   void shm_reader(const Entry& e);
+  bool shm_take_byref(const Entry& e);
   void shm_send(const ConnPtr& conn, const uint8_t* header, const ConstBuffer* segments,
                 size_t nsegments, uint64_t payload_len, Clock::time_point deadline);
   static void wake_shm(const Conn& conn);

@@ -101,6 +101,9 @@ struct PeerInfo {
   int rank = -1;        // the rank the client sent in HELLO; -1 for connect()ed peers
   bool outgoing = false;  // true if this side called connect()
   bool shared_memory = false;  // frames travel through shared-memory rings
+  // ... and large payloads are copied once, straight between the processes,
+  // in both directions (transport/shm.h, Note [Single copy]).
+  bool single_copy = false;
 };
 
 struct TransportStats {
