@@ -85,16 +85,34 @@ FuturePtr PsClient::register_dense(uint32_t tensor_id, int64_t numel, bool sum_o
   {
     std::lock_guard<std::mutex> lock(mu_);
     FASTPS_CHECK(!entries_.count(tensor_id), "tensor ", tensor_id, " is already registered");
-    const int64_t chunks = (numel + chunk_elems_ - 1) / chunk_elems_;
+    // Note [Splitting small tensors]
+    // A tensor of fewer chunks than there are servers would sit on one or two
+    // of them: one process sums it while the others wait, and every other
+    // worker's bytes cross to it. It is cut into up to one equal piece per
+    // server instead (pieces of at least kMinSplitBytes), so every server
+    // takes a share, as with large tensors. A function of (numel,
+    // chunk_bytes, servers) only: every rank cuts alike.
+    constexpr int64_t kMinSplitElems = (64 << 10) / 4;
+    int64_t chunk = chunk_elems_;
+    int64_t chunks = (numel + chunk - 1) / chunk;
+    const int64_t servers = int64_t(conns_.size());
+    if (chunks < servers) {
+      const int64_t pieces = std::min(servers, numel / kMinSplitElems);
+      if (pieces > chunks) {
+        chunk = (numel + pieces - 1) / pieces;
+        chunks = (numel + chunk - 1) / chunk;
+      }
+    }
     FASTPS_CHECK(chunks < (int64_t{1} << kChunkIndexBits), "tensor of ", numel,
                  " elements needs too many chunks; raise chunk_bytes");
     Entry& e = entries_[tensor_id];
     e.numel = numel;
+    e.chunk_elems = chunk;
     for (int64_t c = 0; c < chunks; ++c) {
       const int s = int(std::min_element(server_bytes_.begin(), server_bytes_.end()) -
                         server_bytes_.begin());
       e.servers.push_back(s);
-      server_bytes_[s] += std::min(chunk_elems_, numel - c * chunk_elems_) * 4;
+      server_bytes_[s] += std::min(chunk, numel - c * chunk) * 4;
     }
   }
   if (init == nullptr) {
@@ -194,8 +212,8 @@ FuturePtr PsClient::request(uint32_t tensor_id, Op op, float* dst, bool dst_per_
     Entry& e = entry(tensor_id);
     completion = std::make_shared<Completion>(uint32_t(e.servers.size()));
     for (size_t c = 0; c < e.servers.size(); ++c) {
-      const int64_t begin = int64_t(c) * chunk_elems_;
-      const int64_t n = std::min(chunk_elems_, e.numel - begin);
+      const int64_t begin = int64_t(c) * e.chunk_elems;
+      const int64_t n = std::min(e.chunk_elems, e.numel - begin);
       Frame f;
       f.header.op = op;
       f.header.key = chunk_key(tensor_id, uint32_t(c));

@@ -119,6 +119,7 @@ class PsClient {
  private:
   struct Entry {
     int64_t numel = 0;
+    int64_t chunk_elems = 0;   // elements per chunk (the last may be shorter)
     std::vector<int> servers;  // per chunk
   };
   // Receives a reply's payload instead of a plain copy (sparse requests).
