@@ -101,8 +101,10 @@ def test_model_shapes_tied_head_and_generate():
 
 
 def test_cli_rejects_other_transports_and_bad_settings(capsys):
-    assert fastps_main(["demo", "--transport", "shm"]) == 2
-    assert "only tcp exists today" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        fastps_main(["demo", "--transport", "udp"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'udp'" in capsys.readouterr().err
     assert fastps_main(["demo", "--workers", "3", "--batch-size", "8"]) == 2
     assert "divisible" in capsys.readouterr().err
 

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 from .train import add_training_arguments, build_parser, default_logdir, find_resume_logdir
 
 MODES = {"bsp": 0, "ssp": 2, "asp": -1}
-TRANSPORTS = ("tcp",)
+TRANSPORTS = ("auto", "tcp", "shm")
 
 
 class DemoError(RuntimeError):
@@ -44,7 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "each worker")
     j.add_argument("--mode", choices=sorted(MODES), default="bsp",
                    help="consistency: bsp (default), ssp (staleness 2) or asp")
-    j.add_argument("--transport", default="tcp", help="worker-server transport (only tcp exists today)")
+    j.add_argument("--transport", default="auto", choices=TRANSPORTS,
+                   help="worker-server transport (FASTPS_TRANSPORT): auto (default) uses shared memory "
+                        "between the processes of this machine, tcp sockets only, shm insists on shared memory")
     j.add_argument("--compare", choices=["ddp"], default=None,
                    help="also train the same model, data and seed with torch DDP (gloo) and compare")
     j.add_argument("--threads", type=int, default=0,
@@ -111,7 +113,7 @@ class Job:
         env.update({
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(workers),
             "LOCAL_WORLD_SIZE": str(workers), "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
-            "FASTPS_STALENESS": str(MODES[args.mode]),
+            "FASTPS_STALENESS": str(MODES[args.mode]), "FASTPS_TRANSPORT": args.transport,
         })
         servers = args.servers if backend == "fastps" and workers > 1 else 0
         if servers:
@@ -196,8 +198,7 @@ class Job:
 def check(args: argparse.Namespace) -> Optional[str]:
     """A message for the first invalid launcher setting, or None."""
     if args.transport not in TRANSPORTS:
-        return (f"--transport {args.transport!r} is not available: only tcp exists today "
-                "(shared memory and UCX are planned)")
+        return f"--transport must be one of {', '.join(TRANSPORTS)}, got {args.transport!r}"
     if args.workers < 1:
         return "--workers must be >= 1"
     if args.servers < 0:
