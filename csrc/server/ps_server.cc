@@ -891,11 +891,24 @@ void PsServer::dispatch(ConnId conn, int worker, Message&& message) {
   const uint8_t op = uint8_t(message.header.op);
   if (op >= 32 && op <= 63) return dispatch_sparse(conn, worker, std::move(message));
   const int shard = static_cast<int>(mix64(message.header.key) % uint64_t(server_->num_shards()));
-  auto task = std::make_unique<MessageTask>();
-  ShardState* st = shard_state_[shard].get();
-  task->fn = [this, st, conn, worker, m = std::move(message)](Shard&) mutable {
-    Handler(options_, *transport_, *st, local_sink_).handle(conn, worker, m);
-  };
+  // Small dense requests (and so small replies) may run on this thread when
+  // the shard sleeps (Note [Inline tasks] in server/shard.h): one context
+  // switch less per round trip. Large ones stay on the shard thread, which
+  // keeps this (transport or caller) thread free.
+  constexpr uint32_t kInlineMaxCount = 16384;  // 64 KiB of float32
+  const Op o = message.header.op;
+  const bool small = (o == Op::kPush || o == Op::kPushPull || o == Op::kPull) &&
+                     message.header.count <= kInlineMaxCount;
+  std::unique_ptr<Task> task;
+  {
+    auto t = std::make_unique<MessageTask>();
+    ShardState* st = shard_state_[shard].get();
+    t->fn = [this, st, conn, worker, m = std::move(message)](Shard&) mutable {
+      Handler(options_, *transport_, *st, local_sink_).handle(conn, worker, m);
+    };
+    task = std::move(t);
+  }
+  if (small && server_->run_inline(shard, task)) return;
   server_->submit(shard, std::move(task));
 }
 

@@ -22,4 +22,9 @@ void Server::submit(int shard, std::unique_ptr<Task> task) {
   shards_[shard]->submit(std::move(task));
 }
 
+bool Server::run_inline(int shard, std::unique_ptr<Task>& task) {
+  FASTPS_ASSERT(shard >= 0 && shard < num_shards());
+  return shards_[shard]->run_inline(task);
+}
+
 }  // namespace fastps

@@ -29,6 +29,8 @@ class Server {
   // Any thread. Takes ownership of the task; its completion is signalled
   // after it ran on shard `shard`.
   void submit(int shard, std::unique_ptr<Task> task);
+  // Any thread: Shard::run_inline() on shard `shard` (Note [Inline tasks]).
+  bool run_inline(int shard, std::unique_ptr<Task>& task);
 
  private:
   std::vector<std::unique_ptr<Shard>> shards_;

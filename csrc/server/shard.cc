@@ -26,20 +26,43 @@ void Shard::submit(std::unique_ptr<Task> task) {
   wake();
 }
 
+namespace {
+void run_task(std::unique_ptr<Task> task, Shard& shard) {
+  CompletionPtr completion = std::move(task->completion);
+  try {
+    task->run(shard);
+    task.reset();
+    if (completion) completion->done();
+  } catch (...) {
+    task.reset();
+    if (completion) completion->done(std::current_exception());
+  }
+}
+}  // namespace
+
+bool Shard::run_inline(std::unique_ptr<Task>& task) {
+  if (!sleeping_.load(std::memory_order_acquire)) return false;
+  if (owner_.exchange(true, std::memory_order_acquire)) return false;
+  if (!queue_.looks_empty()) {  // earlier tasks first: leave this one to the queue
+    owner_.store(false, std::memory_order_release);
+    return false;
+  }
+  run_task(std::move(task), *this);
+  owner_.store(false, std::memory_order_release);
+  return true;
+}
+
 void Shard::loop() {
   int idle = 0;
   for (;;) {
-    if (MpscNode* node = queue_.pop()) {
-      std::unique_ptr<Task> task(static_cast<Task*>(node));
-      CompletionPtr completion = std::move(task->completion);
-      try {
-        task->run(*this);
-        task.reset();
-        if (completion) completion->done();
-      } catch (...) {
-        task.reset();
-        if (completion) completion->done(std::current_exception());
+    if (!queue_.looks_empty()) {
+      // See Note [Inline tasks]: hold the data while draining the queue.
+      if (owner_.exchange(true, std::memory_order_acquire)) {
+        cpu_relax();
+        continue;
       }
+      while (MpscNode* node = queue_.pop()) run_task(std::unique_ptr<Task>(static_cast<Task*>(node)), *this);
+      owner_.store(false, std::memory_order_release);
       idle = 0;
       continue;
     }

@@ -12,6 +12,17 @@
 // then bumps the word and wakes the sleeper only if it announced sleep. The
 // consumer reads the word before announcing and re-checks the queue after, so
 // a push that races with falling asleep is never missed.
+//
+// Note [Inline tasks]
+// Waking a sleeping shard costs a futex call and a context switch (5-10 us
+// on a small machine), more than a small task itself. So a producer may run a
+// task itself, on its own thread, when the shard is asleep with nothing
+// queued (run_inline()). Ownership stays exclusive: the shard thread and an
+// inline runner both hold `owner_` while they touch the shard's data, the
+// shard thread from before it pops until its queue is drained, so the data
+// still has one user at a time (with acquire/release between them), and a
+// task queued earlier always runs before an inline one: the runner looks at
+// the queue only after it holds `owner_`, and backs off if anything is there.
 #pragma once
 
 #include <atomic>
@@ -43,6 +54,10 @@ class Shard {
 
   // Any thread. Takes ownership of the task.
   void submit(std::unique_ptr<Task> task);
+  // Any thread: runs `task` here and now if the shard is idle (Note [Inline
+  // tasks]) and returns true, with `task` consumed; else returns false and
+  // leaves `task` to the caller (who then submits it).
+  bool run_inline(std::unique_ptr<Task>& task);
 
   int index() const { return index_; }
   // Shard thread only.
@@ -56,6 +71,7 @@ class Shard {
   MpscQueue queue_;
   alignas(64) std::atomic<uint32_t> wake_seq_{0};
   std::atomic<bool> sleeping_{false};
+  std::atomic<bool> owner_{false};  // held while the shard's data is in use
   std::atomic<bool> stop_{false};
   DenseTable dense_;
   std::thread thread_;
