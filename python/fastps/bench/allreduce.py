@@ -323,8 +323,9 @@ def plot_algbw(path: str, records: List[dict], title: str) -> None:
     sizes = sorted({r["size"] for r in records})
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [format_size(x) for x in sizes], rotation=45 if len(sizes) > 8 else 0)
+    ax.set_yscale("log")  # small messages and memcpy differ by orders of magnitude
     ax.set_xlabel("message size (bytes)")
-    ax.set_ylabel("algbw (GB/s)")
+    ax.set_ylabel("algbw (GB/s, log scale)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
