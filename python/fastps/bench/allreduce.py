@@ -13,7 +13,9 @@ Systems: ``fastps`` (``fastps.Client.push_pull`` on CPU tensors), ``gloo``
 (``all_reduce`` of CPU tensors), only where CUDA and at least 2 GPUs are
 present ``nccl`` (``all_reduce`` of CUDA tensors, one GPU per worker), and
 ``memcpy`` (each worker copies its tensor once: the machine's copy bandwidth,
-the yardstick for fastps; not a sum).
+the yardstick for fastps; not a sum), and, on request (``--systems``),
+``tcp-raw`` (2 workers exchange their tensors over one plain loopback socket:
+what TCP itself moves; not a sum).
 
 The command starts its own workers, or runs as one under torchrun:
 
@@ -44,7 +46,7 @@ import torch
 from ._common import (format_size, launch_workers, new_parser, parse_size, positive_int, pyplot,
                       size_sweep, transport_in_use, transport_problem, write_json)
 
-SYSTEMS = ("fastps", "gloo", "nccl", "memcpy")
+SYSTEMS = ("fastps", "gloo", "nccl", "memcpy", "tcp-raw")
 
 
 def nccl_usable(nproc: int) -> bool:
@@ -85,8 +87,8 @@ def parse_args(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> 
                        help="the systems take turns in this many blocks of iterations per size (4)")
     job = ap.add_argument_group("job")
     job.add_argument("--systems", default=None,
-                     help="comma-separated, from fastps, gloo, nccl (default: fastps,gloo, and nccl "
-                          "where CUDA and 2 GPUs are present)")
+                     help="comma-separated, from " + ", ".join(SYSTEMS) + " (default: fastps,gloo,memcpy, "
+                          "and nccl where CUDA and 2 GPUs are present)")
     job.add_argument("-np", "--nproc", type=int, default=2, metavar="N",
                      help="workers to start when not under torchrun (2)")
     job.add_argument("--transport", choices=["auto", "tcp", "shm"], default=None,
@@ -120,6 +122,8 @@ def parse_args(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> 
         if "nccl" in args.systems and not nccl_usable(world):
             n = torch.cuda.device_count() if torch.cuda.is_available() else 0
             ap.error(f"--systems nccl needs CUDA and one GPU per worker (at least 2); this machine has {n} GPU(s)")
+        if "tcp-raw" in args.systems and world != 2:
+            ap.error(f"--systems tcp-raw needs exactly 2 workers (-np 2), got {world}")
     if args.transport is None:
         args.transport = os.environ.get("FASTPS_TRANSPORT", "").strip().lower() or "auto"
     problem = transport_problem(args.transport)
@@ -240,6 +244,64 @@ class MemcpySystem(System):
         self.inp = self.out = None
 
 
+class RawTcpSystem(System):
+    """Two raw loopback TCP streams (2 workers only): each worker sends its whole tensor to
+    the other over one socket while receiving the other's, with no protocol at all: what
+    the kernel's loopback moves, the yardstick of "TCP forced: x% of two raw streams".
+    Not a sum: its #wrong column checks the received bytes."""
+
+    name = "tcp-raw"
+
+    def __init__(self, rank: int, world: int) -> None:
+        import concurrent.futures
+        import torch.distributed as dist
+
+        if world != 2:
+            raise ValueError("the tcp-raw system needs exactly 2 workers (-np 2)")
+        self.rank = rank
+        self.pool = concurrent.futures.ThreadPoolExecutor(1)  # the sending side of each op
+        addr = [None]
+        if rank == 0:
+            lsock = socket.create_server(("127.0.0.1", 0))
+            addr = [lsock.getsockname()[1]]
+        dist.broadcast_object_list(addr, src=0)
+        if rank == 0:
+            lsock.settimeout(60)
+            self.sock, _ = lsock.accept()
+            lsock.close()
+        else:
+            self.sock = socket.create_connection(("127.0.0.1", addr[0]), timeout=60)
+        self.sock.settimeout(120)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            self.sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+
+    def prepare(self, numel: int) -> None:
+        self.inp = fill(numel, self.rank)
+        self.out = torch.empty(numel)
+        self.peer = fill(numel, 1 - self.rank)
+
+    def op(self) -> None:
+        sent = self.pool.submit(self.sock.sendall, memoryview(self.inp.numpy()).cast("B"))
+        view = memoryview(self.out.numpy()).cast("B")
+        got = 0
+        while got < len(view):
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                raise ConnectionError("tcp-raw: the other worker closed its socket")
+            got += n
+        sent.result()
+
+    def result(self) -> torch.Tensor:
+        return self.out
+
+    def wrong(self, expected: torch.Tensor) -> int:
+        return count_wrong(self.out, self.peer)
+
+    def release(self) -> None:
+        self.inp = self.out = self.peer = None
+
+
 # --- NCCL: only where CUDA and one GPU per worker exist (nccl_usable) ----------
 # Untested on the CPU-only reference machine. Each operation is timed until the
 # GPU finished it (synchronize), and checked on a copy back to the host.
@@ -358,6 +420,8 @@ def worker(args: argparse.Namespace) -> int:
             systems[n] = GlooSystem(rank)
         elif n == "memcpy":
             systems[n] = MemcpySystem()
+        elif n == "tcp-raw":
+            systems[n] = RawTcpSystem(rank, world)
         else:
             systems[n] = NcclSystem(rank, int(os.environ.get("LOCAL_RANK", rank)))
 
