@@ -49,6 +49,18 @@ def test_allreduce_sweep_writes_json_and_plot(tmp_path, capfd):
     assert "all results exact" in captured.out
 
 
+def test_allreduce_yardsticks_tcp_raw_and_memcpy_check_their_bytes(tmp_path, capfd):
+    out = tmp_path / "out"
+    rc = fastps_main(["bench", "allreduce", "-b", "64K", "-e", "64K", "-n", "2", "-w", "1", "--latency-iters",
+                      "0", "--timeout", "90", "--transport", "tcp", "--systems", "fastps,tcp-raw,memcpy",
+                      "--json", str(out)])
+    assert rc == 0, capfd.readouterr().err
+    doc = json.loads(out.read_text())
+    assert {r["system"] for r in doc["records"]} == {"fastps", "tcp-raw", "memcpy"}
+    assert all(r["wrong"] == 0 for r in doc["records"])
+    assert "vs tcp-raw" in capfd.readouterr().out
+
+
 @pytest.mark.parametrize("args, message", [
     (["-b", "4X"], "not a size: '4X'"),
     (["-e", "lots"], "K, M or G suffix"),
@@ -59,6 +71,7 @@ def test_allreduce_sweep_writes_json_and_plot(tmp_path, capfd):
     (["-np", "1"], "-np must be at least 2"),
     (["--systems", "fastps,mpi"], "from fastps, gloo, nccl"),
     (["--transport", "udp"], "invalid choice: 'udp'"),
+    (["-np", "3", "--systems", "fastps,tcp-raw"], "tcp-raw needs exactly 2 workers"),
 ])
 def test_allreduce_bad_arguments_exit_2_and_say_what_to_write(args, message, capsys):
     with pytest.raises(SystemExit) as e:
