@@ -72,7 +72,7 @@ def summarize(run: Run) -> Dict[str, Any]:
         "final_val_loss": run.val[-1]["val_loss"] if run.val else None,
         "train_time_s": sum(dts),
         "wall_time_s": max(m["time"] for m in run.train + run.val),
-        "rank0_MB_per_step": mb,  # rank 0 client's bytes sent + received over TCP; None for DDP
+        "rank0_MB_per_step": mb,  # rank 0 client's bytes sent + received over its transport; None for DDP
     }
 
 
@@ -102,7 +102,7 @@ def format_table(summaries: List[Dict[str, Any]]) -> str:
                      f"{s['tokens_per_s']:>9,.0f} {s['final_train_loss']:>10.4f} {val:>9} "
                      f"{s['wall_time_s']:>7.1f} {mb:>8}")
     lines.append("(ms/step: median; train loss: mean of the last 10 steps; val loss: the last evaluation; "
-                 "MB/step: rank 0's fastps bytes sent + received over TCP)")
+                 "MB/step: rank 0's fastps bytes sent + received through shared memory or TCP)")
     return "\n".join(lines)
 
 
