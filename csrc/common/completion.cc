@@ -10,9 +10,12 @@ void Completion::wait(Clock::time_point deadline, const std::string& what) {
   // Short spin first: shard work on a small step often finishes in microseconds.
   for (int i = 0; i < 64 && !finished(); ++i) cpu_relax();
   for (;;) {
-    uint32_t left = remaining_.load(std::memory_order_acquire);
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    uint32_t left = remaining_.load(std::memory_order_seq_cst);
+    bool in_time = left == 0 || futex_wait_until(&remaining_, left, deadline);
+    sleepers_.fetch_sub(1, std::memory_order_relaxed);
     if (left == 0) break;
-    if (!futex_wait_until(&remaining_, left, deadline) && !finished()) {
+    if (!in_time && !finished()) {
       throw TimeoutError(detail::concat("fastps: timed out waiting for ", what,
                                         " (raise the timeout with FASTPS_TIMEOUT or timeout=)"));
     }

@@ -23,7 +23,13 @@ class Completion {
       bool expected = false;
       if (failed_.compare_exchange_strong(expected, true, std::memory_order_acq_rel)) error_ = error;
     }
-    if (remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1) futex_wake_all(&remaining_);
+    // Wake only a waiter that announced itself (a futex call costs a
+    // syscall; most completions are seen by a spinning waiter, or before any
+    // wait). seq_cst pairs with wait()'s announce-then-check.
+    if (remaining_.fetch_sub(1, std::memory_order_seq_cst) == 1 &&
+        sleepers_.load(std::memory_order_seq_cst) != 0) {
+      futex_wake_all(&remaining_);
+    }
   }
 
   bool finished() const { return remaining_.load(std::memory_order_acquire) == 0; }
@@ -34,6 +40,7 @@ class Completion {
 
  private:
   std::atomic<uint32_t> remaining_;
+  std::atomic<uint32_t> sleepers_{0};  // threads inside futex_wait on remaining_
   std::atomic<bool> failed_{false};
   std::exception_ptr error_;
 };
