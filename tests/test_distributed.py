@@ -166,6 +166,36 @@ def test_garbage_bytes_do_not_hurt_the_server(garbage):
     _roundtrip(client)
 
 
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_a_dead_worker_fails_the_round_and_the_server_survives(transport):
+    # 3 workers, rank 2 leaves: rank 0's push_pull is parked, then failed; rank
+    # 1's push to the same doomed round must fail too, not crash the server
+    # (Note [Deferred first gradient]: the parked first gradient is summed
+    # before its request fails).
+    server = _C.PsServer(0, 3, secret="s", transport=transport)
+    addr = [("127.0.0.1", server.port)]
+    clients = [_C.PsClient(r, secret="s", timeout_s=5, transport=transport) for r in range(3)]
+    h = _C.OptimHyper()
+    h.kind = _C.OptimKind.SGD
+    init = torch.zeros(1000)
+    for c in clients:
+        c.connect(addr)
+        c.register_dense(1, 1000, True, h, init.data_ptr()).wait()
+    del clients[2]
+    time.sleep(0.3)  # the server notices the disconnect
+    for c in clients:
+        g, out = torch.ones(1000), torch.empty(1000)
+        with pytest.raises(fastps.ConnectionError, match="worker rank 2 disconnected"):
+            c.push_pull(1, g.data_ptr(), out.data_ptr(), 1).wait()
+    # The server still serves: a fresh key for the two survivors cannot
+    # complete either (3 workers), but a plain registration and pull work.
+    clients[0].register_dense(2, 10, False, h, init.data_ptr()).wait()
+    clients[1].register_dense(2, 10, False, h, 0).wait()  # placement only
+    out = torch.empty(10)
+    clients[1].pull(2, out.data_ptr(), 0).wait()
+    assert torch.equal(out, torch.zeros(10))
+
+
 def test_request_errors_are_typed():
     server = _C.PsServer(0, 1, secret="s")
     client = _C.PsClient(0, secret="s", timeout_s=5, chunk_bytes=4096)

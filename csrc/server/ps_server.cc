@@ -421,6 +421,13 @@ class Handler {
     for (int w = 0; w < opt_.num_workers; ++w)
       if (st_.dead[w]) dead.push_back(w);
     if (dead.empty() || c.waiting.empty()) return 0;
+    // A deferred first gradient may be a waiting local request's tensor, which
+    // its owner may free once the request fails: into the sum with it first,
+    // so later pushes of this (doomed) round still find a complete sum.
+    if (c.deferred != nullptr) {
+      c.accum.assign(c.deferred, c.deferred + c.numel);
+      drop_deferred(c);
+    }
     const size_t before = c.waiting.size();
     std::string who = detail::concat("worker rank ", dead[0]);
     auto keep = c.waiting.begin();
@@ -441,9 +448,6 @@ class Handler {
       }
     }
     c.waiting.erase(keep, c.waiting.end());
-    // The round can never complete; a deferred local tensor may be freed
-    // once its request has failed.
-    if (c.waiting.size() != before) drop_deferred(c);
     return before - c.waiting.size();
   }
 
@@ -897,8 +901,11 @@ void PsServer::dispatch(ConnId conn, int worker, Message&& message) {
   // keeps this (transport or caller) thread free.
   constexpr uint32_t kInlineMaxCount = 16384;  // 64 KiB of float32
   const Op o = message.header.op;
+  // count 0 means "every value" to a PULL: not small. The payload is checked
+  // too: a frame's count and payload are only validated by the handler.
   const bool small = (o == Op::kPush || o == Op::kPushPull || o == Op::kPull) &&
-                     message.header.count <= kInlineMaxCount;
+                     message.header.count > 0 && message.header.count <= kInlineMaxCount &&
+                     message.header.payload_len <= uint64_t(kInlineMaxCount) * 4 + kOptimConfigSize;
   std::unique_ptr<Task> task;
   {
     auto t = std::make_unique<MessageTask>();

@@ -58,7 +58,9 @@ void Shard::loop() {
     if (!queue_.looks_empty()) {
       // See Note [Inline tasks]: hold the data while draining the queue.
       if (owner_.exchange(true, std::memory_order_acquire)) {
-        cpu_relax();
+        // An inline runner has the data (it may be sending its reply, or be
+        // preempted): give it the core rather than spin against it.
+        std::this_thread::yield();
         continue;
       }
       while (MpscNode* node = queue_.pop()) run_task(std::unique_ptr<Task>(static_cast<Task*>(node)), *this);

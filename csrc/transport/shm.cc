@@ -171,6 +171,19 @@ bool ShmRing::wait_byref(uint64_t seq, const std::atomic<bool>& stop, Clock::tim
   }
 }
 
+constexpr uint64_t kByRefAbandoned = ~uint64_t{0};
+
+bool ShmRing::abandon_byref(uint64_t seq) {
+  uint64_t expected = seq - 1;
+  return ctl_->byref_claim.compare_exchange_strong(expected, kByRefAbandoned, std::memory_order_seq_cst);
+}
+
+bool ShmRing::claim_byref() {
+  const uint64_t seq = ++byref_read_;
+  uint64_t expected = seq - 1;
+  return ctl_->byref_claim.compare_exchange_strong(expected, seq, std::memory_order_seq_cst);
+}
+
 void ShmRing::byref_copied() {
   ctl_->byref_done.fetch_add(1, std::memory_order_seq_cst);
   wake(&ctl_->byref_sleeping);
@@ -385,8 +398,8 @@ bool ShmSegment::peer_can_read_me() const {
 
 bool ShmSegment::read_from_peer(uint8_t* dst, const iovec* remote, size_t nremote, uint64_t total,
                                 std::string* why) const {
-  // The kernel may copy less than asked (at most IOV_MAX pieces, or a fault
-  // part way): continue from where it stopped.
+  // The kernel may copy less than asked (a fault part way): continue from
+  // where it stopped. (At most kByRefMaxSegments pieces: far below IOV_MAX.)
   std::vector<iovec> rem(remote, remote + nremote);
   size_t first = 0;
   uint64_t done = 0;

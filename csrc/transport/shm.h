@@ -25,7 +25,9 @@
 //    restriction, one pid namespace), a large frame carries only a descriptor
 //    of the sender's buffers; the reader copies the bytes straight from them
 //    into the destination and counts `byref_done`, which the sender waits for
-//    before its send() returns (its buffers must stay valid until then). Each
+//    before its send() returns (its buffers must stay valid until then). The
+//    reader claims a frame before copying it and a sender that times out may
+//    abandon only an unclaimed one, so no torn copy is delivered. Each
 //    side finds out at setup whether it can read the other by reading back
 //    the peer's copy of the segment header (a probe), so a failure is never
 //    discovered on a real frame.
@@ -60,8 +62,10 @@ struct ShmRingCtl {
   alignas(64) std::atomic<uint64_t> head;  // written by the consumer
   alignas(64) std::atomic<uint32_t> reader_sleeping;
   alignas(64) std::atomic<uint32_t> writer_sleeping;
-  // Payloads by reference: frames whose bytes the reader has copied.
+  // Payloads by reference: frames whose bytes the reader has copied, and the
+  // last frame the reader claimed (or kByRefAbandoned), Note [Single copy].
   alignas(64) std::atomic<uint64_t> byref_done;
+  std::atomic<uint64_t> byref_claim;
   std::atomic<uint32_t> byref_sleeping;
 };
 
@@ -84,11 +88,18 @@ class ShmRing {
              uint64_t* written);
   // Makes everything written so far visible and wakes a sleeping reader.
   void flush();
-  // By-reference frames: the sequence number (1, 2, ...) of the next one this
-  // writer sends, and the wait until the reader has copied frame `seq`
-  // (false if `stop` was set or `deadline` passed first).
+  // By-reference frames: the sequence number (1, 2, ...) of the frame whose
+  // descriptor this writer just put in the ring, and the wait until the reader
+  // has copied frame `seq` (false if `stop` was set or `deadline` passed).
   uint64_t next_byref_seq() { return ++byref_sent_; }
   bool wait_byref(uint64_t seq, const std::atomic<bool>& stop, Clock::time_point deadline);
+  // A writer giving up on frame `seq`: true if the reader had not claimed it
+  // (it never will: its buffers are free), false if the reader is copying
+  // them (wait for byref_done, which the reader reaches in bounded time).
+  bool abandon_byref(uint64_t seq);
+  // Reader: claims the next by-reference frame before copying it; false if
+  // the writer abandoned it (the stream is then broken: close).
+  bool claim_byref();
 
   // --- Consumer side (one thread) ---
 
@@ -116,7 +127,8 @@ class ShmRing {
   // Producer-local: bytes written but not yet published.
   uint64_t wtail_ = 0;
   bool wtail_init_ = false;
-  uint64_t byref_sent_ = 0;
+  uint64_t byref_sent_ = 0;  // writer side
+  uint64_t byref_read_ = 0;  // reader side
 };
 
 // A mapped segment: a header, two ring control blocks and two data areas.

@@ -1264,8 +1264,9 @@ bool TcpTransport::shm_take_byref(const Entry& e) {
   uint8_t count[8];
   if (!rx.read_exact(count, sizeof(count), conn.closing)) return false;
   const uint32_t nseg = load_le32(count);
+  // On a malformed frame the connection closes without acknowledging it:
+  // the sender learns from the close, never from a false "copied".
   if (!conn.shm->can_read_peer() || nseg == 0 || nseg > kByRefMaxSegments) {
-    rx.byref_copied();
     fail(e, Status::kProtocol, concat("by-reference frame with ", nseg, " segments (limit ", kByRefMaxSegments,
                                       ")", conn.shm->can_read_peer() ? "" : " but this side cannot read the peer"));
     return false;
@@ -1284,8 +1285,11 @@ bool TcpTransport::shm_take_byref(const Entry& e) {
   if (problem.empty() && total != h.payload_len)
     problem = concat("by-reference frame describes ", total, " bytes but announces ", h.payload_len);
   if (!problem.empty()) {
-    rx.byref_copied();
     fail(e, Status::kProtocol, problem);
+    return false;
+  }
+  if (!rx.claim_byref()) {  // the sender gave up on it: its buffers may be gone
+    fail(e, Status::kProtocol, "the peer abandoned a by-reference frame (its send timed out)");
     return false;
   }
   Message frame;
@@ -1339,13 +1343,22 @@ void TcpTransport::shm_send(const ConnPtr& conn, const uint8_t* header, const Co
       store_le64(desc + at + 8, segments[i].size);
       at += 16;
     }
-    seq = tx.next_byref_seq();
     ok = tx.write(desc, at, conn->closing, deadline, &written);
     if (ok) {
+      // Numbered once its descriptor is in the ring (a descriptor that never
+      // got in is not a frame the reader will count).
+      seq = tx.next_byref_seq();
       tx.flush();
       // The reader copies from our buffers: they must outlive this wait.
-      ok = tx.wait_byref(seq, conn->closing, deadline);
-      if (ok) return;
+      if (tx.wait_byref(seq, conn->closing, deadline)) return;
+      // Giving up is only allowed before the reader claims the frame; once it
+      // copies, wait for it to finish (milliseconds for a live peer), however
+      // the connection is doing, so that no torn copy is ever delivered.
+      if (!tx.abandon_byref(seq)) {
+        const std::atomic<bool> never{false};
+        const auto limit = Clock::now() + std::min<Clock::duration>(options().timeout, std::chrono::seconds(5));
+        if (tx.wait_byref(seq, never, limit) && !conn->closing.load(std::memory_order_acquire)) return;
+      }
       written = 1;  // the frame is half sent either way: the connection must close
     }
   } else {
@@ -1361,7 +1374,8 @@ void TcpTransport::shm_send(const ConnPtr& conn, const uint8_t* header, const Co
   const uint64_t total = kHeaderSize + payload_len;
   if (conn->closing.load(std::memory_order_acquire)) {
     throw ConnectionError(concat("fastps: connection to ", conn->peer, " was closed while sending (",
-                                 seq ? "by reference" : concat(written, " of ", total, " bytes written"), ")"));
+                                 seq ? std::string("by reference") : concat(written, " of ", total, " bytes written"),
+                                 ")"));
   }
   std::string what = concat("fastps: timed out after ", options().timeout.count(), " ms sending to ",
                             conn->peer, " over shared memory (", seq ? "the peer did not copy the payload"

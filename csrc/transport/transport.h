@@ -58,7 +58,8 @@ constexpr ConnId kInvalidConnId = 0;
 
 // Called with each complete, authenticated, validated frame.
 using MessageHandler = std::function<void(ConnId conn, Message&& message)>;
-// Zero-copy receive: called on the loop thread with each established frame's
+// Zero-copy receive: called on the delivering thread (the loop, or a
+// shared-memory connection's reader) with each established frame's
 // header before its payload is read; a non-null return is where the
 // payload_len bytes are received instead of a new buffer (the frame then
 // arrives with Message::in_place set). The memory must stay valid until the

@@ -1275,6 +1275,51 @@ TEST(shm_blocked_send_fails_when_peer_closes) {
   CHECK(in.wait_disconnects(1));
 }
 
+TEST(shm_byref_send_that_times_out_unwritten_keeps_the_connection_usable) {
+  // The server's handler stalls on the first frame, the ring fills up, and a
+  // large (by-reference) send times out before its descriptor got in: the
+  // connection stays open (nothing was half sent), and once the server reads
+  // again the next large send goes through at once.
+  TransportOptions so = opts();
+  auto server = Transport::create("auto", so);
+  std::atomic<int> got{0};
+  std::atomic<bool> release{false};
+  std::atomic<size_t> last_size{0};
+  server->set_handler([&](ConnId, Message&& m) {
+    last_size.store(m.payload.size());
+    if (got.fetch_add(1) == 0)
+      while (!release.load()) std::this_thread::sleep_for(Ms(5));
+  });
+  uint16_t port = server->listen();
+  TransportOptions co = shm_opts(ShmMode::kRequire, 64 << 10);
+  co.timeout = Ms(500);
+  Inbox in;
+  auto client = Transport::create("shm", co);
+  in.attach(*client);
+  ConnId c = client->connect("127.0.0.1", port, 0);
+  CHECK(client->peer_info(c).single_copy);
+  MessageHeader h;
+  h.op = Op::kPush;
+  client->send(c, h);  // the handler stalls on this one
+  while (got.load() < 1) std::this_thread::sleep_for(Ms(1));
+  std::vector<uint8_t> small(4096 - kHeaderSize, 1);
+  ConstBuffer s{small.data(), small.size()};
+  for (int i = 0; i < 16; ++i) client->send(c, h, &s, 1);  // exactly fills the 64 KiB ring
+  std::vector<uint8_t> big(64 << 10, 2);
+  ConstBuffer b{big.data(), big.size()};
+  CHECK_THROWS(TimeoutError, "0 of", client->send(c, h, &b, 1));
+  CHECK(client->peer_info(c).shared_memory);  // still open
+  release.store(true);
+  while (got.load() < 17) std::this_thread::sleep_for(Ms(1));
+  auto t0 = Clock::now();
+  client->send(c, h, &b, 1);
+  CHECK(Clock::now() - t0 < Ms(400));
+  auto deadline = Clock::now() + Ms(2000);
+  while (got.load() < 18 && Clock::now() < deadline) std::this_thread::sleep_for(Ms(1));
+  CHECK(got.load() == 18 && last_size.load() == big.size());
+  CHECK(in.disconnects.empty());
+}
+
 // ---------------------------------------------------------------------------------------
 
 int main(int argc, char** argv) {
