@@ -199,55 +199,28 @@ FuturePtr PsClient::state_set(uint32_t tensor_id, int buffer, const float* src) 
 
 FuturePtr PsClient::request(uint32_t tensor_id, Op op, float* dst, bool dst_per_chunk,
                             int64_t reply_count, const FrameFn& fill, const char* what) {
-  struct Frame {
-    MessageHeader header;
-    std::vector<ConstBuffer> segs;
-    int server;
-  };
-  std::vector<Frame> frames;
-  CompletionPtr completion;
+  std::vector<OutFrame> frames;
   {
     std::lock_guard<std::mutex> lock(mu_);
     FASTPS_CHECK(!conns_.empty(), "PsClient is not connected");
     Entry& e = entry(tensor_id);
-    completion = std::make_shared<Completion>(uint32_t(e.servers.size()));
     for (size_t c = 0; c < e.servers.size(); ++c) {
       const int64_t begin = int64_t(c) * e.chunk_elems;
       const int64_t n = std::min(e.chunk_elems, e.numel - begin);
-      Frame f;
+      OutFrame f;
       f.header.op = op;
       f.header.key = chunk_key(tensor_id, uint32_t(c));
-      f.header.request_id = next_id_++;
       f.header.count = uint32_t(n);
       f.server = e.servers[c];
       fill(f.header, f.segs, begin, n);
-      Pending p;
-      p.completion = completion;
-      p.dst = dst ? (dst_per_chunk ? dst + begin : dst) : nullptr;
-      p.count = reply_count < 0 ? n : reply_count;
-      if (!dst) p.count = 0;
-      p.server = f.server;
-      pending_[f.header.request_id] = p;
+      if (dst != nullptr) {
+        f.dst = dst_per_chunk ? dst + begin : dst;
+        f.count = reply_count < 0 ? n : reply_count;
+      }
       frames.push_back(std::move(f));
     }
   }
-  auto future = std::make_shared<Future>(
-      completion, detail::concat(what, " of tensor ", tensor_id), timeout_);
-  for (Frame& f : frames) {
-    try {
-      send_frame(f.server, f.header, f.segs);
-    } catch (const Error& e) {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto it = pending_.find(f.header.request_id);
-      if (it != pending_.end()) {
-        it->second.completion->done(std::make_exception_ptr(ConnectionError(detail::concat(
-            "fastps: cannot reach parameter server ", f.server, " at ", servers_[f.server].host, ":",
-            servers_[f.server].port, ": ", e.what()))));
-        pending_.erase(it);
-      }
-    }
-  }
-  return future;
+  return submit(frames, detail::concat(what, " of tensor ", tensor_id));
 }
 
 void PsClient::send_frame(int server, const MessageHeader& header, const std::vector<ConstBuffer>& segs) {
