@@ -212,19 +212,8 @@ void bind_sparse(py::module_& m) {
                        int64_t ttl_steps, int64_t admit_threshold, int64_t max_pending,
                        int eviction_samples, double timeout_s) {
              FASTPS_CHECK(timeout_s > 0, "fastps: timeout must be positive, got ", timeout_s);
-             SparseTableConfig c;
-             c.dim = dim;
-             c.seed = seed;
-             c.init = init;
-             c.init_a = init_a;
-             c.init_b = init_b;
-             c.rule = rule;
-             c.max_rows = max_rows;
-             c.eviction = eviction;
-             c.ttl_steps = ttl_steps;
-             c.admit_threshold = admit_threshold;
-             c.max_pending = max_pending;
-             c.eviction_samples = eviction_samples;
+             SparseTableConfig c = make_config(dim, seed, init, init_a, init_b, rule, max_rows, eviction,
+                                               ttl_steps, admit_threshold, max_pending, eviction_samples);
              return std::make_unique<ShardedSparseTable>(
                  server, c, std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000.0)));
            }),
