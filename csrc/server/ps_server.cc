@@ -906,15 +906,12 @@ void PsServer::dispatch(ConnId conn, int worker, Message&& message) {
   const bool small = (o == Op::kPush || o == Op::kPushPull || o == Op::kPull) &&
                      message.header.count > 0 && message.header.count <= kInlineMaxCount &&
                      message.header.payload_len <= uint64_t(kInlineMaxCount) * 4 + kOptimConfigSize;
-  std::unique_ptr<Task> task;
-  {
-    auto t = std::make_unique<MessageTask>();
-    ShardState* st = shard_state_[shard].get();
-    t->fn = [this, st, conn, worker, m = std::move(message)](Shard&) mutable {
-      Handler(options_, *transport_, *st, local_sink_).handle(conn, worker, m);
-    };
-    task = std::move(t);
-  }
+  auto t = std::make_unique<MessageTask>();
+  ShardState* st = shard_state_[shard].get();
+  t->fn = [this, st, conn, worker, m = std::move(message)](Shard&) mutable {
+    Handler(options_, *transport_, *st, local_sink_).handle(conn, worker, m);
+  };
+  std::unique_ptr<Task> task = std::move(t);
   if (small && server_->run_inline(shard, task)) return;
   server_->submit(shard, std::move(task));
 }

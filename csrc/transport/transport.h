@@ -49,6 +49,7 @@
 #include <string>
 
 #include "transport/message.h"
+#include "transport/shm.h"  // kShm*RingBytes
 
 namespace fastps {
 
@@ -94,7 +95,7 @@ struct TransportOptions {
   // create("shm") and create("auto") override this field.
   ShmMode shm = ShmMode::kOff;
   // Bytes of each of a shared-memory connection's two rings.
-  uint64_t shm_ring_bytes = 4 << 20;
+  uint64_t shm_ring_bytes = kShmDefaultRingBytes;
 };
 
 struct PeerInfo {
