@@ -67,6 +67,16 @@ class Job:
             out.append(subprocess.CompletedProcess(p.args, p.returncode, so, se))
         return out
 
+    def wait_ready(self, out, timeout: float = 60.0) -> None:
+        """Wait until every worker wrote `out.ready.RANK` (dist_worker's train_until_failure);
+        a worker that exits first fails the test with its stderr."""
+        deadline = time.monotonic() + timeout
+        while not all(Path(f"{out}.ready.{r}").exists() for r in range(len(self.workers))):
+            assert time.monotonic() < deadline, "training did not start"
+            for p in self.workers:
+                assert p.poll() is None, p.communicate()[1][-3000:]
+            time.sleep(0.1)
+
     def kill(self) -> None:
         for p in self.workers + self.servers:
             if p.poll() is None:

@@ -65,6 +65,32 @@ def emb_model_and_data():
     return emb, model, x.chunk(WORLD)[RANK], y.chunk(WORLD)[RANK]
 
 
+def train_until_failure(model, x, y, out, after_step=None) -> int:
+    """Train with SGD until fastps raises (the test kills a server): writes `out.ready.RANK`
+    after step 5, then the error's type, the seconds since the last good step and its
+    message to `out.RANK`, and leaves with status 3."""
+    opt = fastps.optim.SGD(model.parameters(), lr=0.01)
+    last_ok = time.monotonic()
+    try:
+        for step in range(100000):
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if after_step is not None:
+                after_step()
+            last_ok = time.monotonic()
+            if step == 5:
+                with open(f"{out}.ready.{RANK}", "w") as f:
+                    f.write("ok")
+            time.sleep(0.02)
+    except fastps.FastPSError as e:
+        with open(f"{out}.{RANK}", "w") as f:
+            f.write(f"{type(e).__name__}\n{time.monotonic() - last_ok:.3f}\n{e}\n")
+        os._exit(3)  # skip the shutdown barrier: the job is broken
+    return 0
+
+
 def main() -> int:
     mode = sys.argv[1]
     if mode == "train":
@@ -93,26 +119,8 @@ def main() -> int:
         torch.save({"params": [p.detach() for p in model.parameters()], "losses": losses}, f"{out}.{RANK}")
         dist.destroy_process_group()
     elif mode == "slow":
-        out = sys.argv[2]
         model, x, y = model_and_data()
-        opt = fastps.optim.SGD(model.parameters(), lr=0.01)
-        last_ok = time.monotonic()
-        try:
-            for step in range(100000):
-                loss = nn.functional.mse_loss(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                last_ok = time.monotonic()
-                if step == 5:
-                    with open(f"{out}.ready.{RANK}", "w") as f:
-                        f.write("ok")
-                time.sleep(0.02)
-        except fastps.FastPSError as e:
-            with open(f"{out}.{RANK}", "w") as f:
-                f.write(f"{type(e).__name__}\n{time.monotonic() - last_ok:.3f}\n{e}\n")
-            os._exit(3)  # skip the shutdown barrier: the job is broken
-        return 0
+        return train_until_failure(model, x, y, sys.argv[2])
     elif mode == "resume":
         name, steps, out = sys.argv[2], int(sys.argv[3]), sys.argv[4]
         model, x, y = model_and_data()
@@ -153,27 +161,9 @@ def main() -> int:
                     "losses": losses, "num_rows": num_rows, "step": step_count,
                     "rows_loaded": rows_loaded, "rows_a": rows_a, "rows_b": rows_b}, f"{out}.{RANK}")
     elif mode == "emb_slow":
-        out = sys.argv[2]
         emb, model, x, y = emb_model_and_data()
-        opt = fastps.optim.SGD(model.parameters(), lr=0.01)
-        last_ok = time.monotonic()
-        try:
-            for step in range(100000):
-                loss = nn.functional.mse_loss(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                emb.lookup(torch.tensor([1]))  # a pull after every step: waits for the step's round
-                last_ok = time.monotonic()
-                if step == 5:
-                    with open(f"{out}.ready.{RANK}", "w") as f:
-                        f.write("ok")
-                time.sleep(0.02)
-        except fastps.FastPSError as e:
-            with open(f"{out}.{RANK}", "w") as f:
-                f.write(f"{type(e).__name__}\n{time.monotonic() - last_ok:.3f}\n{e}\n")
-            os._exit(3)
-        return 0
+        # A pull after every step: waits for the step's round.
+        return train_until_failure(model, x, y, sys.argv[2], after_step=lambda: emb.lookup(torch.tensor([1])))
     else:
         raise SystemExit(f"unknown mode {mode}")
     return 0

@@ -84,12 +84,7 @@ def test_embedding_one_dedicated_server_equals_reference(tmp_path):
 def test_killed_server_makes_embedding_workers_raise_quickly(tmp_path):
     out = tmp_path / "res"
     with Job(2, ["emb_slow", str(out)], servers=2, env={"FASTPS_TIMEOUT": "60"}, timeout=90) as job:
-        deadline = time.monotonic() + 60
-        while not all(Path(f"{out}.ready.{r}").exists() for r in range(2)):
-            assert time.monotonic() < deadline, "training did not start"
-            for p in job.workers:
-                assert p.poll() is None, p.communicate()[1][-3000:]
-            time.sleep(0.1)
+        job.wait_ready(out)
         os.kill(job.servers[1].pid, signal.SIGKILL)
         results = job.wait()
     for r, res in enumerate(results):
