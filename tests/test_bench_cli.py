@@ -81,12 +81,12 @@ def test_allreduce_bad_arguments_exit_2_and_say_what_to_write(args, message, cap
     assert message in err and "usage: fastps bench allreduce" in err
 
 
-def test_allreduce_refuses_a_transport_the_build_lacks(monkeypatch, capsys):
-    monkeypatch.setattr(_common, "available_transports", lambda: ("tcp",))
+def test_allreduce_refuses_an_unknown_transport_from_the_environment(monkeypatch, capsys):
+    monkeypatch.setenv("FASTPS_TRANSPORT", "udp")
     with pytest.raises(SystemExit) as e:
-        fastps_main(["bench", "allreduce", "--transport", "shm"])
+        fastps_main(["bench", "allreduce"])
     assert e.value.code == 2
-    assert "transport 'shm' is not in this fastps build (it has: tcp)" in capsys.readouterr().err
+    assert "FASTPS_TRANSPORT='udp': use one of auto, tcp, shm" in capsys.readouterr().err
 
 
 def test_allreduce_nccl_needs_gpus(capsys):

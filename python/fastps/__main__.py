@@ -37,7 +37,7 @@ def _server(args: argparse.Namespace) -> int:
     sid = workers + int(store.add("dedicated_servers", 1)) - 1
     server = _C.PsServer(sid, workers, num_shards=args.shards, staleness=args.staleness,
                          host=args.bind, port=args.port, secret=secret, timeout_s=cfg.timeout,
-                         transport=os.environ.get("FASTPS_TRANSPORT", "auto").strip().lower() or "auto")
+                         transport=_cluster.transport_from_env())
     store.set(f"server/{sid}", f"{_cluster.advertised_host(cfg)}:{server.port}")
     print(f"fastps server {sid} listening on {args.bind}:{server.port} for {workers} workers", flush=True)
     # Serve until every worker has left the job (or the process is killed).

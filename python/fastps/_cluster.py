@@ -28,6 +28,22 @@ from .errors import ConnectionError as FastPSConnectionError
 from .errors import InvalidArgumentError, TimeoutError as FastPSTimeoutError
 
 
+# FASTPS_TRANSPORT's values (docs/configuration.md).
+TRANSPORTS = ("auto", "tcp", "shm")
+
+
+def transport_from_env() -> str:
+    """FASTPS_TRANSPORT, normalised (default ``auto``); not validated here."""
+    return os.environ.get("FASTPS_TRANSPORT", "auto").strip().lower() or "auto"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a local job's rendezvous store)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """Settings of the distributed mode (keyword > ``FASTPS_*`` > default)."""
@@ -86,7 +102,7 @@ def config_from_env(**overrides) -> ClusterConfig:
         chunk_bytes=_env("FASTPS_CHUNK_BYTES", int, 4 << 20),
         connections=_env("FASTPS_CONNECTIONS", int, 1),
         num_shards=_env("FASTPS_NUM_SHARDS", int, 0),
-        transport=os.environ.get("FASTPS_TRANSPORT", "auto").strip().lower() or "auto",
+        transport=transport_from_env(),
         shm_ring_bytes=_env("FASTPS_SHM_RING_BYTES", int, 4 << 20),
     )
     cfg.update({k: v for k, v in overrides.items() if v is not None})
@@ -95,7 +111,7 @@ def config_from_env(**overrides) -> ClusterConfig:
         raise InvalidArgumentError(f"fastps: RANK={c.rank} is outside WORLD_SIZE={c.world_size}")
     if c.staleness < -1:
         raise InvalidArgumentError(f"fastps: staleness must be -1 (ASP), 0 (BSP) or k > 0 (SSP), got {c.staleness}")
-    if c.transport not in ("auto", "tcp", "shm"):
+    if c.transport not in TRANSPORTS:
         raise InvalidArgumentError(
             f"fastps: FASTPS_TRANSPORT must be auto (shared memory between processes of one host, TCP "
             f"between hosts), tcp or shm, got {c.transport!r}")

@@ -13,12 +13,13 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+from .. import _cluster
 
 _SUFFIX = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -123,43 +124,9 @@ def bar_chart(path: str, title: str, groups: Mapping[str, Mapping[str, float]], 
     plt.close(fig)
 
 
-def available_transports() -> Tuple[str, ...]:
-    """The transports this fastps build can select with ``FASTPS_TRANSPORT``.
-
-    A build without the shared-memory transport (its ``_C.PsClient`` has no
-    ``server_paths()``) has only TCP and does not read ``FASTPS_TRANSPORT``:
-    asking it for ``shm`` would measure TCP under another name, so the
-    benchmark refuses instead.
-    """
-    from .. import _C
-
-    return ("tcp", "shm") if hasattr(_C.PsClient, "server_paths") else ("tcp",)
-
-
 def transport_in_use(client) -> str:
-    """How a ``fastps.Client`` reaches the servers that are not in its process: 'tcp', 'shm' or 'shm+tcp'.
-
-    From the client itself where the build reports it, else the build's only transport.
-    """
-    paths = getattr(client._client, "server_paths", None)
-    if paths is None:
-        return "+".join(available_transports())
-    return "+".join(sorted(set(paths()) - {"local"})) or "local"
-
-
-def transport_problem(requested: str) -> Optional[str]:
-    """Why ``FASTPS_TRANSPORT=requested`` cannot be measured with this build, or None."""
-    have = available_transports()
-    if requested == "auto" or requested in have:
-        return None
-    return (f"transport {requested!r} is not in this fastps build (it has: {', '.join(have)}); "
-            f"use --transport {' or '.join(('auto',) + have)}")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """How a ``fastps.Client`` reaches the servers that are not in its process: 'tcp', 'shm' or 'shm+tcp'."""
+    return "+".join(sorted(set(client._client.server_paths()) - {"local"})) or "local"
 
 
 def _tail(path: str, lines: int) -> str:
@@ -184,7 +151,7 @@ def launch_workers(name: str, cmd: Sequence[str], nproc: int, *, timeout: float,
     worker runs in its own session and is killed (SIGKILL, with its children)
     when this function returns, on Ctrl-C and on SIGTERM.
     """
-    port = free_port()
+    port = _cluster.free_port()
     base = dict(os.environ)
     base.setdefault("FASTPS_TIMEOUT", "120")
     base.pop("TORCHELASTIC_USE_AGENT_STORE", None)

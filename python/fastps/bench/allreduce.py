@@ -43,8 +43,9 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .. import _cluster
 from ._common import (format_size, launch_workers, new_parser, parse_size, positive_int, pyplot,
-                      size_sweep, transport_in_use, transport_problem, write_json)
+                      size_sweep, transport_in_use, write_json)
 
 SYSTEMS = ("fastps", "gloo", "nccl", "memcpy", "tcp-raw")
 
@@ -91,7 +92,7 @@ def parse_args(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> 
                           "and nccl where CUDA and 2 GPUs are present)")
     job.add_argument("-np", "--nproc", type=int, default=2, metavar="N",
                      help="workers to start when not under torchrun (2)")
-    job.add_argument("--transport", choices=["auto", "tcp", "shm"], default=None,
+    job.add_argument("--transport", choices=_cluster.TRANSPORTS, default=None,
                      help="fastps's transport, set as FASTPS_TRANSPORT for the workers "
                           "(default: $FASTPS_TRANSPORT, else auto)")
     job.add_argument("--threads", type=positive_int, default=1, metavar="N",
@@ -125,10 +126,9 @@ def parse_args(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> 
         if "tcp-raw" in args.systems and world != 2:
             ap.error(f"--systems tcp-raw needs exactly 2 workers (-np 2), got {world}")
     if args.transport is None:
-        args.transport = os.environ.get("FASTPS_TRANSPORT", "").strip().lower() or "auto"
-    problem = transport_problem(args.transport)
-    if problem:
-        ap.error(problem)
+        args.transport = _cluster.transport_from_env()
+        if args.transport not in _cluster.TRANSPORTS:
+            ap.error(f"FASTPS_TRANSPORT={args.transport!r}: use one of {', '.join(_cluster.TRANSPORTS)}")
     return args
 
 

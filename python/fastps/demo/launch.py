@@ -18,17 +18,16 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .._cluster import TRANSPORTS, free_port
 from .train import add_training_arguments, build_parser, default_logdir, find_resume_logdir
 
 MODES = {"bsp": 0, "ssp": 2, "asp": -1}
-TRANSPORTS = ("auto", "tcp", "shm")
 
 
 class DemoError(RuntimeError):
@@ -54,12 +53,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     j.add_argument("--timeout", type=float, default=3600.0,
                    help="seconds a job may run before it is killed (default 3600)")
     add_training_arguments(p)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _set_pdeathsig() -> None:
