@@ -161,6 +161,35 @@ def test_many_ids_grow_the_index():
     assert st["memory_bytes"] >= len(ids) * (32 + 16)
 
 
+def test_large_table_grows_and_matches_sparse_adam():
+    """Rows move when a shard's row mapping grows (mremap), and past 4 MiB the mapping
+    asks for huge pages (Note [Mapped table memory]): values and optimizer state must
+    come through every growth intact. 40k ids of dim 32 (416-byte rows, ~8 MiB per
+    shard), pushed in batches that mostly create rows, as torch.optim.SparseAdam."""
+    num, dim, batch = 40_000, 32, 12_000
+    gen = torch.Generator().manual_seed(4)
+    t = make(2, dim=dim, seed=3, rule=R.SPARSE_ADAM)
+    table_ids = torch.arange(num, dtype=torch.int64) * 7919 - 100_000_000
+    emb = torch.nn.Embedding(num, dim, sparse=True)
+    with torch.no_grad():
+        emb.weight.copy_(pull(t, table_ids))
+    opt = torch.optim.SparseAdam(emb.parameters(), lr=0.01)
+    rule = _C.SparseOptim(R.SPARSE_ADAM, lr=0.01, eps=1e-8)
+    for step in range(1, 7):
+        idx = unique_ids(batch, num, gen)
+        g = torch.randn(len(idx), dim, generator=gen)
+        opt.zero_grad()
+        with torch.sparse.check_sparse_tensor_invariants(enable=True):
+            (emb(idx) * g).sum().backward()
+            opt.step()
+        push(t, table_ids[idx], g, rule, step)
+    torch.testing.assert_close(pull(t, table_ids), emb.weight.detach(), rtol=1e-6, atol=1e-7)
+    st = t.stats()
+    row_bytes = 32 + 4 * 3 * dim
+    # Reported memory: the rows' pages (up to a 2 MiB page per shard beyond them) and the index.
+    assert st["rows"] * row_bytes <= st["memory_bytes"] <= st["rows"] * (row_bytes + 2 * 16 / 0.35) + 2 * (2 << 20)
+
+
 def test_push_checks_rule_and_arguments():
     t = make(2, dim=4, rule=R.ADAGRAD)
     with pytest.raises(fastps.errors.InvalidArgumentError, match="rule"):

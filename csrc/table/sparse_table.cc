@@ -29,12 +29,13 @@ namespace fastps {
 namespace {
 
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
-constexpr uint64_t kSlotSalt = 0x2545F4914F6CDD1DULL;
 constexpr char kFileMagic[8] = {'F', 'A', 'S', 'T', 'P', 'S', 'S', 'P'};
 constexpr char kEndMagic[8] = {'F', 'P', 'S', 'S', 'P', 'E', 'N', 'D'};
 constexpr uint32_t kFileVersion = 1;
 constexpr uint32_t kHeaderBytes = 128;
-constexpr int64_t kTargetBlockBytes = 256 << 10;
+constexpr int64_t kMinPoolRows = 64;
+constexpr int64_t kSlotAhead = 16;  // Note "Lookahead" in sparse_table.h
+constexpr int64_t kRowAhead = 4;
 constexpr size_t kWriteBuffer = 1 << 20;
 
 inline uint64_t mix(uint64_t x) { return mix64(x); }
@@ -42,6 +43,13 @@ inline uint64_t mix(uint64_t x) { return mix64(x); }
 inline double unit(uint64_t h) { return static_cast<double>(h >> 11) * 0x1.0p-53; }  // [0, 1)
 
 int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// Asks for the cache lines of [p, p + bytes), to be written.
+inline void prefetch_for_write(const void* p, size_t bytes) {
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + bytes;
+  for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63}; a < end; a += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(a), 1);
+}
 
 }  // namespace
 
@@ -121,67 +129,75 @@ void sparse_init_values(const SparseTableConfig& c, int64_t id, float* out) {
 IdMap::IdMap(int64_t min_capacity) {
   int64_t cap = 16;
   while (cap < min_capacity) cap *= 2;
-  slots_.assign(static_cast<size_t>(cap), Slot{0, 0});
+  buf_ = MappedBuffer(static_cast<size_t>(cap) * sizeof(Slot));  // zero: every slot empty
   mask_ = static_cast<uint64_t>(cap - 1);
 }
-
-uint64_t IdMap::home(int64_t id) const { return mix(static_cast<uint64_t>(id) ^ kSlotSalt) & mask_; }
 
 void IdMap::insert(int64_t id, uint64_t value) {
   FASTPS_ASSERT(value != 0);
   if ((size_ + 1) * 10 > capacity() * 7) grow();
   uint64_t i = home(id);
-  while (slots_[i].value != 0) i = (i + 1) & mask_;
-  slots_[i] = Slot{id, value};
+  while (slots()[i].value != 0) i = (i + 1) & mask_;
+  slots()[i] = Slot{id, value};
   ++size_;
 }
 
 void IdMap::grow() {
-  std::vector<Slot> old(slots_.size() * 2, Slot{0, 0});
-  old.swap(slots_);
-  mask_ = slots_.size() - 1;
-  for (const Slot& s : old) {
+  const int64_t old_cap = capacity();
+  MappedBuffer old(static_cast<size_t>(2 * old_cap) * sizeof(Slot));
+  std::swap(old, buf_);
+  mask_ = static_cast<uint64_t>(2 * old_cap - 1);
+  const Slot* from = reinterpret_cast<const Slot*>(old.data());
+  for (int64_t k = 0; k < old_cap; ++k) {
+    const Slot& s = from[k];
     if (s.value == 0) continue;
     uint64_t i = home(s.id);
-    while (slots_[i].value != 0) i = (i + 1) & mask_;
-    slots_[i] = s;
+    while (slots()[i].value != 0) i = (i + 1) & mask_;
+    slots()[i] = s;
   }
 }
 
 void IdMap::erase_slot(int64_t slot) {
+  Slot* const t = slots();
   uint64_t i = static_cast<uint64_t>(slot);
-  FASTPS_ASSERT(slots_[i].value != 0);
+  FASTPS_ASSERT(t[i].value != 0);
   uint64_t j = i;
   while (true) {
     j = (j + 1) & mask_;
-    if (slots_[j].value == 0) break;
-    const uint64_t k = home(slots_[j].id);
+    if (t[j].value == 0) break;
+    const uint64_t k = home(t[j].id);
     // Leave the entry where it is if its home lies cyclically in (i, j].
     const bool stays = i <= j ? (i < k && k <= j) : (i < k || k <= j);
     if (stays) continue;
-    slots_[i] = slots_[j];
+    t[i] = t[j];
     i = j;
   }
-  slots_[i] = Slot{0, 0};
+  t[i] = Slot{0, 0};
   --size_;
 }
 
 int64_t IdMap::occupied_from(uint64_t start) const {
   if (size_ == 0) return -1;
   uint64_t i = start & mask_;
-  while (slots_[i].value == 0) i = (i + 1) & mask_;
+  while (slots()[i].value == 0) i = (i + 1) & mask_;
   return static_cast<int64_t>(i);
 }
 
 // ---------------------------------------------------------------- RowPool
 
-void RowPool::FreeDeleter::operator()(unsigned char* p) const { std::free(p); }
+RowPool::RowPool(int64_t row_bytes, int64_t max_rows) : row_bytes_(row_bytes), max_rows_(max_rows) {
+  FASTPS_ASSERT(row_bytes > 0);
+}
 
-RowPool::RowPool(int64_t row_bytes, int64_t rows_per_block)
-    : row_bytes_(row_bytes), rows_per_block_(rows_per_block), block_shift_(0) {
-  FASTPS_ASSERT(rows_per_block > 0 && (rows_per_block & (rows_per_block - 1)) == 0);
-  while ((int64_t{1} << block_shift_) < rows_per_block) ++block_shift_;
-  block_bytes_ = round_up(row_bytes_ * rows_per_block_, 64);
+void RowPool::reserve(int64_t n) {
+  int64_t needed = high_water_ + std::max<int64_t>(0, n - static_cast<int64_t>(free_.size()));
+  // At max_rows_ live rows a new one reuses an evicted row: no more are ever handed out.
+  if (max_rows_ > 0) needed = std::max(high_water_ + 1, std::min(needed, max_rows_));
+  if (needed <= capacity_) return;
+  int64_t cap = std::max<int64_t>({needed, 2 * capacity_, kMinPoolRows});
+  if (max_rows_ > 0) cap = std::max(needed, std::min(cap, max_rows_));
+  buf_.grow(static_cast<size_t>(cap) * static_cast<size_t>(row_bytes_));
+  capacity_ = cap;
 }
 
 int64_t RowPool::allocate() {
@@ -190,25 +206,17 @@ int64_t RowPool::allocate() {
     free_.pop_back();
     return r;
   }
-  if (high_water_ == static_cast<int64_t>(blocks_.size()) * rows_per_block_) {
-    void* p = std::aligned_alloc(64, static_cast<size_t>(block_bytes_));
-    if (p == nullptr) throw std::bad_alloc();
-    blocks_.emplace_back(static_cast<unsigned char*>(p));
-  }
+  if (high_water_ == capacity_) reserve(1);
   return high_water_++;
 }
 
-// ---------------------------------------------------------------- SparseTable
-
-namespace {
-int64_t rows_per_block_for(int64_t row_bytes, int64_t max_rows) {
-  int64_t rpb = 1;
-  while (rpb * 2 * row_bytes <= kTargetBlockBytes) rpb *= 2;
-  if (max_rows > 0)
-    while (rpb > 1 && rpb / 2 >= max_rows) rpb /= 2;
-  return rpb;
+int64_t RowPool::memory_bytes() const {
+  const int64_t page = buf_.size() >= MappedBuffer::kHugePageFrom ? int64_t{2} << 20 : int64_t{4} << 10;
+  const int64_t touched = std::min(round_up(high_water_ * row_bytes_, page), static_cast<int64_t>(buf_.size()));
+  return touched + static_cast<int64_t>(free_.capacity() * sizeof(int64_t));
 }
-}  // namespace
+
+// ---------------------------------------------------------------- SparseTable
 
 SparseTable::SparseTable(const SparseTableConfig& config, int64_t max_rows, int64_t max_pending,
                          uint64_t salt)
@@ -219,7 +227,7 @@ SparseTable::SparseTable(const SparseTableConfig& config, int64_t max_rows, int6
                           16)),
       max_rows_(max_rows),
       max_pending_(std::max<int64_t>(1, max_pending)),
-      pool_(row_bytes_, rows_per_block_for(row_bytes_, max_rows)),
+      pool_(row_bytes_, max_rows),
       rng_(mix(config.seed ^ mix(salt + kGolden))) {
   FASTPS_CHECK(max_rows >= 0, "fastps: max_rows must be >= 0");
 }
@@ -261,15 +269,36 @@ int64_t SparseTable::lookup_live(int64_t id) {
   return row;
 }
 
+void SparseTable::locate(const int64_t* ids, const int64_t* index, int64_t n) {
+  rows_.resize(static_cast<size_t>(n));
+  for (int64_t k = 0; k < std::min(n, kSlotAhead); ++k) map_.prefetch(ids[index ? index[k] : k]);
+  for (int64_t k = 0; k < n; ++k) {
+    if (k + kSlotAhead < n) map_.prefetch(ids[index ? index[k + kSlotAhead] : k + kSlotAhead]);
+    const int64_t slot = map_.find(ids[index ? index[k] : k]);
+    rows_[static_cast<size_t>(k)] = slot < 0 ? -1 : static_cast<int64_t>(map_.slot_value(slot) - 1);
+  }
+}
+
 void SparseTable::pull(const int64_t* ids, const int64_t* index, int64_t n, float* out, int64_t step) {
   step_ = step;
   const int64_t dim = config_.dim;
+  const size_t bytes = static_cast<size_t>(dim) * sizeof(float);
+  // Under a TTL a lookup may free its row; elsewhere a pull changes no row's place.
+  const bool ahead = config_.eviction != Eviction::kTtl;
+  if (ahead) locate(ids, index, n);
   for (int64_t k = 0; k < n; ++k) {
     const int64_t i = index ? index[k] : k;
     float* dst = out + i * dim;
-    const int64_t row = lookup_live(ids[i]);
+    int64_t row;
+    if (ahead) {
+      if (k + kRowAhead < n && rows_[static_cast<size_t>(k + kRowAhead)] >= 0)
+        prefetch_for_write(header(rows_[static_cast<size_t>(k + kRowAhead)]), sizeof(RowHeader) + bytes);
+      row = rows_[static_cast<size_t>(k)];
+    } else {
+      row = lookup_live(ids[i]);
+    }
     if (row >= 0) {
-      std::memcpy(dst, weight(row), static_cast<size_t>(dim) * sizeof(float));
+      std::memcpy(dst, weight(row), bytes);
       touch(*header(row));
     } else {
       sparse_init_values(config_, ids[i], dst);
@@ -382,8 +411,7 @@ int64_t SparseTable::create_row(int64_t id, const SparseOptim& o) {
   RowHeader* h = header(row);
   *h = RowHeader{id, step_, 0, 0, 0};
   sparse_init_values(config_, id, weight(row));
-  float* st = state(row);
-  for (int64_t j = 0; j < state_floats_; ++j) st[j] = sparse_state_init(o, j, config_.dim);
+  std::memcpy(state(row), state_init_.data(), static_cast<size_t>(state_floats_) * sizeof(float));
   ++counters_.admitted;
   return row;
 }
@@ -404,6 +432,11 @@ void SparseTable::sweep_expired(int64_t budget) {
   sweep_cursor_ = i;
 }
 
+void SparseTable::fill_state_template(const SparseOptim& o) {
+  state_init_.resize(static_cast<size_t>(state_floats_));
+  for (int64_t j = 0; j < state_floats_; ++j) state_init_[static_cast<size_t>(j)] = sparse_state_init(o, j, config_.dim);
+}
+
 void SparseTable::push(const int64_t* ids, const int64_t* index, int64_t n, const float* grads,
                        const SparseOptim& o, int64_t step) {
   FASTPS_CHECK(o.rule == config_.rule, "fastps: push with rule '", sparse_rule_name(o.rule),
@@ -413,13 +446,25 @@ void SparseTable::push(const int64_t* ids, const int64_t* index, int64_t n, cons
   step_ = step;
   check_capacity(ids, index, n);
   if (config_.eviction == Eviction::kTtl) sweep_expired(64 + 2 * n);
+  fill_state_template(o);
+  pool_.reserve(n);  // row pointers taken below must survive this push's new rows
   const int64_t dim = config_.dim;
+  // Without eviction no new row frees another, so ids can be looked up ahead.
+  const bool ahead = config_.eviction == Eviction::kNone;
+  if (ahead) locate(ids, index, n);
   call_start_ = clock_ + 1;
   refs_.clear();
   for (int64_t k = 0; k < n; ++k) {
     const int64_t i = index ? index[k] : k;
     const int64_t id = ids[i];
-    int64_t row = lookup_live(id);
+    int64_t row;
+    if (ahead) {
+      if (k + kRowAhead < n && rows_[static_cast<size_t>(k + kRowAhead)] >= 0)
+        prefetch_for_write(header(rows_[static_cast<size_t>(k + kRowAhead)]), sizeof(RowHeader));
+      row = rows_[static_cast<size_t>(k)];
+    } else {
+      row = lookup_live(id);
+    }
     if (row < 0) {
       if (!admit(id)) continue;
       row = create_row(id, o);

@@ -18,13 +18,23 @@
 //   so there are no tombstones and lookups never degrade. The array doubles
 //   when it would pass 70% load.
 //
-// * Rows live in a block pool: fixed-size blocks of `rows_per_block` rows,
-//   each row `row_bytes` long, laid out as
+// * Rows live in a row pool: one mapping of rows, each `row_bytes` long,
+//   laid out as
 //       [RowHeader (32 B) | embedding: dim floats | optimizer state | pad to 16 B]
-//   Row r is at block r / rows_per_block, byte offset (r % rows_per_block) *
-//   row_bytes; every index and offset is 64-bit. Freed rows go on a free list
-//   and are reused before the pool grows; blocks are never returned (memory is
-//   reported, and capped through max_rows).
+//   Row r is at byte offset r * row_bytes; every index and offset is 64-bit.
+//   The mapping doubles when full (mremap: page tables move, bytes do not;
+//   Note [Mapped table memory] in common/mapped_buffer.h), so a push reserves
+//   the rows it may create before it takes row pointers. Freed rows go on a
+//   free list and are reused before the pool grows; memory is never returned
+//   (it is reported, and capped through max_rows).
+//
+// * Lookahead. Once a table outgrows the caches every lookup is a cache miss
+//   on its index slot and another on its row. Pull and push therefore look
+//   ids up in a first pass that prefetches the slots of the ids kSlotAhead
+//   positions ahead, then visit the rows prefetching kRowAhead rows ahead;
+//   the optimizer prefetches the next rows it updates. Only under eviction
+//   (where creating a row may free one found earlier) does push look each id
+//   up in the same pass that uses it.
 //
 // * Rows are created on push, never on pull. An id without a row reads as its
 //   initial value, a pure function of (seed, id, element index) (see
@@ -63,6 +73,8 @@
 #include <vector>
 
 #include "common/error.h"
+#include "common/hash.h"
+#include "common/mapped_buffer.h"
 #include "common/sha256.h"
 #include "table/sparse_optim.h"
 
@@ -138,22 +150,24 @@ class IdMap {
   explicit IdMap(int64_t min_capacity = 16);
 
   int64_t size() const { return size_; }
-  int64_t capacity() const { return static_cast<int64_t>(slots_.size()); }
+  int64_t capacity() const { return static_cast<int64_t>(mask_ + 1); }
   int64_t memory_bytes() const { return capacity() * static_cast<int64_t>(sizeof(Slot)); }
 
   // Slot holding `id`, or -1.
   int64_t find(int64_t id) const {
     uint64_t i = home(id);
     while (true) {
-      const Slot& s = slots_[i];
+      const Slot& s = slots()[i];
       if (s.value == 0) return -1;
       if (s.id == id) return static_cast<int64_t>(i);
       i = (i + 1) & mask_;
     }
   }
-  int64_t slot_id(int64_t slot) const { return slots_[slot].id; }
-  uint64_t slot_value(int64_t slot) const { return slots_[slot].value; }
-  void set_slot_value(int64_t slot, uint64_t value) { slots_[slot].value = value; }
+  // Asks the cache for the slot where a lookup of `id` starts (a hint).
+  void prefetch(int64_t id) const { __builtin_prefetch(&slots()[home(id)]); }
+  int64_t slot_id(int64_t slot) const { return slots()[slot].id; }
+  uint64_t slot_value(int64_t slot) const { return slots()[slot].value; }
+  void set_slot_value(int64_t slot, uint64_t value) { slots()[slot].value = value; }
 
   // `id` must be absent and `value` nonzero. May grow (invalidates slots).
   void insert(int64_t id, uint64_t value);
@@ -164,8 +178,8 @@ class IdMap {
 
   template <typename F>
   void for_each(F&& f) const {
-    for (const Slot& s : slots_)
-      if (s.value != 0) f(s.id, s.value);
+    for (int64_t i = 0; i < capacity(); ++i)
+      if (slots()[i].value != 0) f(slots()[i].id, slots()[i].value);
   }
 
  private:
@@ -173,40 +187,39 @@ class IdMap {
     int64_t id;
     uint64_t value;  // 0: empty
   };
-  uint64_t home(int64_t id) const;
+  Slot* slots() const { return reinterpret_cast<Slot*>(buf_.data()); }
+  uint64_t home(int64_t id) const { return mix64(static_cast<uint64_t>(id) ^ kSalt) & mask_; }
   void grow();
 
-  std::vector<Slot> slots_;
+  static constexpr uint64_t kSalt = 0x2545F4914F6CDD1DULL;
+  MappedBuffer buf_;  // capacity() zero-initialised (= empty) slots; Note [Mapped table memory]
   uint64_t mask_ = 0;
   int64_t size_ = 0;
 };
 
-// Fixed-size rows in blocks, with a free list. Memory is 64-byte aligned.
+// Fixed-size rows in one growing mapping (Note [Mapped table memory]), with a
+// free list. Row r is at data + r * row_bytes; the mapping is page-aligned.
 class RowPool {
  public:
-  RowPool(int64_t row_bytes, int64_t rows_per_block);
+  // `max_rows` > 0: the pool never needs more rows than that.
+  RowPool(int64_t row_bytes, int64_t max_rows);
 
+  // Room for `n` more allocate() calls without growing, so row pointers taken
+  // now stay valid over them. Growing may move every row.
+  void reserve(int64_t n);
   int64_t allocate();
   void release(int64_t row) { free_.push_back(row); }
-  unsigned char* row(int64_t r) const {
-    return blocks_[static_cast<size_t>(r >> block_shift_)].get() +
-           (r & (rows_per_block_ - 1)) * row_bytes_;
-  }
-  int64_t memory_bytes() const {
-    return static_cast<int64_t>(blocks_.size()) * block_bytes_ +
-           static_cast<int64_t>(free_.capacity() * sizeof(int64_t));
-  }
+  unsigned char* row(int64_t r) const { return buf_.data() + r * row_bytes_; }
+  // Bytes of rows handed out so far, in whole pages (what the table has
+  // touched; the rest of the mapping is address space only).
+  int64_t memory_bytes() const;
 
  private:
-  struct FreeDeleter {
-    void operator()(unsigned char* p) const;
-  };
   int64_t row_bytes_;
-  int64_t rows_per_block_;  // a power of two
-  int block_shift_;
-  int64_t block_bytes_;
-  int64_t high_water_ = 0;  // rows ever handed out from blocks
-  std::vector<std::unique_ptr<unsigned char[], FreeDeleter>> blocks_;
+  int64_t max_rows_;
+  int64_t capacity_ = 0;    // rows the mapping holds
+  int64_t high_water_ = 0;  // rows ever handed out
+  MappedBuffer buf_;
   std::vector<int64_t> free_;
 };
 
@@ -264,6 +277,10 @@ class SparseTable {
   }
   // Row of `id`, or -1; frees it first if the TTL expired it.
   int64_t lookup_live(int64_t id);
+  // rows_[k] = row of ids[index[k]] or -1 for k < n, prefetching ahead. Only
+  // without eviction: no row expires, and none is freed before it is used.
+  void locate(const int64_t* ids, const int64_t* index, int64_t n);
+  void fill_state_template(const SparseOptim& o);
   void touch(RowHeader& h);
   void remove_slot(int64_t slot);
   bool admit(int64_t id);
@@ -288,6 +305,8 @@ class SparseTable {
   uint64_t sweep_cursor_ = 0;
   SparseTableStats counters_;
   std::vector<SparseRowRef> refs_;  // the current push's rows
+  std::vector<int64_t> rows_;       // locate()'s result
+  std::vector<float> state_init_;   // a new row's optimizer state under the current push's rule
 };
 
 // Buffered file writer for table files: hashes every byte (SHA-256) and
