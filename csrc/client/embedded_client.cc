@@ -44,17 +44,7 @@ int EmbeddedClient::num_chunks(int64_t numel) const {
 
 void EmbeddedClient::broadcast_and_wait(std::vector<std::unique_ptr<Task>> per_shard,
                                         const char* what) {
-  uint32_t pieces = 0;
-  for (auto& t : per_shard) pieces += t != nullptr;
-  if (pieces == 0) return;
-  auto completion = std::make_shared<Completion>(pieces);
-  auto deadline = Clock::now() + options_.timeout;
-  for (size_t s = 0; s < per_shard.size(); ++s) {
-    if (!per_shard[s]) continue;
-    per_shard[s]->completion = completion;
-    server_.submit(static_cast<int>(s), std::move(per_shard[s]));
-  }
-  completion->wait(deadline, what);
+  server_.run_each(std::move(per_shard), Clock::now() + options_.timeout, what);
 }
 
 bool EmbeddedClient::is_registered(uint32_t tensor_id) const {

@@ -53,20 +53,15 @@ SparseTable ShardedSparseTable::make_table(int shard) const {
 }
 
 void ShardedSparseTable::run(std::vector<ShardFn> per_shard, const char* what) {
-  uint32_t pieces = 0;
-  for (const ShardFn& f : per_shard) pieces += f != nullptr;
-  if (pieces == 0) return;
-  auto completion = std::make_shared<Completion>(pieces);
-  const auto deadline = Clock::now() + timeout_;
+  std::vector<std::unique_ptr<Task>> tasks(per_shard.size());
   for (size_t s = 0; s < per_shard.size(); ++s) {
     if (!per_shard[s]) continue;
     auto task = std::make_unique<SparseTask>();
     task->table = tables_[s];
     task->fn = std::move(per_shard[s]);
-    task->completion = completion;
-    server_.submit(static_cast<int>(s), std::move(task));
+    tasks[s] = std::move(task);
   }
-  completion->wait(deadline, what);
+  server_.run_each(std::move(tasks), Clock::now() + timeout_, what);
 }
 
 std::shared_ptr<std::vector<std::vector<int64_t>>> ShardedSparseTable::route(const int64_t* ids,

@@ -1,6 +1,7 @@
 #include "common/completion.h"
 
 #include <thread>
+#include <utility>
 
 #include "common/error.h"
 
@@ -20,7 +21,9 @@ void Completion::wait(Clock::time_point deadline, const std::string& what) {
                                         " (raise the timeout with FASTPS_TIMEOUT or timeout=)"));
     }
   }
-  if (failed_.load(std::memory_order_acquire)) std::rethrow_exception(error_);
+  // The waiter takes the error: a shard thread that drops the last reference
+  // to this Completion later must not release the exception as well.
+  if (failed_.load(std::memory_order_acquire)) std::rethrow_exception(std::exchange(error_, nullptr));
 }
 
 }  // namespace fastps

@@ -8,6 +8,7 @@
 #include <exception>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "common/futex.h"
 
@@ -21,7 +22,7 @@ class Completion {
   void done(std::exception_ptr error = nullptr) {
     if (error) {
       bool expected = false;
-      if (failed_.compare_exchange_strong(expected, true, std::memory_order_acq_rel)) error_ = error;
+      if (failed_.compare_exchange_strong(expected, true, std::memory_order_acq_rel)) error_ = std::move(error);
     }
     // Wake only a waiter that announced itself (a futex call costs a
     // syscall; most completions are seen by a spinning waiter, or before any

@@ -27,4 +27,25 @@ bool Server::run_inline(int shard, std::unique_ptr<Task>& task) {
   return shards_[shard]->run_inline(task);
 }
 
+void Server::run_each(std::vector<std::unique_ptr<Task>> per_shard, Clock::time_point deadline,
+                      const char* what) {
+  FASTPS_ASSERT(per_shard.size() <= shards_.size());
+  uint32_t pieces = 0;
+  int last = -1;
+  for (size_t s = 0; s < per_shard.size(); ++s) {
+    if (!per_shard[s]) continue;
+    ++pieces;
+    last = static_cast<int>(s);
+  }
+  if (pieces == 0) return;
+  auto completion = std::make_shared<Completion>(pieces);
+  for (auto& t : per_shard)
+    if (t) t->completion = completion;
+  for (int s = 0; s < last; ++s)
+    if (per_shard[s]) shards_[s]->submit(std::move(per_shard[s]));
+  if (!shards_[last]->run_inline(per_shard[last])) shards_[last]->submit(std::move(per_shard[last]));
+  for (int s = 0; s <= last && !completion->finished(); ++s) shards_[s]->help(*completion);
+  completion->wait(deadline, what);
+}
+
 }  // namespace fastps

@@ -31,6 +31,13 @@ class Server {
   void submit(int shard, std::unique_ptr<Task> task);
   // Any thread: Shard::run_inline() on shard `shard` (Note [Inline tasks]).
   bool run_inline(int shard, std::unique_ptr<Task>& task);
+  // Any thread: runs per_shard[s] (where set) on shard s, all in parallel,
+  // and returns when every one is done. The caller's thread takes part: it
+  // runs the last piece itself when that shard is idle (Note [Inline tasks])
+  // and drains the queues of shards whose threads have not started yet
+  // (Note [Helping a shard]). Throws the first error a piece threw, or
+  // TimeoutError naming `what` when `deadline` passes first.
+  void run_each(std::vector<std::unique_ptr<Task>> per_shard, Clock::time_point deadline, const char* what);
 
  private:
   std::vector<std::unique_ptr<Shard>> shards_;

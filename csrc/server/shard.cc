@@ -29,14 +29,18 @@ void Shard::submit(std::unique_ptr<Task> task) {
 namespace {
 void run_task(std::unique_ptr<Task> task, Shard& shard) {
   CompletionPtr completion = std::move(task->completion);
+  std::exception_ptr error;
   try {
     task->run(shard);
-    task.reset();
-    if (completion) completion->done();
   } catch (...) {
-    task.reset();
-    if (completion) completion->done(std::current_exception());
+    error = std::current_exception();
   }
+  task.reset();
+  // Outside the handler, and moved all the way into the completion: once
+  // done() has released the waiter, this thread no longer touches the
+  // exception (its reference count lives in uninstrumented libstdc++, so
+  // ThreadSanitizer could not tell a late release from a race).
+  if (completion) completion->done(std::move(error));
 }
 }  // namespace
 
@@ -50,6 +54,17 @@ bool Shard::run_inline(std::unique_ptr<Task>& task) {
   run_task(std::move(task), *this);
   owner_.store(false, std::memory_order_release);
   return true;
+}
+
+void Shard::help(const Completion& until) {
+  if (until.finished() || queue_.looks_empty()) return;
+  if (owner_.exchange(true, std::memory_order_acquire)) return;  // the shard thread is at it
+  while (!until.finished()) {
+    MpscNode* node = queue_.pop();
+    if (node == nullptr) break;
+    run_task(std::unique_ptr<Task>(static_cast<Task*>(node)), *this);
+  }
+  owner_.store(false, std::memory_order_release);
 }
 
 void Shard::loop() {

@@ -23,6 +23,17 @@
 // still has one user at a time (with acquire/release between them), and a
 // task queued earlier always runs before an inline one: the runner looks at
 // the queue only after it holds `owner_`, and backs off if anything is there.
+//
+// Note [Helping a shard]
+// A woken shard thread may wait for a core: on a small machine the other
+// core is often held by a thread that spins after its own work (torch's
+// OpenMP workers spin for a while after every parallel op), and the kernel
+// gives the core to the shard only after a few hundred microseconds. A caller
+// that waits for the shard would sleep through that; instead, help() lets it
+// drain the shard's queue itself while the shard thread has not taken it up.
+// It takes `owner_` exactly as the shard thread does (the queue's single
+// consumer is whoever holds `owner_`), runs queued tasks in order, and stops
+// as soon as the caller's own completion is done.
 #pragma once
 
 #include <atomic>
@@ -58,6 +69,10 @@ class Shard {
   // tasks]) and returns true, with `task` consumed; else returns false and
   // leaves `task` to the caller (who then submits it).
   bool run_inline(std::unique_ptr<Task>& task);
+  // Any thread: runs tasks from the queue here, in order, until it is empty
+  // or `until` is finished, if the shard thread is not draining it (Note
+  // [Helping a shard]). Returns at once otherwise.
+  void help(const Completion& until);
 
   int index() const { return index_; }
   // Shard thread only.

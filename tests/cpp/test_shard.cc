@@ -1,9 +1,11 @@
-// Stress test of Note [Inline tasks] (csrc/server/shard.h): producers mix
-// Shard::submit() and Shard::run_inline(); every task appends to one
-// non-atomic log. Checks that every task ran exactly once and that each
-// producer's tasks ran in the order it issued them (an inline task never
-// overtakes a queued one). Meant to run under -fsanitize=thread as well, which
-// reports any overlap of two users of the shard's data.
+// Stress test of Note [Inline tasks] and Note [Helping a shard]
+// (csrc/server/shard.h): producers mix Shard::submit(), Shard::run_inline()
+// and Shard::help(); every task appends to one non-atomic log. Checks that
+// every task ran exactly once and that each producer's tasks ran in the order
+// it issued them (an inline or helped task never overtakes a queued one).
+// Then Server::run_each() from several threads at once, with a failing piece.
+// Meant to run under -fsanitize=thread as well, which reports any overlap of
+// two users of a shard's data.
 //
 // Prints "N passed, M failed" like test_transport and exits non-zero on failure.
 #include <atomic>
@@ -12,8 +14,11 @@
 #include <memory>
 #include <thread>
 #include <utility>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
+#include "server/server.h"
 #include "server/shard.h"
 
 using namespace fastps;
@@ -32,7 +37,9 @@ struct LogTask : Task {
 };
 
 // Returns the number of tasks that ran inline, or -1 on a failed check.
-int stress(int producers, int tasks, int pause_every) {
+// help_every > 0: every help_every-th task is submitted with a completion
+// that the producer then helps along and waits for.
+int stress(int producers, int tasks, int pause_every, int help_every = 0) {
   Log log;
   std::atomic<int> inline_runs{0};
   {
@@ -46,7 +53,13 @@ int stress(int producers, int tasks, int pause_every) {
           t->producer = p;
           t->seq = i;
           std::unique_ptr<Task> task = std::move(t);
-          if (i % 3 != 0 && shard.run_inline(task)) {
+          if (help_every > 0 && i % help_every == 0) {
+            auto done = std::make_shared<Completion>(1);
+            task->completion = done;
+            shard.submit(std::move(task));
+            shard.help(*done);
+            done->wait(Clock::now() + std::chrono::seconds(60), "a helped task");
+          } else if (i % 3 != 0 && shard.run_inline(task)) {
             inline_runs.fetch_add(1);
           } else {
             shard.submit(std::move(task));
@@ -73,17 +86,86 @@ int stress(int producers, int tasks, int pause_every) {
   return inline_runs.load();
 }
 
+struct PieceTask : Task {
+  std::vector<int>* log = nullptr;  // this shard's log: only its current user touches it
+  int value = 0;
+  bool fail = false;
+  void run(Shard&) override {
+    if (fail) throw std::runtime_error("piece failed");
+    log->push_back(value);
+  }
+};
+
+// Threads call Server::run_each() on a 3-shard server at once; each call
+// gives every shard one piece (the last thread's pieces sometimes skip a
+// shard) and every 50th call has a failing piece, whose error must reach
+// that caller only. Returns false on a failed check.
+bool run_each_stress(int threads, int calls) {
+  constexpr int kShards = 3;
+  std::vector<std::vector<int>> logs(kShards);
+  std::atomic<int> errors{0}, wrong{0};
+  {
+    Server server(ServerOptions{kShards});
+    std::vector<std::thread> ts;
+    for (int t = 0; t < threads; ++t) {
+      ts.emplace_back([&, t] {
+        for (int i = 0; i < calls; ++i) {
+          std::vector<std::unique_ptr<Task>> pieces(kShards);
+          const bool failing = i % 50 == 49;
+          for (int s = 0; s < kShards; ++s) {
+            if (t == threads - 1 && (i + s) % 4 == 0) continue;
+            auto p = std::make_unique<PieceTask>();
+            p->log = &logs[s];
+            p->value = t * calls + i;
+            p->fail = failing && s == 1;
+            pieces[s] = std::move(p);
+          }
+          const bool expect_error = failing && pieces[1] != nullptr;
+          try {
+            server.run_each(std::move(pieces), Clock::now() + std::chrono::seconds(60), "a test fan-out");
+            if (expect_error) wrong.fetch_add(1);
+          } catch (const std::runtime_error& e) {
+            if (!expect_error || std::string(e.what()) != "piece failed") wrong.fetch_add(1);
+            errors.fetch_add(1);
+          }
+        }
+      });
+    }
+    for (auto& th : ts) th.join();
+  }
+  size_t expected = 0;
+  for (int s = 0; s < kShards; ++s) {
+    for (int t = 0; t < threads; ++t)
+      for (int i = 0; i < calls; ++i) {
+        const bool skipped = t == threads - 1 && (i + s) % 4 == 0;
+        const bool failed = i % 50 == 49 && s == 1;
+        expected += !skipped && !failed;
+      }
+  }
+  size_t ran = 0;
+  for (auto& l : logs) ran += l.size();
+  if (wrong.load() != 0 || ran != expected) {
+    std::printf("  %d wrong outcomes; %zu pieces ran, expected %zu\n", wrong.load(), ran, expected);
+    return false;
+  }
+  std::printf("  info: %d calls raised their piece's error\n", errors.load());
+  return true;
+}
+
 }  // namespace
 
 int main() {
   int passed = 0, failed = 0;
   struct Case {
     const char* name;
-    int producers, tasks, pause_every;
-  } cases[] = {{"busy_shard_mostly_queued", 4, 20000, 0}, {"idle_shard_mostly_inline", 4, 4000, 7}};
+    int producers, tasks, pause_every, help_every;
+  } cases[] = {{"busy_shard_mostly_queued", 4, 20000, 0, 0},
+               {"idle_shard_mostly_inline", 4, 4000, 7, 0},
+               {"helpers_drain_the_queue", 4, 20000, 0, 5},
+               {"helpers_and_inline_on_idle_shard", 4, 4000, 7, 2}};
   for (const Case& c : cases) {
     std::printf("[ RUN  ] %s\n", c.name);
-    int inl = stress(c.producers, c.tasks, c.pause_every);
+    int inl = stress(c.producers, c.tasks, c.pause_every, c.help_every);
     if (inl < 0) {
       std::printf("[ FAIL ] %s\n", c.name);
       ++failed;
@@ -91,6 +173,14 @@ int main() {
       std::printf("  info: %d of %d tasks ran inline\n[  OK  ] %s\n", inl, c.producers * c.tasks, c.name);
       ++passed;
     }
+  }
+  std::printf("[ RUN  ] run_each_from_many_threads\n");
+  if (run_each_stress(4, 3000)) {
+    std::printf("[  OK  ] run_each_from_many_threads\n");
+    ++passed;
+  } else {
+    std::printf("[ FAIL ] run_each_from_many_threads\n");
+    ++failed;
   }
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
