@@ -100,13 +100,14 @@ def unique_ids(n: int, pool: int, gen: torch.Generator) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind,a,b", [("uniform", -0.05, 0.05), ("uniform", 1.0, 3.0),
                                       ("normal", 0.0, 1.0), ("normal", 0.5, 0.01), ("zeros", 0.0, 0.0)])
-def test_unseen_ids_read_initial_values_without_rows(kind, a, b):
+@pytest.mark.parametrize("dim", [13, 64])  # 64: whole AVX-512 vectors where the CPU has them; 13: a tail
+def test_unseen_ids_read_initial_values_without_rows(kind, a, b, dim):
     init = {"uniform": _C.SparseInit.UNIFORM, "normal": _C.SparseInit.NORMAL,
             "zeros": _C.SparseInit.ZEROS}[kind]
-    t = make(3, dim=13, seed=42, init=init, init_a=a, init_b=b)
+    t = make(3, dim=dim, seed=42, init=init, init_a=a, init_b=b)
     ids = EXTREME_IDS + list(range(100, 140))
     got = pull(t, ids)
-    torch.testing.assert_close(got, ref_init(42, ids, 13, kind, a, b), rtol=0, atol=0)
+    torch.testing.assert_close(got, ref_init(42, ids, dim, kind, a, b), rtol=0, atol=0)
     assert len(t) == 0 and t.stats()["rows"] == 0 and t.stats()["admitted"] == 0
     assert torch.equal(pull(t, ids), got)  # pulling again changes nothing
     if kind == "uniform":

@@ -98,6 +98,40 @@ void sparse_config_validate(const SparseTableConfig& c) {
                "fastps: eviction_samples must be in [1, 1024], got ", c.eviction_samples);
 }
 
+namespace {
+// The uniform initialiser's loop, compiled twice (as the sparse optimizer
+// kernels are): the 64-bit multiplies of mix64 vectorise only with AVX-512DQ
+// (vpmullq), so a row's initial values take ~8x fewer instructions there.
+// Same bits either way: integer hashing, exact int -> double conversion,
+// then a + width * u as a double multiply and a double add (contraction is
+// off in this file), rounded to float once.
+inline __attribute__((always_inline)) void uniform_fill(uint64_t base, double a, double width, float* out,
+                                                        int64_t dim) {
+  for (int64_t j = 0; j < dim; ++j) {
+    const double u = unit(mix(base + static_cast<uint64_t>(j + 1) * kGolden));
+    out[j] = static_cast<float>(a + width * u);
+  }
+}
+
+void uniform_fill_generic(uint64_t base, double a, double width, float* out, int64_t dim) {
+  uniform_fill(base, a, width, out, dim);
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512dq,avx512vl"))) void uniform_fill_avx512(uint64_t base, double a,
+                                                                              double width, float* out,
+                                                                              int64_t dim) {
+  uniform_fill(base, a, width, out, dim);
+}
+
+bool cpu_has_avx512dq() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
+}
+#endif
+}  // namespace
+
 void sparse_init_values(const SparseTableConfig& c, int64_t id, float* out) {
   const int64_t dim = c.dim;
   if (c.init == SparseInit::kZeros) {
@@ -107,12 +141,10 @@ void sparse_init_values(const SparseTableConfig& c, int64_t id, float* out) {
   const uint64_t base = mix(static_cast<uint64_t>(id) ^ mix(c.seed + kGolden));
   const double a = c.init_a, b = c.init_b;
   if (c.init == SparseInit::kUniform) {
-    const double width = b - a;
-    for (int64_t j = 0; j < dim; ++j) {
-      const double u = unit(mix(base + static_cast<uint64_t>(j + 1) * kGolden));
-      out[j] = static_cast<float>(a + width * u);
-    }
-    return;
+#if defined(__x86_64__)
+    if (cpu_has_avx512dq()) return uniform_fill_avx512(base, a, b - a, out, dim);
+#endif
+    return uniform_fill_generic(base, a, b - a, out, dim);
   }
   constexpr double kTwoPi = 2.0 * 3.141592653589793;
   for (int64_t j = 0; j < dim; ++j) {
