@@ -29,7 +29,7 @@ pytest.importorskip("pytest_benchmark")
 
 import fastps  # noqa: E402 - after the skip: `pytest bench/` without the plugin skips, not errors
 from fastps import _cluster  # noqa: E402
-from fastps.bench._common import free_port  # noqa: E402
+from fastps._cluster import free_port  # noqa: E402
 from fastps.bench.optim import VARIANTS, _params  # noqa: E402
 from fastps.bench.sparse import ModuleVariant, zipf_batches  # noqa: E402
 

@@ -7,22 +7,15 @@ ephemeral port), plus optional dedicated ``fastps server`` processes.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from fastps._local_job import job_env, rank_env, stop_sessions
+
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Job:
@@ -30,22 +23,17 @@ class Job:
 
     def __init__(self, workers: int, args: List[str], *, servers: int = 0,
                  env: Optional[Dict[str, str]] = None, timeout: float = 60.0) -> None:
-        self.port = free_port()
         self.timeout = timeout
-        base = dict(os.environ)
-        base.pop("TORCHELASTIC_USE_AGENT_STORE", None)
-        base.update({
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(self.port), "WORLD_SIZE": str(workers),
-            "FASTPS_TIMEOUT": "30", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-        })
+        base = job_env(workers)
+        self.port = int(base["MASTER_PORT"])
+        base.update({"FASTPS_TIMEOUT": "30", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
         if servers:
             base.update({"FASTPS_COLOCATE": "0", "FASTPS_NUM_SERVERS": str(servers)})
         base.update(env or {})
         self.workers: List[subprocess.Popen] = []
         self.servers: List[subprocess.Popen] = []
         for r in range(workers):
-            e = dict(base, RANK=str(r), LOCAL_RANK=str(r))
-            self.workers.append(subprocess.Popen([sys.executable, WORKER] + args, env=e,
+            self.workers.append(subprocess.Popen([sys.executable, WORKER] + args, env=rank_env(base, r),
                                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                                  text=True, start_new_session=True))
         for _ in range(servers):
@@ -78,12 +66,7 @@ class Job:
             time.sleep(0.1)
 
     def kill(self) -> None:
-        for p in self.workers + self.servers:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        stop_sessions(self.workers + self.servers)
         for p in self.workers + self.servers:
             try:
                 p.communicate(timeout=10)

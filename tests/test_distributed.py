@@ -200,7 +200,7 @@ def test_request_errors_are_typed():
 
 
 def test_unreachable_server_is_a_connection_error():
-    from _launch import free_port
+    from fastps._cluster import free_port
     client = _C.PsClient(0, secret="s", timeout_s=3)
     with pytest.raises((fastps.ConnectionError, fastps.TimeoutError)):
         client.connect([("127.0.0.1", free_port())])

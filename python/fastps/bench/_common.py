@@ -19,7 +19,7 @@ import tempfile
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
-from .. import _cluster
+from .. import _local_job
 
 _SUFFIX = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -151,24 +151,15 @@ def launch_workers(name: str, cmd: Sequence[str], nproc: int, *, timeout: float,
     worker runs in its own session and is killed (SIGKILL, with its children)
     when this function returns, on Ctrl-C and on SIGTERM.
     """
-    port = _cluster.free_port()
-    base = dict(os.environ)
+    base = _local_job.job_env(nproc)
     base.setdefault("FASTPS_TIMEOUT", "120")
-    base.pop("TORCHELASTIC_USE_AGENT_STORE", None)
     base.update(env or {})
     procs: List[subprocess.Popen] = []
     logs = tempfile.TemporaryDirectory(prefix="fastps-bench-")
     errs = [os.path.join(logs.name, f"rank{r}.stderr") for r in range(nproc)]
 
     def kill_all() -> None:
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for p in procs:
-            p.wait()
+        _local_job.stop_sessions(procs)
 
     def on_signal(signum, _frame):
         kill_all()
@@ -177,10 +168,9 @@ def launch_workers(name: str, cmd: Sequence[str], nproc: int, *, timeout: float,
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for rank in range(nproc):
-            e = dict(base, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-                     LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             with open(errs[rank], "w") as err:
-                procs.append(subprocess.Popen(list(cmd), env=e, stderr=err, start_new_session=True))
+                procs.append(subprocess.Popen(list(cmd), env=_local_job.rank_env(base, rank), stderr=err,
+                                              start_new_session=True))
         deadline = time.monotonic() + timeout
         while True:
             codes = [p.poll() for p in procs]

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .._cluster import TRANSPORTS, free_port
+from .._cluster import TRANSPORTS
+from .._local_job import job_env, rank_env, stop_sessions
 from .train import add_training_arguments, build_parser, default_logdir, find_resume_logdir
 
 MODES = {"bsp": 0, "ssp": 2, "asp": -1}
@@ -99,13 +100,10 @@ class Job:
         self.run_dir = Path(logdir) / backend
         self.run_dir.mkdir(parents=True, exist_ok=True)
         workers = args.workers
-        env = dict(os.environ)
-        for k in [k for k in env if k.startswith("TORCHELASTIC_")]:
-            del env[k]  # rank 0 hosts the store itself (see fastps/_cluster.py)
+        env = job_env(workers)
         threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
         env.update({
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(workers),
-            "LOCAL_WORLD_SIZE": str(workers), "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
             "FASTPS_STALENESS": str(MODES[args.mode]), "FASTPS_TRANSPORT": args.transport,
         })
         servers = args.servers if backend == "fastps" and workers > 1 else 0
@@ -117,9 +115,9 @@ class Job:
         argv = training_argv(args, backend, logdir)
         try:
             for r in range(workers):
-                e = dict(env, RANK=str(r), LOCAL_RANK=str(r))
                 log = None if r == 0 else self.run_dir / f"worker{r}.log"
-                self._spawn(f"{backend} worker {r}", [sys.executable, "-m", "fastps.demo.train"] + argv, e, log)
+                self._spawn(f"{backend} worker {r}", [sys.executable, "-m", "fastps.demo.train"] + argv,
+                            rank_env(env, r), log)
             for i in range(servers):
                 self._spawn(f"fastps server {i}", [sys.executable, "-m", "fastps", "server"], env,
                             self.run_dir / f"server{i}.log")
@@ -161,22 +159,7 @@ class Job:
 
     def kill(self) -> None:
         """Stop every process still running: SIGTERM to its session, then SIGKILL after 5 s."""
-        alive = [p for p in self.procs if p.poll() is None]
-        for p in alive:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-        end = time.monotonic() + 5
-        for p in alive:
-            try:
-                p.wait(timeout=max(0.1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                p.wait(timeout=10)
+        stop_sessions(self.procs, grace=5.0)
         for f in self.files:
             f.close()
         self.files = []
