@@ -423,7 +423,7 @@ class _SparseEmbedding(nn.Module):
             b = _backend.make_backend(spec, replaces=b)
             self._backend, self._spec = b, spec
         b.push(uids, grads, optim, b.step + 1)
-        self._pending = []
+        self._pending.clear()  # not a new list: nn.Module.__setattr__ is slow on the step path
         _grads.clear_pending(self)
 
 

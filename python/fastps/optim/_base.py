@@ -261,15 +261,15 @@ class ServerOptimizerMixin:
                 g = p.grad
                 if g is None:
                     continue
+                if p.numel() == 0:  # nothing to update; count the step as torch does
+                    if not is_sparse_handle(p):  # an embedding's handle: trained by push_sparse_grads
+                        self._step_empty(p, group)
+                    continue
                 if hyper is None:
                     hyper = self._hyper(group)
                     names = self._names(hyper)
                     hypers.append(hyper)
                     gi = len(hypers) - 1
-                if p.numel() == 0:  # nothing to update; count the step as torch does
-                    if not is_sparse_handle(p):  # an embedding's handle: trained by push_sparse_grads
-                        self._step_empty(p, group)
-                    continue
                 b = bindings.get(id(p))
                 if b is None or not b.current(emb, p, state_map.get(p), names):
                     b = self._bind(emb, p, group, names)
