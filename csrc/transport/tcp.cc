@@ -477,9 +477,11 @@ TcpTransport::~TcpTransport() {
     listen_fd_ = -1;
   }
   std::unordered_map<ConnId, std::thread> readers;
+  std::vector<std::thread> retired;
   {
     std::lock_guard<std::mutex> lock(mu_);
     readers.swap(readers_);
+    retired.swap(retired_readers_);
   }
   for (auto& kv : conns) {
     kv.second->closing.store(true, std::memory_order_release);
@@ -487,6 +489,7 @@ TcpTransport::~TcpTransport() {
     wake_shm(*kv.second);
   }
   for (auto& kv : readers) kv.second.join();
+  for (std::thread& t : retired) t.join();
   pending_.clear();
   conns.clear();  // sockets close as their last reference goes
   ::close(wake_fd_);
@@ -1139,16 +1142,27 @@ void TcpTransport::teardown(const ConnPtr& conn, const std::string& reason) {
   // runs after the connection's last frame (unless the reader itself is
   // here, on a protocol error, in which case it delivers nothing more).
   wake_shm(*conn);
-  std::thread reader;
+  // Join this connection's reader, and readers that tore their own
+  // connections down earlier (they cannot join themselves; they have
+  // returned, or are about to, once their teardown finished).
+  std::vector<std::thread> done;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = readers_.find(conn->id);
-    if (it != readers_.end() && it->second.get_id() != std::this_thread::get_id()) {
-      reader = std::move(it->second);
+    if (it != readers_.end()) {
+      (it->second.get_id() == std::this_thread::get_id() ? retired_readers_ : done).push_back(std::move(it->second));
       readers_.erase(it);
     }
+    for (auto r = retired_readers_.begin(); r != retired_readers_.end();) {
+      if (r->get_id() == std::this_thread::get_id()) {
+        ++r;
+        continue;
+      }
+      done.push_back(std::move(*r));
+      r = retired_readers_.erase(r);
+    }
   }
-  if (reader.joinable()) reader.join();
+  for (std::thread& t : done) t.join();
   std::string why;
   {
     std::lock_guard<std::mutex> lock(conn->reason_mu);

@@ -118,6 +118,7 @@ class TcpTransport final : public Transport {
   std::unordered_map<uint64_t, Entry> sockets_;  // epoll token -> socket
   std::vector<ConnPtr> close_queue_;
   std::unordered_map<ConnId, std::thread> readers_;  // shared-memory reader threads
+  std::vector<std::thread> retired_readers_;  // readers that tore their own connection down, to join
   ConnId next_conn_ = 1;
   uint64_t next_token_ = 16;  // tokens below are reserved for the wake and listen fds
 

@@ -1019,9 +1019,14 @@ TEST(abrupt_disconnect_fires_handler) {
   CHECK(server.events.last_reason() == "peer closed the connection");
 }
 
-TEST(handler_exception_closes_connection_only) {
+// A handler that throws closes that connection only; `rounds` times, each on
+// a new connection. Over shared memory the handler runs on the connection's
+// ring reader, which then tears its own connection down (and is joined by a
+// later teardown or the transport's destructor).
+static void check_handler_exception_closes_connection_only(const char* kind, const TransportOptions& o,
+                                                           int rounds) {
   Inbox events;
-  auto server = Transport::create("tcp", opts());
+  auto server = Transport::create(kind, o);
   std::atomic<int> calls{0};
   server->set_handler([&](ConnId c, Message&& m) {
     calls.fetch_add(1);
@@ -1037,22 +1042,29 @@ TEST(handler_exception_closes_connection_only) {
   });
   uint16_t port = server->listen();
   Inbox in;
-  auto client = Transport::create("tcp", opts());
+  auto client = Transport::create(kind, o);
   in.attach(*client);
-  ConnId c = client->connect("127.0.0.1", port, 0);
+  for (int round = 1; round <= rounds; ++round) {
+    ConnId c = client->connect("127.0.0.1", port, 0);
+    CHECK(client->peer_info(c).shared_memory == (std::string(kind) == "shm"));
+    MessageHeader h;
+    h.op = Op::kPush;
+    h.key = 666;
+    client->send(c, h);
+    CHECK(events.wait_disconnects(size_t(round)));
+    CHECK(events.last_reason() == "the message handler threw");
+    CHECK(in.wait_disconnects(size_t(round)));
+    CHECK_THROWS(ConnectionError, "closed", client->send(c, h));
+  }
+  ConnId c2 = client->connect("127.0.0.1", port, 0);
   MessageHeader h;
   h.op = Op::kPush;
-  h.key = 666;
-  client->send(c, h);
-  CHECK(events.wait_disconnects(1));
-  CHECK(events.last_reason() == "the message handler threw");
-  CHECK(in.wait_disconnects(1));
-  CHECK_THROWS(ConnectionError, "closed", client->send(c, h));
-  ConnId c2 = client->connect("127.0.0.1", port, 0);
   h.key = 1;
   client->send(c2, h);
   CHECK(in.wait_frames(1));
 }
+
+TEST(handler_exception_closes_connection_only) { check_handler_exception_closes_connection_only("tcp", opts(), 1); }
 
 TEST(local_close_notifies_both_sides) {
   Inbox sin;
@@ -1209,6 +1221,10 @@ TEST(shm_echo_small_and_larger_than_the_ring) {
   CHECK(st.messages_sent == 20 && st.bytes_received == st.bytes_sent);
   server.t.reset();  // the server goes away: the client hears it through the socket
   CHECK(in.wait_disconnects(1));
+}
+
+TEST(shm_handler_exception_closes_connection_only) {
+  check_handler_exception_closes_connection_only("shm", shm_opts(ShmMode::kRequire), 4);
 }
 
 TEST(shm_declined_falls_back_to_tcp_or_fails_when_required) {
