@@ -10,6 +10,12 @@
 
 namespace fastps {
 
+namespace {
+// Largest leading segment of a local push that is copied while the rest is
+// read in place (an optimizer config block is kOptimConfigSize bytes).
+constexpr size_t kMaxLocalPrefix = 4096;
+}  // namespace
+
 void Future::wait(double timeout_s) const {
   auto timeout = timeout_s > 0 ? std::chrono::milliseconds(int64_t(timeout_s * 1000)) : timeout_;
   completion_->wait(Clock::now() + timeout, what_);
@@ -230,11 +236,19 @@ void PsClient::send_frame(int server, const MessageHeader& header, const std::ve
     size_t total = 0;
     for (const ConstBuffer& b : segs) total += b.size;
     m.header.payload_len = total;
-    if (segs.size() == 1 && (header.op == Op::kPush || header.op == Op::kPushPull)) {
+    const bool gradient = header.op == Op::kPush || header.op == Op::kPushPull;
+    if (gradient && segs.size() == 1) {
       // A gradient is read in place: it stays valid until this request
       // completes (the Future's contract), and the shard is done reading it
       // before it replies.
       m.in_place = const_cast<uint8_t*>(static_cast<const uint8_t*>(segs[0].data));
+    } else if (gradient && segs.size() == 2 && segs[0].size <= kMaxLocalPrefix) {
+      // fastps.optim's push: an optimizer config block, then the gradient.
+      // The block is copied, the gradient read in place.
+      m.payload.assign(static_cast<const uint8_t*>(segs[0].data),
+                       static_cast<const uint8_t*>(segs[0].data) + segs[0].size);
+      m.in_place = const_cast<uint8_t*>(static_cast<const uint8_t*>(segs[1].data));
+      m.in_place_offset = segs[0].size;
     } else {
       m.payload.resize(total);
       size_t at = 0;

@@ -219,19 +219,32 @@ class Handler {
   }
 
   // A frame's payload: its own buffer, or (a local request, Note [Local
-  // requests]) the worker's memory, valid until the request completes.
-  static const uint8_t* body(const Message& m) { return m.in_place ? m.in_place : m.payload.data(); }
+  // requests]) the worker's memory, valid until the request completes; a
+  // local request may keep its first in_place_offset bytes (a config block)
+  // in its own buffer and the rest in place (Message::in_place_offset).
+  static const uint8_t* body(const Message& m) {
+    return m.in_place && m.in_place_offset == 0 ? m.in_place : m.payload.data();
+  }
+  // Bytes of the payload readable at body(m).
+  static size_t body_len(const Message& m) {
+    return m.in_place && m.in_place_offset != 0 ? m.in_place_offset : m.header.payload_len;
+  }
 
   const float* floats(const Message& m, size_t offset, int64_t n) {
     FASTPS_CHECK(m.header.payload_len == offset + size_t(n) * 4, op_name(m.header.op), " payload of ",
                  m.header.payload_len, " bytes, expected ", offset + size_t(n) * 4);
+    if (m.in_place && m.in_place_offset != 0) {
+      FASTPS_CHECK(offset == m.in_place_offset, op_name(m.header.op), ": values at byte ", offset,
+                   " of a request split at byte ", m.in_place_offset);
+      return reinterpret_cast<const float*>(m.in_place);
+    }
     return reinterpret_cast<const float*>(body(m) + offset);
   }
 
   size_t read_config(const Message& m, OptimHyper* hyper) {
     if (!(m.header.flags & kFlagConfig)) return 0;
     size_t used = 0;
-    *hyper = decode_optim_config(body(m), m.header.payload_len, &used);
+    *hyper = decode_optim_config(body(m), body_len(m), &used);
     return used;
   }
 
@@ -874,8 +887,10 @@ void PsServer::on_message(ConnId conn, Message&& message) {
 // through the loopback socket would copy every byte twice through the kernel.
 // The worker's client hands such frames to submit_local() instead, and the
 // shard replies through the LocalSink, which copies the values straight into
-// the destination tensor. Everything else (routing to the owning shard,
-// rounds, errors) is the same code as for a remote worker.
+// the destination tensor. A pushed gradient is not copied either: the shard
+// reads it in the worker's tensor (Message::in_place; a leading optimizer
+// config block is the one part copied). Everything else (routing to the
+// owning shard, rounds, errors) is the same code as for a remote worker.
 void PsServer::set_local_sink(int worker, LocalSink sink) {
   FASTPS_CHECK(worker >= 0 && worker < options_.num_workers, "local worker rank ", worker,
                " outside the job's ", options_.num_workers, " workers");

@@ -149,7 +149,11 @@ struct Message {
   Payload payload;
   // Non-null when the transport received the payload straight into memory a
   // PayloadTarget chose (header.payload_len bytes there); `payload` is empty.
+  // A request from a colocated worker (never from a transport) may be split:
+  // its first `in_place_offset` bytes (an optimizer config block) copied
+  // into `payload`, the rest read in place at `in_place`.
   uint8_t* in_place = nullptr;
+  size_t in_place_offset = 0;
 };
 
 // A piece of an outgoing payload; the bytes are read in place (never copied)
