@@ -162,35 +162,6 @@ def test_many_ids_grow_the_index():
     assert st["memory_bytes"] >= len(ids) * (32 + 16)
 
 
-def test_large_table_grows_and_matches_sparse_adam():
-    """Rows move when a shard's row mapping grows (mremap), and past 4 MiB the mapping
-    asks for huge pages (Note [Mapped table memory]): values and optimizer state must
-    come through every growth intact. 40k ids of dim 32 (416-byte rows, ~8 MiB per
-    shard), pushed in batches that mostly create rows, as torch.optim.SparseAdam."""
-    num, dim, batch = 40_000, 32, 12_000
-    gen = torch.Generator().manual_seed(4)
-    t = make(2, dim=dim, seed=3, rule=R.SPARSE_ADAM)
-    table_ids = torch.arange(num, dtype=torch.int64) * 7919 - 100_000_000
-    emb = torch.nn.Embedding(num, dim, sparse=True)
-    with torch.no_grad():
-        emb.weight.copy_(pull(t, table_ids))
-    opt = torch.optim.SparseAdam(emb.parameters(), lr=0.01)
-    rule = _C.SparseOptim(R.SPARSE_ADAM, lr=0.01, eps=1e-8)
-    for step in range(1, 7):
-        idx = unique_ids(batch, num, gen)
-        g = torch.randn(len(idx), dim, generator=gen)
-        opt.zero_grad()
-        with torch.sparse.check_sparse_tensor_invariants(enable=True):
-            (emb(idx) * g).sum().backward()
-            opt.step()
-        push(t, table_ids[idx], g, rule, step)
-    torch.testing.assert_close(pull(t, table_ids), emb.weight.detach(), rtol=1e-6, atol=1e-7)
-    st = t.stats()
-    row_bytes = 32 + 4 * 3 * dim
-    # Reported memory: the rows' pages (up to a 2 MiB page per shard beyond them) and the index.
-    assert st["rows"] * row_bytes <= st["memory_bytes"] <= st["rows"] * (row_bytes + 2 * 16 / 0.35) + 2 * (2 << 20)
-
-
 def test_push_checks_rule_and_arguments():
     t = make(2, dim=4, rule=R.ADAGRAD)
     with pytest.raises(fastps.errors.InvalidArgumentError, match="rule"):
@@ -212,16 +183,16 @@ NUM, DIM, STEPS = 64, 32, 20  # DIM: a multiple of every vector width (torch's t
 
 
 def _torch_vs_fastps(rule: _C.SparseOptim, make_opt, *, shards: int, table_rule, dim: int = DIM,
-                     rtol: float = 1e-6):
+                     rtol: float = 1e-6, num: int = NUM, batch: int = NUM // 3, steps: int = STEPS):
     gen = torch.Generator().manual_seed(11)
-    table_ids = (torch.arange(NUM) * 1_000_003 - 31_000_000_000).to(torch.int64)  # negative and large
+    table_ids = (torch.arange(num) * 1_000_003 - 31_000_000_000).to(torch.int64)  # negative and large
     t = make(shards, dim=dim, seed=9, rule=table_rule, init=_C.SparseInit.NORMAL, init_a=0.0, init_b=0.5)
-    emb = torch.nn.Embedding(NUM, dim, sparse=True)
+    emb = torch.nn.Embedding(num, dim, sparse=True)
     with torch.no_grad():
         emb.weight.copy_(pull(t, table_ids))
     opt = make_opt(emb.parameters())
-    for step in range(1, STEPS + 1):
-        idx = unique_ids(NUM // 3, NUM, gen)
+    for step in range(1, steps + 1):
+        idx = unique_ids(batch, num, gen)
         g = torch.randn(len(idx), dim, generator=gen)
         opt.zero_grad()
         # Opting in explicitly keeps torch from warning that the checks are off.
@@ -230,7 +201,8 @@ def _torch_vs_fastps(rule: _C.SparseOptim, make_opt, *, shards: int, table_rule,
             opt.step()
         push(t, table_ids[idx], g, rule, step)
         torch.testing.assert_close(pull(t, table_ids), emb.weight.detach(), rtol=rtol, atol=1e-7)
-    assert len(t) <= NUM
+    assert len(t) <= num
+    return t
 
 
 @pytest.mark.parametrize("shards", [1, 3])
@@ -253,6 +225,21 @@ def test_lazy_adam_matches_sparse_adam(shards, betas, maximize):
     _torch_vs_fastps(rule, lambda p: torch.optim.SparseAdam(p, lr=0.01, betas=betas, eps=1e-8,
                                                             maximize=maximize),
                      shards=shards, table_rule=R.SPARSE_ADAM)
+
+
+def test_large_table_grows_and_matches_sparse_adam():
+    """Rows move when a shard's row mapping grows (mremap), and past 4 MiB the mapping
+    asks for huge pages (Note [Mapped table memory]): values and optimizer state must
+    come through every growth intact. 40k ids of dim 32 (416-byte rows, ~8 MiB per
+    shard), pushed in batches that mostly create rows."""
+    dim = 32
+    t = _torch_vs_fastps(_C.SparseOptim(R.SPARSE_ADAM, lr=0.01, eps=1e-8),
+                         lambda p: torch.optim.SparseAdam(p, lr=0.01, eps=1e-8), shards=2,
+                         table_rule=R.SPARSE_ADAM, dim=dim, num=40_000, batch=12_000, steps=6)
+    st = t.stats()
+    row_bytes = 32 + 4 * 3 * dim
+    # Reported memory: the rows' pages (up to a 2 MiB page per shard beyond them) and the index.
+    assert st["rows"] * row_bytes <= st["memory_bytes"] <= st["rows"] * (row_bytes + 2 * 16 / 0.35) + 2 * (2 << 20)
 
 
 def _exact_sqrt(x: torch.Tensor) -> torch.Tensor:
