@@ -1,7 +1,6 @@
 #include "common/completion.h"
 
 #include <thread>
-#include <utility>
 
 #include "common/error.h"
 
@@ -21,9 +20,12 @@ void Completion::wait(Clock::time_point deadline, const std::string& what) {
                                         " (raise the timeout with FASTPS_TIMEOUT or timeout=)"));
     }
   }
-  // The waiter takes the error: a shard thread that drops the last reference
-  // to this Completion later must not release the exception as well.
-  if (failed_.load(std::memory_order_acquire)) std::rethrow_exception(std::exchange(error_, nullptr));
+  // A copy: wait() may be called again (a Future waited twice), and must throw
+  // the same error again.
+  if (failed_.load(std::memory_order_acquire)) {
+    std::exception_ptr error = error_;
+    std::rethrow_exception(error);
+  }
 }
 
 }  // namespace fastps

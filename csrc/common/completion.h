@@ -36,7 +36,7 @@ class Completion {
   bool finished() const { return remaining_.load(std::memory_order_acquire) == 0; }
 
   // Blocks until every piece is done or `deadline` passes (throws TimeoutError
-  // naming `what`). Re-throws the first error a piece reported.
+  // naming `what`). Re-throws the first error a piece reported, at every call.
   void wait(Clock::time_point deadline, const std::string& what);
 
  private:

@@ -39,12 +39,20 @@ void Server::run_each(std::vector<std::unique_ptr<Task>> per_shard, Clock::time_
   }
   if (pieces == 0) return;
   auto completion = std::make_shared<Completion>(pieces);
-  for (auto& t : per_shard)
-    if (t) t->completion = completion;
+  std::vector<const Task*> mine(per_shard.size(), nullptr);  // identities only, once submitted
+  for (size_t s = 0; s < per_shard.size(); ++s) {
+    if (!per_shard[s]) continue;
+    per_shard[s]->completion = completion;
+    mine[s] = per_shard[s].get();
+  }
   for (int s = 0; s < last; ++s)
     if (per_shard[s]) shards_[s]->submit(std::move(per_shard[s]));
-  if (!shards_[last]->run_inline(per_shard[last])) shards_[last]->submit(std::move(per_shard[last]));
-  for (int s = 0; s <= last && !completion->finished(); ++s) shards_[s]->help(*completion);
+  if (shards_[last]->run_inline(per_shard[last]))
+    mine[last] = nullptr;
+  else
+    shards_[last]->submit(std::move(per_shard[last]));
+  for (int s = 0; s <= last && !completion->finished(); ++s)
+    if (mine[s] != nullptr) shards_[s]->help(mine[s], *completion);
   completion->wait(deadline, what);
 }
 

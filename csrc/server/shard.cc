@@ -36,10 +36,8 @@ void run_task(std::unique_ptr<Task> task, Shard& shard) {
     error = std::current_exception();
   }
   task.reset();
-  // Outside the handler, and moved all the way into the completion: once
-  // done() has released the waiter, this thread no longer touches the
-  // exception (its reference count lives in uninstrumented libstdc++, so
-  // ThreadSanitizer could not tell a late release from a race).
+  // Outside the handler, and moved into the completion, so that this thread
+  // holds no reference to the exception once done() has released the waiter.
   if (completion) completion->done(std::move(error));
 }
 }  // namespace
@@ -56,13 +54,15 @@ bool Shard::run_inline(std::unique_ptr<Task>& task) {
   return true;
 }
 
-void Shard::help(const Completion& until) {
+void Shard::help(const Task* mine, const Completion& until) {
   if (until.finished() || queue_.looks_empty()) return;
   if (owner_.exchange(true, std::memory_order_acquire)) return;  // the shard thread is at it
   while (!until.finished()) {
     MpscNode* node = queue_.pop();
     if (node == nullptr) break;
+    const bool last = node == mine;  // compared before it runs (and is freed)
     run_task(std::unique_ptr<Task>(static_cast<Task*>(node)), *this);
+    if (last) break;
   }
   owner_.store(false, std::memory_order_release);
 }

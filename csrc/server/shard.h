@@ -33,7 +33,8 @@
 // drain the shard's queue itself while the shard thread has not taken it up.
 // It takes `owner_` exactly as the shard thread does (the queue's single
 // consumer is whoever holds `owner_`), runs queued tasks in order, and stops
-// as soon as the caller's own completion is done.
+// once it ran the caller's own task, so that it moves on to the caller's next
+// shard instead of serving other callers.
 #pragma once
 
 #include <atomic>
@@ -69,10 +70,11 @@ class Shard {
   // tasks]) and returns true, with `task` consumed; else returns false and
   // leaves `task` to the caller (who then submits it).
   bool run_inline(std::unique_ptr<Task>& task);
-  // Any thread: runs tasks from the queue here, in order, until it is empty
-  // or `until` is finished, if the shard thread is not draining it (Note
-  // [Helping a shard]). Returns at once otherwise.
-  void help(const Completion& until);
+  // Any thread: runs tasks from the queue here, in order, until it ran
+  // `mine` (a task this caller submitted), the queue is empty or `until` is
+  // finished, if the shard thread is not draining it (Note [Helping a
+  // shard]). Returns at once otherwise.
+  void help(const Task* mine, const Completion& until);
 
   int index() const { return index_; }
   // Shard thread only.
