@@ -1,6 +1,7 @@
 """Worker program of the multi-process tests (started by tests/_launch.py).
 
-    dist_worker.py train OPT STEPS OUT     fastps.optim.OPT on this rank's half of a fixed batch
+    dist_worker.py train OPT STEPS OUT     fastps.optim.OPT on this rank's half of a fixed batch (and a
+                                           parameter without gradients, which must stay as it was)
     dist_worker.py wrap OPT STEPS OUT      fastps.DistributedOptimizer(torch.optim.OPT)
     dist_worker.py ddp OPT STEPS OUT       torch DDP (gloo) reference
     dist_worker.py slow OUT                trains until an error; records the error and its delay
@@ -96,12 +97,15 @@ def main() -> int:
     if mode == "train":
         name, steps, out = sys.argv[2], int(sys.argv[3]), sys.argv[4]
         model, x, y = model_and_data()
-        opt = make_opt(name, model.parameters(), fast=True)
+        # Never used in forward: its gradient stays None, so every step pushes a "skip"
+        # (an optimizer config block and no values) and the parameter must not change.
+        unused = nn.Parameter(torch.full((3000,), 0.5))
+        opt = make_opt(name, list(model.parameters()) + [unused], fast=True)
         losses = train_loop(model, opt, x, y, steps)
         from fastps import _cluster
         paths = _cluster._cluster.client.server_paths()  # how this worker reached each server
-        torch.save({"params": [p.detach() for p in model.parameters()], "losses": losses, "paths": paths},
-                   f"{out}.{RANK}")
+        torch.save({"params": [p.detach() for p in model.parameters()], "losses": losses, "paths": paths,
+                    "unused": unused.detach()}, f"{out}.{RANK}")
     elif mode == "wrap":
         name, steps, out = sys.argv[2], int(sys.argv[3]), sys.argv[4]
         model, x, y = model_and_data()

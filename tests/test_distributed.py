@@ -54,6 +54,8 @@ def test_bsp_two_workers_two_servers_equals_single_process(tmp_path, name):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)  # float32 summation order
     for a, b in zip(res[0]["params"], res[1]["params"]):
         assert torch.equal(a, b)  # every worker holds the same parameters
+    for r in range(2):
+        assert torch.equal(res[r]["unused"], torch.full((3000,), 0.5))  # skipped every step
 
 
 @pytest.mark.parametrize("transport,remote", [("auto", "shm"), ("tcp", "tcp")])
@@ -66,6 +68,8 @@ def test_colocated_servers_bsp(tmp_path, transport, remote):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
     # Each worker reaches its own server in-process and the other one as configured.
     assert res[0]["paths"] == ["local", remote] and res[1]["paths"] == [remote, "local"]
+    for r in range(2):  # its pushes carry no values (a config block alone, copied for the local server)
+        assert torch.equal(res[r]["unused"], torch.full((3000,), 0.5))
 
 
 @pytest.mark.parametrize("staleness", [pytest.param("-1", marks=pytest.mark.slow), "2"])

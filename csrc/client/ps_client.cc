@@ -236,13 +236,16 @@ void PsClient::send_frame(int server, const MessageHeader& header, const std::ve
     size_t total = 0;
     for (const ConstBuffer& b : segs) total += b.size;
     m.header.payload_len = total;
+    // Only a gradient is read in place. A PUSH's optimizer config block (and
+    // a skip PUSH is nothing else) lives on the caller's stack: copied.
     const bool gradient = header.op == Op::kPush || header.op == Op::kPushPull;
-    if (gradient && segs.size() == 1) {
+    const bool config = (header.flags & kFlagConfig) != 0;
+    if (gradient && !config && segs.size() == 1) {
       // A gradient is read in place: it stays valid until this request
       // completes (the Future's contract), and the shard is done reading it
       // before it replies.
       m.in_place = const_cast<uint8_t*>(static_cast<const uint8_t*>(segs[0].data));
-    } else if (gradient && segs.size() == 2 && segs[0].size <= kMaxLocalPrefix) {
+    } else if (gradient && config && segs.size() == 2 && segs[0].size <= kMaxLocalPrefix) {
       // fastps.optim's push: an optimizer config block, then the gradient.
       // The block is copied, the gradient read in place.
       m.payload.assign(static_cast<const uint8_t*>(segs[0].data),

@@ -103,6 +103,17 @@ class DistState:
             for push, pull, _ in self.inflight.values():
                 push.wait()
                 pull.wait()
+        except BaseException:
+            # The servers may still read a gradient in place (the colocated one
+            # does) or write a parameter: let every request end before the
+            # gradients can be freed; their own deadlines bound this.
+            for push, pull, _ in self.inflight.values():
+                for fut in (push, pull):
+                    try:
+                        fut.wait()
+                    except Exception:  # noqa: BLE001 - the first error is the one raised
+                        pass
+            raise
         finally:
             self.inflight.clear()
         self.clock += 1
