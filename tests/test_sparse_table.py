@@ -162,6 +162,17 @@ def test_many_ids_grow_the_index():
     assert st["memory_bytes"] >= len(ids) * (32 + 16)
 
 
+def test_repeated_id_in_one_push_gets_one_row():
+    """Ids of a push should be unique (fastps.nn deduplicates); a repeated one must
+    still map to a single row, updated once per occurrence, also when the push's
+    first pass looked every id up before any row was created."""
+    t = make(2, dim=4, seed=1)
+    before = pull(t, [5, 9])
+    push(t, [5, 9, 5], torch.tensor([[1.0] * 4, [2.0] * 4, [3.0] * 4]), _C.SparseOptim(R.SGD, lr=1.0), step=1)
+    assert len(t) == 2 and t.stats()["admitted"] == 2
+    torch.testing.assert_close(pull(t, [5, 9]), before - torch.tensor([[4.0] * 4, [2.0] * 4]))
+
+
 def test_push_checks_rule_and_arguments():
     t = make(2, dim=4, rule=R.ADAGRAD)
     with pytest.raises(fastps.errors.InvalidArgumentError, match="rule"):

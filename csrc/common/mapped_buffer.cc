@@ -30,7 +30,10 @@ bool huge_pages_enabled() {
 MappedBuffer::MappedBuffer(size_t bytes) {
   if (bytes == 0) return;
   const size_t n = page_round(bytes);
-  void* p = ::mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  // MAP_NORESERVE: the pages are charged as they are touched, not the whole
+  // capacity up front (a doubled table must not fail the overcommit
+  // heuristic for memory it has not used yet).
+  void* p = ::mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) throw std::bad_alloc();
   data_ = static_cast<unsigned char*>(p);
   size_ = n;

@@ -228,7 +228,13 @@ void RowPool::reserve(int64_t n) {
   if (needed <= capacity_) return;
   int64_t cap = std::max<int64_t>({needed, 2 * capacity_, kMinPoolRows});
   if (max_rows_ > 0) cap = std::max(needed, std::min(cap, max_rows_));
-  buf_.grow(static_cast<size_t>(cap) * static_cast<size_t>(row_bytes_));
+  try {
+    buf_.grow(static_cast<size_t>(cap) * static_cast<size_t>(row_bytes_));
+  } catch (const std::bad_alloc&) {
+    if (cap == needed) throw;
+    cap = needed;  // no room to double: grow by what this call needs only
+    buf_.grow(static_cast<size_t>(cap) * static_cast<size_t>(row_bytes_));
+  }
   capacity_ = cap;
 }
 
@@ -269,7 +275,8 @@ SparseTableStats SparseTable::stats() const {
   s.rows = map_.size();
   s.pending = pending_.size();
   s.memory_bytes = pool_.memory_bytes() + map_.memory_bytes() + pending_.memory_bytes() +
-                   static_cast<int64_t>(refs_.capacity() * sizeof(SparseRowRef));
+                   static_cast<int64_t>(refs_.capacity() * sizeof(SparseRowRef) +
+                                        rows_.capacity() * sizeof(int64_t) + state_init_.capacity() * sizeof(float));
   return s;
 }
 
@@ -479,11 +486,16 @@ void SparseTable::push(const int64_t* ids, const int64_t* index, int64_t n, cons
   check_capacity(ids, index, n);
   if (config_.eviction == Eviction::kTtl) sweep_expired(64 + 2 * n);
   fill_state_template(o);
-  pool_.reserve(n);  // row pointers taken below must survive this push's new rows
   const int64_t dim = config_.dim;
   // Without eviction no new row frees another, so ids can be looked up ahead.
   const bool ahead = config_.eviction == Eviction::kNone;
-  if (ahead) locate(ids, index, n);
+  int64_t fresh = n;
+  if (ahead) {
+    locate(ids, index, n);
+    fresh = 0;
+    for (int64_t k = 0; k < n; ++k) fresh += rows_[static_cast<size_t>(k)] < 0;
+  }
+  pool_.reserve(fresh);  // row pointers taken below must survive this push's new rows
   call_start_ = clock_ + 1;
   refs_.clear();
   for (int64_t k = 0; k < n; ++k) {
@@ -494,6 +506,10 @@ void SparseTable::push(const int64_t* ids, const int64_t* index, int64_t n, cons
       if (k + kRowAhead < n && rows_[static_cast<size_t>(k + kRowAhead)] >= 0)
         prefetch_for_write(header(rows_[static_cast<size_t>(k + kRowAhead)]), sizeof(RowHeader));
       row = rows_[static_cast<size_t>(k)];
+      if (row < 0) {  // an id repeated in this push may have got its row by now (ids should be unique)
+        const int64_t slot = map_.find(id);
+        if (slot >= 0) row = static_cast<int64_t>(map_.slot_value(slot) - 1);
+      }
     } else {
       row = lookup_live(id);
     }
