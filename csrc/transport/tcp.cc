@@ -476,8 +476,8 @@ TcpTransport::~TcpTransport() {
     if (listen_fd_ >= 0) ::close(listen_fd_);
     listen_fd_ = -1;
   }
-  std::unordered_map<ConnId, std::thread> readers;
-  std::vector<std::thread> retired;
+  std::unordered_map<ConnId, Reader> readers;
+  std::vector<Reader> retired;
   {
     std::lock_guard<std::mutex> lock(mu_);
     readers.swap(readers_);
@@ -488,8 +488,8 @@ TcpTransport::~TcpTransport() {
     for (auto& s : kv.second->sockets) ::shutdown(s->fd, SHUT_RDWR);
     wake_shm(*kv.second);
   }
-  for (auto& kv : readers) kv.second.join();
-  for (std::thread& t : retired) t.join();
+  for (auto& kv : readers) kv.second.thread.join();
+  for (Reader& r : retired) r.thread.join();
   pending_.clear();
   conns.clear();  // sockets close as their last reference goes
   ::close(wake_fd_);
@@ -1150,15 +1150,20 @@ void TcpTransport::teardown(const ConnPtr& conn, const std::string& reason) {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = readers_.find(conn->id);
     if (it != readers_.end()) {
-      (it->second.get_id() == std::this_thread::get_id() ? retired_readers_ : done).push_back(std::move(it->second));
+      if (it->second.thread.get_id() == std::this_thread::get_id())
+        retired_readers_.push_back(std::move(it->second));
+      else
+        done.push_back(std::move(it->second.thread));
       readers_.erase(it);
     }
+    // Only those that have returned: one still in its teardown (say, in a
+    // disconnect handler) must not hold this thread up.
     for (auto r = retired_readers_.begin(); r != retired_readers_.end();) {
-      if (r->get_id() == std::this_thread::get_id()) {
+      if (!r->finished->load(std::memory_order_acquire)) {
         ++r;
         continue;
       }
-      done.push_back(std::move(*r));
+      done.push_back(std::move(r->thread));
       r = retired_readers_.erase(r);
     }
   }
@@ -1227,7 +1232,12 @@ bool TcpTransport::on_transport_op(const Entry& e, Message&& frame) {
 void TcpTransport::start_shm_reader(const ConnPtr& conn) {
   Entry e{conn->shm_rx, conn};
   std::lock_guard<std::mutex> lock(mu_);
-  readers_[conn->id] = std::thread([this, e] { shm_reader(e); });
+  auto finished = std::make_shared<std::atomic<bool>>(false);
+  readers_[conn->id] = Reader{std::thread([this, e, finished] {
+                                shm_reader(e);
+                                finished->store(true, std::memory_order_release);
+                              }),
+                              finished};
 }
 
 // The reader thread of one shared-memory connection: the counterpart of

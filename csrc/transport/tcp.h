@@ -117,8 +117,12 @@ class TcpTransport final : public Transport {
   std::unordered_map<ConnId, ConnPtr> conns_;
   std::unordered_map<uint64_t, Entry> sockets_;  // epoll token -> socket
   std::vector<ConnPtr> close_queue_;
-  std::unordered_map<ConnId, std::thread> readers_;  // shared-memory reader threads
-  std::vector<std::thread> retired_readers_;  // readers that tore their own connection down, to join
+  struct Reader {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> finished;  // set as the thread's last act
+  };
+  std::unordered_map<ConnId, Reader> readers_;  // shared-memory reader threads
+  std::vector<Reader> retired_readers_;  // readers that tore their own connection down, to join
   ConnId next_conn_ = 1;
   uint64_t next_token_ = 16;  // tokens below are reserved for the wake and listen fds
 
