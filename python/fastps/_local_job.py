@@ -48,25 +48,30 @@ def stop_sessions(procs: Sequence[subprocess.Popen], grace: float = 0.0) -> None
     Each process must have been started with ``start_new_session=True``. With
     ``grace`` > 0 the sessions get SIGTERM first and that many seconds (in all)
     to exit; whatever is left then, or everything when ``grace`` is 0, gets
-    SIGKILL. Returns when every process has exited.
+    SIGKILL. Returns when every process has exited (waiting at most 10 s for
+    each after SIGKILL).
     """
-    def signal_all(sig: int, which: Sequence[subprocess.Popen]) -> None:
-        for p in which:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
+    def signal_all(sig: int) -> None:
+        # Every session, also one whose leader has exited: its other members
+        # (a worker's own children) may still run. A session id stays taken
+        # while any member lives, so it names no other process.
+        for p in procs:
+            try:
+                os.killpg(p.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
 
-    alive = [p for p in procs if p.poll() is None]
-    if grace > 0:
-        signal_all(signal.SIGTERM, alive)
+    if grace > 0 and any(p.poll() is None for p in procs):
+        signal_all(signal.SIGTERM)
         deadline = time.monotonic() + grace
-        for p in alive:
+        for p in procs:
             try:
                 p.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 break
-    signal_all(signal.SIGKILL, alive)
-    for p in alive:
-        p.wait()
+    signal_all(signal.SIGKILL)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # stuck in the kernel; nothing more to do from here
+            pass
