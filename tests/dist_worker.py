@@ -9,6 +9,8 @@
     dist_worker.py emb STEPS OUT           fastps.nn.Embedding + Linear under fastps.optim.Adam; then
                                            state_dict, 2 more steps, reload, the same 2 steps again
     dist_worker.py emb_slow OUT            trains an embedding until an error; records it and its delay
+    dist_worker.py clip OUT                clip_grad_norm_ between backward and step(); records "ok" or
+                                           the error fastps.optim raised
 """
 
 from __future__ import annotations
@@ -164,6 +166,21 @@ def main() -> int:
         torch.save({"rows": rows, "dense": [p.detach().clone() for p in model[2].parameters()],
                     "losses": losses, "num_rows": num_rows, "step": step_count,
                     "rows_loaded": rows_loaded, "rows_a": rows_a, "rows_b": rows_b}, f"{out}.{RANK}")
+    elif mode == "clip":
+        model, x, y = model_and_data()
+        opt = fastps.optim.SGD(model.parameters(), lr=0.01)
+        try:
+            for _ in range(2):
+                loss = nn.functional.mse_loss(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+                opt.step()
+            result = "ok"
+        except fastps.FastPSError as e:
+            result = f"{type(e).__name__}: {e}"
+        with open(f"{sys.argv[2]}.{RANK}", "w") as f:
+            f.write(result)
     elif mode == "emb_slow":
         emb, model, x, y = emb_model_and_data()
         # A pull after every step: waits for the step's round.

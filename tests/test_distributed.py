@@ -96,6 +96,22 @@ def test_distributed_optimizer_matches_ddp(tmp_path, name):
         assert ours[r]["losses"] == pytest.approx(ddp[r]["losses"], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("overlap", ["1", "0"])
+def test_gradient_edited_after_its_push_raises(tmp_path, overlap):
+    """clip_grad_norm_ between backward and step(): with overlap the gradients already
+    left during backward, so step() raises instead of silently ignoring the clip;
+    without overlap they are pushed in step(), after it."""
+    out = tmp_path / "res"
+    with Job(2, ["clip", str(out)], env={"FASTPS_OVERLAP": overlap}) as job:
+        check(job.wait())
+    for r in range(2):
+        text = Path(f"{out}.{r}").read_text()
+        if overlap == "1":
+            assert text.startswith("FastPSError") and "FASTPS_OVERLAP=0" in text, text
+        else:
+            assert text == "ok", text
+
+
 def test_state_dict_round_trip_in_distributed_mode(tmp_path):
     out = tmp_path / "res"
     with Job(2, ["resume", "Adam", "5", str(out)]) as job:

@@ -34,7 +34,9 @@ class DistState:
         # group dicts, so the live dict is looked up at every push.
         self.group_index: Dict[int, int] = {}
         self.clock = 0
-        self.inflight: Dict[int, Tuple[Any, Any, Any]] = {}
+        # id(p) -> (push, pull, the gradient sent (kept alive), the parameter, p.grad when
+        # sent and its version counter: a later in-place edit is detected at step())
+        self.inflight: Dict[int, Tuple[Any, Any, Any, Any, Any, int]] = {}
         self.sync = True
         self.overlap = overlap
         self.hooks: List[Any] = []
@@ -84,13 +86,13 @@ class DistState:
     def _send(self, p: torch.Tensor) -> None:
         tid = self.ids[id(p)]
         hyper = self.opt._hyper(self.opt.param_groups[self.group_index[id(p)]])
-        g = p.grad
+        orig = g = p.grad
         if g is not None:
             g = check_grad(p, g)
         clock = self.clock + 1
         push = self.client.push(tid, g.data_ptr() if g is not None else 0, hyper, clock)
         pull = self.client.pull(tid, p.detach().data_ptr(), clock)
-        self.inflight[id(p)] = (push, pull, g)
+        self.inflight[id(p)] = (push, pull, g, p, orig, orig._version if orig is not None else 0)
 
     def step(self) -> None:
         for group in self.opt.param_groups:
@@ -100,14 +102,15 @@ class DistState:
                 if id(p) not in self.inflight:
                     self._send(p)
         try:
-            for push, pull, _ in self.inflight.values():
+            for push, pull, *_ in self.inflight.values():
                 push.wait()
                 pull.wait()
+            self._check_unchanged()
         except BaseException:
             # The servers may still read a gradient in place (the colocated one
             # does) or write a parameter: let every request end before the
             # gradients can be freed; their own deadlines bound this.
-            for push, pull, _ in self.inflight.values():
+            for push, pull, *_ in self.inflight.values():
                 for fut in (push, pull):
                     try:
                         fut.wait()
@@ -117,6 +120,24 @@ class DistState:
         finally:
             self.inflight.clear()
         self.clock += 1
+
+    def _check_unchanged(self) -> None:
+        """Raise if a gradient was replaced or edited in place after it was pushed.
+
+        With overlap on, a gradient leaves during backward; clip_grad_norm_,
+        GradScaler.unscale_ or any other edit between backward and step() would
+        be silently ignored. Checked after the step completed, so every rank
+        applied the same (unedited) gradients and stays consistent.
+        """
+        for _, _, _, p, orig, version in self.inflight.values():
+            if orig is not None and (p.grad is not orig or orig._version != version):
+                raise FastPSError(
+                    "fastps: a parameter's gradient was changed after backward pushed it to the parameter "
+                    "servers (clip_grad_norm_, GradScaler.unscale_ or another edit between backward and "
+                    "optimizer.step()); this step used the gradients as backward produced them. Gradients "
+                    "leave during backward (FASTPS_OVERLAP=1, the default): set FASTPS_OVERLAP=0 to push "
+                    "them in step(), after such edits (each worker then edits its own local gradient, "
+                    "e.g. clips by its local norm), or drop the edit")
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
