@@ -11,6 +11,8 @@
     dist_worker.py emb_slow OUT            trains an embedding until an error; records it and its delay
     dist_worker.py clip OUT                clip_grad_norm_ between backward and step(); records "ok" or
                                            the error fastps.optim raised
+    dist_worker.py wrap_clip SYNC STEPS OUT  DistributedOptimizer(SGD), clip_grad_norm_ after backward,
+                                           after opt.synchronize() if SYNC is "sync"; params or the error
 """
 
 from __future__ import annotations
@@ -181,6 +183,23 @@ def main() -> int:
             result = f"{type(e).__name__}: {e}"
         with open(f"{sys.argv[2]}.{RANK}", "w") as f:
             f.write(result)
+    elif mode == "wrap_clip":
+        sync, steps, out = sys.argv[2] == "sync", int(sys.argv[3]), sys.argv[4]
+        model, x, y = model_and_data()
+        opt = fastps.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05))
+        try:
+            for _ in range(steps):
+                loss = nn.functional.mse_loss(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                if sync:
+                    opt.synchronize()
+                nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+                opt.step()
+            result = {"params": [p.detach() for p in model.parameters()]}
+        except fastps.FastPSError as e:
+            result = {"error": f"{type(e).__name__}: {e}"}
+        torch.save(result, f"{out}.{RANK}")
     elif mode == "emb_slow":
         emb, model, x, y = emb_model_and_data()
         # A pull after every step: waits for the step's round.

@@ -32,6 +32,19 @@ class DistributedOptimizer:
 
         opt = fastps.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
         loss.backward(); opt.step(); opt.zero_grad()
+
+    To edit the averaged gradients before the step (clipping by the global
+    norm, unscaling), call :meth:`synchronize` first; ``step()`` then does not
+    average again::
+
+        loss.backward()
+        opt.synchronize()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    Editing a gradient between backward and ``synchronize()``/``step()``
+    races with its averaging (the result lands in ``.grad`` in place):
+    ``synchronize()`` detects it and raises :class:`fastps.FastPSError`.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, overlap: bool = True) -> None:
@@ -40,9 +53,11 @@ class DistributedOptimizer:
         self.optimizer = optimizer
         self._cluster = _cluster.cluster()
         self._ids: Dict[int, int] = {}
-        self._inflight: Dict[int, Tuple[Any, torch.Tensor]] = {}
+        # id(p) -> (push_pull future, the gradient, the parameter, its version counter when sent)
+        self._inflight: Dict[int, Tuple[Any, torch.Tensor, torch.Tensor, int]] = {}
         self._clock = 0
         self._sync = True
+        self._synchronized = False  # synchronize() ran since the last step()
         self._hooks: List[Any] = []
         if self._cluster is None:
             return
@@ -120,10 +135,15 @@ class DistributedOptimizer:
         if g is not p.grad:
             p.grad = g
         fut = self._cluster.client.push_pull(self._ids[id(p)], g.data_ptr(), g.data_ptr(), self._clock + 1)
-        self._inflight[id(p)] = (fut, g)
+        self._inflight[id(p)] = (fut, g, p, g._version)
 
     def synchronize(self) -> None:
-        """Finish averaging every gradient (step() calls it)."""
+        """Finish averaging every gradient; ``step()`` calls it unless it already ran.
+
+        Raises:
+            fastps.FastPSError: a gradient was replaced or edited in place after
+                backward sent it for averaging (edit after ``synchronize()``).
+        """
         if self._cluster is None:
             return
         for g in self.optimizer.param_groups:
@@ -131,12 +151,30 @@ class DistributedOptimizer:
                 if id(p) in self._ids and id(p) not in self._inflight:
                     self._send(p)
         try:
-            for fut, g in self._inflight.values():
+            for fut, *_ in self._inflight.values():
                 fut.wait()
+            edited = [p for _, g, p, version in self._inflight.values() if p.grad is not g or g._version != version]
+            if edited:
+                raise FastPSError(
+                    "fastps: a gradient was changed between backward and optimizer.step() while it was being "
+                    "averaged across workers (clip_grad_norm_, GradScaler.unscale_ or another edit). Call "
+                    "optimizer.synchronize() after backward and edit the averaged gradients after it, then "
+                    "step(); or pass overlap=False to average in step()")
+            for _, g, *_ in self._inflight.values():
                 g.div_(self._cluster.world_size)
+        except BaseException:
+            # Sums may still be landing in gradients: let every request end first
+            # (each under its own deadline).
+            for fut, *_ in self._inflight.values():
+                try:
+                    fut.wait()
+                except Exception:  # noqa: BLE001 - the first error is the one raised
+                    pass
+            raise
         finally:
             self._inflight.clear()
-        self._clock += 1
+            self._clock += 1  # this round was sent, whatever happened to it
+        self._synchronized = True
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """Average gradients across workers, then step the wrapped optimizer."""
@@ -144,6 +182,8 @@ class DistributedOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.synchronize()
+        if not self._synchronized:
+            self.synchronize()
+        self._synchronized = False
         self.optimizer.step()
         return loss

@@ -119,7 +119,7 @@ class DistState:
             raise
         finally:
             self.inflight.clear()
-        self.clock += 1
+            self.clock += 1  # this round was sent, whatever happened to it
 
     def _check_unchanged(self) -> None:
         """Raise if a gradient was replaced or edited in place after it was pushed.
