@@ -446,6 +446,24 @@ def test_lfu_keeps_frequently_used():
     assert len(t) == 10 and t.stats()["evicted"] == 5
 
 
+@pytest.mark.parametrize("half_life", [0, 2])
+def test_lfu_counts_decay_with_a_half_life(half_life):
+    """Rows 0..4 were hot long ago (20 accesses, none in the last 11 steps), rows 5..9
+    are lukewarm and recent (2 accesses). Without decay LFU keeps the old hot rows; with
+    a half-life of 2 steps their counts are 20 >> 5 = 0 and they go instead."""
+    t = make(1, dim=2, max_rows=10, eviction=_C.SparseEviction.LFU, eviction_samples=64, ttl_steps=half_life)
+    sgd = _C.SparseOptim(R.SGD)
+    for step in range(1, 21):
+        push(t, range(5), torch.ones(5, 2), sgd, step)
+    push(t, range(5, 10), torch.ones(5, 2), sgd, 21)
+    push(t, range(5, 10), torch.ones(5, 2), sgd, 30)
+    push(t, range(20, 25), torch.ones(5, 2), sgd, 31)  # needs 5 victims
+    st = t.stats()
+    assert len(t) == 10 and st["evicted"] == 5
+    old_evicted = torch.equal(pull(t, range(5)), pull(make(1, dim=2), range(5)))  # initial values again
+    assert old_evicted == (half_life != 0)
+
+
 def test_ttl_expires_idle_rows():
     t = make(2, dim=2, eviction=_C.SparseEviction.TTL, ttl_steps=2)
     sgd = _C.SparseOptim(R.SGD, lr=1.0)

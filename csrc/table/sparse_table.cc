@@ -285,10 +285,17 @@ uint64_t SparseTable::next_random() {
   return mix(rng_);
 }
 
+uint32_t SparseTable::lfu_count(const RowHeader& h) const {
+  if (config_.eviction != Eviction::kLfu || config_.ttl_steps <= 0) return h.access_count;
+  const int64_t halvings = (step_ - h.last_step) / config_.ttl_steps;
+  return halvings >= 32 ? 0 : h.access_count >> halvings;
+}
+
 void SparseTable::touch(RowHeader& h) {
+  const uint32_t count = lfu_count(h);  // before last_step moves: the decay since the last access
   h.last_step = step_;
   h.touch = ++clock_;
-  if (h.access_count != std::numeric_limits<uint32_t>::max()) ++h.access_count;
+  h.access_count = count == std::numeric_limits<uint32_t>::max() ? count : count + 1;
 }
 
 void SparseTable::remove_slot(int64_t slot) {
@@ -415,7 +422,7 @@ void SparseTable::evict_one(const SparseOptim& o) {
     const int64_t slot = map_.occupied_from(next_random());
     const RowHeader& h = *header(static_cast<int64_t>(map_.slot_value(slot) - 1));
     const bool current = h.touch >= call_start_;  // touched by this push
-    const uint64_t primary = lfu ? h.access_count : h.touch;
+    const uint64_t primary = lfu ? lfu_count(h) : h.touch;
     const bool better = best < 0 || (!current && best_current) ||
                         (current == best_current &&
                          (primary < best_primary || (primary == best_primary && h.touch < best_touch)));

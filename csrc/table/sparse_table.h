@@ -52,7 +52,9 @@
 //   changes anything. Otherwise a new row replaces a victim chosen among
 //   `eviction_samples` sampled rows (Redis-style approximate LRU/LFU): kLru
 //   takes the least recently accessed, kLfu the least often accessed (ties:
-//   least recent), kTtl the least recently accessed as well. Rows already
+//   least recent; with ttl_steps > 0 a count halves for every ttl_steps steps
+//   without an access, computed lazily as Redis does, so rows hot long ago
+//   age out), kTtl the least recently accessed as well. Rows already
 //   touched by the current push are avoided; if one must go, the pending
 //   updates are applied first, so an update never lands on a reused row.
 //   Under kTtl a row not accessed for more than ttl_steps table steps is
@@ -110,7 +112,7 @@ struct SparseTableConfig {
   uint64_t seed = 0;
   int64_t max_rows = 0;   // 0: no cap
   Eviction eviction = Eviction::kNone;
-  int64_t ttl_steps = 0;  // kTtl only, >= 1
+  int64_t ttl_steps = 0;  // kTtl: idle steps before a row expires (>= 1); kLfu: half-life of access counts (0: none)
   int64_t admit_threshold = 0;  // 0 or 1: admit on the first push
   int64_t max_pending = int64_t{1} << 20;
   int eviction_samples = 16;
@@ -282,6 +284,9 @@ class SparseTable {
   void locate(const int64_t* ids, const int64_t* index, int64_t n);
   void fill_state_template(const SparseOptim& o);
   void touch(RowHeader& h);
+  // The row's access count as LFU sees it now: halved for every ttl_steps
+  // table steps since its last access (kLfu with ttl_steps > 0), else as stored.
+  uint32_t lfu_count(const RowHeader& h) const;
   void remove_slot(int64_t slot);
   bool admit(int64_t id);
   int64_t create_row(int64_t id, const SparseOptim& o);

@@ -450,7 +450,8 @@ class Embedding(_SparseEmbedding):
         seed: seed of the initial values (give tables that share ids different seeds).
         max_rows: row cap (0: none). When full, a push raises
             :class:`fastps.FastPSError` unless ``eviction`` is ``'lru'``,
-            ``'lfu'`` or ``'ttl'`` (``ttl_steps``: rows idle that many steps expire).
+            ``'lfu'`` or ``'ttl'`` (``ttl_steps``: rows idle that many steps expire;
+            under ``'lfu'``, the half-life in steps of the access counts, 0: no decay).
         admit_threshold: an id gets a row on its k-th push (0/1: the first).
         max_pending: ids counted towards admission at most.
         padding_idx: an id that reads as zeros and is never trained.
