@@ -12,9 +12,9 @@
 #include "table/sparse_optim.h"
 
 #include <cmath>
-#include <cstdint>
 
 #include "common/error.h"
+#include "common/prefetch.h"
 
 #define FASTPS_ALWAYS_INLINE inline __attribute__((always_inline))
 
@@ -200,14 +200,6 @@ FASTPS_ALWAYS_INLINE void ftrl_row(const Scalars& s, float* __restrict w, float*
   }
 }
 
-// Asks for the cache lines of [p, p + bytes) (rw: 0 read, 1 write).
-template <int rw>
-FASTPS_ALWAYS_INLINE void prefetch_span(const void* p, int64_t bytes) {
-  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes);
-  for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63}; a < end; a += 64)
-    __builtin_prefetch(reinterpret_cast<const void*>(a), rw);
-}
-
 // Rows ahead of the one being updated whose memory is asked for: a large
 // table's rows are cache misses, and a row's update is too short to hide one
 // (Note "Lookahead" in sparse_table.h).
@@ -217,9 +209,9 @@ FASTPS_ALWAYS_INLINE void prefetch_row(const SparseRowRef* rows, int64_t r, int6
                                        int64_t state_floats) {
   if (r + kPrefetchRows >= n) return;
   const SparseRowRef& x = rows[r + kPrefetchRows];
-  prefetch_span<1>(x.weight, dim * 4);
-  if (state_floats > 0) prefetch_span<1>(x.state, state_floats * 4);
-  prefetch_span<0>(x.grad, dim * 4);
+  prefetch_span<1>(x.weight, static_cast<size_t>(dim) * 4);
+  if (state_floats > 0) prefetch_span<1>(x.state, static_cast<size_t>(state_floats) * 4);
+  prefetch_span<0>(x.grad, static_cast<size_t>(dim) * 4);
 }
 
 FASTPS_ALWAYS_INLINE void apply_all(const SparseOptim& o, int64_t step, const SparseRowRef* rows,

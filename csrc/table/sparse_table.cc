@@ -7,6 +7,7 @@
 #include "table/sparse_table.h"
 
 #include "common/hash.h"
+#include "common/prefetch.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -43,13 +44,6 @@ inline uint64_t mix(uint64_t x) { return mix64(x); }
 inline double unit(uint64_t h) { return static_cast<double>(h >> 11) * 0x1.0p-53; }  // [0, 1)
 
 int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
-
-// Asks for the cache lines of [p, p + bytes), to be written.
-inline void prefetch_for_write(const void* p, size_t bytes) {
-  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + bytes;
-  for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63}; a < end; a += 64)
-    __builtin_prefetch(reinterpret_cast<const void*>(a), 1);
-}
 
 }  // namespace
 
@@ -315,14 +309,17 @@ int64_t SparseTable::lookup_live(int64_t id) {
   return row;
 }
 
-void SparseTable::locate(const int64_t* ids, const int64_t* index, int64_t n) {
+int64_t SparseTable::locate(const int64_t* ids, const int64_t* index, int64_t n) {
   rows_.resize(static_cast<size_t>(n));
+  int64_t missing = 0;
   for (int64_t k = 0; k < std::min(n, kSlotAhead); ++k) map_.prefetch(ids[index ? index[k] : k]);
   for (int64_t k = 0; k < n; ++k) {
     if (k + kSlotAhead < n) map_.prefetch(ids[index ? index[k + kSlotAhead] : k + kSlotAhead]);
     const int64_t slot = map_.find(ids[index ? index[k] : k]);
+    missing += slot < 0;
     rows_[static_cast<size_t>(k)] = slot < 0 ? -1 : static_cast<int64_t>(map_.slot_value(slot) - 1);
   }
+  return missing;
 }
 
 void SparseTable::pull(const int64_t* ids, const int64_t* index, int64_t n, float* out, int64_t step) {
@@ -338,7 +335,7 @@ void SparseTable::pull(const int64_t* ids, const int64_t* index, int64_t n, floa
     int64_t row;
     if (ahead) {
       if (k + kRowAhead < n && rows_[static_cast<size_t>(k + kRowAhead)] >= 0)
-        prefetch_for_write(header(rows_[static_cast<size_t>(k + kRowAhead)]), sizeof(RowHeader) + bytes);
+        prefetch_span<1>(header(rows_[static_cast<size_t>(k + kRowAhead)]), sizeof(RowHeader) + bytes);
       row = rows_[static_cast<size_t>(k)];
     } else {
       row = lookup_live(ids[i]);
@@ -496,12 +493,7 @@ void SparseTable::push(const int64_t* ids, const int64_t* index, int64_t n, cons
   const int64_t dim = config_.dim;
   // Without eviction no new row frees another, so ids can be looked up ahead.
   const bool ahead = config_.eviction == Eviction::kNone;
-  int64_t fresh = n;
-  if (ahead) {
-    locate(ids, index, n);
-    fresh = 0;
-    for (int64_t k = 0; k < n; ++k) fresh += rows_[static_cast<size_t>(k)] < 0;
-  }
+  const int64_t fresh = ahead ? locate(ids, index, n) : n;  // rows this push may create
   pool_.reserve(fresh);  // row pointers taken below must survive this push's new rows
   call_start_ = clock_ + 1;
   refs_.clear();
@@ -511,7 +503,7 @@ void SparseTable::push(const int64_t* ids, const int64_t* index, int64_t n, cons
     int64_t row;
     if (ahead) {
       if (k + kRowAhead < n && rows_[static_cast<size_t>(k + kRowAhead)] >= 0)
-        prefetch_for_write(header(rows_[static_cast<size_t>(k + kRowAhead)]), sizeof(RowHeader));
+        prefetch_span<1>(header(rows_[static_cast<size_t>(k + kRowAhead)]), sizeof(RowHeader));
       row = rows_[static_cast<size_t>(k)];
       if (row < 0) {  // an id repeated in this push may have got its row by now (ids should be unique)
         const int64_t slot = map_.find(id);

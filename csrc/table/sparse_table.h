@@ -279,9 +279,10 @@ class SparseTable {
   }
   // Row of `id`, or -1; frees it first if the TTL expired it.
   int64_t lookup_live(int64_t id);
-  // rows_[k] = row of ids[index[k]] or -1 for k < n, prefetching ahead. Only
-  // without eviction: no row expires, and none is freed before it is used.
-  void locate(const int64_t* ids, const int64_t* index, int64_t n);
+  // rows_[k] = row of ids[index[k]] or -1 for k < n, prefetching ahead;
+  // returns how many are -1. Only without eviction: no row expires, and none
+  // is freed before it is used.
+  int64_t locate(const int64_t* ids, const int64_t* index, int64_t n);
   void fill_state_template(const SparseOptim& o);
   void touch(RowHeader& h);
   // The row's access count as LFU sees it now: halved for every ttl_steps
