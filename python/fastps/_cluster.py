@@ -21,7 +21,7 @@ import socket
 import time
 import threading
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Optional
 
 from . import _C
 from .errors import ConnectionError as FastPSConnectionError
@@ -35,6 +35,17 @@ TRANSPORTS = ("auto", "tcp", "shm")
 def transport_from_env() -> str:
     """FASTPS_TRANSPORT, normalised (default ``auto``); not validated here."""
     return os.environ.get("FASTPS_TRANSPORT", "auto").strip().lower() or "auto"
+
+
+def wait_all(futures) -> None:
+    """Wait for every native future, ignoring their errors (each wait is bounded by its
+    own deadline). For error paths: the servers may still read a gradient in place or
+    write a parameter, so the buffers must outlive every request sent."""
+    for f in futures:
+        try:
+            f.wait()
+        except Exception:  # noqa: BLE001 - the caller re-raises the error it met first
+            pass
 
 
 def free_port() -> int:

@@ -7,6 +7,8 @@ core never sees a dtype, device or layout it cannot handle (the way faiss's
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 
 SUPPORTED = "float32 tensors on the CPU (dense, strided)"
@@ -49,3 +51,19 @@ def check_grad(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def address(t: torch.Tensor) -> int:
     """Address of the first element of a contiguous tensor."""
     return t.data_ptr()
+
+
+GradSnapshot = Tuple[Optional[torch.Tensor], int]
+
+
+def grad_snapshot(p: torch.Tensor) -> GradSnapshot:
+    """``p.grad`` and its in-place version counter now, for :func:`grad_changed` later."""
+    g = p.grad
+    return g, (g._version if g is not None else 0)
+
+
+def grad_changed(p: torch.Tensor, snapshot: GradSnapshot) -> bool:
+    """True if ``p.grad`` was replaced, or edited in place, since ``snapshot`` was taken
+    (clip_grad_norm_, GradScaler.unscale_, ...); a gradient that was None is never changed."""
+    g, version = snapshot
+    return g is not None and (p.grad is not g or g._version != version)

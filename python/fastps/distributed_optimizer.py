@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from . import _C, _cluster
-from ._tensor import check_grad, check_param
+from ._tensor import GradSnapshot, check_grad, check_param, grad_changed, grad_snapshot
 from .errors import FastPSError
 
 
@@ -53,8 +53,8 @@ class DistributedOptimizer:
         self.optimizer = optimizer
         self._cluster = _cluster.cluster()
         self._ids: Dict[int, int] = {}
-        # id(p) -> (push_pull future, the gradient, the parameter, its version counter when sent)
-        self._inflight: Dict[int, Tuple[Any, torch.Tensor, torch.Tensor, int]] = {}
+        # id(p) -> (push_pull future, the gradient, the parameter, its grad_snapshot() when sent)
+        self._inflight: Dict[int, Tuple[Any, torch.Tensor, torch.Tensor, GradSnapshot]] = {}
         self._clock = 0
         self._sync = True
         self._synchronized = False  # synchronize() ran since the last step()
@@ -135,14 +135,14 @@ class DistributedOptimizer:
         if g is not p.grad:
             p.grad = g
         fut = self._cluster.client.push_pull(self._ids[id(p)], g.data_ptr(), g.data_ptr(), self._clock + 1)
-        self._inflight[id(p)] = (fut, g, p, g._version)
+        self._inflight[id(p)] = (fut, g, p, grad_snapshot(p))
 
     def synchronize(self) -> None:
         """Finish averaging every gradient; ``step()`` calls it unless it already ran.
 
         Raises:
             fastps.FastPSError: a gradient was replaced or edited in place after
-                backward sent it for averaging (edit after ``synchronize()``).
+                backward sent it for averaging (edit it after ``synchronize()``).
         """
         if self._cluster is None:
             return
@@ -153,8 +153,7 @@ class DistributedOptimizer:
         try:
             for fut, *_ in self._inflight.values():
                 fut.wait()
-            edited = [p for _, g, p, version in self._inflight.values() if p.grad is not g or g._version != version]
-            if edited:
+            if any(grad_changed(p, snapshot) for _, _, p, snapshot in self._inflight.values()):
                 raise FastPSError(
                     "fastps: a gradient was changed between backward and optimizer.step() while it was being "
                     "averaged across workers (clip_grad_norm_, GradScaler.unscale_ or another edit). Call "
@@ -163,13 +162,7 @@ class DistributedOptimizer:
             for _, g, *_ in self._inflight.values():
                 g.div_(self._cluster.world_size)
         except BaseException:
-            # Sums may still be landing in gradients: let every request end first
-            # (each under its own deadline).
-            for fut, *_ in self._inflight.values():
-                try:
-                    fut.wait()
-                except Exception:  # noqa: BLE001 - the first error is the one raised
-                    pass
+            _cluster.wait_all(fut for fut, *_ in self._inflight.values())  # sums may still be landing
             raise
         finally:
             self._inflight.clear()

@@ -19,7 +19,8 @@ from typing import Any, Dict, Iterator, List, Tuple
 import torch
 
 from ..errors import FastPSError
-from .._tensor import check_grad
+from .._cluster import wait_all
+from .._tensor import GradSnapshot, check_grad, grad_changed, grad_snapshot
 
 
 class DistState:
@@ -34,9 +35,9 @@ class DistState:
         # group dicts, so the live dict is looked up at every push.
         self.group_index: Dict[int, int] = {}
         self.clock = 0
-        # id(p) -> (push, pull, the gradient sent (kept alive), the parameter, p.grad when
-        # sent and its version counter: a later in-place edit is detected at step())
-        self.inflight: Dict[int, Tuple[Any, Any, Any, Any, Any, int]] = {}
+        # id(p) -> (push, pull, the gradient sent (kept alive), the parameter, the
+        # grad_snapshot() taken when sent: a later edit is detected at step())
+        self.inflight: Dict[int, Tuple[Any, Any, Any, Any, GradSnapshot]] = {}
         self.sync = True
         self.overlap = overlap
         self.hooks: List[Any] = []
@@ -86,13 +87,14 @@ class DistState:
     def _send(self, p: torch.Tensor) -> None:
         tid = self.ids[id(p)]
         hyper = self.opt._hyper(self.opt.param_groups[self.group_index[id(p)]])
-        orig = g = p.grad
+        snapshot = grad_snapshot(p)
+        g = p.grad
         if g is not None:
             g = check_grad(p, g)
         clock = self.clock + 1
         push = self.client.push(tid, g.data_ptr() if g is not None else 0, hyper, clock)
         pull = self.client.pull(tid, p.detach().data_ptr(), clock)
-        self.inflight[id(p)] = (push, pull, g, p, orig, orig._version if orig is not None else 0)
+        self.inflight[id(p)] = (push, pull, g, p, snapshot)
 
     def step(self) -> None:
         for group in self.opt.param_groups:
@@ -107,15 +109,7 @@ class DistState:
                 pull.wait()
             self._check_unchanged()
         except BaseException:
-            # The servers may still read a gradient in place (the colocated one
-            # does) or write a parameter: let every request end before the
-            # gradients can be freed; their own deadlines bound this.
-            for push, pull, *_ in self.inflight.values():
-                for fut in (push, pull):
-                    try:
-                        fut.wait()
-                    except Exception:  # noqa: BLE001 - the first error is the one raised
-                        pass
+            wait_all(f for push, pull, *_ in self.inflight.values() for f in (push, pull))
             raise
         finally:
             self.inflight.clear()
@@ -129,8 +123,8 @@ class DistState:
         be silently ignored. Checked after the step completed, so every rank
         applied the same (unedited) gradients and stays consistent.
         """
-        for _, _, _, p, orig, version in self.inflight.values():
-            if orig is not None and (p.grad is not orig or orig._version != version):
+        for _, _, _, p, snapshot in self.inflight.values():
+            if grad_changed(p, snapshot):
                 raise FastPSError(
                     "fastps: a parameter's gradient was changed after backward pushed it to the parameter "
                     "servers (clip_grad_norm_, GradScaler.unscale_ or another edit between backward and "
