@@ -1096,6 +1096,31 @@ TEST(local_close_notifies_both_sides) {
 
 // --- Transport: a blocked sender and a dying peer --------------------------------------------
 
+// A thread that sends 8 frames of `bytes` bytes on `c` until a send throws:
+// `failed` once it ended with ConnectionError (its message in `what`); any
+// other exception leaves `failed` false and says so in `what`. Join `thread`.
+struct BlockedSender {
+  std::vector<uint8_t> body;
+  std::atomic<bool> failed{false};
+  std::string what;
+  std::thread thread;
+  BlockedSender(Transport& t, ConnId c, size_t bytes) : body(bytes, 0x5a) {
+    thread = std::thread([this, &t, c] {
+      ConstBuffer seg{body.data(), body.size()};
+      MessageHeader h;
+      h.op = Op::kPush;
+      try {
+        for (int i = 0; i < 8; ++i) t.send(c, h, &seg, 1);
+      } catch (const ConnectionError& e) {
+        what = e.what();
+        failed.store(true);
+      } catch (const std::exception& e) {
+        what = std::string("wrong exception: ") + e.what();
+      }
+    });
+  }
+};
+
 // The raw server completes the handshake and then never reads, so the
 // client's socket buffers fill and send() blocks.
 TEST(blocked_send_fails_when_peer_dies) {
@@ -1112,30 +1137,15 @@ TEST(blocked_send_fails_when_peer_dies) {
   ConnId c = client->connect("127.0.0.1", raw.port, 0);
   th.join();
 
-  std::vector<uint8_t> body(64 << 20, 0x5a);
-  std::atomic<bool> failed{false};
-  std::string what;
-  std::thread sender([&] {
-    ConstBuffer seg{body.data(), body.size()};
-    MessageHeader h;
-    h.op = Op::kPush;
-    try {
-      for (int i = 0; i < 8; ++i) client->send(c, h, &seg, 1);
-    } catch (const ConnectionError& e) {
-      what = e.what();
-      failed.store(true);
-    } catch (const std::exception& e) {
-      what = std::string("wrong type: ") + e.what();
-    }
-  });
+  BlockedSender sender(*client, c, 64 << 20);
   std::this_thread::sleep_for(Ms(300));  // the sender is now blocked on a full socket
-  CHECK(!failed.load());
+  CHECK(!sender.failed.load());
   auto t0 = Clock::now();
   close_with_reset(accepted.load());
-  sender.join();
-  CHECK(failed.load());
+  sender.thread.join();
+  CHECK(sender.failed.load());
   CHECK(Clock::now() - t0 < Ms(2000));
-  CHECK(what.find("127.0.0.1:" + std::to_string(raw.port)) != std::string::npos);
+  CHECK(sender.what.find("127.0.0.1:" + std::to_string(raw.port)) != std::string::npos);
   CHECK(in.wait_disconnects(1));
 }
 
@@ -1265,28 +1275,16 @@ TEST(shm_blocked_send_fails_when_peer_closes) {
   auto client = Transport::create("shm", shm_opts(ShmMode::kRequire));
   in.attach(*client);
   ConnId c = client->connect("127.0.0.1", port, 0);
-  std::vector<uint8_t> body(8 << 20, 0x5a);
-  std::atomic<bool> failed{false};
-  std::thread sender([&] {
-    ConstBuffer seg{body.data(), body.size()};
-    MessageHeader h;
-    h.op = Op::kPush;
-    try {
-      for (int i = 0; i < 8; ++i) client->send(c, h, &seg, 1);
-    } catch (const ConnectionError&) {
-      failed.store(true);
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "  wrong exception: %s\n", e.what());
-    }
-  });
+  BlockedSender sender(*client, c, 8 << 20);
   std::this_thread::sleep_for(Ms(300));
-  CHECK(!failed.load() && conn.load() != kInvalidConnId);
+  CHECK(!sender.failed.load() && conn.load() != kInvalidConnId);
   auto t0 = Clock::now();
   server->close(conn.load());  // shuts the socket down at once
   std::this_thread::sleep_for(Ms(100));
   release.store(true);
-  sender.join();
-  CHECK(failed.load());
+  sender.thread.join();
+  if (!sender.failed.load()) std::fprintf(stderr, "  %s\n", sender.what.c_str());
+  CHECK(sender.failed.load());
   CHECK(Clock::now() - t0 < Ms(2000));
   CHECK(in.wait_disconnects(1));
 }
