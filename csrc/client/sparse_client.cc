@@ -154,15 +154,7 @@ SparseTableStats ShardedSparseTable::stats() {
     fns[s] = [per, s](SparseTable& t) { (*per)[s] = t.stats(); };
   run(std::move(fns), "sparse stats on the embedded server");
   SparseTableStats total;
-  for (const SparseTableStats& p : *per) {
-    total.rows += p.rows;
-    total.admitted += p.admitted;
-    total.evicted += p.evicted;
-    total.expired += p.expired;
-    total.rejected += p.rejected;
-    total.pending += p.pending;
-    total.memory_bytes += p.memory_bytes;
-  }
+  for (const SparseTableStats& p : *per) total += p;
   return total;
 }
 

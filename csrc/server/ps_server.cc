@@ -554,18 +554,14 @@ class Handler {
         reply(r->conn, r->header, Op::kReply, r->bytes.data(), r->bytes.size(), uint32_t(r->num_shards));
         return;
       case Op::kSparseStats: {
-        int64_t v[kSparseStatsCount] = {};
+        SparseTableStats t;
+        int64_t step = 0;
         for (size_t s = 0; s < r->stats.size(); ++s) {
-          const SparseTableStats& p = r->stats[s];
-          v[0] += p.rows;
-          v[1] += p.admitted;
-          v[2] += p.evicted;
-          v[3] += p.expired;
-          v[4] += p.rejected;
-          v[5] += p.pending;
-          v[6] += p.memory_bytes;
-          v[7] = std::max(v[7], r->steps[s]);
+          t += r->stats[s];
+          step = std::max(step, r->steps[s]);
         }
+        const int64_t v[kSparseStatsCount] = {t.rows,     t.admitted, t.evicted,      t.expired,
+                                              t.rejected, t.pending,  t.memory_bytes, step};
         uint8_t out[8 * kSparseStatsCount];
         for (uint32_t i = 0; i < kSparseStatsCount; ++i) store_le64(out + 8 * i, uint64_t(v[i]));
         reply(r->conn, r->header, Op::kReply, out, sizeof(out), kSparseStatsCount);

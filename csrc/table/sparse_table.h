@@ -133,7 +133,19 @@ struct SparseTableStats {
   int64_t expired = 0;       // rows removed by the TTL
   int64_t rejected = 0;      // gradients dropped by admission
   int64_t pending = 0;       // ids counting towards admission
-  int64_t memory_bytes = 0;  // blocks + index + admission counts
+  int64_t memory_bytes = 0;  // touched row pages + index + admission counts
+
+  // Adds another shard's counters (a table's totals over its shards).
+  SparseTableStats& operator+=(const SparseTableStats& o) {
+    rows += o.rows;
+    admitted += o.admitted;
+    evicted += o.evicted;
+    expired += o.expired;
+    rejected += o.rejected;
+    pending += o.pending;
+    memory_bytes += o.memory_bytes;
+    return *this;
+  }
 };
 
 // Row metadata; also the first 32 bytes of a row record in a file.
