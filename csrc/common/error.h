@@ -10,6 +10,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <utility>
 
 namespace fastps {
@@ -55,6 +56,9 @@ std::string concat(Args&&... args) {
   std::abort();
 }
 }  // namespace detail
+
+// The text of an errno value, e.g. for "...: Connection refused".
+inline std::string errno_text(int err) { return std::error_code(err, std::generic_category()).message(); }
 
 }  // namespace fastps
 

@@ -7,21 +7,6 @@
 
 namespace fastps {
 
-namespace {
-
-void put_f64(uint8_t* p, double v) {
-  uint64_t bits;
-  std::memcpy(&bits, &v, 8);
-  store_le64(p, bits);
-}
-double get_f64(const uint8_t* p) {
-  const uint64_t bits = load_le64(p);
-  double v;
-  std::memcpy(&v, &bits, 8);
-  return v;
-}
-
-}  // namespace
 
 void encode_sparse_config(const SparseTableConfig& c, uint8_t out[kSparseConfigSize]) {
   std::memset(out, 0, kSparseConfigSize);
@@ -30,8 +15,8 @@ void encode_sparse_config(const SparseTableConfig& c, uint8_t out[kSparseConfigS
   out[5] = uint8_t(c.init);
   out[6] = uint8_t(c.eviction);
   store_le64(out + 8, uint64_t(c.dim));
-  put_f64(out + 16, c.init_a);
-  put_f64(out + 24, c.init_b);
+  store_f64(out + 16, c.init_a);
+  store_f64(out + 24, c.init_b);
   store_le64(out + 32, c.seed);
   store_le64(out + 40, uint64_t(c.max_rows));
   store_le64(out + 48, uint64_t(c.ttl_steps));
@@ -51,8 +36,8 @@ SparseTableConfig decode_sparse_config(const uint8_t* in, size_t len) {
   c.init = SparseInit(in[5]);
   c.eviction = Eviction(in[6]);
   c.dim = int64_t(load_le64(in + 8));
-  c.init_a = get_f64(in + 16);
-  c.init_b = get_f64(in + 24);
+  c.init_a = load_f64(in + 16);
+  c.init_b = load_f64(in + 24);
   c.seed = load_le64(in + 32);
   c.max_rows = int64_t(load_le64(in + 40));
   c.ttl_steps = int64_t(load_le64(in + 48));
@@ -84,15 +69,15 @@ void encode_sparse_optim(const SparseOptim& o, uint8_t out[kSparseOptimSize]) {
   store_le32(out, uint32_t(kSparseOptimSize));
   out[4] = uint8_t(o.rule);
   out[5] = o.maximize ? 0x01 : 0x00;
-  put_f64(out + 8, o.lr);
-  put_f64(out + 16, o.eps);
-  put_f64(out + 24, o.lr_decay);
-  put_f64(out + 32, o.initial_accumulator_value);
-  put_f64(out + 40, o.beta1);
-  put_f64(out + 48, o.beta2);
-  put_f64(out + 56, o.l1);
-  put_f64(out + 64, o.l2);
-  put_f64(out + 72, o.ftrl_beta);
+  store_f64(out + 8, o.lr);
+  store_f64(out + 16, o.eps);
+  store_f64(out + 24, o.lr_decay);
+  store_f64(out + 32, o.initial_accumulator_value);
+  store_f64(out + 40, o.beta1);
+  store_f64(out + 48, o.beta2);
+  store_f64(out + 56, o.l1);
+  store_f64(out + 64, o.l2);
+  store_f64(out + 72, o.ftrl_beta);
 }
 
 SparseOptim decode_sparse_optim(const uint8_t* in, size_t len) {
@@ -103,15 +88,15 @@ SparseOptim decode_sparse_optim(const uint8_t* in, size_t len) {
   SparseOptim o;
   o.rule = SparseRule(in[4]);
   o.maximize = (in[5] & 0x01) != 0;
-  o.lr = get_f64(in + 8);
-  o.eps = get_f64(in + 16);
-  o.lr_decay = get_f64(in + 24);
-  o.initial_accumulator_value = get_f64(in + 32);
-  o.beta1 = get_f64(in + 40);
-  o.beta2 = get_f64(in + 48);
-  o.l1 = get_f64(in + 56);
-  o.l2 = get_f64(in + 64);
-  o.ftrl_beta = get_f64(in + 72);
+  o.lr = load_f64(in + 8);
+  o.eps = load_f64(in + 16);
+  o.lr_decay = load_f64(in + 24);
+  o.initial_accumulator_value = load_f64(in + 32);
+  o.beta1 = load_f64(in + 40);
+  o.beta2 = load_f64(in + 48);
+  o.l1 = load_f64(in + 56);
+  o.l2 = load_f64(in + 64);
+  o.ftrl_beta = load_f64(in + 72);
   sparse_optim_validate(o);
   return o;
 }

@@ -27,18 +27,6 @@ Sha256Digest auth_mac(const std::string& secret, const uint8_t* first, const cha
   return mac.finish();
 }
 
-void store_f64(uint8_t* p, double v) {
-  uint64_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  store_le64(p, bits);
-}
-
-double load_f64(const uint8_t* p) {
-  uint64_t bits = load_le64(p);
-  double v;
-  std::memcpy(&v, &bits, sizeof(v));
-  return v;
-}
 
 // Length of the valid UTF-8 sequence starting at p[0] (at most `left` bytes
 // available), or 0 if it is not valid (overlong, surrogate, > U+10FFFF).

@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <utility>
@@ -199,6 +200,18 @@ inline uint32_t load_le32(const uint8_t* p) {
 inline uint64_t load_le64(const uint8_t* p) {
   uint64_t v = 0;
   for (int i = 0; i < 8; ++i) v |= static_cast<uint64_t>(p[i]) << (8 * i);
+  return v;
+}
+// A double as its IEEE-754 bits, little-endian.
+inline void store_f64(uint8_t* p, double v) {
+  uint64_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  store_le64(p, bits);
+}
+inline double load_f64(const uint8_t* p) {
+  const uint64_t bits = load_le64(p);
+  double v;
+  std::memcpy(&v, &bits, sizeof(v));
   return v;
 }
 

@@ -75,8 +75,6 @@ constexpr size_t kProbeBytes = offsetof(SegmentHeader, token) + kShmTokenSize;
 static_assert(sizeof(SegmentHeader) <= kPage, "segment header must fit its page");
 static_assert(2 * sizeof(ShmRingCtl) <= kPage, "ring control blocks must fit their page");
 
-std::string errno_text(int err) { return std::error_code(err, std::generic_category()).message(); }
-
 uint64_t round_to_page(uint64_t n) { return (n + kPage - 1) / kPage * kPage; }
 
 size_t segment_size(uint64_t ring_bytes) { return kDataOffset + 2 * ring_bytes; }

@@ -51,8 +51,6 @@ constexpr size_t kByRefMaxSegments = 16;
 constexpr size_t kHeaderReservedOffset = 44;
 constexpr auto kShmReaderSlice = std::chrono::milliseconds(100);
 
-std::string errno_text(int err) { return std::error_code(err, std::generic_category()).message(); }
-
 std::string host_port(const std::string& host, uint16_t port) {
   if (host.find(':') != std::string::npos) return concat("[", host, "]:", port);
   return concat(host, ":", port);
