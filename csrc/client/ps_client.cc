@@ -303,10 +303,10 @@ FuturePtr PsClient::submit(std::vector<OutFrame>& frames, const std::string& wha
 // ------------------------------------------------------------------ sparse tables
 
 SparseTableConfig PsClient::sparse_share(const SparseTableConfig& c, int server) const {
-  const int64_t n = num_servers();
+  const int n = num_servers();
   SparseTableConfig s = c;
-  if (c.max_rows > 0) s.max_rows = c.max_rows / n + (server < c.max_rows % n ? 1 : 0);
-  s.max_pending = std::max<int64_t>(1, c.max_pending / n);
+  s.max_rows = sparse_cap_share(c.max_rows, server, n);
+  s.max_pending = sparse_pending_share(c.max_pending, n);
   return s;
 }
 

@@ -45,11 +45,7 @@ ShardedSparseTable::ShardedSparseTable(Server& server, const SparseTableConfig& 
 ShardedSparseTable::~ShardedSparseTable() = default;
 
 SparseTable ShardedSparseTable::make_table(int shard) const {
-  const int64_t shards = static_cast<int64_t>(server_.num_shards());
-  const int64_t cap =
-      config_.max_rows == 0 ? 0 : config_.max_rows / shards + (shard < config_.max_rows % shards ? 1 : 0);
-  const int64_t pending = std::max<int64_t>(1, config_.max_pending / shards);
-  return SparseTable(config_, cap, pending, static_cast<uint64_t>(shard));
+  return sparse_shard_table(config_, shard, server_.num_shards());
 }
 
 void ShardedSparseTable::run(std::vector<ShardFn> per_shard, const char* what) {

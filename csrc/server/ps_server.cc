@@ -581,9 +581,7 @@ class Handler {
 
   // This shard's share of a server's caps (as ShardedSparseTable::make_table).
   static std::unique_ptr<SparseTable> make_shard_table(const SparseTableConfig& c, int shard, int shards) {
-    const int64_t cap = c.max_rows == 0 ? 0 : c.max_rows / shards + (shard < c.max_rows % shards ? 1 : 0);
-    const int64_t pending = std::max<int64_t>(1, c.max_pending / shards);
-    return std::make_unique<SparseTable>(c, cap, pending, uint64_t(shard));
+    return std::make_unique<SparseTable>(sparse_shard_table(c, shard, shards));
   }
 
   void reset_round(PsSparse& t) {
@@ -1043,7 +1041,7 @@ void PsServer::dispatch_sparse(ConnId conn, int worker, Message&& message) {
         // before any shard replaces its rows.
         const SparseTableConfig& c = r->config;
         for (int s = 0; s < shards; ++s) {
-          const int64_t cap = c.max_rows == 0 ? 0 : c.max_rows / shards + (s < c.max_rows % shards ? 1 : 0);
+          const int64_t cap = sparse_cap_share(c.max_rows, s, shards);
           FASTPS_CHECK_TYPED(CapacityError, cap == 0 || int64_t(r->index[size_t(s)].size()) <= cap,
                              "fastps: the file holds more rows than this table's cap (max_rows=", c.max_rows,
                              " on server ", options_.server_id, "); load it into a table with a larger max_rows");

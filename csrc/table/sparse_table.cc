@@ -264,6 +264,11 @@ SparseTable::SparseTable(const SparseTableConfig& config, int64_t max_rows, int6
   FASTPS_CHECK(max_rows >= 0, "fastps: max_rows must be >= 0");
 }
 
+SparseTable sparse_shard_table(const SparseTableConfig& c, int shard, int shards) {
+  return SparseTable(c, sparse_cap_share(c.max_rows, shard, shards), sparse_pending_share(c.max_pending, shards),
+                     static_cast<uint64_t>(shard));
+}
+
 SparseTableStats SparseTable::stats() const {
   SparseTableStats s = counters_;
   s.rows = map_.size();

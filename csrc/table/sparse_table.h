@@ -68,6 +68,7 @@
 //   file loads into any number of shards.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <memory>
@@ -238,6 +239,21 @@ class RowPool {
 };
 
 class SparseFileWriter;
+
+// A table split into `parts` (servers, then each server's shards) gives part
+// `part` an even share of max_rows (0: no cap), the first parts one row more,
+// and of max_pending (at least 1).
+inline int64_t sparse_cap_share(int64_t max_rows, int part, int parts) {
+  return max_rows == 0 ? 0 : max_rows / parts + (part < max_rows % parts ? 1 : 0);
+}
+inline int64_t sparse_pending_share(int64_t max_pending, int parts) {
+  return std::max<int64_t>(1, max_pending / parts);
+}
+
+class SparseTable;
+// Shard `shard` of `shards` of a table configured by `c`: its shares of the
+// caps, its own sampling stream.
+SparseTable sparse_shard_table(const SparseTableConfig& c, int shard, int shards);
 
 class SparseTable {
  public:
