@@ -519,34 +519,26 @@ int64_t PsClient::sparse_load(uint64_t table, const SparseTableConfig& config, c
                    (f.init == SparseInit::kZeros || (f.init_a == config.init_a && f.init_b == config.init_b)),
                "fastps: cannot load ", path, " into sparse table ", table, ": the file has ",
                describe_sparse_config(f), ", the table has ", describe_sparse_config(config));
-  const uint64_t record = uint64_t(h.record_bytes);
+  const size_t record = size_t(h.record_bytes);
   std::vector<std::vector<uint8_t>> rows(static_cast<size_t>(servers)), pending(static_cast<size_t>(servers));
   std::vector<uint64_t> nrows(static_cast<size_t>(servers), 0), npending(static_cast<size_t>(servers), 0);
-  std::vector<uint8_t> rec(record);
-  for (uint32_t sec = 0; sec < h.num_sections; ++sec) {
-    const uint64_t r = reader.get<uint64_t>();
-    const uint64_t p = reader.get<uint64_t>();
-    FASTPS_CHECK_TYPED(CheckpointError, r <= reader.remaining() / record && p <= reader.remaining() / 16,
-                       "fastps: ", path, " is truncated or corrupt (section ", sec, " claims ", r, " rows and ",
-                       p, " pending ids)");
-    for (uint64_t k = 0; k < r; ++k) {
-      reader.read(rec.data(), rec.size());
-      int64_t id;
-      std::memcpy(&id, rec.data(), 8);
-      const int s = sparse_server_of(id, servers);
-      rows[size_t(s)].insert(rows[size_t(s)].end(), rec.begin(), rec.end());
-      ++nrows[size_t(s)];
-    }
-    for (uint64_t k = 0; k < p; ++k) {
-      uint8_t pair[16];
-      reader.read(pair, 16);
-      int64_t id;
-      std::memcpy(&id, pair, 8);
-      const int s = sparse_server_of(id, servers);
-      pending[size_t(s)].insert(pending[size_t(s)].end(), pair, pair + 16);
-      ++npending[size_t(s)];
-    }
-  }
+  read_sparse_sections(
+      reader, h, path,
+      [&](const uint8_t* rec) {
+        int64_t id;
+        std::memcpy(&id, rec, 8);
+        const size_t s = size_t(sparse_server_of(id, servers));
+        rows[s].insert(rows[s].end(), rec, rec + record);
+        ++nrows[s];
+      },
+      [&](int64_t id, uint64_t count) {
+        const size_t s = size_t(sparse_server_of(id, servers));
+        uint8_t pair[16];
+        store_le64(pair, uint64_t(id));
+        store_le64(pair + 8, count);
+        pending[s].insert(pending[s].end(), pair, pair + 16);
+        ++npending[s];
+      });
   reader.finish();  // checksum verified: only now does anything reach the servers
   const uint64_t limit = transport_->options().max_payload;
   std::vector<std::vector<uint8_t>> heads(static_cast<size_t>(servers), std::vector<uint8_t>(kSparseConfigSize + 24));

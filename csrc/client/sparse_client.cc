@@ -194,27 +194,16 @@ void ShardedSparseTable::load(const std::string& path) {
   fresh.reserve(shards);
   for (size_t s = 0; s < shards; ++s)
     fresh.push_back(std::make_shared<SparseTable>(make_table(static_cast<int>(s))));
-  const uint64_t record = static_cast<uint64_t>(h.record_bytes);
-  std::vector<float> values(static_cast<size_t>(h.record_bytes / 4));
-  for (uint32_t sec = 0; sec < h.num_sections; ++sec) {
-    const uint64_t rows = reader.get<uint64_t>();
-    const uint64_t pending = reader.get<uint64_t>();
-    FASTPS_CHECK_TYPED(CheckpointError,
-                       rows <= reader.remaining() / record && pending <= reader.remaining() / 16,
-                       "fastps: ", path, " is truncated or corrupt (section ", sec, " claims ", rows,
-                       " rows and ", pending, " pending ids)");
-    for (uint64_t r = 0; r < rows; ++r) {
-      RowHeader rh;
-      reader.read(&rh, sizeof(rh));
-      reader.read(values.data(), static_cast<size_t>(record - sizeof(RowHeader)));
-      fresh[mix64(static_cast<uint64_t>(rh.id)) % shards]->load_row(rh, values.data());
-    }
-    for (uint64_t p = 0; p < pending; ++p) {
-      const int64_t id = reader.get<int64_t>();
-      const uint64_t count = reader.get<uint64_t>();
-      fresh[mix64(static_cast<uint64_t>(id)) % shards]->load_pending(id, count);
-    }
-  }
+  std::vector<float> values(static_cast<size_t>(h.record_bytes - sizeof(RowHeader)) / 4);
+  read_sparse_sections(
+      reader, h, path,
+      [&](const uint8_t* rec) {
+        RowHeader rh;
+        std::memcpy(&rh, rec, sizeof(rh));
+        std::memcpy(values.data(), rec + sizeof(rh), values.size() * sizeof(float));
+        fresh[mix64(static_cast<uint64_t>(rh.id)) % shards]->load_row(rh, values.data());
+      },
+      [&](int64_t id, uint64_t count) { fresh[mix64(static_cast<uint64_t>(id)) % shards]->load_pending(id, count); });
   reader.finish();
 
   // Everything checked: swap the new tables in, each on its shard's thread.

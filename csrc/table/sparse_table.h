@@ -413,4 +413,31 @@ void write_sparse_header(SparseFileWriter& w, const SparseTableConfig& c, int64_
                          uint32_t num_sections);
 SparseFileHeader read_sparse_header(SparseFileReader& r);
 
+// Reads the sections that follow the header: on_row(const uint8_t* record)
+// for each row record (h.record_bytes bytes, RowHeader first) and
+// on_pending(int64_t id, uint64_t count) for each admission count. Throws
+// CheckpointError when a section claims more than the file holds. The caller
+// calls r.finish() (checksum) before it lets anything loaded take effect.
+template <typename OnRow, typename OnPending>
+void read_sparse_sections(SparseFileReader& r, const SparseFileHeader& h, const std::string& path,
+                          OnRow&& on_row, OnPending&& on_pending) {
+  const uint64_t record = static_cast<uint64_t>(h.record_bytes);
+  std::vector<uint8_t> rec(static_cast<size_t>(record));
+  for (uint32_t sec = 0; sec < h.num_sections; ++sec) {
+    const uint64_t rows = r.get<uint64_t>();
+    const uint64_t pending = r.get<uint64_t>();
+    FASTPS_CHECK_TYPED(CheckpointError, rows <= r.remaining() / record && pending <= r.remaining() / 16,
+                       "fastps: ", path, " is truncated or corrupt (section ", sec, " claims ", rows,
+                       " rows and ", pending, " pending ids)");
+    for (uint64_t k = 0; k < rows; ++k) {
+      r.read(rec.data(), rec.size());
+      on_row(static_cast<const uint8_t*>(rec.data()));
+    }
+    for (uint64_t k = 0; k < pending; ++k) {
+      const int64_t id = r.get<int64_t>();
+      on_pending(id, r.get<uint64_t>());
+    }
+  }
+}
+
 }  // namespace fastps
