@@ -90,13 +90,7 @@ class EmbeddedTable:
     def __init__(self, spec: TableSpec) -> None:
         rt = _runtime.embedded()
         self.spec = spec
-        self._table = _C.SparseTable(
-            rt.server, spec.dim, seed=spec.seed, init=spec.init, init_a=spec.init_a, init_b=spec.init_b,
-            rule=spec.rule, max_rows=spec.max_rows,
-            eviction=spec.eviction if spec.eviction is not None else _C.SparseEviction.NONE,
-            ttl_steps=spec.ttl_steps, admit_threshold=spec.admit_threshold, max_pending=spec.max_pending,
-            timeout_s=rt.config.timeout,
-        )
+        self._table = _C.SparseTable(rt.server, spec.dim, **_table_kwargs(spec), timeout_s=rt.config.timeout)
 
     @property
     def rule(self) -> Any:
@@ -133,11 +127,16 @@ class EmbeddedTable:
         return dict(self._table.stats())
 
 
+def _table_kwargs(spec: TableSpec) -> Dict[str, Any]:
+    """The table settings of ``spec`` as keywords of ``_C.SparseTable``/``_C.SparseTableConfig``."""
+    return dict(seed=spec.seed, init=spec.init, init_a=spec.init_a, init_b=spec.init_b, rule=spec.rule,
+                max_rows=spec.max_rows,
+                eviction=spec.eviction if spec.eviction is not None else _C.SparseEviction.NONE,
+                ttl_steps=spec.ttl_steps, admit_threshold=spec.admit_threshold, max_pending=spec.max_pending)
+
+
 def _config(spec: TableSpec) -> Any:
-    return _C.SparseTableConfig(
-        spec.dim, seed=spec.seed, init=spec.init, init_a=spec.init_a, init_b=spec.init_b, rule=spec.rule,
-        max_rows=spec.max_rows, eviction=spec.eviction if spec.eviction is not None else _C.SparseEviction.NONE,
-        ttl_steps=spec.ttl_steps, admit_threshold=spec.admit_threshold, max_pending=spec.max_pending)
+    return _C.SparseTableConfig(spec.dim, **_table_kwargs(spec))
 
 
 class RemoteTable:
