@@ -45,6 +45,9 @@ void bind_sparse_client(pybind11::class_<PsClient>& cls);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastps native core (private; use the fastps package)";
+  // Bounds of FASTPS_SHM_RING_BYTES, checked in Python before the rendezvous.
+  m.attr("SHM_MIN_RING_BYTES") = kShmMinRingBytes;
+  m.attr("SHM_MAX_RING_BYTES") = kShmMaxRingBytes;
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {

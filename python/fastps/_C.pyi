@@ -2,6 +2,9 @@
 # Tensors cross as integer addresses after python/fastps/_tensor.py checked them.
 from typing import Dict, List, Tuple
 
+SHM_MIN_RING_BYTES: int
+SHM_MAX_RING_BYTES: int
+
 class OptimKind:
     SGD: "OptimKind"
     ADAM: "OptimKind"

@@ -126,9 +126,10 @@ def config_from_env(**overrides) -> ClusterConfig:
         raise InvalidArgumentError(
             f"fastps: FASTPS_TRANSPORT must be auto (shared memory between processes of one host, TCP "
             f"between hosts), tcp or shm, got {c.transport!r}")
-    if not (64 << 10) <= c.shm_ring_bytes <= (1 << 30):
+    if not _C.SHM_MIN_RING_BYTES <= c.shm_ring_bytes <= _C.SHM_MAX_RING_BYTES:
         raise InvalidArgumentError(
-            f"fastps: FASTPS_SHM_RING_BYTES must be between 65536 and 1073741824, got {c.shm_ring_bytes}")
+            f"fastps: FASTPS_SHM_RING_BYTES must be between {_C.SHM_MIN_RING_BYTES} and {_C.SHM_MAX_RING_BYTES}, "
+            f"got {c.shm_ring_bytes}")
     if not c.colocate and c.num_servers < 1:
         raise InvalidArgumentError("fastps: FASTPS_COLOCATE=0 needs FASTPS_NUM_SERVERS >= 1 dedicated servers")
     return c
