@@ -728,15 +728,8 @@ class Handler {
       const std::string err = apply_round(t, step);
       t.step = step;  // a failed round still counts, so every worker stays in step
       if (!err.empty()) {
-        auto keep = t.waiting.begin();
-        for (auto it = t.waiting.begin(); it != t.waiting.end(); ++it) {
-          if (it->is_push) {
-            piece_failed(it->req, Status::kLimit, err + " (this step's rows were not applied on this shard)");
-          } else {
-            *keep++ = *it;
-          }
-        }
-        t.waiting.erase(keep, t.waiting.end());
+        for (SparseWait& w : take_waiting(t, [](const SparseWait& w) { return w.is_push; }))
+          piece_failed(w.req, Status::kLimit, err + " (this step's rows were not applied on this shard)");
       }
       serve_sparse_waiting(t);
       return;
@@ -755,18 +748,25 @@ class Handler {
     serve_sparse_waiting(t);
   }
 
-  void serve_sparse_waiting(PsSparse& t) {
-    std::vector<SparseWait> ready;
+  // Takes the waiters `pred` selects out of t.waiting, in their order.
+  template <typename Pred>
+  static std::vector<SparseWait> take_waiting(PsSparse& t, Pred pred) {
+    std::vector<SparseWait> taken;
     auto keep = t.waiting.begin();
     for (auto it = t.waiting.begin(); it != t.waiting.end(); ++it) {
-      if (sparse_ready(t, it->need)) {
-        ready.push_back(*it);
+      if (pred(*it)) {
+        taken.push_back(*it);
       } else {
         *keep++ = *it;
       }
     }
     t.waiting.erase(keep, t.waiting.end());
-    for (SparseWait& w : ready) {
+    return taken;
+  }
+
+  void serve_sparse_waiting(PsSparse& t) {
+    const auto ready = take_waiting(t, [&](const SparseWait& w) { return sparse_ready(t, w.need); });
+    for (const SparseWait& w : ready) {
       if (!w.is_push) fill(t, *w.req, w.shard);
       piece_done(w.req);
     }
@@ -778,26 +778,18 @@ class Handler {
     for (int w = 0; w < opt_.num_workers; ++w)
       if (st_.dead[w]) dead.push_back(w);
     if (dead.empty() || t.waiting.empty()) return 0;
-    const size_t before = t.waiting.size();
-    std::vector<SparseWait> failed;
-    auto keep = t.waiting.begin();
-    for (auto it = t.waiting.begin(); it != t.waiting.end(); ++it) {
+    const auto failed = take_waiting(t, [&](const SparseWait& w) {
       bool blocked = opt_.staleness == 0;  // a round needs every worker's push
       if (!blocked)
-        for (int w : dead) blocked |= uint64_t(t.clock[w]) + uint64_t(std::max(opt_.staleness, 0)) < it->need;
-      if (blocked) {
-        failed.push_back(*it);
-      } else {
-        *keep++ = *it;
-      }
-    }
-    t.waiting.erase(keep, t.waiting.end());
-    for (SparseWait& w : failed)
+        for (int d : dead) blocked |= uint64_t(t.clock[d]) + uint64_t(std::max(opt_.staleness, 0)) < w.need;
+      return blocked;
+    });
+    for (const SparseWait& w : failed)
       piece_failed(w.req, Status::kTimeout,
                    detail::concat("server ", opt_.server_id, ": worker rank ", dead[0],
                                   " disconnected; this step of sparse table ", w.req->header.key,
                                   " can never complete"));
-    return before - t.waiting.size();
+    return failed.size();
   }
 
   void sparse_load(SparseRequest& r, int shard) {
