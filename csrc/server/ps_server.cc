@@ -935,10 +935,17 @@ void PsServer::dispatch_sparse(ConnId conn, int worker, Message&& message) {
   auto all_shards = [&] {
     for (int s = 0; s < shards; ++s) targets.push_back(s);
   };
-  auto route_ids = [&] {
-    r->index.assign(size_t(shards), {});
-    for (int64_t k = 0; k < r->n; ++k) r->index[size_t(sparse_shard_of(r->id(k), shards))].push_back(k);
+  // Per shard, the indices k < count of the ids stored at base + k * stride.
+  auto route = [&](const uint8_t* base, size_t stride, uint64_t count) {
+    std::vector<std::vector<int64_t>> out(static_cast<size_t>(shards));
+    for (uint64_t k = 0; k < count; ++k) {
+      int64_t id;
+      std::memcpy(&id, base + k * stride, 8);
+      out[size_t(sparse_shard_of(id, shards))].push_back(int64_t(k));
+    }
+    return out;
   };
+  auto route_ids = [&] { r->index = route(r->ids, 8, uint64_t(r->n)); };
   auto dim_of = [&]() -> int64_t {
     auto it = sparse_dim_.find(key);
     FASTPS_CHECK(it != sparse_dim_.end(), "server ", options_.server_id, " has no sparse table ", key,
@@ -1017,18 +1024,8 @@ void PsServer::dispatch_sparse(ConnId conn, int worker, Message&& message) {
                      " pending ids");
         r->records = p + kSparseConfigSize + 24;
         r->pending = r->records + rows * uint64_t(r->record_bytes);
-        r->index.assign(size_t(shards), {});
-        r->pending_index.assign(size_t(shards), {});
-        for (uint64_t k = 0; k < rows; ++k) {
-          int64_t id;
-          std::memcpy(&id, r->records + k * uint64_t(r->record_bytes), 8);
-          r->index[size_t(sparse_shard_of(id, shards))].push_back(int64_t(k));
-        }
-        for (uint64_t k = 0; k < pending; ++k) {
-          int64_t id;
-          std::memcpy(&id, r->pending + 16 * k, 8);
-          r->pending_index[size_t(sparse_shard_of(id, shards))].push_back(int64_t(k));
-        }
+        r->index = route(r->records, size_t(r->record_bytes), rows);  // a record starts with its id
+        r->pending_index = route(r->pending, 16, pending);            // (id, count) pairs
         // Every shard checks nothing it cannot undo: the caps are checked here,
         // before any shard replaces its rows.
         const SparseTableConfig& c = r->config;
