@@ -17,6 +17,7 @@
 #include "client/sparse_client.h"
 #include "common/error.h"
 #include "server/server.h"
+#include "table/embedding_ops.h"
 #include "table/sparse_optim.h"
 #include "table/sparse_table.h"
 
@@ -187,6 +188,40 @@ void bind_sparse(py::module_& m) {
       .def_readonly("rule", &SparseTableConfig::rule)
       .def_readonly("seed", &SparseTableConfig::seed)
       .def_readonly("max_rows", &SparseTableConfig::max_rows);
+
+  // fastps.nn's worker-side ops (Note [Worker-side embedding ops]); the
+  // Python side (fastps/nn/embedding.py) allocates and checks the tensors.
+  m.def(
+      "embedding_unique",
+      [](uintptr_t ids, int64_t n, uintptr_t uids, uintptr_t inverse, bool sorted) {
+        UniqueResult r;
+        {
+          py::gil_scoped_release release;
+          r = unique_inverse(as_ptr<const int64_t>(ids), n, as_ptr<int64_t>(uids), as_ptr<int64_t>(inverse),
+                             sorted);
+        }
+        return py::make_tuple(r.count, r.min, r.max);
+      },
+      py::arg("ids"), py::arg("n"), py::arg("uids"), py::arg("inverse"), py::arg("sorted"),
+      "Unique ids of ids[0, n) (ascending if sorted, else in order of first appearance) into uids (room "
+      "for n) and each id's position there into inverse; returns (count, min id, max id).");
+  m.def(
+      "embedding_gather",
+      [](uintptr_t rows, uintptr_t inverse, int64_t n, int64_t dim, uintptr_t out) {
+        py::gil_scoped_release release;
+        gather_rows(as_ptr<const float>(rows), as_ptr<const int64_t>(inverse), n, dim, as_ptr<float>(out));
+      },
+      py::arg("rows"), py::arg("inverse"), py::arg("n"), py::arg("dim"), py::arg("out"),
+      "out[i] = rows[inverse[i]] for i < n (float32 rows of dim).");
+  m.def(
+      "embedding_segment_sum",
+      [](uintptr_t grads, uintptr_t inverse, int64_t n, int64_t dim, int64_t n_unique, uintptr_t out) {
+        py::gil_scoped_release release;
+        segment_sum(as_ptr<const float>(grads), as_ptr<const int64_t>(inverse), n, dim, n_unique,
+                    as_ptr<float>(out));
+      },
+      py::arg("grads"), py::arg("inverse"), py::arg("n"), py::arg("dim"), py::arg("n_unique"), py::arg("out"),
+      "out[u] = sum of grads[i] over inverse[i] == u, in order of i, from +0.0 (out: n_unique x dim).");
 
   m.def("sparse_optim_isa", &sparse_optim_isa, "Sparse kernel variant chosen for this CPU.");
   m.def("sparse_state_floats", &sparse_state_floats, py::arg("rule"), py::arg("dim"),

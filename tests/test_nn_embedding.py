@@ -260,6 +260,48 @@ def test_gradient_accumulation_sums_like_one_concatenated_batch():
                                torch.tensor([[-0.1], [-0.2], [-0.1]]).expand(3, D), rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("case", ["zipf", "extremes", "one", "empty", "collide"])
+def test_worker_side_unique_gather_and_segment_sum(case):
+    """The C++ ops behind forward and backward (Note [Worker-side embedding ops]):
+    unique ids in order of first appearance (or sorted, equal to np.unique), the
+    gather equal to index_select, and the segment sum equal bit for bit to a
+    sequential index_add_ into zeros (same order of adds, -0.0 gradients included)."""
+    import numpy as np
+
+    from fastps.nn.embedding import _dedup, _gather, _segment_sum
+
+    gen = torch.Generator().manual_seed(11)
+    ids = {
+        "zipf": (torch.rand(3000, generator=gen) ** 4 * 500).long() - 250,
+        "extremes": torch.tensor([2**63 - 1, -2**63, 0, -1, 2**63 - 1, 1, -2**63, 2**40, -1]),
+        "one": torch.tensor([[7, 7], [7, 7]]),
+        "empty": torch.zeros(0, 3, dtype=torch.long),
+        "collide": torch.arange(600) << 52,  # equal low bits: only a mixed hash spreads them
+    }[case]
+    flat = ids.reshape(-1)
+    u, inv, lo, hi = _dedup(ids)
+    assert inv.shape == ids.shape and torch.equal(u[inv], ids)
+    assert len(set(u.tolist())) == u.numel() == len(set(flat.tolist()))
+    first = [flat.tolist().index(v) for v in u.tolist()]
+    assert first == sorted(first)  # order of first appearance
+    if flat.numel():
+        assert (lo, hi) == (int(flat.min()), int(flat.max()))
+    su, sinv, _, _ = _dedup(ids, sort=True)
+    nu, ninv = np.unique(flat.numpy(), return_inverse=True)
+    assert su.tolist() == nu.tolist() and sinv.reshape(-1).tolist() == ninv.tolist()
+
+    rows = torch.randn(u.numel(), 5, generator=gen)
+    assert torch.equal(_gather(rows, inv), rows[inv])
+    grads = torch.randn(*ids.shape, 5, generator=gen)
+    grads.view(-1)[::7] = -0.0
+    want = torch.zeros(u.numel(), 5).index_add_(0, inv.reshape(-1), grads.reshape(-1, 5))
+    got = _segment_sum(grads, inv, u.numel())
+    assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want))
+    # Non-contiguous and float64 gradients are converted, not misread.
+    g64 = grads.double().transpose(0, -1).contiguous().transpose(0, -1)
+    assert torch.equal(_segment_sum(g64, inv, u.numel()), want)
+
+
 def test_bad_ids_raise_type_error_and_out_of_range_index_error():
     emb = fastps.nn.Embedding(4, num_embeddings=10)
     for bad in (torch.tensor([1.0, 2.0]), torch.tensor([True]), torch.tensor([1], dtype=torch.int16), [1, 2]):

@@ -34,7 +34,7 @@ import torch
 import fastps
 from fastps import _C
 from fastps.nn._backend import EmbeddedTable, TableSpec
-from fastps.nn.embedding import _dedup
+from fastps.nn.embedding import _dedup, _gather, _segment_sum
 
 from ._common import bar_chart, new_parser, positive_int, save_outputs
 
@@ -161,7 +161,7 @@ class FloorVariant:
 
 class PrimitivesVariant:
     """What fastps.nn.Embedding does, as bare calls on a table (no module, no autograd):
-    unique, pull, gather | dedup (index_add) | push. The difference to the module's
+    unique, pull, gather | dedup (segment sum) | push. The difference to the module's
     time is the Python and autograd overhead."""
 
     PARTS = ("unique", "pull", "gather", "dedup", "push")
@@ -176,13 +176,13 @@ class PrimitivesVariant:
 
     def iteration(self, ids: torch.Tensor) -> Phase:
         t0 = time.perf_counter()
-        u, inv = _dedup(ids)
+        u, inv, _, _ = _dedup(ids)
         t1 = time.perf_counter()
         rows = self.table.pull(u)
         t2 = time.perf_counter()
-        rows.index_select(0, inv)
+        _gather(rows, inv)
         t3 = time.perf_counter()
-        g = torch.zeros(len(u), self.dim).index_add_(0, inv, self.grad)
+        g = _segment_sum(self.grad, inv, len(u))
         t4 = time.perf_counter()
         self.table.push(u, g, self.optim, self.table.step + 1)
         t5 = time.perf_counter()

@@ -2,19 +2,22 @@
 
 Design (docs/sparse.md, "fastps.nn"):
 
-* Forward deduplicates the batch's ids (sorted unique ids and the inverse
-  index, see ``_dedup``), pulls only the unique rows from the table, and
-  indexes them by the inverse.
-  The pull is a custom autograd Function whose only differentiable input is
-  the module's *handle*, a 0-element parameter that puts the module in
-  ``model.parameters()`` (so ``fastps.optim.Adam(model.parameters())`` sees it)
-  and the pulled rows in the autograd graph.
-* Backward of the indexing is torch's ``index_select`` backward: an
-  ``index_add`` of the output gradients into an (n_unique, dim) buffer, i.e.
-  the worker-side segment sum. The Function's backward stashes (unique ids,
-  gradient rows) on the module; gradients of several backward passes before
-  one step (accumulation, or a module called twice) are concatenated and
-  deduplicated again at push time, so they sum per id.
+* Forward deduplicates the batch's ids (unique ids in order of first
+  appearance and the inverse index, see ``_dedup``), pulls only the unique rows
+  from the table, and gathers them by the inverse (``_gather``). For
+  ``Embedding`` pull and gather are one custom autograd Function (``_Lookup``)
+  whose only differentiable input is the module's *handle*, a 0-element
+  parameter that puts the module in ``model.parameters()`` (so
+  ``fastps.optim.Adam(model.parameters())`` sees it) and the lookup in the
+  autograd graph. ``EmbeddingBag`` pulls through ``_PullRows`` (the rows are the
+  differentiable output) and reduces them with ``F.embedding_bag``.
+* Backward sums the output gradient per unique id on the worker
+  (``_segment_sum``; for ``EmbeddingBag`` torch's ``embedding_bag`` backward
+  does it) and stashes (unique ids, gradient rows) on the module; gradients of
+  several backward passes before one step (accumulation, or a module called
+  twice) are concatenated and deduplicated again at push time, so they sum per
+  id. The three helpers are C++ loops on the calling thread (Note
+  [Worker-side embedding ops] in csrc/table/embedding_ops.h).
 * ``fastps.optim`` pushes the stash at ``step()`` (``_grads``) with the param
   group's hyperparameters and the sparse counterpart of its rule
   (``_rules``); the table applies the fused update on its shard threads and
@@ -33,10 +36,10 @@ import os
 import tempfile
 from typing import Any, Dict, Optional, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .. import _C
 from ..errors import FastPSError, InvalidArgumentError
@@ -72,6 +75,12 @@ def _new_handle() -> nn.Parameter:
     return h
 
 
+def _handle_grad(ctx: Any) -> torch.Tensor:
+    # A 0-element gradient for the handle: its .grad being set (and cleared by
+    # zero_grad) is how forward() tells accumulation from a missed step.
+    return torch.zeros(0, dtype=ctx.handle_dtype)
+
+
 class _PullRows(torch.autograd.Function):
     """rows = table[uids]; backward stashes d(loss)/d(rows) on the module for the next step."""
 
@@ -85,24 +94,68 @@ class _PullRows(torch.autograd.Function):
         return module._pull(uids, pad_pos)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_rows: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None, None]:
         ctx.module._stash(ctx.uids, grad_rows, ctx.pad_pos)
-        # A 0-element gradient for the handle: its .grad being set (and cleared by
-        # zero_grad) is how forward() tells accumulation from a missed step.
-        return torch.zeros(0, dtype=ctx.handle_dtype), None, None, None
+        return _handle_grad(ctx), None, None, None
 
 
-def _dedup(ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(sorted unique ids, int64 inverse with ids' shape) of an int64 CPU tensor.
+class _Lookup(torch.autograd.Function):
+    """out = table[uids][inverse]; backward sums d(loss)/d(out) per unique id and stashes it."""
 
-    numpy's sort-based unique (SIMD argsort in numpy 2) takes 0.95 ms for 16384
-    Zipf ids where ``torch.unique(return_inverse=True)`` takes 1.6 ms
-    (bench/README.md); the arrays are shared with torch, not copied.
-    """
-    u, inv = np.unique(ids.reshape(-1).numpy(), return_inverse=True)
-    if inv.dtype != np.int64:
-        inv = inv.astype(np.int64)
-    return torch.from_numpy(u), torch.from_numpy(inv).reshape(ids.shape)
+    @staticmethod
+    def forward(ctx: Any, handle: torch.Tensor, module: "_SparseEmbedding", uids: torch.Tensor,
+                inverse: torch.Tensor, pad_pos: Optional[int]) -> torch.Tensor:
+        ctx.module = module
+        ctx.uids = uids
+        ctx.inverse = inverse
+        ctx.pad_pos = pad_pos
+        ctx.handle_dtype = handle.dtype
+        return _gather(module._pull(uids, pad_pos), inverse)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None, None, None]:
+        ctx.module._stash(ctx.uids, _segment_sum(grad_out, ctx.inverse, ctx.uids.numel()), ctx.pad_pos)
+        return _handle_grad(ctx), None, None, None, None
+
+
+def _dedup(ids: torch.Tensor, sort: bool = False) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(unique ids, int64 inverse with ids' shape, smallest id, largest id) of an
+    int64 CPU tensor. One hash pass in C++: unique ids in order of first
+    appearance (0.17 ms for the benchmark's 16384 ids, ``np.unique`` 0.5-0.8
+    ms); ``sort=True`` sorts them (0.6 ms) so that the inverse is monotone in the ids."""
+    flat = ids.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    n = flat.numel()
+    uids = torch.empty(n, dtype=torch.int64)
+    inverse = torch.empty(ids.shape, dtype=torch.int64)
+    count, lo, hi = _C.embedding_unique(flat.data_ptr(), n, uids.data_ptr(), inverse.data_ptr(), sort)
+    return uids[:count], inverse, lo, hi
+
+
+def _gather(rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``rows[inverse]`` as ``inverse.shape + (dim,)``; rows: contiguous float32 (n_unique, dim)."""
+    dim = rows.shape[1]
+    out = torch.empty(*inverse.shape, dim, dtype=torch.float32)
+    _C.embedding_gather(rows.data_ptr(), inverse.data_ptr(), inverse.numel(), dim, out.data_ptr())
+    return out
+
+
+def _segment_sum(grads: torch.Tensor, inverse: torch.Tensor, n_unique: int) -> torch.Tensor:
+    """``(n_unique, dim)`` float32 sums of the rows of ``grads`` (``inverse.shape + (dim,)``) per
+    ``inverse`` value, in row order from +0.0 (a sequential ``index_add_`` into zeros)."""
+    dim = grads.shape[-1]
+    g = grads.detach().reshape(-1, dim)
+    if g.dtype != torch.float32 or g.device.type != "cpu":
+        g = g.to("cpu", torch.float32)
+    if not g.is_contiguous():
+        g = g.contiguous()
+    assert g.shape[0] == inverse.numel() and inverse.is_contiguous()
+    out = torch.empty(n_unique, dim, dtype=torch.float32)
+    _C.embedding_segment_sum(g.data_ptr(), inverse.data_ptr(), g.shape[0], dim, n_unique, out.data_ptr())
+    return out
 
 
 class _SparseEmbedding(nn.Module):
@@ -212,10 +265,8 @@ class _SparseEmbedding(nn.Module):
         without a row read as their initial value; like a forward, a lookup counts
         as an access for LRU/LFU/TTL eviction.
         """
-        uids, inverse = _dedup(self._check_ids(ids))
-        self._check_range(uids)
-        rows = self._pull(uids, self._pad_pos(uids))
-        return rows.index_select(0, inverse.reshape(-1)).reshape(*inverse.shape, self.embedding_dim)
+        uids, inverse, pad_pos = self._unique(ids)
+        return _gather(self._pull(uids, pad_pos), inverse)
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the table (rows, optimizer state, admission/eviction metadata, step)
@@ -330,35 +381,39 @@ class _SparseEmbedding(nn.Module):
             raise TypeError(f"fastps.nn.{self._kind}: ids must be a dense CPU tensor, got {ids.layout} on {ids.device}")
         return ids if ids.dtype == torch.int64 else ids.to(torch.int64)
 
-    def _check_range(self, uids: torch.Tensor) -> None:
+    def _check_range(self, lo: int, hi: int) -> None:
         n = self.num_embeddings
-        if n is None or uids.numel() == 0:
-            return
-        lo, hi = int(uids[0]), int(uids[-1])
-        if lo < 0 or hi >= n:
+        if n is not None and (lo < 0 or hi >= n):
             raise IndexError(f"fastps.nn.{self._kind}: index {lo if lo < 0 else hi} is out of range "
                              f"[0, {n}) (num_embeddings={n})")
 
     def _pad_pos(self, uids: torch.Tensor) -> Optional[int]:
-        """Position of padding_idx in the sorted unique ids, if the batch holds it."""
-        if self.padding_idx is None or uids.numel() == 0:
+        """Position of padding_idx in the unique ids, if the batch holds it."""
+        if self.padding_idx is None:
             return None
-        pos = int(torch.searchsorted(uids, torch.tensor(self.padding_idx, dtype=torch.int64)))
-        return pos if pos < uids.numel() and int(uids[pos]) == self.padding_idx else None
+        hit = (uids == self.padding_idx).nonzero()
+        return int(hit[0, 0]) if hit.numel() else None
 
-    def _rows(self, input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[int]]:
-        """(rows of the unique ids, inverse index with input's shape, padding position)."""
-        uids, inverse = _dedup(self._check_ids(input))
-        self._check_range(uids)
-        pad_pos = self._pad_pos(uids)
+    # EmbeddingBag sorts its unique ids: torch's embedding_bag backward sums
+    # with an unstable sort of the indices, so only an inverse that is monotone
+    # in the ids sums a repeated id's gradients in the order torch's module does.
+    _sorted_ids = False
+
+    def _unique(self, input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[int]]:
+        """(unique ids, inverse index with input's shape, padding position) of checked ids."""
+        uids, inverse, lo, hi = _dedup(self._check_ids(input), self._sorted_ids)
+        if uids.numel():
+            self._check_range(lo, hi)
+        return uids, inverse, self._pad_pos(uids)
+
+    def _tracked(self) -> bool:
+        """Whether this forward records the lookup for a backward (the handle needs a gradient)."""
         handle = self.sparse_handle
-        if torch.is_grad_enabled() and handle.requires_grad:
-            if self._pending and handle.grad is None:
-                self._missed_step()
-            rows = _PullRows.apply(handle, self, uids, pad_pos)
-        else:
-            rows = self._pull(uids, pad_pos)
-        return rows, inverse, pad_pos
+        if not (torch.is_grad_enabled() and handle.requires_grad):
+            return False
+        if self._pending and handle.grad is None:
+            self._missed_step()
+        return True
 
     def _missed_step(self) -> None:
         raise FastPSError(
@@ -413,9 +468,8 @@ class _SparseEmbedding(nn.Module):
         if len(entries) == 1:
             uids, grads = entries[0]
         else:  # several backward passes: sum per id
-            uids, inverse = _dedup(torch.cat([e[0] for e in entries]))
-            grads = torch.zeros(uids.numel(), self.embedding_dim, dtype=torch.float32)
-            grads.index_add_(0, inverse, torch.cat([e[1] for e in entries]))
+            uids, inverse, _, _ = _dedup(torch.cat([e[0] for e in entries]))
+            grads = _segment_sum(torch.cat([e[1] for e in entries]), inverse, uids.numel())
         b = self._backend
         if b.rule != optim.rule:  # first push, provisional table: it holds no rows
             assert b.step == 0
@@ -469,8 +523,10 @@ class Embedding(_SparseEmbedding):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Rows of ``input`` (int64/int32 ids of any shape) as ``input.shape + (embedding_dim,)``."""
-        rows, inverse, _ = self._rows(input)
-        return rows.index_select(0, inverse.reshape(-1)).reshape(*inverse.shape, self.embedding_dim)
+        uids, inverse, pad_pos = self._unique(input)
+        if self._tracked():
+            return _Lookup.apply(self.sparse_handle, self, uids, inverse, pad_pos)
+        return _gather(self._pull(uids, pad_pos), inverse)
 
 
 class EmbeddingBag(_SparseEmbedding):
@@ -494,6 +550,7 @@ class EmbeddingBag(_SparseEmbedding):
     """
 
     _kind = "EmbeddingBag"
+    _sorted_ids = True
 
     def __init__(self, embedding_dim: int, *, mode: str = "mean", include_last_offset: bool = False,
                  **kwargs: Any) -> None:
@@ -506,7 +563,9 @@ class EmbeddingBag(_SparseEmbedding):
     def forward(self, input: torch.Tensor, offsets: Optional[torch.Tensor] = None,
                 per_sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One reduced row per bag: ``(bags, embedding_dim)``."""
-        rows, inverse, pad_pos = self._rows(input)
+        uids, inverse, pad_pos = self._unique(input)
+        rows = (_PullRows.apply(self.sparse_handle, self, uids, pad_pos) if self._tracked()
+                else self._pull(uids, pad_pos))
         if offsets is not None:
             if not isinstance(offsets, torch.Tensor) or offsets.dtype not in (torch.int64, torch.int32):
                 raise TypeError("fastps.nn.EmbeddingBag: offsets must be an int64 (or int32) tensor")
