@@ -593,3 +593,18 @@ def test_training_is_identical_across_shard_counts(rule_name):
         _train(t, 8, rule, seed=3)
         results.append(pull(t, ids))
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def test_large_table_rows_are_exact_while_pages_are_populated_ahead():
+    """Tables past 4 MiB per shard have the pages of their next rows populated by a
+    background thread (Note [Populating ahead]) while pushes create rows and the pool
+    grows (mremap): every row must still hold exactly init - lr * grad."""
+    t = make(2, dim=64, seed=7)
+    sgd = _C.SparseOptim(_C.SparseRule.SGD, lr=0.5)
+    ids = torch.randperm(90_000, generator=torch.Generator().manual_seed(1)) * 7919 - 10**9
+    init = pull(t, ids)
+    grads = torch.randint(-64, 65, (len(ids), 64), generator=torch.Generator().manual_seed(2)).float() / 16
+    for step, lo in enumerate(range(0, len(ids), 10_000), start=1):
+        push(t, ids[lo:lo + 10_000], grads[lo:lo + 10_000], sgd, step)
+    assert len(t) == len(ids) and t.stats()["memory_bytes"] > 2 * (4 << 20)
+    assert torch.equal(pull(t, ids), init - 0.5 * grads)  # dyadic: exact

@@ -1,4 +1,4 @@
-"""Builds and runs the standalone C++ tests (tests/cpp: transport, shard). Slow: it compiles."""
+"""Builds and runs the standalone C++ tests (tests/cpp: transport, shard, mapped buffer). Slow: it compiles."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def test_cpp_transport_suite(tmp_path):
     subprocess.run(["cmake", "-S", str(ROOT / "tests" / "cpp"), "-B", str(build), *gen], check=True,
                    capture_output=True)
     subprocess.run(["cmake", "--build", str(build)], check=True, capture_output=True)
-    for binary in ("test_transport", "test_shard"):
+    for binary in ("test_transport", "test_shard", "test_mapped_buffer"):
         res = subprocess.run([str(build / binary)], capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
         assert " 0 failed" in res.stdout

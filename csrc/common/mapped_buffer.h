@@ -18,10 +18,28 @@
 //    FASTPS_HUGE_PAGES=0 turns the advice off. Measured (bench/README.md):
 //    rows of a warm 1M-row table are pulled and pushed ~15% faster, while
 //    creating rows costs ~15% more (a fault clears 2 MiB at once).
+//
+// Note [Populating ahead]
+// Even with the faults batched, a table that keeps meeting new ids spends most
+// of a push beyond a warm one in the kernel clearing the pages of its new rows
+// (`clear_page_erms` and the fault path were ~40% of a cold push's samples;
+// with the pages populated before the push, a cold Adam push of the benchmark's
+// batches took 1.4 ms instead of 2.3-3.2). populate_async() hands that work to
+// one process-wide background thread, which backs a range with pages by
+// madvise(MADV_POPULATE_WRITE) (Linux 5.14+; where the kernel lacks it the
+// thread stops asking) while the table's owner does something else: the rows
+// a push creates next are then already backed. It never writes the memory, so
+// it cannot race with the owner's writes; the mapping itself (address, size)
+// is shared with the thread under a mutex that grow() and the destructor also
+// take, 2 MiB at a time, so a grow waits at most one such piece.
+// FASTPS_PREFAULT=0 turns it off. The cost: up to the window of populated,
+// not yet used memory per buffer (RowPool: <= 16 MiB).
+//
 // Not thread-safe; one owner (the shard thread of its table).
 #pragma once
 
 #include <cstddef>
+#include <memory>
 
 namespace fastps {
 
@@ -45,10 +63,28 @@ class MappedBuffer {
   unsigned char* data() const { return data_; }
   size_t size() const { return size_; }
 
+  // Asks the background thread to back bytes [from, to) (clamped to the
+  // buffer, widened to whole pages) with memory now; returns at once. A hint:
+  // contents never change, and it may be dropped (Note [Populating ahead]).
+  void populate_async(size_t from, size_t to);
+
+  // The mapping as the background thread sees it (defined in the .cc).
+  struct Shared;
+
  private:
   void advise();
+  void release();  // unmaps (under shared_'s mutex)
+  void publish();  // tells shared_ (if any) where the mapping is now; under its mutex
   unsigned char* data_ = nullptr;
   size_t size_ = 0;
+  std::shared_ptr<Shared> shared_;  // created by the first populate_async()
 };
+
+// Whether populate_async() does anything here (FASTPS_PREFAULT and the
+// kernel's support, as far as known so far).
+bool populate_ahead_enabled();
+
+// Waits until the background thread has no request left (tests and benchmarks).
+void populate_ahead_drain();
 
 }  // namespace fastps

@@ -35,6 +35,10 @@ constexpr char kEndMagic[8] = {'F', 'P', 'S', 'S', 'P', 'E', 'N', 'D'};
 constexpr uint32_t kFileVersion = 1;
 constexpr uint32_t kHeaderBytes = 128;
 constexpr int64_t kMinPoolRows = 64;
+// Populated-ahead window of a row pool (Note [Populating ahead]): twice the
+// rows the last push made room for, within these bounds.
+constexpr size_t kPopulateMin = size_t{2} << 20;
+constexpr size_t kPopulateMax = size_t{16} << 20;
 constexpr int64_t kSlotAhead = 16;  // Note "Lookahead" in sparse_table.h
 constexpr int64_t kRowAhead = 4;
 constexpr size_t kWriteBuffer = 1 << 20;
@@ -216,20 +220,37 @@ RowPool::RowPool(int64_t row_bytes, int64_t max_rows) : row_bytes_(row_bytes), m
 }
 
 void RowPool::reserve(int64_t n) {
-  int64_t needed = high_water_ + std::max<int64_t>(0, n - static_cast<int64_t>(free_.size()));
+  const int64_t fresh = std::max<int64_t>(0, n - static_cast<int64_t>(free_.size()));
+  int64_t needed = high_water_ + fresh;
   // At max_rows_ live rows a new one reuses an evicted row: no more are ever handed out.
   if (max_rows_ > 0) needed = std::max(high_water_ + 1, std::min(needed, max_rows_));
-  if (needed <= capacity_) return;
-  int64_t cap = std::max<int64_t>({needed, 2 * capacity_, kMinPoolRows});
-  if (max_rows_ > 0) cap = std::max(needed, std::min(cap, max_rows_));
-  try {
-    buf_.grow(static_cast<size_t>(cap) * static_cast<size_t>(row_bytes_));
-  } catch (const std::bad_alloc&) {
-    if (cap == needed) throw;
-    cap = needed;  // no room to double: grow by what this call needs only
-    buf_.grow(static_cast<size_t>(cap) * static_cast<size_t>(row_bytes_));
+  if (needed > capacity_) {
+    int64_t cap = std::max<int64_t>({needed, 2 * capacity_, kMinPoolRows});
+    if (max_rows_ > 0) cap = std::max(needed, std::min(cap, max_rows_));
+    try {
+      buf_.grow(static_cast<size_t>(cap) * static_cast<size_t>(row_bytes_));
+    } catch (const std::bad_alloc&) {
+      if (cap == needed) throw;
+      cap = needed;  // no room to double: grow by what this call needs only
+      buf_.grow(static_cast<size_t>(cap) * static_cast<size_t>(row_bytes_));
+    }
+    capacity_ = cap;
   }
-  capacity_ = cap;
+  populate_ahead(fresh);
+}
+
+void RowPool::populate_ahead(int64_t fresh) {
+  // Note [Populating ahead]: the rows after the `fresh` ones this call makes
+  // room for are the next calls' new rows; have their pages backed meanwhile.
+  // Small pools fault rarely: left alone.
+  if (buf_.size() < MappedBuffer::kHugePageFrom) return;
+  const size_t row = static_cast<size_t>(row_bytes_);
+  const size_t next = static_cast<size_t>(high_water_ + fresh) * row;
+  const size_t window = std::clamp(2 * static_cast<size_t>(fresh) * row, kPopulateMin, kPopulateMax);
+  const size_t want = std::min(next + window, buf_.size());
+  if (want <= populated_) return;
+  buf_.populate_async(std::max(populated_, next), want);
+  populated_ = want;
 }
 
 int64_t RowPool::allocate() {

@@ -230,10 +230,13 @@ class RowPool {
   int64_t memory_bytes() const;
 
  private:
+  void populate_ahead(int64_t fresh);
+
   int64_t row_bytes_;
   int64_t max_rows_;
   int64_t capacity_ = 0;    // rows the mapping holds
   int64_t high_water_ = 0;  // rows ever handed out
+  size_t populated_ = 0;    // bytes asked to be populated (Note [Populating ahead])
   MappedBuffer buf_;
   std::vector<int64_t> free_;
 };
