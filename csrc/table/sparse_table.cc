@@ -603,8 +603,6 @@ void SparseTable::load_pending(int64_t id, uint64_t count) {
 // ---------------------------------------------------------------- files
 
 namespace {
-std::string errno_text() { return std::strerror(errno); }
-
 std::string dir_of(const std::string& path) {
   const size_t slash = path.find_last_of('/');
   if (slash == std::string::npos) return ".";
@@ -620,7 +618,7 @@ SparseFileWriter::SparseFileWriter(const std::string& path) : path_(path) {
   tmp_ = path + ".tmp." + std::to_string(::getpid()) + "." +
          std::to_string(g_tmp_counter.fetch_add(1, std::memory_order_relaxed));
   fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  FASTPS_CHECK_TYPED(CheckpointError, fd_ >= 0, "fastps: cannot create ", tmp_, ": ", errno_text());
+  FASTPS_CHECK_TYPED(CheckpointError, fd_ >= 0, "fastps: cannot create ", tmp_, ": ", errno_text(errno));
   buf_.reserve(kWriteBuffer);
 }
 
@@ -635,7 +633,7 @@ void SparseFileWriter::flush() {
   while (left > 0) {
     const ssize_t w = ::write(fd_, p, left);
     if (w < 0 && errno == EINTR) continue;
-    FASTPS_CHECK_TYPED(CheckpointError, w > 0, "fastps: writing ", tmp_, " failed: ", errno_text());
+    FASTPS_CHECK_TYPED(CheckpointError, w > 0, "fastps: writing ", tmp_, " failed: ", errno_text(errno));
     p += w;
     left -= static_cast<size_t>(w);
   }
@@ -660,29 +658,29 @@ void SparseFileWriter::commit() {
   const Sha256Digest digest = sha_.finish();
   buf_.insert(buf_.end(), digest.begin(), digest.end());  // the digest is not hashed
   flush();
-  FASTPS_CHECK_TYPED(CheckpointError, ::fsync(fd_) == 0, "fastps: fsync of ", tmp_, " failed: ", errno_text());
+  FASTPS_CHECK_TYPED(CheckpointError, ::fsync(fd_) == 0, "fastps: fsync of ", tmp_, " failed: ", errno_text(errno));
   const int fd = fd_;
   fd_ = -1;
-  FASTPS_CHECK_TYPED(CheckpointError, ::close(fd) == 0, "fastps: closing ", tmp_, " failed: ", errno_text());
+  FASTPS_CHECK_TYPED(CheckpointError, ::close(fd) == 0, "fastps: closing ", tmp_, " failed: ", errno_text(errno));
   FASTPS_CHECK_TYPED(CheckpointError, ::rename(tmp_.c_str(), path_.c_str()) == 0, "fastps: renaming ", tmp_,
-                     " to ", path_, " failed: ", errno_text());
+                     " to ", path_, " failed: ", errno_text(errno));
   committed_ = true;
   const std::string dir = dir_of(path_);
   const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  FASTPS_CHECK_TYPED(CheckpointError, dfd >= 0, "fastps: cannot open directory ", dir, ": ", errno_text());
+  FASTPS_CHECK_TYPED(CheckpointError, dfd >= 0, "fastps: cannot open directory ", dir, ": ", errno_text(errno));
   const int rc = ::fsync(dfd);
   const int saved = errno;
   ::close(dfd);
   errno = saved;
-  FASTPS_CHECK_TYPED(CheckpointError, rc == 0, "fastps: fsync of directory ", dir, " failed: ", errno_text());
+  FASTPS_CHECK_TYPED(CheckpointError, rc == 0, "fastps: fsync of directory ", dir, " failed: ", errno_text(errno));
 }
 
 SparseFileReader::SparseFileReader(const std::string& path) : path_(path) {
   f_ = std::fopen(path.c_str(), "rb");
-  FASTPS_CHECK_TYPED(CheckpointError, f_ != nullptr, "fastps: cannot open ", path, ": ", errno_text());
+  FASTPS_CHECK_TYPED(CheckpointError, f_ != nullptr, "fastps: cannot open ", path, ": ", errno_text(errno));
   struct stat st;
   FASTPS_CHECK_TYPED(CheckpointError, ::fstat(::fileno(f_), &st) == 0, "fastps: cannot stat ", path, ": ",
-                     errno_text());
+                     errno_text(errno));
   const uint64_t size = static_cast<uint64_t>(st.st_size);
   const uint64_t trailer = sizeof(kEndMagic) + kSha256DigestSize;
   FASTPS_CHECK_TYPED(CheckpointError, size >= kHeaderBytes + trailer, "fastps: ", path,
@@ -698,7 +696,7 @@ void SparseFileReader::read(void* data, size_t n) {
   FASTPS_CHECK_TYPED(CheckpointError, n <= remaining(), "fastps: ", path_,
                      " is truncated or corrupt (a record runs past the end of the data)");
   FASTPS_CHECK_TYPED(CheckpointError, std::fread(data, 1, n, f_) == n, "fastps: reading ", path_,
-                     " failed: ", errno_text());
+                     " failed: ", errno_text(errno));
   sha_.update(data, n);
   pos_ += n;
 }
