@@ -260,3 +260,50 @@ def test_unreachable_server_is_a_connection_error():
 def test_client_outside_a_job_explains():
     with pytest.raises(fastps.InvalidArgumentError, match="torchrun"):
         fastps.Client()
+
+
+def test_local_requests_queued_behind_a_busy_shard_use_their_own_data():
+    """A colocated server's shards run small local requests inline when idle, and
+    queue them behind work otherwise; a queued request must not read anything of
+    the caller's call frame (an earlier bug: the optimizer config of a gradient-less
+    push was read from PsClient::push's dead stack). Each small key gets its own
+    lr, so a config read from a reused frame shows as wrong values."""
+    server = _C.PsServer(0, 1, num_shards=2, secret="s")
+    client = _C.PsClient(0, secret="s", timeout_s=30, chunk_bytes=1 << 20)
+    client.connect([("127.0.0.1", server.port)])
+    client.attach_local(server, 0)
+    assert client.server_paths() == ["local"]
+
+    def adam(lr: float):
+        h = _C.OptimHyper()
+        h.kind, h.lr, h.beta1, h.beta2, h.eps = _C.OptimKind.ADAM, lr, 0.9, 0.999, 1e-8
+        return h
+
+    big_n, keys, n = 8 << 20, range(2, 18), 64
+    big = torch.zeros(big_n)
+    client.register_dense(1, big_n, False, adam(1e-3), big.data_ptr()).wait()
+    gen = torch.Generator().manual_seed(3)
+    init = {k: torch.randn(n, generator=gen) for k in keys}
+    for k in keys:
+        client.register_dense(k, n, False, adam(0.01 * k), init[k].data_ptr()).wait()
+    ref = {k: torch.nn.Parameter(init[k].clone()) for k in keys}
+    ropt = {k: torch.optim.Adam([ref[k]], lr=0.01 * k, eps=1e-8) for k in keys}
+    big_grad = torch.ones(big_n)
+    queued = 0
+    for step in range(1, 4):
+        grads = {k: torch.randn(n, generator=gen) for k in keys}
+        skip = {k for k in keys if (k + step) % 3 == 0}  # no gradient this step: a config-only push
+        busy = client.push(1, big_grad.data_ptr(), adam(1e-3), step)
+        futures = [client.push(k, 0 if k in skip else grads[k].data_ptr(), adam(0.01 * k), step) for k in keys]
+        queued += sum(not f.done() for f in futures)
+        busy.wait()
+        for f in futures:
+            f.wait()
+        for k in keys:
+            ref[k].grad = None if k in skip else grads[k].clone()
+            ropt[k].step()
+    assert queued > 0  # the precondition: some requests did wait behind the big one
+    for k in keys:
+        out = torch.empty(n)
+        client.pull(k, out.data_ptr(), 0).wait()
+        torch.testing.assert_close(out, ref[k].detach(), rtol=1e-6, atol=1e-6)
