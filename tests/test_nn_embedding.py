@@ -302,6 +302,47 @@ def test_worker_side_unique_gather_and_segment_sum(case):
     assert torch.equal(_segment_sum(g64, inv, u.numel()), want)
 
 
+def test_gradient_penalty_with_create_graph_over_all_parameters():
+    """torch.autograd.grad(..., create_graph=True) over model.parameters() (a gradient
+    penalty) differentiates the handle's constant gradient again: that must work, and
+    the rows' gradients of both passes are stashed for the step."""
+    for emb in (fastps.nn.Embedding(4, seed=1), fastps.nn.EmbeddingBag(4, mode="sum", seed=1)):
+        lin = nn.Linear(4, 1)
+        model = nn.Sequential(emb, lin)
+        ids = torch.tensor([[1, 2, 2]]) if isinstance(emb, fastps.nn.EmbeddingBag) else torch.tensor([1, 2, 2])
+        loss = model(ids).pow(2).sum()
+        grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+        assert grads[0].numel() == 0  # the handle's
+        sum(g.pow(2).sum() for g in grads).backward()
+        assert lin.weight.grad is not None and len(emb._pending) == 2  # both passes stashed
+        opt = fastps.optim.SGD(model.parameters(), lr=0.1)
+        before = emb.lookup(torch.tensor([1, 2]))
+        opt.step()
+        assert not torch.equal(emb.lookup(torch.tensor([1, 2])), before)
+
+
+@pytest.mark.parametrize("kw", [dict(max_rows=12, eviction="lru"), dict(max_rows=12, eviction="lfu"),
+                                dict(admit_threshold=2, max_pending=6)])
+def test_eviction_and_admission_do_not_depend_on_the_order_of_ids_in_a_batch(kw):
+    """Under eviction or admission, which rows are created, evicted or admitted
+    depends on the order of the ids the table is given: the module sorts them
+    then, so a batch and its reversal train identically."""
+    gen = torch.Generator().manual_seed(8)
+    a, b = fastps.nn.Embedding(D, seed=2, **kw), fastps.nn.Embedding(D, seed=2, **kw)
+    oa, ob = fastps.optim.Adagrad(a.parameters(), lr=0.1), fastps.optim.Adagrad(b.parameters(), lr=0.1)
+    for _ in range(12):
+        ids = torch.randint(0, 30, (25,), generator=gen)
+        g = torch.randn(25, D, generator=gen)
+        a(ids).backward(g)
+        b(ids.flip(0)).backward(g.flip(0))
+        oa.step()
+        ob.step()
+        _zero(oa, ob)
+    every = torch.arange(30)
+    assert a.stats()["admitted"] == b.stats()["admitted"] and a.stats()["evicted"] == b.stats()["evicted"]
+    torch.testing.assert_close(a.lookup(every), b.lookup(every), rtol=1e-6, atol=1e-6)
+
+
 def test_bad_ids_raise_type_error_and_out_of_range_index_error():
     emb = fastps.nn.Embedding(4, num_embeddings=10)
     for bad in (torch.tensor([1.0, 2.0]), torch.tensor([True]), torch.tensor([1], dtype=torch.int16), [1, 2]):

@@ -15,6 +15,7 @@
 #include <deque>
 #include <mutex>
 #include <new>
+#include <system_error>
 #include <thread>
 #include <utility>
 
@@ -78,7 +79,12 @@ class Populator {
     std::lock_guard<std::mutex> g(mu_);
     if (jobs_.size() >= kMaxJobs) return;  // a hint: dropped
     if (!started_) {
-      std::thread([this] { run(); }).detach();
+      try {
+        std::thread([this] { run(); }).detach();
+      } catch (const std::system_error&) {  // no thread to be had (a pids limit): populate nothing
+        g_populate_supported.store(false, std::memory_order_relaxed);
+        return;
+      }
       started_ = true;
     }
     jobs_.push_back(Job{std::move(s), from, to});
@@ -151,11 +157,20 @@ class Populator {
   }
   void after_fork(bool child) {
     forking_ = false;
-    if (child) {  // no thread here: forget it and the parent's queue
+    if (child) {
+      // No thread here: forget it and the parent's queue. The condition
+      // variables may still count waiters that were parent threads (an idle
+      // populator, a drain()); glibc would wait for them on the next notify,
+      // forever. So the child gets new ones (nothing of this process waits on
+      // the old ones: it has only the forking thread).
       started_ = false;
       busy_ = false;
       in_piece_ = false;
       jobs_.clear();
+      new (&work_cv_) std::condition_variable();
+      new (&idle_cv_) std::condition_variable();
+      mu_.unlock();
+      return;
     }
     mu_.unlock();
     work_cv_.notify_all();
@@ -238,12 +253,16 @@ void MappedBuffer::grow(size_t bytes) {
 
 void MappedBuffer::populate_async(size_t from, size_t to) {
   if (data_ == nullptr || from >= to || !populate_ahead_enabled()) return;
-  if (!shared_) {
-    shared_ = std::make_shared<Shared>();
-    std::lock_guard<std::mutex> g(shared_->mu);
-    publish();
+  try {
+    if (!shared_) {
+      shared_ = std::make_shared<Shared>();
+      std::lock_guard<std::mutex> g(shared_->mu);
+      publish();
+    }
+    Populator::get().request(shared_, from, to);
+  } catch (const std::bad_alloc&) {
+    // A hint: without memory for the request the pages fault in as before.
   }
-  Populator::get().request(shared_, from, to);
 }
 
 void MappedBuffer::publish() {

@@ -32,8 +32,10 @@
 // it cannot race with the owner's writes; the mapping itself (address, size)
 // is shared with the thread under a mutex that grow() and the destructor also
 // take, 2 MiB at a time, so a grow waits at most one such piece.
-// FASTPS_PREFAULT=0 turns it off. The cost: up to the window of populated,
-// not yet used memory per buffer (RowPool: <= 16 MiB).
+// FASTPS_PREFAULT=0 turns it off. The cost: populated, not yet used memory,
+// per row pool (one per table and shard) up to twice the bytes of the rows
+// the last push could have created, within 2-16 MiB; `memory_bytes` in a
+// table's stats does not count it.
 //
 // Not thread-safe; one owner (the shard thread of its table).
 #pragma once

@@ -6,12 +6,22 @@
 #include <utility>
 #include <vector>
 
+#include "common/error.h"
 #include "common/hash.h"
 #include "common/prefetch.h"
 
 namespace fastps {
 
 namespace {
+
+// Per-thread scratch buffers grow with the largest batch seen; beyond this
+// size they are released after use rather than kept for the thread's life.
+constexpr size_t kKeepScratchBytes = size_t{16} << 20;
+
+template <typename T>
+void trim(std::vector<T>& v) {
+  if (v.capacity() * sizeof(T) > kKeepScratchBytes) std::vector<T>().swap(v);
+}
 
 // Sorts keys[0, count) ascending and sets rank[k] = the new position of the
 // key that was at k. LSD radix sort on the 8 bytes of the order-preserving
@@ -45,6 +55,8 @@ void sort_with_positions(int64_t* keys, int64_t count, int64_t* rank) {
     keys[k] = static_cast<int64_t>(a[k].first ^ kSign);
     rank[a[k].second] = k;
   }
+  trim(a);
+  trim(b);
 }
 
 }  // namespace
@@ -53,8 +65,8 @@ UniqueResult unique_inverse(const int64_t* ids, int64_t n, int64_t* uids, int64_
   UniqueResult r;
   if (n <= 0) return r;
   // Open addressing at <= 50% load; a slot holds the position in uids + 1 (0:
-  // empty). The scratch is per thread and grows only, so a steady batch size
-  // allocates once.
+  // empty). The scratch is per thread, so a steady batch size allocates once.
+  FASTPS_CHECK(n < int64_t{1} << 31, "fastps.nn: ", n, " ids in one call; at most 2^31 - 1 are supported");
   uint64_t cap = 16;
   while (cap < 2 * static_cast<uint64_t>(n)) cap <<= 1;
   thread_local std::vector<uint32_t> slots;
@@ -90,7 +102,9 @@ UniqueResult unique_inverse(const int64_t* ids, int64_t n, int64_t* uids, int64_
     rank.resize(count);
     sort_with_positions(uids, count, rank.data());
     for (int64_t i = 0; i < n; ++i) inverse[i] = rank[inverse[i]];
+    trim(rank);
   }
+  trim(slots);
   r.count = count;
   r.min = lo;
   r.max = hi;

@@ -88,16 +88,42 @@ void test_owner_grows_and_destroys_during_population() {
   check(ok, "contents survive grows with population in flight");
 }
 
-void test_forked_child_can_populate() {
+// A grow (maybe moving the mapping) then a request past the old end: the
+// thread must populate the new address (it would fail on a stale one).
+void test_populates_after_grow() {
+  const size_t mib = size_t{1} << 20;
+  MappedBuffer b(8 * mib);
+  b.populate_async(0, 4 * mib);
+  populate_ahead_drain();
+  MappedBuffer spacer(2 * mib);  // occupies the address after b, so that growing b moves it
+  spacer.data()[0] = 1;
+  const unsigned char* before = b.data();
+  b.grow(64 * mib);
+  b.populate_async(32 * mib, 48 * mib);
+  populate_ahead_drain();
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  if (populate_ahead_enabled())
+    check(resident_pages(b.data() + 32 * mib, 16 * mib) == 16 * mib / page,
+          b.data() != before ? "window populated at the moved address" : "window populated after grow");
+}
+
+// fork() with the thread idle (parked on its condition variable) or busy; the
+// child asks several times and drains each time, then exits.
+void test_forked_child_can_populate(bool busy) {
   const size_t mib = size_t{1} << 20;
   MappedBuffer parent(32 * mib);
-  parent.populate_async(0, parent.size());  // keep the thread busy around fork()
+  parent.populate_async(0, parent.size());
+  if (!busy) populate_ahead_drain();
   const pid_t pid = ::fork();
   if (pid == 0) {
     MappedBuffer b(16 * mib);
-    b.populate_async(0, b.size());
+    for (int i = 0; i < 8; ++i) {
+      b.populate_async(i * mib, (i + 1) * mib);
+      populate_ahead_drain();  // would hang on a parent's thread or a parent's waiter
+    }
     b.grow(32 * mib);
-    populate_ahead_drain();  // would hang if the parent's thread were expected here
+    b.populate_async(16 * mib, 32 * mib);
+    populate_ahead_drain();
     b.data()[b.size() - 1] = 1;
     ::_exit(0);
   }
@@ -108,7 +134,8 @@ void test_forked_child_can_populate() {
     if (!exited) ::usleep(100000);
   }
   if (!exited) ::kill(pid, SIGKILL), ::waitpid(pid, &status, 0);
-  check(exited && WIFEXITED(status) && WEXITSTATUS(status) == 0, "forked child populates and exits");
+  check(exited && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+        busy ? "forked child populates (thread busy at fork)" : "forked child populates (thread idle at fork)");
   populate_ahead_drain();
 }
 
@@ -117,7 +144,9 @@ void test_forked_child_can_populate() {
 int main() {
   test_populates_without_changing_contents();
   test_owner_grows_and_destroys_during_population();
-  test_forked_child_can_populate();
+  test_populates_after_grow();
+  test_forked_child_can_populate(true);
+  test_forked_child_can_populate(false);
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

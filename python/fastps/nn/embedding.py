@@ -39,7 +39,6 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from .. import _C
 from ..errors import FastPSError, InvalidArgumentError
@@ -88,15 +87,20 @@ class _PullRows(torch.autograd.Function):
     def forward(ctx: Any, handle: torch.Tensor, module: "_SparseEmbedding", uids: torch.Tensor,
                 pad_pos: Optional[int]) -> torch.Tensor:
         ctx.module = module
-        ctx.uids = uids
+        ctx.save_for_backward(uids)
         ctx.pad_pos = pad_pos
         ctx.handle_dtype = handle.dtype
         return module._pull(uids, pad_pos)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_rows: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None, None]:
-        ctx.module._stash(ctx.uids, grad_rows, ctx.pad_pos)
+        # Not once_differentiable: under create_graph (a gradient penalty over
+        # model.parameters()) the handle's constant gradient must stay usable.
+        # The rows' gradient leaves the graph here (the table has no second
+        # derivative), so no_grad.
+        (uids,) = ctx.saved_tensors
+        with torch.no_grad():
+            ctx.module._stash(uids, grad_rows, ctx.pad_pos)
         return _handle_grad(ctx), None, None, None
 
 
@@ -107,36 +111,48 @@ class _Lookup(torch.autograd.Function):
     def forward(ctx: Any, handle: torch.Tensor, module: "_SparseEmbedding", uids: torch.Tensor,
                 inverse: torch.Tensor, pad_pos: Optional[int]) -> torch.Tensor:
         ctx.module = module
-        ctx.uids = uids
-        ctx.inverse = inverse
+        ctx.save_for_backward(uids, inverse)
         ctx.pad_pos = pad_pos
         ctx.handle_dtype = handle.dtype
         return _gather(module._pull(uids, pad_pos), inverse)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None, None, None]:
-        ctx.module._stash(ctx.uids, _segment_sum(grad_out, ctx.inverse, ctx.uids.numel()), ctx.pad_pos)
+        uids, inverse = ctx.saved_tensors  # see _PullRows.backward
+        with torch.no_grad():
+            ctx.module._stash(uids, _segment_sum(grad_out, inverse, uids.numel()), ctx.pad_pos)
         return _handle_grad(ctx), None, None, None, None
+
+
+def _native(t: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    # Internal contract of the C++ loops (they trust the pointers they get).
+    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+        raise FastPSError(f"fastps.nn internal error: {what} must be a contiguous {dtype} CPU tensor, got "
+                          f"{t.dtype} on {t.device}, contiguous={t.is_contiguous()}")
 
 
 def _dedup(ids: torch.Tensor, sort: bool = False) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
     """(unique ids, int64 inverse with ids' shape, smallest id, largest id) of an
     int64 CPU tensor. One hash pass in C++: unique ids in order of first
-    appearance (0.17 ms for the benchmark's 16384 ids, ``np.unique`` 0.5-0.8
-    ms); ``sort=True`` sorts them (0.6 ms) so that the inverse is monotone in the ids."""
+    appearance (0.17 ms for the benchmark's 16384 ids, ``np.unique`` 0.5-0.6
+    ms); ``sort=True`` sorts them (0.28 ms), so that the inverse is monotone in
+    the ids and their order does not depend on the order of the batch."""
     flat = ids.reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()
+    _native(flat, torch.int64, "ids")
     n = flat.numel()
     uids = torch.empty(n, dtype=torch.int64)
     inverse = torch.empty(ids.shape, dtype=torch.int64)
     count, lo, hi = _C.embedding_unique(flat.data_ptr(), n, uids.data_ptr(), inverse.data_ptr(), sort)
-    return uids[:count], inverse, lo, hi
+    # A copy when the batch repeats ids: the slice alone would keep all n slots alive.
+    return (uids[:count].clone() if count < n // 2 else uids[:count]), inverse, lo, hi
 
 
 def _gather(rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """``rows[inverse]`` as ``inverse.shape + (dim,)``; rows: contiguous float32 (n_unique, dim)."""
+    _native(rows, torch.float32, "rows")
+    _native(inverse, torch.int64, "inverse")
     dim = rows.shape[1]
     out = torch.empty(*inverse.shape, dim, dtype=torch.float32)
     _C.embedding_gather(rows.data_ptr(), inverse.data_ptr(), inverse.numel(), dim, out.data_ptr())
@@ -152,7 +168,9 @@ def _segment_sum(grads: torch.Tensor, inverse: torch.Tensor, n_unique: int) -> t
         g = g.to("cpu", torch.float32)
     if not g.is_contiguous():
         g = g.contiguous()
-    assert g.shape[0] == inverse.numel() and inverse.is_contiguous()
+    _native(inverse, torch.int64, "inverse")
+    if g.shape[0] != inverse.numel():
+        raise FastPSError(f"fastps.nn internal error: {g.shape[0]} gradient rows for {inverse.numel()} ids")
     out = torch.empty(n_unique, dim, dtype=torch.float32)
     _C.embedding_segment_sum(g.data_ptr(), inverse.data_ptr(), g.shape[0], dim, n_unique, out.data_ptr())
     return out
@@ -394,10 +412,17 @@ class _SparseEmbedding(nn.Module):
         hit = (uids == self.padding_idx).nonzero()
         return int(hit[0, 0]) if hit.numel() else None
 
-    # EmbeddingBag sorts its unique ids: torch's embedding_bag backward sums
-    # with an unstable sort of the indices, so only an inverse that is monotone
-    # in the ids sums a repeated id's gradients in the order torch's module does.
-    _sorted_ids = False
+    @property
+    def _sorted_ids(self) -> bool:
+        """Whether the batch's unique ids are sorted (else: in order of first appearance).
+
+        Sorted where their order can change results: a table that evicts or
+        admits picks victims and creates rows in the order of the ids it is
+        given, and sorted ids make that independent of the order of the batch.
+        EmbeddingBag always sorts (see its class attribute).
+        """
+        s = self._spec
+        return (s.eviction is not None and s.eviction != _C.SparseEviction.NONE) or s.admit_threshold > 1
 
     def _unique(self, input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[int]]:
         """(unique ids, inverse index with input's shape, padding position) of checked ids."""
@@ -468,7 +493,7 @@ class _SparseEmbedding(nn.Module):
         if len(entries) == 1:
             uids, grads = entries[0]
         else:  # several backward passes: sum per id
-            uids, inverse, _, _ = _dedup(torch.cat([e[0] for e in entries]))
+            uids, inverse, _, _ = _dedup(torch.cat([e[0] for e in entries]), self._sorted_ids)
             grads = _segment_sum(torch.cat([e[1] for e in entries]), inverse, uids.numel())
         b = self._backend
         if b.rule != optim.rule:  # first push, provisional table: it holds no rows
@@ -550,7 +575,10 @@ class EmbeddingBag(_SparseEmbedding):
     """
 
     _kind = "EmbeddingBag"
-    _sorted_ids = True
+    # torch's embedding_bag backward sums with an unstable sort of the indices,
+    # so only an inverse that is monotone in the ids sums a repeated id's
+    # gradients in the order torch's module does (bit-exact parity).
+    _sorted_ids = True  # type: ignore[assignment]
 
     def __init__(self, embedding_dim: int, *, mode: str = "mean", include_last_offset: bool = False,
                  **kwargs: Any) -> None:
