@@ -206,6 +206,15 @@ void bind_sparse(py::module_& m) {
       "Unique ids of ids[0, n) (ascending if sorted, else in order of first appearance) into uids (room "
       "for n) and each id's position there into inverse; returns (count, min id, max id).");
   m.def(
+      "embedding_chains",
+      [](uintptr_t inverse, int64_t n, int64_t n_unique, uintptr_t first, uintptr_t next) {
+        py::gil_scoped_release release;
+        embedding_chains(as_ptr<const int64_t>(inverse), n, n_unique, as_ptr<int64_t>(first),
+                         as_ptr<int64_t>(next));
+      },
+      py::arg("inverse"), py::arg("n"), py::arg("n_unique"), py::arg("first"), py::arg("next"),
+      "Each unique id's positions as a chain: first[u] (n_unique int64), next[i] (n int64), -1 ends.");
+  m.def(
       "embedding_gather",
       [](uintptr_t rows, uintptr_t inverse, int64_t n, int64_t dim, uintptr_t out) {
         py::gil_scoped_release release;
@@ -274,6 +283,15 @@ void bind_sparse(py::module_& m) {
           },
           py::arg("ids"), py::arg("n"), py::arg("out"),
           "Rows of n int64 ids into out (n x dim float32); never creates rows.")
+      .def(
+          "pull_scatter",
+          [](ShardedSparseTable& t, uintptr_t ids, int64_t n, uintptr_t first, uintptr_t next, uintptr_t out) {
+            py::gil_scoped_release release;
+            t.pull_scatter(as_ptr<const int64_t>(ids), n, as_ptr<const int64_t>(first),
+                           as_ptr<const int64_t>(next), as_ptr<float>(out));
+          },
+          py::arg("ids"), py::arg("n"), py::arg("first"), py::arg("next"), py::arg("out"),
+          "pull() with the row of ids[i] written to rows first[i], next[first[i]], ... (-1 ends) of out.")
       .def(
           "push",
           [](ShardedSparseTable& t, uintptr_t ids, int64_t n, uintptr_t grads, const SparseOptim& rule,

@@ -302,6 +302,28 @@ def test_worker_side_unique_gather_and_segment_sum(case):
     assert torch.equal(_segment_sum(g64, inv, u.numel()), want)
 
 
+@pytest.mark.parametrize("kw", [{}, dict(eviction="ttl", ttl_steps=1, max_rows=100)])
+def test_pull_straight_into_the_output_equals_pull_then_gather(kw):
+    """The embedded table writes each unique row to all its positions in the output
+    (pull_scatter); it must equal pulling the unique rows and gathering them, for
+    rows with values, rows read as initial values, and (TTL) rows expiring on lookup."""
+    from fastps.nn.embedding import _dedup, _gather
+
+    emb = fastps.nn.Embedding(5, seed=3, **kw)
+    opt = fastps.optim.SGD(emb.parameters(), lr=0.5)
+    emb(torch.tensor([1, 2, 3])).sum().backward()
+    opt.step()
+    for _ in range(3 if kw else 0):  # TTL: age rows 1-3 past their ttl
+        emb(torch.tensor([40])).sum().backward()
+        opt.step()
+    ids = torch.tensor([[3, 9, 3, 1], [7, 7, 2, 9]])
+    uids, inverse, _, _ = _dedup(ids)
+    want = _gather(emb._pull(uids, None), inverse)
+    got = emb._lookup_rows(uids, inverse, None)
+    assert got.shape == (2, 4, 5) and torch.equal(got, want)
+    assert torch.equal(emb(ids), want)
+
+
 def test_gradient_penalty_with_create_graph_over_all_parameters():
     """torch.autograd.grad(..., create_graph=True) over model.parameters() (a gradient
     penalty) differentiates the handle's constant gradient again: that must work, and

@@ -70,25 +70,44 @@ std::shared_ptr<std::vector<std::vector<int64_t>>> ShardedSparseTable::route(con
   return index;
 }
 
-void ShardedSparseTable::pull(const int64_t* ids, int64_t n, float* out) {
+template <typename F>
+void ShardedSparseTable::each_shard(const int64_t* ids, int64_t n, const char* what, F body) {
   FASTPS_CHECK(n >= 0, "fastps: negative id count ", n);
   if (n == 0) return;
-  FASTPS_CHECK(ids != nullptr && out != nullptr, "fastps: pull() got a null buffer");
+  FASTPS_CHECK(ids != nullptr, "fastps: a sparse call got a null id buffer");
   const int64_t step = step_.load(std::memory_order_acquire);
   std::vector<ShardFn> fns(tables_.size());
   if (tables_.size() == 1) {
-    fns[0] = [=](SparseTable& t) { t.pull(ids, nullptr, n, out, step); };
+    fns[0] = [=](SparseTable& t) { body(t, nullptr, n, step); };
   } else {
     auto index = route(ids, n);
     for (size_t s = 0; s < fns.size(); ++s) {
       if ((*index)[s].empty()) continue;
       fns[s] = [=](SparseTable& t) {
         const std::vector<int64_t>& idx = (*index)[s];
-        t.pull(ids, idx.data(), static_cast<int64_t>(idx.size()), out, step);
+        body(t, idx.data(), static_cast<int64_t>(idx.size()), step);
       };
     }
   }
-  run(std::move(fns), "sparse pull on the embedded server");
+  run(std::move(fns), what);
+}
+
+void ShardedSparseTable::pull(const int64_t* ids, int64_t n, float* out) {
+  FASTPS_CHECK(out != nullptr || n == 0, "fastps: pull() got a null buffer");
+  each_shard(ids, n, "sparse pull on the embedded server",
+             [=](SparseTable& t, const int64_t* index, int64_t m, int64_t step) {
+               t.pull(ids, index, m, out, step);
+             });
+}
+
+void ShardedSparseTable::pull_scatter(const int64_t* ids, int64_t n, const int64_t* first, const int64_t* next,
+                                      float* out) {
+  FASTPS_CHECK((out != nullptr && first != nullptr && next != nullptr) || n == 0,
+               "fastps: pull_scatter() got a null buffer");
+  each_shard(ids, n, "sparse pull on the embedded server",
+             [=](SparseTable& t, const int64_t* index, int64_t m, int64_t step) {
+               t.pull_scatter(ids, index, m, first, next, out, step);
+             });
 }
 
 void ShardedSparseTable::push(const int64_t* ids, int64_t n, const float* grads, const SparseOptim& rule,

@@ -56,6 +56,10 @@ class ShardedSparseTable {
   // out: n x dim floats. Ids without a row read as their initial value; no
   // row is created.
   void pull(const int64_t* ids, int64_t n, float* out);
+  // pull() straight into a batch's output: the row of ids[i] goes to rows
+  // first[i], next[first[i]], ... of out (see SparseTable::pull_scatter;
+  // embedding_chains() in table/embedding_ops.h builds first and next).
+  void pull_scatter(const int64_t* ids, int64_t n, const int64_t* first, const int64_t* next, float* out);
   // One optimizer step on the rows of `ids` (unique; duplicates are applied
   // one after the other) with gradients `grads` (n x dim). `rule.rule` must be
   // the table's rule. `step` (>= 1) is the table-wide step of this push; it
@@ -82,6 +86,10 @@ class ShardedSparseTable {
   using ShardFn = std::function<void(SparseTable&)>;
   // Runs per_shard[s] (if set) on shard s, all in parallel; waits.
   void run(std::vector<ShardFn> per_shard, const char* what);
+  // Runs body(table, index, m, step) on every shard holding some of ids[0, n)
+  // (index: their positions, null with one shard) at the table's current step.
+  template <typename F>
+  void each_shard(const int64_t* ids, int64_t n, const char* what, F body);
   std::shared_ptr<std::vector<std::vector<int64_t>>> route(const int64_t* ids, int64_t n) const;
   SparseTable make_table(int shard) const;
 

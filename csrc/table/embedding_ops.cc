@@ -111,6 +111,14 @@ UniqueResult unique_inverse(const int64_t* ids, int64_t n, int64_t* uids, int64_
   return r;
 }
 
+void embedding_chains(const int64_t* inverse, int64_t n, int64_t n_unique, int64_t* first, int64_t* next) {
+  std::fill(first, first + n_unique, int64_t{-1});
+  for (int64_t i = n - 1; i >= 0; --i) {  // backwards: each chain in increasing order
+    next[i] = first[inverse[i]];
+    first[inverse[i]] = i;
+  }
+}
+
 void gather_rows(const float* rows, const int64_t* inverse, int64_t n, int64_t dim, float* out) {
   // The rows were just written by the shard threads, half of them on another
   // core: prefetching kAhead rows ahead overlaps those cache-line transfers.

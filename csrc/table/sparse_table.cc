@@ -348,7 +348,8 @@ int64_t SparseTable::locate(const int64_t* ids, const int64_t* index, int64_t n)
   return missing;
 }
 
-void SparseTable::pull(const int64_t* ids, const int64_t* index, int64_t n, float* out, int64_t step) {
+template <typename Sink>
+void SparseTable::pull_into(const int64_t* ids, const int64_t* index, int64_t n, int64_t step, Sink& sink) {
   step_ = step;
   const int64_t dim = config_.dim;
   const size_t bytes = static_cast<size_t>(dim) * sizeof(float);
@@ -357,7 +358,7 @@ void SparseTable::pull(const int64_t* ids, const int64_t* index, int64_t n, floa
   if (ahead) locate(ids, index, n);
   for (int64_t k = 0; k < n; ++k) {
     const int64_t i = index ? index[k] : k;
-    float* dst = out + i * dim;
+    float* dst = sink.slot(i);
     int64_t row;
     if (ahead) {
       if (k + kRowAhead < n && rows_[static_cast<size_t>(k + kRowAhead)] >= 0)
@@ -372,7 +373,39 @@ void SparseTable::pull(const int64_t* ids, const int64_t* index, int64_t n, floa
     } else {
       sparse_init_values(config_, ids[i], dst);
     }
+    sink.fan_out(i, dst);
   }
+}
+
+namespace {
+struct DenseSink {  // row i at out + i * dim
+  float* out;
+  int64_t dim;
+  float* slot(int64_t i) const { return out + i * dim; }
+  void fan_out(int64_t, const float*) const {}
+};
+struct ChainSink {  // row i at every position of its chain
+  float* out;
+  const int64_t* first;
+  const int64_t* next;
+  int64_t dim;
+  float* slot(int64_t i) const { return out + first[i] * dim; }
+  void fan_out(int64_t i, const float* values) const {
+    const size_t bytes = static_cast<size_t>(dim) * sizeof(float);
+    for (int64_t p = next[first[i]]; p >= 0; p = next[p]) std::memcpy(out + p * dim, values, bytes);
+  }
+};
+}  // namespace
+
+void SparseTable::pull(const int64_t* ids, const int64_t* index, int64_t n, float* out, int64_t step) {
+  DenseSink sink{out, config_.dim};
+  pull_into(ids, index, n, step, sink);
+}
+
+void SparseTable::pull_scatter(const int64_t* ids, const int64_t* index, int64_t n, const int64_t* first,
+                               const int64_t* next, float* out, int64_t step) {
+  ChainSink sink{out, first, next, config_.dim};
+  pull_into(ids, index, n, step, sink);
 }
 
 int64_t SparseTable::rows_needed(const int64_t* ids, const int64_t* index, int64_t n) const {

@@ -277,6 +277,12 @@ class SparseTable {
   // Rows of ids[index[k]] for k < n (index null: k itself) into
   // out + index[k] * dim. Never creates a row. `step` is the table step.
   void pull(const int64_t* ids, const int64_t* index, int64_t n, float* out, int64_t step);
+  // The same, but each row goes to every position of its chain in `out`:
+  // rows out + p * dim for p = first[i], next[p], next[next[p]], ... until -1
+  // (i = index[k]). fastps.nn's forward pulls a batch's unique ids straight
+  // into the output this way (Note [Worker-side embedding ops]).
+  void pull_scatter(const int64_t* ids, const int64_t* index, int64_t n, const int64_t* first,
+                    const int64_t* next, float* out, int64_t step);
 
   // How many rows a push of these ids would create (ids unique). Read-only.
   int64_t rows_needed(const int64_t* ids, const int64_t* index, int64_t n) const;
@@ -302,6 +308,10 @@ class SparseTable {
   void load_pending(int64_t id, uint64_t count);
 
  private:
+  // pull() with a destination policy: sink.slot(i) is where the values of
+  // ids[i] go, sink.fan_out(i, values) copies them wherever else they go.
+  template <typename Sink>
+  void pull_into(const int64_t* ids, const int64_t* index, int64_t n, int64_t step, Sink& sink);
   float* weight(int64_t row) const { return reinterpret_cast<float*>(pool_.row(row) + sizeof(RowHeader)); }
   float* state(int64_t row) const { return weight(row) + config_.dim; }
   RowHeader* header(int64_t row) const { return reinterpret_cast<RowHeader*>(pool_.row(row)); }

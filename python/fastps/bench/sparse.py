@@ -34,7 +34,7 @@ import torch
 import fastps
 from fastps import _C
 from fastps.nn._backend import EmbeddedTable, TableSpec
-from fastps.nn.embedding import _dedup, _gather, _segment_sum
+from fastps.nn.embedding import _chains, _dedup, _segment_sum
 
 from ._common import bar_chart, new_parser, positive_int, save_outputs
 
@@ -161,10 +161,10 @@ class FloorVariant:
 
 class PrimitivesVariant:
     """What fastps.nn.Embedding does, as bare calls on a table (no module, no autograd):
-    unique, pull, gather | dedup (segment sum) | push. The difference to the module's
-    time is the Python and autograd overhead."""
+    unique, chains + pull into the output | dedup (segment sum) | push. The
+    difference to the module's time is the Python and autograd overhead."""
 
-    PARTS = ("unique", "pull", "gather", "dedup", "push")
+    PARTS = ("unique", "chains", "pull", "dedup", "push")
 
     def __init__(self, dim: int, rule: str, lr: float, grad: torch.Tensor) -> None:
         r = _C.SparseRule.SPARSE_ADAM if rule == "adam" else _C.SparseRule.ADAGRAD
@@ -178,9 +178,9 @@ class PrimitivesVariant:
         t0 = time.perf_counter()
         u, inv, _, _ = _dedup(ids)
         t1 = time.perf_counter()
-        rows = self.table.pull(u)
+        first, nxt = _chains(inv, len(u))
         t2 = time.perf_counter()
-        _gather(rows, inv)
+        self.table.pull_scatter(u, first, nxt, torch.empty(len(ids), self.dim))
         t3 = time.perf_counter()
         g = _segment_sum(self.grad, inv, len(u))
         t4 = time.perf_counter()

@@ -61,6 +61,8 @@ class SparseBackend(Protocol):
     """The calls a module makes on its table. Every tensor is on the CPU.
 
     ``pull(ids)``: ids int64[n] (unique) -> float32[n, dim]; never creates rows.
+    ``pull_scatter(ids, first, next_, out)`` (optional; the embedded table has
+    it): the same rows written to every position of their chains in ``out``.
     ``push(ids, grads, optim, step)``: one optimizer step on unique ids with
     float32[n, dim] gradients at table step ``step`` (the previous step + 1).
     """
@@ -107,6 +109,17 @@ class EmbeddedTable:
         if n:
             self._table.pull(ids.data_ptr(), n, out.data_ptr())
         return out
+
+    def pull_scatter(self, ids: torch.Tensor, first: torch.Tensor, next_: torch.Tensor, out: torch.Tensor) -> None:
+        """Like pull(), but the row of ids[i] goes to rows first[i], next_[first[i]], ... (-1
+        ends) of ``out`` (n x dim): a batch's rows written straight into the lookup's output."""
+        _check_ids(ids)
+        n = ids.numel()
+        assert first.dtype == next_.dtype == torch.int64 and first.numel() == n and first.is_contiguous()
+        assert next_.is_contiguous() and out.dtype == torch.float32 and out.is_contiguous()
+        assert next_.numel() * self.spec.dim == out.numel()
+        if n:
+            self._table.pull_scatter(ids.data_ptr(), n, first.data_ptr(), next_.data_ptr(), out.data_ptr())
 
     def push(self, ids: torch.Tensor, grads: torch.Tensor, optim: Any, step: int) -> None:
         _check_ids(ids)

@@ -114,7 +114,7 @@ class _Lookup(torch.autograd.Function):
         ctx.save_for_backward(uids, inverse)
         ctx.pad_pos = pad_pos
         ctx.handle_dtype = handle.dtype
-        return _gather(module._pull(uids, pad_pos), inverse)
+        return module._lookup_rows(uids, inverse, pad_pos)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None, None, None]:
@@ -157,6 +157,15 @@ def _gather(rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     out = torch.empty(*inverse.shape, dim, dtype=torch.float32)
     _C.embedding_gather(rows.data_ptr(), inverse.data_ptr(), inverse.numel(), dim, out.data_ptr())
     return out
+
+
+def _chains(inverse: torch.Tensor, n_unique: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(first, next): each unique id's positions in the batch as a chain (-1 ends)."""
+    _native(inverse, torch.int64, "inverse")
+    first = torch.empty(n_unique, dtype=torch.int64)
+    nxt = torch.empty(inverse.numel(), dtype=torch.int64)
+    _C.embedding_chains(inverse.data_ptr(), inverse.numel(), n_unique, first.data_ptr(), nxt.data_ptr())
+    return first, nxt
 
 
 def _segment_sum(grads: torch.Tensor, inverse: torch.Tensor, n_unique: int) -> torch.Tensor:
@@ -284,7 +293,7 @@ class _SparseEmbedding(nn.Module):
         as an access for LRU/LFU/TTL eviction.
         """
         uids, inverse, pad_pos = self._unique(ids)
-        return _gather(self._pull(uids, pad_pos), inverse)
+        return self._lookup_rows(uids, inverse, pad_pos)
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the table (rows, optimizer state, admission/eviction metadata, step)
@@ -448,6 +457,18 @@ class _SparseEmbedding(nn.Module):
             "embedding's parameters (torch.optim optimizers do not see the rows). Step one, or call "
             ".discard_pending_grads() to drop the gradients on purpose")
 
+    def _lookup_rows(self, uids: torch.Tensor, inverse: torch.Tensor, pad_pos: Optional[int]) -> torch.Tensor:
+        """The batch's rows, ``inverse.shape + (dim,)``: pulled straight into the output
+        where the table can (embedded: each shard writes its rows to their positions),
+        else pulled once per unique id and gathered."""
+        scatter = getattr(self._backend, "pull_scatter", None)
+        if scatter is None or pad_pos is not None:
+            return _gather(self._pull(uids, pad_pos), inverse)
+        out = torch.empty(*inverse.shape, self.embedding_dim, dtype=torch.float32)
+        first, nxt = _chains(inverse, uids.numel())
+        scatter(uids, first, nxt, out)
+        return out
+
     def _pull(self, uids: torch.Tensor, pad_pos: Optional[int]) -> torch.Tensor:
         rows = self._backend.pull(uids)
         if pad_pos is not None:
@@ -551,7 +572,7 @@ class Embedding(_SparseEmbedding):
         uids, inverse, pad_pos = self._unique(input)
         if self._tracked():
             return _Lookup.apply(self.sparse_handle, self, uids, inverse, pad_pos)
-        return _gather(self._pull(uids, pad_pos), inverse)
+        return self._lookup_rows(uids, inverse, pad_pos)
 
 
 class EmbeddingBag(_SparseEmbedding):
