@@ -93,7 +93,7 @@ void ShardedSparseTable::each_shard(const int64_t* ids, int64_t n, const char* w
 }
 
 void ShardedSparseTable::pull(const int64_t* ids, int64_t n, float* out) {
-  FASTPS_CHECK(out != nullptr || n == 0, "fastps: pull() got a null buffer");
+  FASTPS_CHECK(out != nullptr || n <= 0, "fastps: pull() got a null buffer");
   each_shard(ids, n, "sparse pull on the embedded server",
              [=](SparseTable& t, const int64_t* index, int64_t m, int64_t step) {
                t.pull(ids, index, m, out, step);
@@ -102,7 +102,7 @@ void ShardedSparseTable::pull(const int64_t* ids, int64_t n, float* out) {
 
 void ShardedSparseTable::pull_scatter(const int64_t* ids, int64_t n, const int64_t* first, const int64_t* next,
                                       float* out) {
-  FASTPS_CHECK((out != nullptr && first != nullptr && next != nullptr) || n == 0,
+  FASTPS_CHECK((out != nullptr && first != nullptr && next != nullptr) || n <= 0,
                "fastps: pull_scatter() got a null buffer");
   each_shard(ids, n, "sparse pull on the embedded server",
              [=](SparseTable& t, const int64_t* index, int64_t m, int64_t step) {
