@@ -307,3 +307,49 @@ def test_local_requests_queued_behind_a_busy_shard_use_their_own_data():
         out = torch.empty(n)
         client.pull(k, out.data_ptr(), 0).wait()
         torch.testing.assert_close(out, ref[k].detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_re_register_fails_waiting_requests():
+    server = _C.PsServer(0, 2, num_shards=1, secret="s")
+    a = _C.PsClient(0, secret="s", timeout_s=5)
+    b = _C.PsClient(1, secret="s", timeout_s=5)
+    for c in (a, b):
+        c.connect([("127.0.0.1", server.port)])
+    h = _C.OptimHyper()
+    h.kind = _C.OptimKind.SGD
+    z = torch.zeros(4)
+    # A request parked on a chunk that is registered again gets an error, not silence.
+    a.register_dense(1, 4, True, h, z.data_ptr()).wait()
+    g, out = torch.ones(4), torch.empty(4)
+    parked = a.push_pull(1, g.data_ptr(), out.data_ptr(), 1)  # waits for rank 1's push
+    time.sleep(0.2)
+    b.register_dense(1, 4, True, h, z.data_ptr()).wait()
+    with pytest.raises(fastps.InvalidArgumentError, match="registered again"):
+        parked.wait()
+
+
+def test_a_reply_after_the_deadline_never_writes_into_the_callers_buffer():
+    """Once wait() raised TimeoutError the caller may free the output buffer
+    (fastps.nn's RemoteTable.pull does): a late reply must be dropped, not
+    written into that memory (it corrupted the heap)."""
+    server = _C.PsServer(0, 2, num_shards=1, secret="s")
+    a = _C.PsClient(0, secret="s", timeout_s=1)
+    b = _C.PsClient(1, secret="s", timeout_s=5)
+    cfg = _C.SparseTableConfig(4, init=_C.SparseInit.ZEROS)
+    for c in (a, b):
+        c.connect([("127.0.0.1", server.port)])
+        c.sparse_create(1, cfg).wait()
+    ids = torch.arange(3)
+    out = torch.full((3, 4), 7.0)
+    pull = a.sparse_pull(1, ids.data_ptr(), 3, 4, out.data_ptr(), 1)  # waits for step 1
+    with pytest.raises(fastps.TimeoutError):
+        pull.wait()
+    g = torch.ones(3, 4)
+    sgd = _C.SparseOptim(_C.SparseRule.SGD, lr=1.0)
+    for f in [c.sparse_push(1, ids.data_ptr(), 3, 4, g.data_ptr(), sgd, 1) for c in (a, b)]:
+        f.wait()  # step 1 completes: the parked pull is answered now
+    time.sleep(0.3)
+    assert torch.equal(out, torch.full((3, 4), 7.0))  # the late reply was dropped
+    fresh = torch.empty(3, 4)
+    a.sparse_pull(1, ids.data_ptr(), 3, 4, fresh.data_ptr(), 1).wait()  # the client still works
+    assert torch.equal(fresh, torch.full((3, 4), -1.0))

@@ -16,9 +16,37 @@ namespace {
 constexpr size_t kMaxLocalPrefix = 4096;
 }  // namespace
 
+bool DeliveryGate::enter() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (closed_) return false;
+  ++active_;
+  return true;
+}
+
+void DeliveryGate::leave() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    --active_;
+  }
+  cv_.notify_all();
+}
+
+void DeliveryGate::close() {
+  std::unique_lock<std::mutex> lock(mu_);
+  closed_ = true;
+  // A delivery under way ends: a copy finishes, a receive completes or its
+  // connection fails (the transport's own deadlines bound both).
+  cv_.wait(lock, [&] { return active_ == 0; });
+}
+
 void Future::wait(double timeout_s) const {
   auto timeout = timeout_s > 0 ? std::chrono::milliseconds(int64_t(timeout_s * 1000)) : timeout_;
-  completion_->wait(Clock::now() + timeout, what_);
+  try {
+    completion_->wait(Clock::now() + timeout, what_);
+  } catch (const TimeoutError&) {
+    if (gate_) gate_->close();
+    throw;
+  }
 }
 
 PsClient::PsClient(int rank, const TransportOptions& options, int64_t chunk_bytes)
@@ -34,8 +62,10 @@ PsClient::PsClient(int rank, const TransportOptions& options, int64_t chunk_byte
     std::lock_guard<std::mutex> lock(mu_);
     auto it = pending_.find(h.request_id);
     if (it == pending_.end() || it->second.dst == nullptr ||
-        uint64_t(it->second.count) * 4 != h.payload_len)
+        uint64_t(it->second.count) * 4 != h.payload_len || it->second.receiving)
       return nullptr;
+    if (it->second.gate && !it->second.gate->enter()) return nullptr;  // timed out: not into dst
+    it->second.receiving = true;  // left in complete() or on_disconnect()
     return reinterpret_cast<uint8_t*>(it->second.dst);
   });
 }
@@ -268,6 +298,9 @@ void PsClient::send_frame(int server, const MessageHeader& header, const std::ve
 
 FuturePtr PsClient::submit(std::vector<OutFrame>& frames, const std::string& what) {
   auto completion = std::make_shared<Completion>(uint32_t(frames.size()));
+  DeliveryGatePtr gate;  // only requests whose replies write into the caller's memory
+  for (const OutFrame& f : frames)
+    if (f.dst != nullptr || f.sink) gate = std::make_shared<DeliveryGate>();
   {
     std::lock_guard<std::mutex> lock(mu_);
     FASTPS_CHECK(!conns_.empty(), "PsClient is not connected");
@@ -275,6 +308,7 @@ FuturePtr PsClient::submit(std::vector<OutFrame>& frames, const std::string& wha
       f.header.request_id = next_id_++;
       Pending p;
       p.completion = completion;
+      p.gate = gate;
       p.dst = f.dst;
       p.count = f.count;
       p.server = f.server;
@@ -282,7 +316,7 @@ FuturePtr PsClient::submit(std::vector<OutFrame>& frames, const std::string& wha
       pending_[f.header.request_id] = std::move(p);
     }
   }
-  auto future = std::make_shared<Future>(completion, what, timeout_);
+  auto future = std::make_shared<Future>(completion, what, timeout_, gate);
   for (OutFrame& f : frames) {
     try {
       send_frame(f.server, f.header, f.segs);
@@ -582,6 +616,22 @@ void PsClient::complete(const MessageHeader& h, const void* data, size_t bytes) 
     p = it->second;
     pending_.erase(it);
   }
+  // Writes into the caller's memory happen inside the gate (see DeliveryGate):
+  // a receive in place entered it already; a copy or sink enters it here.
+  bool entered = p.receiving;
+  if (!entered && p.gate && h.op != Op::kError && (p.sink || p.count > 0)) {
+    if (!p.gate->enter()) {  // the caller timed out and may have freed its buffers
+      p.completion->done(std::make_exception_ptr(TimeoutError("fastps: reply after the deadline")));
+      return;
+    }
+    entered = true;
+  }
+  struct Leave {
+    DeliveryGate* gate;
+    ~Leave() {
+      if (gate) gate->leave();
+    }
+  } leave{entered ? p.gate.get() : nullptr};
   if (h.op == Op::kError) {
     std::string msg = sanitize_error_text(static_cast<const uint8_t*>(data), bytes);
     const std::string where = detail::concat("parameter server ", p.server, " (",
@@ -628,6 +678,7 @@ void PsClient::on_disconnect(ConnId conn, const std::string& reason) {
     server = cs->second;
     for (auto it = pending_.begin(); it != pending_.end();) {
       if (it->second.server == server) {
+        if (it->second.receiving && it->second.gate) it->second.gate->leave();  // the receive died
         failed.push_back(it->second);
         it = pending_.erase(it);
       } else {

@@ -15,6 +15,7 @@
 // Thread safety: all methods may be called from any thread.
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -33,19 +34,44 @@
 
 namespace fastps {
 
+// Shared by a request's Future and its pending replies. Once a wait has
+// timed out the caller may free the buffers the replies were to fill, so a
+// timed-out wait closes the gate: later replies are dropped, and a delivery
+// already under way (a payload being received in place, a copy) is waited
+// out first. Never takes the client's lock (the client takes this one inside
+// its own).
+class DeliveryGate {
+ public:
+  // Before writing into the caller's buffers; false once closed.
+  bool enter();
+  void leave();
+  // Closes the gate and returns once no delivery is under way.
+  void close();
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool closed_ = false;
+  int active_ = 0;
+};
+using DeliveryGatePtr = std::shared_ptr<DeliveryGate>;
+
 class Future {
  public:
-  Future(CompletionPtr completion, std::string what, std::chrono::milliseconds timeout)
-      : completion_(std::move(completion)), what_(std::move(what)), timeout_(timeout) {}
+  Future(CompletionPtr completion, std::string what, std::chrono::milliseconds timeout,
+         DeliveryGatePtr gate = nullptr)
+      : completion_(std::move(completion)), what_(std::move(what)), timeout_(timeout), gate_(std::move(gate)) {}
   bool done() const { return completion_->finished(); }
   // Blocks until done; timeout_s <= 0 uses the client's timeout. Throws the
-  // request's error, or TimeoutError.
+  // request's error, or TimeoutError; after a TimeoutError no reply of this
+  // request writes into the caller's buffers any more.
   void wait(double timeout_s = 0) const;
 
  private:
   CompletionPtr completion_;
   std::string what_;
   std::chrono::milliseconds timeout_;
+  DeliveryGatePtr gate_;
 };
 using FuturePtr = std::shared_ptr<Future>;
 
@@ -127,10 +153,12 @@ class PsClient {
   using Sink = std::function<void(const MessageHeader& h, const void* data, size_t bytes)>;
   struct Pending {
     CompletionPtr completion;
+    DeliveryGatePtr gate;
     float* dst = nullptr;
     int64_t count = 0;  // floats expected in the reply (0: ack only)
     int server = -1;
     Sink sink;
+    bool receiving = false;  // the transport is reading the reply into dst (gate entered)
   };
   struct OutFrame {
     int server = -1;

@@ -259,12 +259,21 @@ class Handler {
   }
 
   void do_register(ConnId conn, Message& m) {
-    PsChunk& c = st_.chunks[m.header.key];
+    // Everything is checked before the key is touched: a bad REGISTER must
+    // leave no half-made chunk behind (its clock vector would be empty).
     OptimHyper hyper;
     size_t off = read_config(m, &hyper);
     const int64_t n = m.header.count;
     FASTPS_CHECK(n > 0, "REGISTER of an empty chunk");
     const float* init = floats(m, off, n);
+    PsChunk& c = st_.chunks[m.header.key];
+    // A registration replaces the chunk: requests still waiting on the old one
+    // can never be answered by it (a worker re-registering while others wait).
+    for (const Waiting& w : c.waiting)
+      error(w.conn, w.request_id, w.key, Status::kInvalidArgument,
+            detail::concat("server ", opt_.server_id, ": key ", w.key,
+                           " was registered again while this request waited; re-register only "
+                           "between rounds"));
     c = PsChunk();
     c.sum_only = (m.header.flags & kFlagSum) != 0;
     c.numel = n;
