@@ -353,3 +353,27 @@ def test_a_reply_after_the_deadline_never_writes_into_the_callers_buffer():
     fresh = torch.empty(3, 4)
     a.sparse_pull(1, ids.data_ptr(), 3, 4, fresh.data_ptr(), 1).wait()  # the client still works
     assert torch.equal(fresh, torch.full((3, 4), -1.0))
+
+
+def test_a_refused_sparse_load_leaves_the_table_usable(tmp_path):
+    """A load the server refuses (rows of another dim; a cap below the shard count)
+    must not change what the table accepts afterwards."""
+    server = _C.PsServer(0, 1, num_shards=3, secret="s")
+    c = _C.PsClient(0, secret="s", timeout_s=5)
+    c.connect([("127.0.0.1", server.port)])
+    sgd = _C.SparseOptim(_C.SparseRule.SGD, lr=1.0)
+    four, eight = _C.SparseTableConfig(4, init=_C.SparseInit.ZEROS), _C.SparseTableConfig(8)
+    c.sparse_create(1, four).wait()
+    c.sparse_create(2, eight).wait()
+    ids, g8, g4 = torch.arange(30), torch.ones(30, 8), torch.ones(3, 4)
+    c.sparse_push(2, ids.data_ptr(), 30, 8, g8.data_ptr(), sgd, 1).wait()
+    c.sparse_save(2, eight, 1, str(tmp_path / "dim8.bin"))
+    with pytest.raises(fastps.InvalidArgumentError, match="dim 8 into sparse table 1 of dim 4"):
+        c.sparse_load(1, eight, str(tmp_path / "dim8.bin"))  # the file matches the config, not the table
+    capped = _C.SparseTableConfig(8, max_rows=2)  # 2 rows over 3 shards: a shard would get no cap
+    with pytest.raises(fastps.InvalidArgumentError, match="below its number of shards"):
+        c.sparse_load(2, capped, str(tmp_path / "dim8.bin"))
+    out = torch.empty(3, 4)
+    c.sparse_push(1, ids.data_ptr(), 3, 4, g4.data_ptr(), sgd, 1).wait()
+    c.sparse_pull(1, ids.data_ptr(), 3, 4, out.data_ptr(), 1).wait()
+    assert torch.equal(out, torch.full((3, 4), -1.0))

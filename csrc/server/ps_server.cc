@@ -194,7 +194,14 @@ class Handler {
       }
     } catch (const Error& e) {
       error(conn, m.header.request_id, m.header.key, Status::kInvalidArgument, e.what());
+    } catch (const std::exception& e) {  // bad_alloc and the like: the requester still gets an answer
+      error(conn, m.header.request_id, m.header.key, Status::kInternal, internal_error_text(e));
     }
+  }
+
+  std::string internal_error_text(const std::exception& e) const {
+    return detail::concat("server ", opt_.server_id, ": internal error (", e.what(),
+                          "); the request may be partly applied, restart the job from a checkpoint");
   }
 
   void worker_died(int worker, const std::string& reason) {
@@ -533,6 +540,8 @@ class Handler {
       piece_failed(r, Status::kLimit, e.what());
     } catch (const Error& e) {
       piece_failed(r, Status::kInvalidArgument, e.what());
+    } catch (const std::exception& e) {  // bad_alloc and the like: the requester still gets an answer
+      piece_failed(r, Status::kInternal, internal_error_text(e));
     }
   }
 
@@ -961,15 +970,19 @@ void PsServer::dispatch_sparse(ConnId conn, int worker, Message&& message) {
                  "; create it first (SPARSE_CREATE)");
     return it->second;
   };
+  // Every shard needs a row of the server's cap share (0: no cap).
+  auto check_cap_share = [&](const SparseTableConfig& c) {
+    FASTPS_CHECK(c.max_rows == 0 || c.max_rows >= shards, "max_rows share ", c.max_rows, " of server ",
+                 options_.server_id, " is below its number of shards (", shards,
+                 "); raise max_rows or use fewer shards");
+  };
   try {
     switch (r->header.op) {
       case Op::kSparseCreate: {
         FASTPS_CHECK(len == kSparseConfigSize, "SPARSE_CREATE payload of ", len, " bytes, expected ",
                      kSparseConfigSize);
         r->config = decode_sparse_config(p, len);
-        FASTPS_CHECK(r->config.max_rows == 0 || r->config.max_rows >= shards, "max_rows share ",
-                     r->config.max_rows, " of server ", options_.server_id,
-                     " is below its number of shards (", shards, "); raise max_rows or use fewer shards");
+        check_cap_share(r->config);
         auto it = sparse_dim_.find(key);
         if (it == sparse_dim_.end() || r->header.aux == 1) sparse_dim_[key] = r->config.dim;
         all_shards();
@@ -1020,6 +1033,13 @@ void PsServer::dispatch_sparse(ConnId conn, int worker, Message&& message) {
       case Op::kSparseLoad: {
         FASTPS_CHECK(len >= kSparseConfigSize + 24, "SPARSE_LOAD payload of ", len, " bytes is too short");
         r->config = decode_sparse_config(p, kSparseConfigSize);
+        check_cap_share(r->config);
+        // Checked here, not only by the shards: a load the shards refuse must
+        // not change the dim this server accepts for the table's pulls and pushes.
+        const int64_t table_dim = dim_of();
+        FASTPS_CHECK(r->config.dim == table_dim, "SPARSE_LOAD of rows of dim ", r->config.dim,
+                     " into sparse table ", key, " of dim ", table_dim, " on server ", options_.server_id,
+                     "; load the file into a table of its dim");
         r->load_step = int64_t(load_le64(p + kSparseConfigSize));
         const uint64_t rows = load_le64(p + kSparseConfigSize + 8);
         const uint64_t pending = load_le64(p + kSparseConfigSize + 16);
@@ -1044,8 +1064,6 @@ void PsServer::dispatch_sparse(ConnId conn, int worker, Message&& message) {
                              "fastps: the file holds more rows than this table's cap (max_rows=", c.max_rows,
                              " on server ", options_.server_id, "); load it into a table with a larger max_rows");
         }
-        dim_of();
-        sparse_dim_[key] = c.dim;
         all_shards();
         break;
       }

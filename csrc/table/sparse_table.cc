@@ -307,13 +307,15 @@ uint64_t SparseTable::next_random() {
 
 uint32_t SparseTable::lfu_count(const RowHeader& h) const {
   if (config_.eviction != Eviction::kLfu || config_.ttl_steps <= 0) return h.access_count;
-  const int64_t halvings = (step_ - h.last_step) / config_.ttl_steps;
+  // Under SSP the step a push carries is its worker's own, so it can be
+  // below a row's last access: no decay then (and no negative shift).
+  const int64_t halvings = std::max<int64_t>(0, step_ - h.last_step) / config_.ttl_steps;
   return halvings >= 32 ? 0 : h.access_count >> halvings;
 }
 
 void SparseTable::touch(RowHeader& h) {
   const uint32_t count = lfu_count(h);  // before last_step moves: the decay since the last access
-  h.last_step = step_;
+  h.last_step = std::max(h.last_step, step_);  // never backwards (SSP: steps per worker)
   h.touch = ++clock_;
   h.access_count = count == std::numeric_limits<uint32_t>::max() ? count : count + 1;
 }
