@@ -377,3 +377,25 @@ def test_a_refused_sparse_load_leaves_the_table_usable(tmp_path):
     c.sparse_push(1, ids.data_ptr(), 3, 4, g4.data_ptr(), sgd, 1).wait()
     c.sparse_pull(1, ids.data_ptr(), 3, 4, out.data_ptr(), 1).wait()
     assert torch.equal(out, torch.full((3, 4), -1.0))
+
+
+def test_a_second_connection_of_a_live_rank_closing_does_not_kill_the_rank():
+    server = _C.PsServer(0, 2, num_shards=1, secret="s")
+    a, b = (_C.PsClient(r, secret="s", timeout_s=5) for r in (0, 1))
+    for c in (a, b):
+        c.connect([("127.0.0.1", server.port)])
+    h = _C.OptimHyper()
+    h.kind = _C.OptimKind.SGD
+    z = torch.zeros(4)
+    a.register_dense(1, 4, True, h, z.data_ptr()).wait()
+    b.register_dense(1, 4, True, h, 0).wait()
+    stray = _C.PsClient(0, secret="s", timeout_s=5)  # claims rank 0 too (a tool, a restarted process)
+    stray.connect([("127.0.0.1", server.port)])
+    stray.register_dense(2, 4, False, h, z.data_ptr()).wait()  # talks to the server as rank 0
+    del stray
+    time.sleep(0.3)  # the server sees the disconnect
+    ga, gb, oa, ob = torch.ones(4), torch.full((4,), 2.0), torch.empty(4), torch.empty(4)
+    fa, fb = a.push_pull(1, ga.data_ptr(), oa.data_ptr(), 1), b.push_pull(1, gb.data_ptr(), ob.data_ptr(), 1)
+    fa.wait()
+    fb.wait()
+    assert torch.equal(oa, torch.full((4,), 3.0)) and torch.equal(ob, oa)

@@ -1095,6 +1095,11 @@ void PsServer::on_disconnect(ConnId conn, const std::string& reason) {
   if (it == conn_rank_.end()) return;
   const int worker = it->second;
   conn_rank_.erase(it);
+  // A worker is gone when its last connection is: a second connection
+  // claiming the same rank (several per peer, a stray tool, a restarted
+  // process) closing must not fail the rounds of the live one.
+  for (const auto& kv : conn_rank_)
+    if (kv.second == worker) return;
   for (int s = 0; s < server_->num_shards(); ++s) {
     auto task = std::make_unique<MessageTask>();
     ShardState* st = shard_state_[s].get();
