@@ -149,6 +149,18 @@ void send_reply(const PsServerOptions& o, Transport& tr, const LocalSink& local,
   }
   ConstBuffer seg{data, bytes};
   try {
+    // A reply larger than the peer accepts would be refused by send(): the
+    // requester gets an error instead of waiting for its deadline.
+    uint64_t peer_max = 0;
+    if (bytes > kMinMaxPayload && bytes > (peer_max = tr.peer_info(conn).max_payload)) {
+      tr.send_error(conn, req.request_id, Status::kLimit,
+                    detail::concat("server ", o.server_id, ": the reply of ", bytes,
+                                   " bytes exceeds the largest payload this client accepts (", peer_max,
+                                   "); ask for fewer ids or values per call, or spread the table over "
+                                   "more shards or servers"),
+                    req.key);
+      return;
+    }
     tr.send(conn, h, bytes ? &seg : nullptr, bytes ? 1 : 0);
   } catch (const Error& e) {
     transport_log(detail::concat("server ", o.server_id, ": reply dropped: ", e.what()));

@@ -749,6 +749,7 @@ PeerInfo TcpTransport::do_peer_info(ConnId id) const {
   info.outgoing = conn->outgoing;
   info.shared_memory = conn->use_shm.load(std::memory_order_acquire);
   info.single_copy = info.shared_memory && conn->shm->can_read_peer() && conn->shm->peer_can_read_me();
+  info.max_payload = conn->peer_max_payload;
   return info;
 }
 

@@ -106,6 +106,7 @@ struct PeerInfo {
   // ... and large payloads are copied once, straight between the processes,
   // in both directions (transport/shm.h, Note [Single copy]).
   bool single_copy = false;
+  uint64_t max_payload = 0;  // the largest payload the peer accepts (announced in the handshake)
 };
 
 struct TransportStats {
