@@ -13,6 +13,9 @@
                                            the error fastps.optim raised
     dist_worker.py wrap_clip SYNC STEPS OUT  DistributedOptimizer(SGD), clip_grad_norm_ after backward,
                                            after opt.synchronize() if SYNC is "sync"; params or the error
+    dist_worker.py edges OUT               add_param_group after 3 steps of fastps.optim.SGD, then 3 more;
+                                           a non-contiguous parameter; DistributedOptimizer(AdamW) with a
+                                           frozen parameter
 """
 
 from __future__ import annotations
@@ -204,6 +207,27 @@ def main() -> int:
         emb, model, x, y = emb_model_and_data()
         # A pull after every step: waits for the step's round.
         return train_until_failure(model, x, y, sys.argv[2], after_step=lambda: emb.lookup(torch.tensor([1])))
+    elif mode == "edges":
+        out = sys.argv[2]
+        model, x, y = model_and_data(seed_by_rank=False)  # the late group's layers start alike everywhere
+        first = list(model[0].parameters())
+        opt = fastps.optim.SGD(first, lr=0.05)
+        train_loop(model, opt, x, y, 3)
+        opt.add_param_group({"params": [p for p in model.parameters() if all(p is not q for q in first)]})
+        train_loop(model, opt, x, y, 3)  # the new group's rounds count from its registration
+        try:
+            fastps.optim.SGD([nn.Parameter(torch.randn(4, 3).t())], lr=0.1)
+            contiguity = "accepted"
+        except TypeError as e:
+            contiguity = str(e)
+        frozen_model, _, _ = model_and_data()
+        frozen_model[0].requires_grad_(False)
+        before = frozen_model[0].weight.detach().clone()
+        wrapped = fastps.DistributedOptimizer(torch.optim.AdamW(frozen_model.parameters(), lr=0.01,
+                                                                weight_decay=0.5))
+        train_loop(frozen_model, wrapped, x, y, 2)
+        torch.save({"params": [p.detach() for p in model.parameters()], "contiguity": contiguity,
+                    "frozen_kept": bool(torch.equal(frozen_model[0].weight.detach(), before))}, f"{out}.{RANK}")
     else:
         raise SystemExit(f"unknown mode {mode}")
     return 0

@@ -399,3 +399,32 @@ def test_a_second_connection_of_a_live_rank_closing_does_not_kill_the_rank():
     fa.wait()
     fb.wait()
     assert torch.equal(oa, torch.full((4,), 3.0)) and torch.equal(ob, oa)
+
+
+def test_late_param_group_non_contiguous_parameter_and_frozen_parameters(tmp_path):
+    """A param group added after training started steps with the others (its
+    rounds count from its registration; it timed out before); a non-contiguous
+    parameter is refused (it was read and written in storage order); a frozen
+    parameter under DistributedOptimizer(AdamW) is left alone (it was given zero
+    gradients and weight decay)."""
+    out = tmp_path / "res"
+    with Job(2, ["edges", str(out)]) as job:
+        check(job.wait())
+    torch.manual_seed(100)
+    model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(32, 8, generator=g), torch.randn(32, 1, generator=g)
+    opt = torch.optim.SGD(model[0].parameters(), lr=0.05)
+    for step in range(6):
+        if step == 3:
+            opt.add_param_group({"params": [p for n, p in model.named_parameters() if not n.startswith("0.")]})
+        loss = (nn.functional.mse_loss(model(x[:16]), y[:16]) + nn.functional.mse_loss(model(x[16:]), y[16:])) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for r in range(2):
+        res = torch.load(f"{out}.{r}", weights_only=True)
+        for p, q in zip(res["params"], model.parameters()):
+            torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6)
+        assert "not contiguous" in res["contiguity"], res["contiguity"]
+        assert res["frozen_kept"]

@@ -21,7 +21,7 @@ import socket
 import time
 import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, List, Optional, Tuple
 
 from . import _C
 from .errors import ConnectionError as FastPSConnectionError
@@ -37,15 +37,35 @@ def transport_from_env() -> str:
     return os.environ.get("FASTPS_TRANSPORT", "auto").strip().lower() or "auto"
 
 
-def wait_all(futures) -> None:
-    """Wait for every native future, ignoring their errors (each wait is bounded by its
-    own deadline). For error paths: the servers may still read a gradient in place or
-    write a parameter, so the buffers must outlive every request sent."""
+# Requests still unfinished when an error path stopped waiting for them, with
+# what they may still read or write (gradients, parameters): referenced until
+# they finish; pruned at every wait_all().
+_PARKED: List[Tuple[List[Any], Any]] = []
+
+
+def wait_all(futures, keep: Any = None, timeout: Optional[float] = None) -> None:
+    """Wait for native futures, ignoring their errors, within one deadline for all of them
+    (the job's ``FASTPS_TIMEOUT`` unless ``timeout``). For error paths: the servers may
+    still read a gradient in place or write a parameter, so ``keep`` (whatever those
+    requests use) stays referenced until each of them finished; requests unfinished at
+    the deadline are parked with it instead of costing a deadline each."""
+    _PARKED[:] = [(fs, k) for fs, k in _PARKED if not all(f.done() for f in fs)]
+    if timeout is None:
+        cl = cluster()
+        timeout = cl.config.timeout if cl is not None else ClusterConfig.timeout
+    deadline = time.monotonic() + timeout
+    left = []
     for f in futures:
-        try:
-            f.wait()
-        except Exception:  # noqa: BLE001 - the caller re-raises the error it met first
-            pass
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            try:
+                f.wait(remaining)
+            except Exception:  # noqa: BLE001 - the caller re-raises the error it met first
+                pass
+        if not f.done():
+            left.append(f)
+    if left:
+        _PARKED.append((left, keep))
 
 
 def free_port() -> int:

@@ -61,7 +61,15 @@ class DistributedOptimizer:
         self._hooks: List[Any] = []
         if self._cluster is None:
             return
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.numel() > 0]
+        # Each trainable parameter once (torch allows one twice in a group, with a
+        # warning); frozen ones are left alone, as DDP leaves them out of its buckets.
+        params: List[torch.Tensor] = []
+        seen = set()
+        for g in optimizer.param_groups:
+            for p in g["params"]:
+                if p.numel() > 0 and p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
         for p in params:
             check_param(p)
         client = self._cluster.client
@@ -97,6 +105,19 @@ class DistributedOptimizer:
     def defaults(self) -> Dict[str, Any]:
         return self.optimizer.defaults
 
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Not supported: a new group's parameters would need registering on every rank
+        mid-training. Build the DistributedOptimizer after all groups exist.
+
+        Raises:
+            fastps.FastPSError: always (in the distributed mode).
+        """
+        if self._cluster is None:
+            self.optimizer.add_param_group(param_group)
+            return
+        raise FastPSError("fastps: DistributedOptimizer.add_param_group is not supported in the distributed "
+                          "mode; add every param group to the wrapped optimizer before wrapping it")
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero (or drop) the gradients, as the wrapped optimizer does."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -125,10 +146,15 @@ class DistributedOptimizer:
         if not self._sync:
             return
         if id(p) in self._inflight:
-            raise FastPSError("fastps: gradient accumulated twice before step(); use no_sync() for accumulation")
+            raise FastPSError(
+                "fastps: a parameter's gradient arrived twice before step() completed the round its first "
+                "backward opened. Call step() (or synchronize()) after each backward, also after an "
+                "interrupted one; for gradient accumulation or a second loss into the same parameters run "
+                "the extra backward passes inside `with optimizer.no_sync():`")
         self._send(p)
 
     def _send(self, p: torch.Tensor) -> None:
+        self._synchronized = False  # a new round: step() must wait for it
         if p.grad is None:
             p.grad = torch.zeros_like(p)  # as DDP: an unused parameter contributes zeros
         g = check_grad(p, p.grad)
@@ -148,7 +174,15 @@ class DistributedOptimizer:
             return
         for g in self.optimizer.param_groups:
             for p in g["params"]:
-                if id(p) in self._ids and id(p) not in self._inflight:
+                if id(p) not in self._ids:
+                    if p.requires_grad and p.numel() > 0:
+                        raise FastPSError(
+                            "fastps: DistributedOptimizer has a trainable parameter it did not register (a "
+                            "param group added to the wrapped optimizer later, or a parameter unfrozen after "
+                            "construction); its gradient would not be averaged. Build the DistributedOptimizer "
+                            "after the wrapped optimizer has all its groups and trainable parameters")
+                    continue
+                if id(p) not in self._inflight:
                     self._send(p)
         try:
             for fut, *_ in self._inflight.values():
@@ -162,7 +196,8 @@ class DistributedOptimizer:
             for _, g, *_ in self._inflight.values():
                 g.div_(self._cluster.world_size)
         except BaseException:
-            _cluster.wait_all(fut for fut, *_ in self._inflight.values())  # sums may still be landing
+            _cluster.wait_all((fut for fut, *_ in self._inflight.values()),  # sums may still be landing
+                              keep=list(self._inflight.values()))
             raise
         finally:
             self._inflight.clear()

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import FastPSError
 from .._cluster import wait_all
-from .._tensor import GradSnapshot, check_grad, grad_changed, grad_snapshot
+from .._tensor import GradSnapshot, check_grad, check_param, grad_changed, grad_snapshot
 
 
 class DistState:
@@ -38,6 +38,11 @@ class DistState:
         # id(p) -> (push, pull, the gradient sent (kept alive), the parameter, the
         # grad_snapshot() taken when sent: a later edit is detected at step())
         self.inflight: Dict[int, Tuple[Any, Any, Any, Any, GradSnapshot]] = {}
+        # id(p) -> (numel registered, this optimizer's clock at registration): a
+        # chunk's rounds count from its registration (add_param_group after
+        # training started), and the pointers handed to the servers must still
+        # describe that many float32 values.
+        self.registered: Dict[int, Tuple[int, int]] = {}
         self.sync = True
         self.overlap = overlap
         self.hooks: List[Any] = []
@@ -53,7 +58,13 @@ class DistState:
             for p in group["params"]:
                 if p.numel() == 0 or id(p) in self.ids:
                     continue
+                if not p.is_contiguous():
+                    raise TypeError(
+                        "fastps: a parameter is not contiguous (a transposed or sliced view); the "
+                        "distributed mode reads and writes parameters in place. Make it contiguous "
+                        "before building the optimizer (p.data = p.data.contiguous())")
                 tid = self.cluster.next_tensor_id()
+                self.registered[id(p)] = (p.numel(), self.clock)
                 self.ids[id(p)] = tid
                 self.group_index[id(p)] = gi
                 data = p.detach()
@@ -80,18 +91,29 @@ class DistState:
             return
         if id(p) in self.inflight:
             raise FastPSError(
-                "fastps: a gradient was accumulated twice before optimizer.step(); for gradient "
-                "accumulation run the extra backward passes inside `with optimizer.no_sync():`")
+                "fastps: a parameter's gradient arrived twice before optimizer.step() completed the "
+                "round its first backward opened (in the distributed mode every backward that reaches "
+                "the optimizer's parameters sends their gradients). Call optimizer.step() after each "
+                "backward (also after one that was interrupted), or, for gradient accumulation or a "
+                "second loss backpropagated into the same parameters, run the extra backward passes "
+                "inside `with optimizer.no_sync():`")
         self._send(p)
 
     def _send(self, p: torch.Tensor) -> None:
         tid = self.ids[id(p)]
+        numel, base = self.registered[id(p)]
+        if p.dtype != torch.float32 or p.device.type != "cpu" or not p.is_contiguous() or p.numel() != numel:
+            check_param(p)  # dtype or device changed (model.double(), .to(...)): its TypeError
+            raise TypeError(
+                f"fastps: a parameter registered with {numel} contiguous float32 values now has "
+                f"{p.numel()} values, contiguous={p.is_contiguous()}; the distributed mode writes "
+                "parameters in place. Build the optimizer after the model's final shape and layout")
         hyper = self.opt._hyper(self.opt.param_groups[self.group_index[id(p)]])
         snapshot = grad_snapshot(p)
         g = p.grad
         if g is not None:
             g = check_grad(p, g)
-        clock = self.clock + 1
+        clock = self.clock + 1 - base  # the chunk's own round count
         push = self.client.push(tid, g.data_ptr() if g is not None else 0, hyper, clock)
         pull = self.client.pull(tid, p.detach().data_ptr(), clock)
         self.inflight[id(p)] = (push, pull, g, p, snapshot)
@@ -109,7 +131,8 @@ class DistState:
                 pull.wait()
             self._check_unchanged()
         except BaseException:
-            wait_all(f for push, pull, *_ in self.inflight.values() for f in (push, pull))
+            wait_all((f for push, pull, *_ in self.inflight.values() for f in (push, pull)),
+                     keep=list(self.inflight.values()))
             raise
         finally:
             self.inflight.clear()
@@ -162,7 +185,11 @@ class DistState:
             for i, n in enumerate(names):
                 futures.append(self.client.state_get(tid, i + 1, state[n].data_ptr()))
             if self.opt._has_step():
-                futures.append(self.client.state_get(tid, 255, state["step"].data_ptr()))
+                step = state["step"]
+                if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.numel() == 1):
+                    # the server sends one float32 (a loaded state dict may hold a float64 or a number)
+                    state["step"] = step = torch.tensor(float(step), dtype=torch.float32)
+                futures.append(self.client.state_get(tid, 255, step.data_ptr()))
         for f in futures:
             f.wait()
 
