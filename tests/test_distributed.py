@@ -309,17 +309,22 @@ def test_local_requests_queued_behind_a_busy_shard_use_their_own_data():
         torch.testing.assert_close(out, ref[k].detach(), rtol=1e-6, atol=1e-6)
 
 
-def test_re_register_fails_waiting_requests():
+def _two_workers_one_sum_key():
+    """A server of 2 workers with an SGD aggregation key 1 of 4 values; rank 0 registered it."""
     server = _C.PsServer(0, 2, num_shards=1, secret="s")
-    a = _C.PsClient(0, secret="s", timeout_s=5)
-    b = _C.PsClient(1, secret="s", timeout_s=5)
+    a, b = (_C.PsClient(r, secret="s", timeout_s=5) for r in (0, 1))
     for c in (a, b):
         c.connect([("127.0.0.1", server.port)])
     h = _C.OptimHyper()
     h.kind = _C.OptimKind.SGD
     z = torch.zeros(4)
-    # A request parked on a chunk that is registered again gets an error, not silence.
     a.register_dense(1, 4, True, h, z.data_ptr()).wait()
+    return server, a, b, h, z
+
+
+def test_re_register_fails_waiting_requests():
+    server, a, b, h, z = _two_workers_one_sum_key()
+    # A request parked on a chunk that is registered again gets an error, not silence.
     g, out = torch.ones(4), torch.empty(4)
     parked = a.push_pull(1, g.data_ptr(), out.data_ptr(), 1)  # waits for rank 1's push
     time.sleep(0.2)
@@ -380,14 +385,7 @@ def test_a_refused_sparse_load_leaves_the_table_usable(tmp_path):
 
 
 def test_a_second_connection_of_a_live_rank_closing_does_not_kill_the_rank():
-    server = _C.PsServer(0, 2, num_shards=1, secret="s")
-    a, b = (_C.PsClient(r, secret="s", timeout_s=5) for r in (0, 1))
-    for c in (a, b):
-        c.connect([("127.0.0.1", server.port)])
-    h = _C.OptimHyper()
-    h.kind = _C.OptimKind.SGD
-    z = torch.zeros(4)
-    a.register_dense(1, 4, True, h, z.data_ptr()).wait()
+    server, a, b, h, z = _two_workers_one_sum_key()
     b.register_dense(1, 4, True, h, 0).wait()
     stray = _C.PsClient(0, secret="s", timeout_s=5)  # claims rank 0 too (a tool, a restarted process)
     stray.connect([("127.0.0.1", server.port)])
