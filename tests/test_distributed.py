@@ -426,3 +426,33 @@ def test_late_param_group_non_contiguous_parameter_and_frozen_parameters(tmp_pat
             torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6)
         assert "not contiguous" in res["contiguity"], res["contiguity"]
         assert res["frozen_kept"]
+
+
+def test_ctrl_c_interrupts_a_wait_long_before_its_deadline(tmp_path):
+    """Native waits run in slices with the GIL's signal check between them, so
+    Ctrl-C while waiting for a peer that never pushes raises KeyboardInterrupt
+    at once, not at the (here 60 s) deadline."""
+    script = tmp_path / "wait.py"
+    script.write_text(
+        "import os, signal, threading, time, torch\n"
+        "from fastps import _C\n"
+        "server = _C.PsServer(0, 2, num_shards=1, secret='s')\n"
+        "c = _C.PsClient(0, secret='s', timeout_s=60)\n"
+        "c.connect([('127.0.0.1', server.port)])\n"
+        "h = _C.OptimHyper()\n"
+        "h.kind = _C.OptimKind.SGD\n"
+        "z, g, out = torch.zeros(4), torch.ones(4), torch.empty(4)\n"
+        "c.register_dense(1, 4, True, h, z.data_ptr()).wait()\n"
+        "f = c.push_pull(1, g.data_ptr(), out.data_ptr(), 1)  # rank 1 never pushes\n"
+        "threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
+        "t = time.monotonic()\n"
+        "try:\n"
+        "    f.wait()\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted after %.2f s' % (time.monotonic() - t))\n")
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=50)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith("interrupted after"), res.stdout + res.stderr[-2000:]
+    assert float(res.stdout.split()[2]) < 5.0

@@ -39,6 +39,16 @@ void DeliveryGate::close() {
   cv_.wait(lock, [&] { return active_ == 0; });
 }
 
+bool Future::wait_for(std::chrono::milliseconds slice) const {
+  try {
+    completion_->wait(Clock::now() + slice, what_);
+    return true;
+  } catch (const TimeoutError&) {
+    if (completion_->finished()) throw;  // the request's own error
+    return false;
+  }
+}
+
 void Future::wait(double timeout_s) const {
   auto timeout = timeout_s > 0 ? std::chrono::milliseconds(int64_t(timeout_s * 1000)) : timeout_;
   try {

@@ -66,6 +66,16 @@ class Future {
   // request's error, or TimeoutError; after a TimeoutError no reply of this
   // request writes into the caller's buffers any more.
   void wait(double timeout_s = 0) const;
+  // Waits at most `slice`: true once done (throwing the request's error as
+  // wait() does), false if not done yet. Closes nothing: for waits in slices
+  // (the bindings check for Ctrl-C between them).
+  bool wait_for(std::chrono::milliseconds slice) const;
+  // The caller gives up on the request (an interrupt): as after a timeout, no
+  // reply writes into its buffers any more once this returns.
+  void abandon() const {
+    if (gate_) gate_->close();
+  }
+  std::chrono::milliseconds timeout() const { return timeout_; }
 
  private:
   CompletionPtr completion_;

@@ -195,9 +195,10 @@ class DistributedOptimizer:
                     "step(); or pass overlap=False to average in step()")
             for _, g, *_ in self._inflight.values():
                 g.div_(self._cluster.world_size)
-        except BaseException:
+        except BaseException as e:
             _cluster.wait_all((fut for fut, *_ in self._inflight.values()),  # sums may still be landing
-                              keep=list(self._inflight.values()))
+                              keep=list(self._inflight.values()),
+                              timeout=0 if isinstance(e, KeyboardInterrupt) else None)
             raise
         finally:
             self._inflight.clear()
