@@ -4,7 +4,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <vector>
@@ -171,27 +170,13 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "wait",
           [](const Future& f, double timeout_s) {
-            // In slices, so that Ctrl-C (and other signal handlers) run within
-            // a fraction of a second rather than at the deadline.
-            using namespace std::chrono;
-            const auto limit = timeout_s > 0 ? milliseconds(int64_t(timeout_s * 1000)) : f.timeout();
-            const auto deadline = steady_clock::now() + limit;
-            for (;;) {
-              const auto left = duration_cast<milliseconds>(deadline - steady_clock::now());
-              if (left <= milliseconds(0)) {
-                py::gil_scoped_release release;
-                f.wait(0.001);  // TimeoutError (closing the request's buffers) unless it just finished
-                return;
-              }
-              {
-                py::gil_scoped_release release;
-                if (f.wait_for(std::min(left, milliseconds(100)))) return;
-              }
-              if (PyErr_CheckSignals() != 0) {
-                f.abandon();  // the caller's buffers may go with the exception
-                throw py::error_already_set();
-              }
-            }
+            py::gil_scoped_release release;
+            // Between slices of the wait: Python's signal handlers (Ctrl-C) run
+            // within Future::kWaitSlice rather than at the deadline.
+            f.wait(timeout_s, [] {
+              py::gil_scoped_acquire acquire;
+              if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+            });
           },
           py::arg("timeout") = 0.0,
           "Block until done (timeout <= 0: the client's deadline); raises the request's error. "

@@ -39,21 +39,23 @@ void DeliveryGate::close() {
   cv_.wait(lock, [&] { return active_ == 0; });
 }
 
-bool Future::wait_for(std::chrono::milliseconds slice) const {
+void Future::wait(double timeout_s, const std::function<void()>& between) const {
+  const auto deadline =
+      Clock::now() + (timeout_s > 0 ? std::chrono::milliseconds(int64_t(timeout_s * 1000)) : timeout_);
   try {
-    completion_->wait(Clock::now() + slice, what_);
-    return true;
-  } catch (const TimeoutError&) {
-    if (completion_->finished()) throw;  // the request's own error
-    return false;
-  }
-}
-
-void Future::wait(double timeout_s) const {
-  auto timeout = timeout_s > 0 ? std::chrono::milliseconds(int64_t(timeout_s * 1000)) : timeout_;
-  try {
-    completion_->wait(Clock::now() + timeout, what_);
-  } catch (const TimeoutError&) {
+    for (;;) {
+      const auto until = between ? std::min(deadline, Clock::now() + kWaitSlice) : deadline;
+      try {
+        completion_->wait(until, what_);
+        return;
+      } catch (const TimeoutError&) {
+        if (completion_->finished() || until == deadline) throw;  // the request's own error, or the deadline
+      }
+      between();
+    }
+  } catch (...) {
+    // The caller may free its buffers now (a timeout, an interrupt): close
+    // the gate, waiting out a delivery under way. Harmless once finished.
     if (gate_) gate_->close();
     throw;
   }

@@ -63,19 +63,12 @@ class Future {
       : completion_(std::move(completion)), what_(std::move(what)), timeout_(timeout), gate_(std::move(gate)) {}
   bool done() const { return completion_->finished(); }
   // Blocks until done; timeout_s <= 0 uses the client's timeout. Throws the
-  // request's error, or TimeoutError; after a TimeoutError no reply of this
+  // request's error, or TimeoutError. `between`, if set, runs every
+  // kWaitSlice while it waits (the bindings check for Ctrl-C there); an
+  // exception it throws ends the wait. After any exception no reply of this
   // request writes into the caller's buffers any more.
-  void wait(double timeout_s = 0) const;
-  // Waits at most `slice`: true once done (throwing the request's error as
-  // wait() does), false if not done yet. Closes nothing: for waits in slices
-  // (the bindings check for Ctrl-C between them).
-  bool wait_for(std::chrono::milliseconds slice) const;
-  // The caller gives up on the request (an interrupt): as after a timeout, no
-  // reply writes into its buffers any more once this returns.
-  void abandon() const {
-    if (gate_) gate_->close();
-  }
-  std::chrono::milliseconds timeout() const { return timeout_; }
+  void wait(double timeout_s = 0, const std::function<void()>& between = nullptr) const;
+  static constexpr std::chrono::milliseconds kWaitSlice{100};
 
  private:
   CompletionPtr completion_;
