@@ -7,7 +7,6 @@
 
 namespace fastps {
 
-
 void encode_sparse_config(const SparseTableConfig& c, uint8_t out[kSparseConfigSize]) {
   std::memset(out, 0, kSparseConfigSize);
   store_le32(out, uint32_t(kSparseConfigSize));

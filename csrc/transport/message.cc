@@ -27,7 +27,6 @@ Sha256Digest auth_mac(const std::string& secret, const uint8_t* first, const cha
   return mac.finish();
 }
 
-
 // Length of the valid UTF-8 sequence starting at p[0] (at most `left` bytes
 // available), or 0 if it is not valid (overlong, surrogate, > U+10FFFF).
 size_t utf8_sequence_length(const uint8_t* p, size_t left) {
