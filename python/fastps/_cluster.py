@@ -43,14 +43,16 @@ def transport_from_env() -> str:
 _PARKED: List[Tuple[List[Any], Any]] = []
 
 
-def wait_all(futures, keep: Any = None, timeout: Optional[float] = None) -> None:
-    """Wait for native futures, ignoring their errors, within one deadline for all of them
-    (the job's ``FASTPS_TIMEOUT`` unless ``timeout``). For error paths: the servers may
-    still read a gradient in place or write a parameter, so ``keep`` (whatever those
-    requests use) stays referenced until each of them finished; requests unfinished at
-    the deadline are parked with it instead of costing a deadline each."""
+def wait_all(futures, keep: Any, error: BaseException) -> None:
+    """After ``error``, wait for native futures, ignoring their errors, within one deadline
+    for all of them (the job's ``FASTPS_TIMEOUT``; none after a KeyboardInterrupt). For
+    error paths: the servers may still read a gradient in place or write a parameter, so
+    ``keep`` (whatever those requests use) stays referenced until each of them finished;
+    requests unfinished at the deadline are parked with it instead of costing a deadline each."""
     _PARKED[:] = [(fs, k) for fs, k in _PARKED if not all(f.done() for f in fs)]
-    if timeout is None:
+    if isinstance(error, KeyboardInterrupt):
+        timeout = 0.0  # Ctrl-C: leave at once
+    else:
         cl = cluster()
         timeout = cl.config.timeout if cl is not None else ClusterConfig.timeout
     deadline = time.monotonic() + timeout

@@ -197,8 +197,7 @@ class DistributedOptimizer:
                 g.div_(self._cluster.world_size)
         except BaseException as e:
             _cluster.wait_all((fut for fut, *_ in self._inflight.values()),  # sums may still be landing
-                              keep=list(self._inflight.values()),
-                              timeout=0 if isinstance(e, KeyboardInterrupt) else None)
+                              list(self._inflight.values()), e)
             raise
         finally:
             self._inflight.clear()

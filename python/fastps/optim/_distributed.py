@@ -131,9 +131,8 @@ class DistState:
                 pull.wait()
             self._check_unchanged()
         except BaseException as e:
-            # Ctrl-C: do not wait for anything; the requests keep their buffers until they end.
             wait_all((f for push, pull, *_ in self.inflight.values() for f in (push, pull)),
-                     keep=list(self.inflight.values()), timeout=0 if isinstance(e, KeyboardInterrupt) else None)
+                     list(self.inflight.values()), e)
             raise
         finally:
             self.inflight.clear()
