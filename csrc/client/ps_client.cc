@@ -39,17 +39,26 @@ void DeliveryGate::close() {
   cv_.wait(lock, [&] { return active_ == 0; });
 }
 
-void Future::wait(double timeout_s, const std::function<void()>& between) const {
+void Future::wait(double timeout_s, const std::function<void()>& between,
+                  std::chrono::microseconds slice) const {
   const auto deadline =
       Clock::now() + (timeout_s > 0 ? std::chrono::milliseconds(int64_t(timeout_s * 1000)) : timeout_);
   try {
     for (;;) {
-      const auto until = between ? std::min(deadline, Clock::now() + kWaitSlice) : deadline;
+      const auto until = between ? std::min(deadline, Clock::now() + slice) : deadline;
       try {
         completion_->wait(until, what_);
         return;
       } catch (const TimeoutError&) {
-        if (completion_->finished() || until == deadline) throw;  // the request's own error, or the deadline
+        // Either the request's own error (it finished with a TimeoutError), or
+        // this slice ended. A request that finished as the slice ended has its
+        // result: wait() on a finished completion returns it, or throws the
+        // request's own error, never the slice's timeout.
+        if (completion_->finished()) {
+          completion_->wait(deadline, what_);
+          return;
+        }
+        if (until == deadline) throw;
       }
       between();
     }

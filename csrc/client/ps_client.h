@@ -66,8 +66,11 @@ class Future {
   // request's error, or TimeoutError. `between`, if set, runs every
   // kWaitSlice while it waits (the bindings check for Ctrl-C there); an
   // exception it throws ends the wait. After any exception no reply of this
-  // request writes into the caller's buffers any more.
-  void wait(double timeout_s = 0, const std::function<void()>& between = nullptr) const;
+  // request writes into the caller's buffers any more. A request that
+  // completes as a slice ends returns its result (or its own error), never
+  // the slice's timeout. `slice` is kWaitSlice except in tests.
+  void wait(double timeout_s = 0, const std::function<void()>& between = nullptr,
+            std::chrono::microseconds slice = kWaitSlice) const;
   static constexpr std::chrono::milliseconds kWaitSlice{100};
 
  private:
