@@ -10,6 +10,7 @@
 
 #include "client/embedded_client.h"
 #include "client/ps_client.h"
+#include "table/grad_scale.h"
 #include "server/ps_server.h"
 #include "transport/shm.h"
 #include "common/error.h"
@@ -274,11 +275,24 @@ PYBIND11_MODULE(_C, m) {
           py::arg("tensor_id"), py::arg("dst"), py::arg("min_version"))
       .def(
           "push_pull",
-          [](PsClient& c, uint32_t tid, uintptr_t src, uintptr_t dst, uint32_t clock) {
+          [](PsClient& c, uint32_t tid, uintptr_t src, uintptr_t dst, uint32_t clock, bool deferred) {
             py::gil_scoped_release release;
-            return c.push_pull(tid, as_ptr<const float>(src), as_ptr<float>(dst), clock);
+            return c.push_pull(tid, as_ptr<const float>(src), as_ptr<float>(dst), clock, deferred);
           },
-          py::arg("tensor_id"), py::arg("src"), py::arg("dst"), py::arg("clock"))
+          py::arg("tensor_id"), py::arg("src"), py::arg("dst"), py::arg("clock"), py::arg("deferred") = false,
+          "Push src (0: a skip) and receive the round's sum (aggregation keys) into dst; with "
+          "deferred=True, an optimizer key's round mean, applied only at apply().")
+      .def(
+          "apply",
+          [](PsClient& c, uint32_t tid, const OptimHyper& h, uintptr_t dst, uintptr_t grad, float scale,
+             bool skip) {
+            py::gil_scoped_release release;
+            return c.apply(tid, h, as_ptr<float>(dst), as_ptr<const float>(grad), scale, skip);
+          },
+          py::arg("tensor_id"), py::arg("hyper"), py::arg("dst"), py::arg("grad") = 0, py::arg("scale") = 1.0f,
+          py::arg("skip") = false,
+          "This worker's contribution to a deferred round's step: a full gradient (grad), none "
+          "(skip) or the round's mean times scale; the new parameters land in dst.")
       .def(
           "state_get",
           [](PsClient& c, uint32_t tid, int buffer, uintptr_t dst) {
@@ -296,6 +310,16 @@ PYBIND11_MODULE(_C, m) {
       .def("stats", [](const PsClient& c) { return bind::stats_dict(c.stats()); },
            "Bytes and messages this client sent and received over the transport (local "
            "requests to the colocated server are not counted).");
+
+  m.def(
+      "uniform_scale",
+      [](uintptr_t edited, uintptr_t mean, int64_t n) {
+        FASTPS_CHECK(n >= 0 && (n == 0 || (edited != 0 && mean != 0)), "uniform_scale: bad arguments");
+        py::gil_scoped_release release;
+        return uniform_scale(as_ptr<const float>(edited), as_ptr<const float>(mean), n);
+      },
+      py::arg("edited"), py::arg("mean"), py::arg("n"),
+      "The float32 factor s with edited == mean * s (exactly, else within 2 ulps), or NaN.");
 
   bind_sparse(m);
   bind_sparse_client(ps_client);

@@ -13,6 +13,8 @@
                                            the error fastps.optim raised
     dist_worker.py wrap_clip SYNC STEPS OUT  DistributedOptimizer(SGD), clip_grad_norm_ after backward,
                                            after opt.synchronize() if SYNC is "sync"; params or the error
+    dist_worker.py edits OPTION OUT        tests/_edits.py's loop with fastps.optim.AdamW: GradScaler, clipping,
+                                           accumulation, lr per step; its log and parameters
     dist_worker.py edges OUT               add_param_group after 3 steps of fastps.optim.SGD, then 3 more;
                                            a non-contiguous parameter; DistributedOptimizer(AdamW) with a
                                            frozen parameter
@@ -207,6 +209,13 @@ def main() -> int:
         emb, model, x, y = emb_model_and_data()
         # A pull after every step: waits for the step's round.
         return train_until_failure(model, x, y, sys.argv[2], after_step=lambda: emb.lookup(torch.tensor([1])))
+    elif mode == "edits":
+        import _edits
+        option, out = sys.argv[2], sys.argv[3]
+        model, x, y = _edits.model_and_data()
+        opt = fastps.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+        log = _edits.run(model, opt, x, y, option, rank=RANK, world=WORLD, no_sync=opt.no_sync)
+        torch.save({"log": log, "params": [p.detach() for p in model.parameters()]}, f"{out}.{RANK}")
     elif mode == "edges":
         out = sys.argv[2]
         model, x, y = model_and_data(seed_by_rank=False)  # the late group's layers start alike everywhere

@@ -96,17 +96,19 @@ def test_distributed_optimizer_matches_ddp(tmp_path, name):
         assert ours[r]["losses"] == pytest.approx(ddp[r]["losses"], rel=1e-5, abs=1e-6)
 
 
-@pytest.mark.parametrize("overlap", ["1", "0"])
-def test_gradient_edited_after_its_push_raises(tmp_path, overlap):
-    """clip_grad_norm_ between backward and step(): with overlap the gradients already
-    left during backward, so step() raises instead of silently ignoring the clip;
-    without overlap they are pushed in step(), after it."""
+@pytest.mark.parametrize("env,raises", [({"FASTPS_OVERLAP": "1"}, False), ({"FASTPS_OVERLAP": "0"}, False),
+                                        ({"FASTPS_STALENESS": "2"}, True)])
+def test_gradient_edited_after_its_push(tmp_path, env, raises):
+    """clip_grad_norm_ between backward and step(): under BSP the round is deferred (Note
+    [Deferred apply]) and the clipped gradient is what the servers apply (tests/test_grad_edits.py
+    checks the values); under SSP each push is applied as it arrives, so step() raises instead of
+    silently ignoring the clip."""
     out = tmp_path / "res"
-    with Job(2, ["clip", str(out)], env={"FASTPS_OVERLAP": overlap}) as job:
+    with Job(2, ["clip", str(out)], env=env) as job:
         check(job.wait())
     for r in range(2):
         text = Path(f"{out}.{r}").read_text()
-        if overlap == "1":
+        if raises:
             assert text.startswith("FastPSError") and "FASTPS_OVERLAP=0" in text, text
         else:
             assert text == "ok", text

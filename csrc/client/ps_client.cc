@@ -212,7 +212,8 @@ FuturePtr PsClient::pull(uint32_t tensor_id, float* dst, uint32_t min_version) {
       "PULL");
 }
 
-FuturePtr PsClient::push_pull(uint32_t tensor_id, const float* src, float* dst, uint32_t clock) {
+FuturePtr PsClient::push_pull(uint32_t tensor_id, const float* src, float* dst, uint32_t clock,
+                             bool deferred) {
   return request(
       tensor_id, Op::kPushPull, dst, true, -1,
       [&](MessageHeader& h, std::vector<ConstBuffer>& segs, int64_t begin, int64_t n) {
@@ -222,8 +223,32 @@ FuturePtr PsClient::push_pull(uint32_t tensor_id, const float* src, float* dst, 
         } else {
           h.flags = kFlagSkip;
         }
+        if (deferred) h.flags |= kFlagDeferred;
       },
       "PUSH_PULL");
+}
+
+FuturePtr PsClient::apply(uint32_t tensor_id, const OptimHyper& hyper, float* dst, const float* grad,
+                          float scale, bool skip) {
+  auto block = std::make_shared<std::vector<uint8_t>>(kOptimConfigSize + 4);
+  encode_optim_config(hyper, block->data());
+  std::memcpy(block->data() + kOptimConfigSize, &scale, 4);  // little-endian hosts only, as the floats
+  return request(
+      tensor_id, Op::kApply, dst, true, -1,
+      [&](MessageHeader& h, std::vector<ConstBuffer>& segs, int64_t begin, int64_t n) {
+        h.flags = kFlagConfig;
+        if (grad != nullptr) {
+          segs.push_back({block->data(), kOptimConfigSize});
+          segs.push_back({grad + begin, size_t(n) * 4});
+        } else if (skip) {
+          h.flags |= kFlagSkip;
+          segs.push_back({block->data(), kOptimConfigSize});
+        } else {
+          h.flags |= kFlagScale;
+          segs.push_back({block->data(), kOptimConfigSize + 4});
+        }
+      },
+      "APPLY");
 }
 
 FuturePtr PsClient::state_get(uint32_t tensor_id, int buffer, float* dst) {

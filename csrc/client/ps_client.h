@@ -107,7 +107,18 @@ class PsClient {
   // `grad` null = a skip (this worker has no gradient this round).
   FuturePtr push(uint32_t tensor_id, const float* grad, const OptimHyper& hyper, uint32_t clock);
   FuturePtr pull(uint32_t tensor_id, float* dst, uint32_t min_version);
-  FuturePtr push_pull(uint32_t tensor_id, const float* src, float* dst, uint32_t clock);
+  // deferred: a fastps.optim chunk under BSP answers with the round's mean
+  // gradient and applies nothing until every worker's apply() (Note [Deferred
+  // apply] in server/ps_server.cc); `src` null = a skip (dst may be null then).
+  FuturePtr push_pull(uint32_t tensor_id, const float* src, float* dst, uint32_t clock,
+                      bool deferred = false);
+  // This worker's contribution to the step of a deferred round (or of a round
+  // with no pushed mean: full gradients or skips only): `grad` non-null = a
+  // full gradient; else `skip` = none; else the round's mean times `scale`.
+  // Completes with the updated parameters in dst once every worker's apply()
+  // arrived.
+  FuturePtr apply(uint32_t tensor_id, const OptimHyper& hyper, float* dst, const float* grad, float scale,
+                  bool skip);
   // buffer: 0 = parameter, 1..3 = optimizer state, 255 = step counter (1 float)
   FuturePtr state_get(uint32_t tensor_id, int buffer, float* dst);
   FuturePtr state_set(uint32_t tensor_id, int buffer, const float* src);

@@ -14,12 +14,20 @@ namespace fastps {
 
 namespace {
 
+// What a parked request is answered with once it is ready.
+enum class Answer : uint8_t {
+  kParam,  // PULL, PUSH_PULL: the parameters (or a sum-only chunk's sum) at version `need`
+  kMean,   // deferred PUSH_PULL: the round's mean gradient (Note [Deferred apply])
+  kApply,  // APPLY: the parameters once the round is applied
+};
+
 struct Waiting {
   ConnId conn;
   uint64_t request_id;
   uint64_t key;
   uint32_t need;    // version (BSP/sum) or clock bound (SSP) this request waits for
   int worker;
+  Answer answer = Answer::kParam;
 };
 
 struct PsChunk {
@@ -40,6 +48,16 @@ struct PsChunk {
   uint32_t version = 0;       // completed rounds (BSP) or applied pushes (SSP/ASP)
   std::vector<uint32_t> clock;  // pushes per worker (SSP/ASP)
   std::vector<Waiting> waiting;
+  // Note [Deferred apply]: the state of a round whose mean was sent back
+  // and waits for every worker's APPLY.
+  bool deferred_round = false;  // the round being pushed is a deferred one
+  bool mean_ready = false;      // accum holds the last round's mean, not yet applied
+  bool apply_open = false;      // an APPLY round is collecting contributions
+  int applies = 0;              // APPLYs received in it
+  std::vector<uint8_t> applied;  // which workers sent theirs
+  std::vector<float> scales;    // scale contributions, one per worker that sent one
+  int full = 0;                 // full-gradient contributions summed into `contrib`
+  std::vector<float> contrib;
 };
 
 struct MessageTask : Task {
@@ -199,6 +217,7 @@ class Handler {
         case Op::kPull: return do_pull(conn, worker, m);
         case Op::kStateGet: return do_state_get(conn, m);
         case Op::kStateSet: return do_state_set(conn, m);
+        case Op::kApply: return do_apply(conn, worker, m);
         case Op::kPing: return reply(conn, m.header, Op::kPong, body(m), m.header.payload_len,
                                      m.header.count);
         default:
@@ -312,13 +331,20 @@ class Handler {
     const bool skip = (m.header.flags & kFlagSkip) != 0;
     const float* g = skip ? nullptr : floats(m, off, c.numel);
     const bool push_pull = m.header.op == Op::kPushPull;
+    const bool deferred = (m.header.flags & kFlagDeferred) != 0;
+    FASTPS_CHECK(!deferred || (push_pull && !c.sum_only && opt_.staleness == 0),
+                 "a deferred push must be a PUSH_PULL to an optimizer chunk under BSP (staleness 0)");
     if (!c.sum_only) c.hyper = hyper;
     if (c.sum_only || opt_.staleness == 0) {
       // One round at a time (Note [Consistency]).
       if (c.pushes == 0) {
+        if (c.mean_ready || c.apply_open) close_unapplied_round(c, worker);
+        c.deferred_round = deferred;
         c.contributors = 0;
         c.pushed.assign(opt_.num_workers, 0);
       }
+      FASTPS_CHECK(c.deferred_round == deferred, "worker rank ", worker, " mixed deferred and immediate ",
+                   "pushes of key ", m.header.key, " in one round (every rank must run the same mode)");
       FASTPS_CHECK(!c.pushed[worker], "worker rank ", worker, " pushed key ", m.header.key,
                    " twice in round ", c.version + 1,
                    " (accumulating gradients over several backward passes needs no_sync())");
@@ -354,7 +380,8 @@ class Handler {
       ++c.pushes;
       const uint32_t round = c.version + 1;
       if (push_pull) {
-        c.waiting.push_back(Waiting{conn, m.header.request_id, m.header.key, round, worker});
+        c.waiting.push_back(Waiting{conn, m.header.request_id, m.header.key, round, worker,
+                                    deferred ? Answer::kMean : Answer::kParam});
       } else {
         reply(conn, m.header, Op::kReply, nullptr, 0, 0);
       }
@@ -389,6 +416,16 @@ class Handler {
       drop_deferred(c);
     }
     if (c.contributors == 0) c.accum.assign(c.numel, 0.0f);  // every worker skipped
+    if (c.deferred_round) {  // Note [Deferred apply]: the mean goes back, the step waits
+      if (c.contributors > 0) {
+        const float w = float(opt_.num_workers);
+        for (float& x : c.accum) x /= w;
+      }
+      c.pushes = 0;
+      c.mean_ready = true;
+      serve_waiting(0, c);
+      return;
+    }
     if (c.sum_only) {
       c.param.swap(c.accum);
     } else if (c.contributors > 0) {
@@ -399,6 +436,137 @@ class Handler {
     c.pushes = 0;
     c.version += 1;
     serve_waiting(0, c);
+  }
+
+  // Note [Deferred apply]
+  // Under BSP, fastps.optim pushes gradients during backward as deferred
+  // PUSH_PULLs: the round's mean (sum / W) is computed as for an immediate
+  // round but sent back to every worker instead of being applied, so that
+  // after backward each rank's .grad holds what DDP's all-reduce leaves there
+  // and a script may clip, unscale or log it. In optimizer.step() every worker
+  // sends one APPLY per chunk with its contribution: SKIP (none: no gradient,
+  // or another rank's turn), SCALE (the mean times one float32 factor, as
+  // clip_grad_norm_ or GradScaler.unscale_ leave it: 4 bytes instead of a
+  // gradient), or a full gradient (any other edit). When all W arrived, the
+  // step's gradient is the average of the contributions (exactly mean * s
+  // when every contribution is the same scale s; nothing is applied when all
+  // abstain), the optimizer runs once with the APPLYs' hyperparameters, and
+  // each APPLY is answered with the new parameters. An APPLY round may also
+  // open without a pushed mean (full or SKIP contributions only): a model
+  // kept in DistributedDataParallel has its gradients averaged already, and
+  // one rank per tensor sends them. A round whose mean nobody applied (every
+  // rank skipped step(), as GradScaler does on an overflow) is dropped when
+  // the next round's first push arrives; one that only some ranks applied is
+  // an error for all of them.
+  void do_apply(ConnId conn, int worker, Message& m) {
+    FASTPS_CHECK(worker >= 0 && worker < opt_.num_workers, "APPLY from rank ", worker,
+                 " but the job has ", opt_.num_workers, " workers");
+    PsChunk& c = chunk(m.header.key);
+    FASTPS_CHECK(!c.sum_only && opt_.staleness == 0,
+                 "APPLY needs an optimizer chunk under BSP (staleness 0); key ", m.header.key, " is not one");
+    FASTPS_CHECK(c.pushes == 0, "APPLY of key ", m.header.key, " while its round still collects pushes (",
+                 c.pushes, " of ", opt_.num_workers, "): a round's pushes all come before its APPLYs");
+    OptimHyper hyper = c.hyper;
+    const size_t off = read_config(m, &hyper);
+    const bool skip = (m.header.flags & kFlagSkip) != 0;
+    const bool scaled = (m.header.flags & kFlagScale) != 0;
+    FASTPS_CHECK(!(skip && scaled), "APPLY with both SKIP and SCALE");
+    FASTPS_CHECK(!scaled || c.mean_ready, "APPLY with a SCALE of key ", m.header.key,
+                 " but no round mean to scale (push the round's gradients first)");
+    const float* scale = scaled ? floats(m, off, 1) : nullptr;
+    const float* g = skip || scaled ? nullptr : floats(m, off, c.numel);
+    if (!c.apply_open) {
+      c.apply_open = true;
+      c.applies = 0;
+      c.applied.assign(opt_.num_workers, 0);
+      c.scales.clear();
+      c.full = 0;
+    }
+    FASTPS_CHECK(!c.applied[worker], "worker rank ", worker, " sent APPLY twice for key ", m.header.key,
+                 " in one round");
+    c.applied[worker] = 1;
+    ++c.applies;
+    c.hyper = hyper;
+    if (scale != nullptr) {
+      c.scales.push_back(*scale);
+    } else if (g != nullptr) {
+      if (c.full == 0) {
+        c.contrib.assign(g, g + c.numel);
+      } else {
+        float* a = c.contrib.data();
+        for (int64_t i = 0; i < c.numel; ++i) a[i] += g[i];
+      }
+      ++c.full;
+    }
+    c.waiting.push_back(Waiting{conn, m.header.request_id, m.header.key, 0, worker, Answer::kApply});
+    if (c.applies == opt_.num_workers) {
+      finish_apply(c);
+    } else {
+      fail_unreachable(m.header.key, c, "");
+    }
+  }
+
+  void finish_apply(PsChunk& c) {
+    const int k = c.full + int(c.scales.size());
+    if (k > 0) {
+      const bool uniform = c.full == 0 && std::all_of(c.scales.begin(), c.scales.end(),
+                                                      [&](float s) { return s == c.scales[0]; });
+      const float* grad;
+      if (uniform) {  // exactly fl(mean * s), as the workers' .grad holds it
+        const float s = c.scales[0];
+        if (s != 1.0f)
+          for (float& x : c.accum) x *= s;
+        grad = c.accum.data();
+      } else {
+        if (c.full == 0) c.contrib.assign(c.numel, 0.0f);
+        float* a = c.contrib.data();
+        const float* mean = c.accum.data();
+        for (float s : c.scales)
+          for (int64_t i = 0; i < c.numel; ++i) a[i] += mean[i] * s;
+        if (k > 1) {
+          const float kf = float(k);
+          for (int64_t i = 0; i < c.numel; ++i) a[i] /= kf;
+        }
+        grad = a;
+      }
+      apply(c, grad);
+    }
+    c.version += 1;
+    c.apply_open = false;
+    c.mean_ready = false;
+    serve_waiting(0, c);
+  }
+
+  // A push opens a new round while the last deferred one was not applied:
+  // dropped if no rank applied it (all skipped step()); an error for every
+  // rank involved if only some did.
+  void close_unapplied_round(PsChunk& c, int worker) {
+    if (c.apply_open && c.applies > 0) {
+      std::string who;
+      for (int w = 0; w < opt_.num_workers; ++w)
+        if (c.applied[w]) who += detail::concat(who.empty() ? "" : ", ", w);
+      const std::string msg = detail::concat(
+          "server ", opt_.server_id, ": worker rank ", worker,
+          " pushed the next round's gradient while rank(s) ", who,
+          " ran optimizer.step() for the last one; every rank must call step() after the same "
+          "backward passes, or every rank skip it (GradScaler skips on every rank alike)");
+      auto keep = c.waiting.begin();
+      for (auto it = c.waiting.begin(); it != c.waiting.end(); ++it) {
+        if (it->answer == Answer::kApply) {
+          error(it->conn, it->request_id, it->key, Status::kInvalidArgument, msg);
+        } else {
+          *keep++ = *it;
+        }
+      }
+      c.waiting.erase(keep, c.waiting.end());
+      c.apply_open = false;
+      c.mean_ready = false;
+      c.version += 1;
+      throw InvalidArgument(msg);
+    }
+    c.apply_open = false;
+    c.mean_ready = false;
+    c.version += 1;  // the dropped round
   }
 
   void apply(PsChunk& c, const float* grad) {
@@ -442,11 +610,21 @@ class Handler {
   void serve_waiting(uint64_t, PsChunk& c) {
     auto keep = c.waiting.begin();
     for (auto it = c.waiting.begin(); it != c.waiting.end(); ++it) {
-      if (ready(c, it->need)) {
+      bool now = false;
+      const float* values = c.param.data();
+      switch (it->answer) {
+        case Answer::kParam: now = ready(c, it->need); break;
+        case Answer::kMean:
+          now = c.mean_ready;
+          values = c.accum.data();
+          break;
+        case Answer::kApply: now = !c.apply_open; break;
+      }
+      if (now) {
         MessageHeader h;
         h.request_id = it->request_id;
         h.key = it->key;
-        reply(it->conn, h, Op::kReply, c.param.data(), c.numel * 4, uint32_t(c.numel));
+        reply(it->conn, h, Op::kReply, values, c.numel * 4, uint32_t(c.numel));
       } else {
         *keep++ = *it;
       }

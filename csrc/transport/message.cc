@@ -59,7 +59,7 @@ size_t utf8_sequence_length(const uint8_t* p, size_t left) {
 }  // namespace
 
 bool is_known_op(uint8_t op) {
-  return (op >= 1 && op <= 10) || (op >= 16 && op <= 24) || (op >= 32 && op <= 37);
+  return (op >= 1 && op <= 10) || (op >= 16 && op <= 25) || (op >= 32 && op <= 37);
 }
 
 bool is_transport_op(Op op) { return op == Op::kShmOffer || op == Op::kShmAccept || op == Op::kShmDecline; }
@@ -89,6 +89,7 @@ std::string op_name(Op op) {
     case Op::kShutdown: return "SHUTDOWN";
     case Op::kStateGet: return "STATE_GET";
     case Op::kStateSet: return "STATE_SET";
+    case Op::kApply: return "APPLY";
     case Op::kSparseCreate: return "SPARSE_CREATE";
     case Op::kSparsePull: return "SPARSE_PULL";
     case Op::kSparsePush: return "SPARSE_PUSH";

@@ -61,6 +61,7 @@ enum class Op : uint8_t {
   kShutdown = 22,
   kStateGet = 23,
   kStateSet = 24,
+  kApply = 25,      // the step of a deferred round (Note [Deferred apply] in server/ps_server.cc)
   // Sparse tables (32-63; see docs/protocol.md "Sparse tables").
   kSparseCreate = 32,
   kSparsePull = 33,
@@ -72,9 +73,11 @@ enum class Op : uint8_t {
 
 // Header flag bits (docs/protocol.md, "Flags"). Any other bit is a protocol error.
 constexpr uint8_t kFlagConfig = 0x01;  // PUSH/PUSH_PULL/REGISTER: payload starts with a config block
-constexpr uint8_t kFlagSkip = 0x02;    // PUSH/PUSH_PULL: no gradient this round (counts as a push)
+constexpr uint8_t kFlagSkip = 0x02;    // PUSH/PUSH_PULL/APPLY: no gradient this round (counts as a push)
 constexpr uint8_t kFlagSum = 0x04;     // REGISTER: an aggregation-only chunk (no optimizer)
-constexpr uint8_t kKnownFlags = kFlagConfig | kFlagSkip | kFlagSum;
+constexpr uint8_t kFlagDeferred = 0x08;  // PUSH_PULL: reply with the round's mean; apply at APPLY
+constexpr uint8_t kFlagScale = 0x10;     // APPLY: the contribution is one float32 scale of the mean
+constexpr uint8_t kKnownFlags = kFlagConfig | kFlagSkip | kFlagSum | kFlagDeferred | kFlagScale;
 
 // Status codes of ERROR frames (0 everywhere else).
 enum class Status : uint32_t {

@@ -2,11 +2,23 @@
 
 Used when the process is one rank of a job (see fastps/_cluster.py). The
 optimizer state lives only on the servers. Gradients are pushed from
-``Tensor.register_post_accumulate_grad_hook`` while backward still runs, and
-the pull of each parameter is issued right behind its push: the server answers
-it as soon as the chunk's update is applied (under BSP: once every worker
-pushed). ``step()`` pushes whatever the hooks did not (parameters whose
-gradient was set by hand, or that have none: a "skip"), then waits.
+``Tensor.register_post_accumulate_grad_hook`` while backward still runs.
+
+Under BSP (the default) a round is deferred (Note [Deferred apply] in
+csrc/server/ps_server.cc): the servers send the mean of all ranks' gradients
+back into each rank's ``.grad`` before ``backward()`` returns, as DDP's
+all-reduce does, so a script may clip, unscale or log them; ``step()`` then
+sends one contribution per tensor (nothing, one scale factor such as
+clipping's, or the edited gradient) and the servers apply the optimizer once
+and return the parameters. A model kept in ``DistributedDataParallel`` has its
+gradients averaged by DDP already: nothing is pushed during backward, and in
+``step()`` one rank per tensor sends its gradient (the optimizer state stays
+on the servers, sharded).
+
+Under SSP/ASP, or with ``FASTPS_OVERLAP=0``, each push is applied as it
+arrives (SSP/ASP) or at the end of its round, and the pull of each parameter
+is issued right behind its push; gradients edited after they were pushed are
+detected and refused.
 
 Parameters are overwritten in place by the pulled values as replies arrive.
 """
@@ -14,10 +26,13 @@ Parameters are overwritten in place by the pulled values as replies arrive.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, List, Tuple
+import gc
+import math
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from .. import _C
 from ..errors import FastPSError
 from .._cluster import wait_all
 from .._tensor import GradSnapshot, check_grad, check_param, grad_changed, grad_snapshot
@@ -46,6 +61,19 @@ class DistState:
         self.sync = True
         self.overlap = overlap
         self.hooks: List[Any] = []
+        # Note [Deferred apply]: BSP with the pushes in backward.
+        self.deferred = overlap and cluster.config.staleness == 0
+        self.ddp: Optional[bool] = None  # a DDP wrapper averages the gradients (decided once)
+        # id(p) -> (mean future, the gradient the mean lands in or None, the parameter)
+        self.round: Dict[int, Tuple[Any, Optional[torch.Tensor], torch.Tensor]] = {}
+        self.round_landed = False  # the round's means are in .grad; step() not yet called
+        self.backward_open = False  # an end-of-backward callback is queued
+        # id(p) -> .grad as the mean left it (to tell an edit from none)
+        self.landed: Dict[int, GradSnapshot] = {}
+        # Copies of the means, kept once a step saw an edit: a uniform scale
+        # (clipping, unscaling) is then recognised and sent as one number.
+        self.keep_means = False
+        self.means: Dict[int, torch.Tensor] = {}
 
     # -- registration ----------------------------------------------------------
     def register_groups(self, groups: List[Dict[str, Any]]) -> None:
@@ -89,6 +117,22 @@ class DistState:
     def _hook(self, p: torch.Tensor) -> None:
         if not self.sync:
             return
+        if self.ddp is None:
+            self.ddp = self._wrapped_in_ddp()
+        if self.ddp:
+            return  # DDP averages the gradients; step() sends them (Note [Deferred apply])
+        if self.deferred:
+            if not self.backward_open:
+                self.backward_open = True
+                if self.round_landed:
+                    # Another backward before step() (GradScaler skipped it, or
+                    # accumulation without no_sync()): the servers drop the
+                    # unapplied round when this one's first push arrives, and
+                    # .grad (mean + this backward's) is averaged again, as DDP does.
+                    self._clear_round()
+                torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+            self._send_mean(p)
+            return
         if id(p) in self.inflight:
             raise FastPSError(
                 "fastps: a parameter's gradient arrived twice before optimizer.step() completed the "
@@ -99,16 +143,21 @@ class DistState:
                 "inside `with optimizer.no_sync():`")
         self._send(p)
 
-    def _send(self, p: torch.Tensor) -> None:
+    def _checked(self, p: torch.Tensor) -> Tuple[int, Any]:
+        """(tensor id, hyperparameters) of a registered parameter still as it was registered."""
         tid = self.ids[id(p)]
-        numel, base = self.registered[id(p)]
+        numel, _ = self.registered[id(p)]
         if p.dtype != torch.float32 or p.device.type != "cpu" or not p.is_contiguous() or p.numel() != numel:
             check_param(p)  # dtype or device changed (model.double(), .to(...)): its TypeError
             raise TypeError(
                 f"fastps: a parameter registered with {numel} contiguous float32 values now has "
                 f"{p.numel()} values, contiguous={p.is_contiguous()}; the distributed mode writes "
                 "parameters in place. Build the optimizer after the model's final shape and layout")
-        hyper = self.opt._hyper(self.opt.param_groups[self.group_index[id(p)]])
+        return tid, self.opt._hyper(self.opt.param_groups[self.group_index[id(p)]])
+
+    def _send(self, p: torch.Tensor) -> None:
+        tid, hyper = self._checked(p)
+        _, base = self.registered[id(p)]
         snapshot = grad_snapshot(p)
         g = p.grad
         if g is not None:
@@ -118,7 +167,136 @@ class DistState:
         pull = self.client.pull(tid, p.detach().data_ptr(), clock)
         self.inflight[id(p)] = (push, pull, g, p, snapshot)
 
+    # -- deferred rounds (Note [Deferred apply]) ----------------------------------
+    def _wrapped_in_ddp(self) -> bool:
+        """Whether a DistributedDataParallel module holds any of these parameters.
+
+        Looked up once (the first backward or step), among the live objects."""
+        ddp_type = torch.nn.parallel.DistributedDataParallel
+        ours = set(self.ids)
+        for obj in gc.get_objects():
+            if isinstance(obj, ddp_type) and any(id(q) in ours for q in obj.module.parameters()):
+                return True
+        return False
+
+    def _send_mean(self, p: torch.Tensor) -> None:
+        """Push p's gradient; the round's mean lands back in p.grad."""
+        tid, _ = self._checked(p)
+        g = p.grad
+        if g is not None:
+            g = check_grad(p, g)
+            if g is not p.grad:
+                p.grad = g  # contiguous now: the mean lands in .grad itself
+        ptr = g.data_ptr() if g is not None else 0
+        fut = self.client.push_pull(tid, ptr, ptr, self.clock + 1, deferred=True)
+        self.round[id(p)] = (fut, g, p)
+
+    def _backward_done(self) -> None:
+        """End of a backward that pushed: the other parameters' skips, then every mean."""
+        self.backward_open = False
+        self._finish_round()
+
+    def _finish_round(self) -> None:
+        for p, _group, _tid, _names in self._registered():
+            if id(p) not in self.round:
+                if p.grad is not None:
+                    self._send_mean(p)
+                else:
+                    self._send_skip(p)
+        try:
+            for fut, _, _ in self.round.values():
+                fut.wait()
+        except BaseException as e:
+            wait_all((f for f, _, _ in self.round.values()), list(self.round.values()), e)
+            self._clear_round()
+            self.clock += 1
+            raise
+        for key, (_, g, p) in self.round.items():
+            if g is None:
+                continue
+            self.landed[key] = grad_snapshot(p)
+            if self.keep_means:
+                m = self.means.get(key)
+                if m is None or m.shape != g.shape:
+                    self.means[key] = m = torch.empty_like(g)
+                m.copy_(g)
+        self.round_landed = True
+
+    def _send_skip(self, p: torch.Tensor) -> None:
+        tid, _ = self._checked(p)
+        self.round[id(p)] = (self.client.push_pull(tid, 0, 0, self.clock + 1, deferred=True), None, p)
+
+    def _clear_round(self) -> None:
+        self.round.clear()
+        self.landed.clear()
+        self.round_landed = False
+        self.clock += 1
+
+    def _contribution(self, key: int, p: torch.Tensor) -> Tuple[int, float, bool, Optional[torch.Tensor]]:
+        """(gradient address or 0, scale, skip, tensor to keep alive) for p's APPLY."""
+        g = p.grad
+        if g is None:
+            return 0, 1.0, True, None
+        snap = self.landed.get(key)
+        if snap is not None and not grad_changed(p, snap):
+            return 0, 1.0, False, None  # the mean as it landed
+        g = check_grad(p, g)
+        mean = self.means.get(key) if snap is not None else None
+        if mean is not None:
+            s = _C.uniform_scale(g.data_ptr(), mean.data_ptr(), g.numel())
+            if math.isfinite(s):
+                return 0, s, False, None
+        elif snap is not None:
+            self.keep_means = True  # edited, and no copy to compare with: from the next step on
+        return g.data_ptr(), 1.0, False, g
+
+    def _step_deferred(self) -> None:
+        if not self.round_landed:
+            self._finish_round()  # gradients set by hand, or no hook fired: push them now
+        futures, keep = [], []
+        try:
+            for key, (_, _, p) in self.round.items():
+                tid, hyper = self._checked(p)
+                ptr, scale, skip, g = self._contribution(key, p)
+                keep.append(g)
+                futures.append(self.client.apply(tid, hyper, p.detach().data_ptr(), ptr, scale, skip))
+            for f in futures:
+                f.wait()
+        except BaseException as e:
+            wait_all(futures, (keep, list(self.round.values())), e)
+            raise
+        finally:
+            self._clear_round()
+
+    def _step_ddp(self) -> None:
+        """DDP averaged the gradients: one rank per tensor sends its (identical) gradient."""
+        futures, keep = [], []
+        try:
+            for i, (p, group, tid, _names) in enumerate(self._registered()):
+                _, hyper = self._checked(p)
+                g = p.grad
+                mine = i % self.cluster.world_size == self.cluster.rank
+                if g is not None and mine:
+                    g = check_grad(p, g)
+                    keep.append(g)
+                    futures.append(self.client.apply(tid, hyper, p.detach().data_ptr(), g.data_ptr(), 1.0, False))
+                else:
+                    futures.append(self.client.apply(tid, hyper, p.detach().data_ptr(), 0, 1.0, True))
+            for f in futures:
+                f.wait()
+        except BaseException as e:
+            wait_all(futures, keep, e)
+            raise
+        finally:
+            self.clock += 1
+
     def step(self) -> None:
+        if self.ddp is None:
+            self.ddp = self._wrapped_in_ddp()
+        if self.ddp:
+            return self._step_ddp()
+        if self.deferred:
+            return self._step_deferred()
         for group in self.opt.param_groups:
             for p in group["params"]:
                 if id(p) not in self.ids:
@@ -151,10 +329,11 @@ class DistState:
                 raise FastPSError(
                     "fastps: a parameter's gradient was changed after backward pushed it to the parameter "
                     "servers (clip_grad_norm_, GradScaler.unscale_ or another edit between backward and "
-                    "optimizer.step()); this step used the gradients as backward produced them. Gradients "
-                    "leave during backward (FASTPS_OVERLAP=1, the default): set FASTPS_OVERLAP=0 to push "
-                    "them in step(), after such edits (each worker then edits its own local gradient, "
-                    "e.g. clips by its local norm), or drop the edit")
+                    "optimizer.step()); this step used the gradients as backward produced them. Under "
+                    "SSP/ASP (FASTPS_STALENESS != 0) each gradient is applied as it arrives during "
+                    "backward: use BSP (FASTPS_STALENESS=0, the default), which honours such edits, or "
+                    "set FASTPS_OVERLAP=0 to push in step(), after the edits (each worker then edits its "
+                    "own local gradient, e.g. clips by its local norm), or drop the edit")
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:

@@ -1,0 +1,41 @@
+"""Gradient edits between backward and step() under 2 ranks (issue 12, Note [Deferred apply]).
+
+After backward each rank's .grad holds the mean of both ranks' gradients, as with DDP, so
+GradScaler, clipping by the global norm, masking and hand-set learning rates give what
+single-process training on the global batch gives, to float32 rounding, and every rank
+holds the same parameters after every step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import _edits
+from _launch import Job, check
+
+
+def _reference(option: str):
+    model, x, y = _edits.model_and_data()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    log = _edits.run(model, opt, x, y, option, rank=0, world=1)
+    return log, [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("option", sorted(_edits.OPTIONS))
+def test_edits_between_backward_and_step_match_single_process(tmp_path, option):
+    out = tmp_path / "res"
+    with Job(2, ["edits", option, str(out)]) as job:
+        check(job.wait())
+    res = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    ref_log, ref_params = _reference(option)
+    for r in range(2):
+        log = res[r]["log"]
+        # The norm clip_grad_norm_ saw is the global one; GradScaler decided alike on every rank.
+        assert log["norm"] == pytest.approx(ref_log["norm"], rel=1e-5, nan_ok=True)
+        assert log["scale"] == ref_log["scale"]
+        for p, q in zip(res[r]["params"], ref_params):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # float32 summation order
+    for a, b in zip(res[0]["params"], res[1]["params"]):
+        assert torch.equal(a, b)
+    if option == "scaler":  # the inf of step 2 (on rank 1 only) skipped that step on both ranks
+        assert ref_log["scale"][2] < ref_log["scale"][1]
