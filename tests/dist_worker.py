@@ -13,8 +13,9 @@
                                            the error fastps.optim raised
     dist_worker.py wrap_clip SYNC STEPS OUT  DistributedOptimizer(SGD), clip_grad_norm_ after backward,
                                            after opt.synchronize() if SYNC is "sync"; params or the error
-    dist_worker.py edits OPTION OUT        tests/_edits.py's loop with fastps.optim.AdamW: GradScaler, clipping,
-                                           accumulation, lr per step; its log and parameters
+    dist_worker.py edits OPTION OUT [ddp]  tests/_edits.py's loop with fastps.optim.AdamW: GradScaler, clipping,
+                                           accumulation, lr per step; its log and parameters (ddp: the
+                                           model kept in DistributedDataParallel)
     dist_worker.py edges OUT               add_param_group after 3 steps of fastps.optim.SGD, then 3 more;
                                            a non-contiguous parameter; DistributedOptimizer(AdamW) with a
                                            frozen parameter
@@ -213,9 +214,17 @@ def main() -> int:
         import _edits
         option, out = sys.argv[2], sys.argv[3]
         model, x, y = _edits.model_and_data()
-        opt = fastps.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
-        log = _edits.run(model, opt, x, y, option, rank=RANK, world=WORLD, no_sync=opt.no_sync)
-        torch.save({"log": log, "params": [p.detach() for p in model.parameters()]}, f"{out}.{RANK}")
+        if len(sys.argv) > 4 and sys.argv[4] == "ddp":  # the model kept in DDP: its no_sync()
+            import torch.distributed as dist
+            dist.init_process_group("gloo")
+            wrapped = nn.parallel.DistributedDataParallel(model)
+            opt = fastps.optim.AdamW(wrapped.parameters(), lr=0.01, weight_decay=0.1)
+            log = _edits.run(wrapped, opt, x, y, option, rank=RANK, world=WORLD, no_sync=wrapped.no_sync)
+        else:
+            opt = fastps.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+            log = _edits.run(model, opt, x, y, option, rank=RANK, world=WORLD, no_sync=opt.no_sync)
+        torch.save({"log": log, "params": [p.detach() for p in model.parameters()],
+                    "ddp_seen": bool(opt._fastps_dist.ddp)}, f"{out}.{RANK}")
     elif mode == "edges":
         out = sys.argv[2]
         model, x, y = model_and_data(seed_by_rank=False)  # the late group's layers start alike everywhere

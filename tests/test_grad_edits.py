@@ -21,14 +21,17 @@ def _reference(option: str):
     return log, [p.detach() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("option", sorted(_edits.OPTIONS))
-def test_edits_between_backward_and_step_match_single_process(tmp_path, option):
+@pytest.mark.parametrize("option,ddp", [(o, False) for o in sorted(_edits.OPTIONS)] + [("scaler", True)])
+def test_edits_between_backward_and_step_match_single_process(tmp_path, option, ddp):
+    """ddp: the model stays wrapped in DistributedDataParallel (its all-reduce averages, its
+    no_sync() accumulates); fastps recognises it and only applies the step on the servers."""
     out = tmp_path / "res"
-    with Job(2, ["edits", option, str(out)]) as job:
+    with Job(2, ["edits", option, str(out)] + (["ddp"] if ddp else [])) as job:
         check(job.wait())
     res = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
     ref_log, ref_params = _reference(option)
     for r in range(2):
+        assert res[r]["ddp_seen"] == ddp  # a DDP model's gradients are not pushed (nor averaged) again
         log = res[r]["log"]
         # The norm clip_grad_norm_ saw is the global one; GradScaler decided alike on every rank.
         assert log["norm"] == pytest.approx(ref_log["norm"], rel=1e-5, nan_ok=True)
