@@ -117,9 +117,7 @@ class DistState:
     def _hook(self, p: torch.Tensor) -> None:
         if not self.sync:
             return
-        if self.ddp is None:
-            self.ddp = self._wrapped_in_ddp()
-        if self.ddp:
+        if self._in_ddp():
             return  # DDP averages the gradients; step() sends them (Note [Deferred apply])
         if self.deferred:
             if not self.backward_open:
@@ -168,6 +166,16 @@ class DistState:
         self.inflight[id(p)] = (push, pull, g, p, snapshot)
 
     # -- deferred rounds (Note [Deferred apply]) ----------------------------------
+    def _in_ddp(self) -> bool:
+        if self.ddp is None:
+            self.ddp = self._wrapped_in_ddp()
+            if self.ddp and self.cluster.config.staleness != 0:
+                raise FastPSError(
+                    "fastps: the model is wrapped in DistributedDataParallel, whose all-reduce already "
+                    "averages the gradients synchronously; fastps then applies them under BSP only. Use "
+                    "FASTPS_STALENESS=0 (the default), or drop the DDP wrapper for SSP/ASP")
+        return self.ddp
+
     def _wrapped_in_ddp(self) -> bool:
         """Whether a DistributedDataParallel module holds any of these parameters.
 
@@ -291,9 +299,7 @@ class DistState:
             self.clock += 1
 
     def step(self) -> None:
-        if self.ddp is None:
-            self.ddp = self._wrapped_in_ddp()
-        if self.ddp:
+        if self._in_ddp():
             return self._step_ddp()
         if self.deferred:
             return self._step_deferred()
