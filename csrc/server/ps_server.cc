@@ -78,7 +78,8 @@ struct SparseRequest {
   const uint8_t* grads = nullptr;
   int64_t dim = 0;
   SparseOptim optim;
-  SparseTableConfig config;
+  SparseTableConfig config;  // SPARSE_CREATE / SPARSE_LOAD: the user's caps, spread as `spread` says
+  SparseSpread spread;
   int64_t load_step = 0;
   const uint8_t* records = nullptr;  // SPARSE_LOAD
   int64_t record_bytes = 0;
@@ -111,7 +112,8 @@ struct SparseWait {
 };
 
 struct PsSparse {
-  SparseTableConfig config;  // this server's share of the caps
+  SparseTableConfig config;  // caps as the user set them: this server takes its share (`spread`)
+  SparseSpread spread;
   std::unique_ptr<SparseTable> table;
   int64_t step = 0;          // BSP: applied rounds; SSP/ASP: the largest step pushed
   // BSP round being accumulated.
@@ -609,9 +611,10 @@ class Handler {
     return it->second;
   }
 
-  // This shard's share of a server's caps (as ShardedSparseTable::make_table).
-  static std::unique_ptr<SparseTable> make_shard_table(const SparseTableConfig& c, int shard, int shards) {
-    return std::make_unique<SparseTable>(sparse_shard_table(c, shard, shards));
+  // This shard's share of this server's share of the caps.
+  static std::unique_ptr<SparseTable> make_shard_table(const SparseTableConfig& c, const SparseSpread& spread,
+                                                       int shard, int shards) {
+    return std::make_unique<SparseTable>(sparse_server_shard_table(c, spread, shard, shards));
   }
 
   void reset_round(PsSparse& t) {
@@ -625,7 +628,7 @@ class Handler {
     auto it = st_.sparse.find(r.header.key);
     if (it != st_.sparse.end()) {
       PsSparse& t = it->second;
-      if (same_sparse_config(t.config, r.config)) return;  // every worker creates every table
+      if (same_sparse_config(t.config, r.config) && t.spread == r.spread) return;  // every worker creates every table
       FASTPS_CHECK(r.header.aux == 1, "sparse table ", r.header.key, " exists on server ", opt_.server_id,
                    " with another spec (", describe_sparse_config(t.config), ") than this worker's (",
                    describe_sparse_config(r.config),
@@ -634,15 +637,17 @@ class Handler {
         piece_failed(w.req, Status::kInvalidArgument,
                      detail::concat("sparse table ", r.header.key, " was replaced while this request waited"));
       t.waiting.clear();
-      t.table = make_shard_table(r.config, shard, r.num_shards);
+      t.table = make_shard_table(r.config, r.spread, shard, r.num_shards);
       t.config = r.config;
+      t.spread = r.spread;
       t.step = 0;
       reset_round(t);
       return;
     }
     PsSparse t;
-    t.table = make_shard_table(r.config, shard, r.num_shards);
+    t.table = make_shard_table(r.config, r.spread, shard, r.num_shards);
     t.config = r.config;
+    t.spread = r.spread;
     t.clock.assign(opt_.num_workers, 0);
     st_.sparse.emplace(r.header.key, std::move(t));
   }
@@ -826,7 +831,7 @@ class Handler {
     PsSparse& t = sparse_table(r.header.key);
     FASTPS_CHECK(r.config.dim == t.config.dim, "SPARSE_LOAD of rows of dim ", r.config.dim,
                  " into a table of dim ", t.config.dim);
-    std::unique_ptr<SparseTable> fresh = make_shard_table(r.config, shard, r.num_shards);
+    std::unique_ptr<SparseTable> fresh = make_shard_table(r.config, r.spread, shard, r.num_shards);
     std::vector<float> values(size_t(r.record_bytes - int64_t(sizeof(RowHeader))) / 4);
     for (int64_t k : r.index[shard]) {
       const uint8_t* rec = r.records + size_t(k) * size_t(r.record_bytes);
@@ -846,6 +851,7 @@ class Handler {
     // already have pushed the next step (See docs/protocol.md SPARSE_LOAD).
     t.table = std::move(fresh);
     t.config = r.config;
+    t.spread = r.spread;
     t.step = r.load_step;
     serve_sparse_waiting(t);
   }
@@ -983,18 +989,19 @@ void PsServer::dispatch_sparse(ConnId conn, int worker, Message&& message) {
     return it->second;
   };
   // Every shard needs a row of the server's cap share (0: no cap).
-  auto check_cap_share = [&](const SparseTableConfig& c) {
-    FASTPS_CHECK(c.max_rows == 0 || c.max_rows >= shards, "max_rows share ", c.max_rows, " of server ",
-                 options_.server_id, " is below its number of shards (", shards,
-                 "); raise max_rows or use fewer shards");
+  auto check_cap_share = [&](const SparseTableConfig& c, const SparseSpread& spread) {
+    const int64_t share = sparse_server_rows(c, spread);
+    FASTPS_CHECK(c.max_rows == 0 || share >= shards, "max_rows=", c.max_rows, " over ", spread.servers,
+                 " server(s) gives server ", options_.server_id, " a share of ", share,
+                 " row(s), below its number of shards (", shards, "); raise max_rows or use fewer shards");
   };
   try {
     switch (r->header.op) {
       case Op::kSparseCreate: {
         FASTPS_CHECK(len == kSparseConfigSize, "SPARSE_CREATE payload of ", len, " bytes, expected ",
                      kSparseConfigSize);
-        r->config = decode_sparse_config(p, len);
-        check_cap_share(r->config);
+        r->config = decode_sparse_config(p, len, &r->spread);
+        check_cap_share(r->config, r->spread);
         auto it = sparse_dim_.find(key);
         if (it == sparse_dim_.end() || r->header.aux == 1) sparse_dim_[key] = r->config.dim;
         all_shards();
@@ -1044,8 +1051,8 @@ void PsServer::dispatch_sparse(ConnId conn, int worker, Message&& message) {
         break;
       case Op::kSparseLoad: {
         FASTPS_CHECK(len >= kSparseConfigSize + 24, "SPARSE_LOAD payload of ", len, " bytes is too short");
-        r->config = decode_sparse_config(p, kSparseConfigSize);
-        check_cap_share(r->config);
+        r->config = decode_sparse_config(p, kSparseConfigSize, &r->spread);
+        check_cap_share(r->config, r->spread);
         // Checked here, not only by the shards: a load the shards refuse must
         // not change the dim this server accepts for the table's pulls and pushes.
         const int64_t table_dim = dim_of();
@@ -1070,8 +1077,9 @@ void PsServer::dispatch_sparse(ConnId conn, int worker, Message&& message) {
         // Every shard checks nothing it cannot undo: the caps are checked here,
         // before any shard replaces its rows.
         const SparseTableConfig& c = r->config;
+        const int64_t server_cap = sparse_server_rows(c, r->spread);
         for (int s = 0; s < shards; ++s) {
-          const int64_t cap = sparse_cap_share(c.max_rows, s, shards);
+          const int64_t cap = sparse_cap_share(server_cap, s, shards);
           FASTPS_CHECK_TYPED(CapacityError, cap == 0 || int64_t(r->index[size_t(s)].size()) <= cap,
                              "fastps: the file holds more rows than this table's cap (max_rows=", c.max_rows,
                              " on server ", options_.server_id, "); load it into a table with a larger max_rows");
