@@ -181,7 +181,8 @@ def test_capacity_error_names_the_max_rows_the_user_set():
     with pytest.raises(fastps.FastPSError, match="max_rows=4") as e:
         _push(c, 4, list(range(12)), [[1.0, 1.0]] * 12, 1).wait()
     assert "max_rows=2" not in str(e.value)
-    with pytest.raises(fastps.InvalidArgumentError, match=r"max_rows=3 over 2 server\(s\) gives server 1 a share of 1 row.*shards \(2\)"):
+    share = r"max_rows=3 over 2 server\(s\) gives server 1 a share of 1 row.*shards \(2\)"
+    with pytest.raises(fastps.InvalidArgumentError, match=share):
         c.sparse_create(5, _C.SparseTableConfig(2, max_rows=3)).wait()
 
 
