@@ -12,7 +12,114 @@
 
 namespace fastps {
 
+// Note [Parked requests]
+// A request that waits for a later round or step (a PULL, a PUSH_PULL, a
+// SPARSE_PULL, a SPARSE_STATS, a BSP SPARSE_PUSH) is parked on its shard. What
+// the server holds for it is bounded by what its peer sent: the payload as
+// received (a sparse request's ids, which its per-shard index lists double),
+// and a small fixed record. Nothing is sized by a number in the request until
+// the reply is produced: a sparse pull's rows are made by the first shard that
+// can fill them, a dense pull is answered from the chunk itself. So a pull of
+// one id of a wide table for a step no one will reach costs its 56 bytes, not
+// the 64 MiB of its eventual reply.
+// Per connection, a ParkBudget counts the parked requests and their payload
+// bytes across shards (atomics: the shard that parks a request takes from it,
+// a Parked ticket gives back when the request is answered or dropped). A
+// request that only reads (PULL, SPARSE_PULL, SPARSE_STATS) and would take
+// the connection past max_parked_requests or max_parked_bytes is answered
+// ERROR(LIMIT) at once and changes nothing. A push that joins a round is
+// counted but never refused: its gradient is already part of the round (on
+// some shards, for a sparse push), and a worker has at most one waiting per
+// chunk or table and round, so the job's size bounds them.
+// When a connection closes, every shard drops the requests it parked for it
+// (on_disconnect), whatever the rank's other connections do; a rank whose last
+// connection closed is, in addition, dead (Note [Consistency]).
+struct PsServer::ParkCounters {
+  std::atomic<int64_t> requests{0};
+  std::atomic<int64_t> bytes{0};
+};
+
+class PsServer::ParkBudget {
+ public:
+  ParkBudget(int64_t max_requests, int64_t max_bytes, std::shared_ptr<ParkCounters> total)
+      : max_requests_(max_requests), max_bytes_(max_bytes), total_(std::move(total)) {}
+
+  // Any thread. Counts one more parked request holding `bytes`. With
+  // `capped`, refuses instead (counting nothing) when that would take the
+  // connection past a limit, and returns why; "" when counted.
+  std::string take(int64_t bytes, bool capped) {
+    const int64_t n = mine_.requests.fetch_add(1, std::memory_order_relaxed) + 1;
+    const int64_t b = mine_.bytes.fetch_add(bytes, std::memory_order_relaxed) + bytes;
+    if (capped && (n > max_requests_ || b > max_bytes_)) {
+      mine_.requests.fetch_sub(1, std::memory_order_relaxed);
+      mine_.bytes.fetch_sub(bytes, std::memory_order_relaxed);
+      if (n > max_requests_)
+        return detail::concat("this connection has ", n - 1, " requests waiting for a later round or step, and ",
+                              max_requests_, " is the most one connection may park; wait for their replies "
+                              "before asking for more (docs/protocol.md, Limits)");
+      return detail::concat("the requests waiting on this connection for a later round or step hold ", b - bytes,
+                            " bytes; this one (", bytes, " bytes) would pass the ", max_bytes_,
+                            " bytes one connection may park; wait for their replies before asking for more "
+                            "(docs/protocol.md, Limits)");
+    }
+    total_->requests.fetch_add(1, std::memory_order_relaxed);
+    total_->bytes.fetch_add(bytes, std::memory_order_relaxed);
+    return std::string();
+  }
+
+  void give(int64_t bytes) {
+    mine_.requests.fetch_sub(1, std::memory_order_relaxed);
+    mine_.bytes.fetch_sub(bytes, std::memory_order_relaxed);
+    total_->requests.fetch_sub(1, std::memory_order_relaxed);
+    total_->bytes.fetch_sub(bytes, std::memory_order_relaxed);
+  }
+
+ private:
+  const int64_t max_requests_;
+  const int64_t max_bytes_;
+  const std::shared_ptr<ParkCounters> total_;
+  ParkCounters mine_;
+};
+
 namespace {
+
+using ParkBudgetPtr = std::shared_ptr<PsServer::ParkBudget>;
+
+// One request's share of its connection's ParkBudget, given back when the
+// ticket goes (Note [Parked requests]). Move-only.
+class Parked {
+ public:
+  Parked() = default;
+  Parked(ParkBudgetPtr budget, int64_t bytes) : budget_(std::move(budget)), bytes_(bytes) {}
+  Parked(Parked&& other) noexcept : budget_(std::move(other.budget_)), bytes_(other.bytes_) {}
+  Parked& operator=(Parked&& other) noexcept {
+    if (this != &other) {
+      release();
+      budget_ = std::move(other.budget_);
+      bytes_ = other.bytes_;
+    }
+    return *this;
+  }
+  Parked(const Parked&) = delete;
+  Parked& operator=(const Parked&) = delete;
+  ~Parked() { release(); }
+
+ private:
+  void release() {
+    if (budget_) budget_->give(bytes_);
+    budget_.reset();
+  }
+  ParkBudgetPtr budget_;
+  int64_t bytes_ = 0;
+};
+
+// Gives a waiting list's memory back once most of it is unused: a burst of
+// parked requests must not stay allocated after they went (Note [Parked
+// requests]). The slack of 4x keeps the cost amortised O(1) per request.
+template <typename T>
+void trim_waiting(std::vector<T>& v) {
+  if (v.capacity() > 64 && v.size() < v.capacity() / 4) v.shrink_to_fit();
+}
 
 struct Waiting {
   ConnId conn;
@@ -20,6 +127,7 @@ struct Waiting {
   uint64_t key;
   uint32_t need;    // version (BSP/sum) or clock bound (SSP) this request waits for
   int worker;
+  Parked parked;
 };
 
 struct PsChunk {
@@ -69,6 +177,7 @@ struct MessageTask : Task {
 struct SparseRequest {
   ConnId conn = 0;
   int worker = -1;
+  ParkBudgetPtr budget;  // its connection's (Note [Parked requests])
   MessageHeader header;
   Payload payload;
   int num_shards = 1;
@@ -86,8 +195,13 @@ struct SparseRequest {
   const uint8_t* pending = nullptr;
   std::vector<std::vector<int64_t>> index;          // per shard: ids / records of that shard
   std::vector<std::vector<int64_t>> pending_index;  // per shard (SPARSE_LOAD)
+  // The first piece that waits counts the request, once (Note [Parked requests]).
+  std::once_flag park_once;
+  Parked parked;
+  std::string park_refused;  // why it may not wait; "" if it may
   // Results.
-  std::vector<float> rows;                // SPARSE_PULL
+  std::once_flag rows_once;  // the first piece to fill makes `rows`
+  std::vector<float, DefaultInitAllocator<float>> rows;  // SPARSE_PULL; every row is written by its shard
   std::vector<uint8_t> bytes;             // SPARSE_EXPORT
   std::vector<SparseTableStats> stats;    // SPARSE_STATS, per shard
   std::vector<int64_t> steps;             // SPARSE_STATS, per shard
@@ -192,13 +306,13 @@ class Handler {
   Handler(const PsServerOptions& o, Transport& t, PsServer::ShardState& s, const LocalSink& local)
       : opt_(o), tr_(t), st_(s), local_(local) {}
 
-  void handle(ConnId conn, int worker, Message& m) {
+  void handle(ConnId conn, int worker, const ParkBudgetPtr& budget, Message& m) {
     try {
       switch (m.header.op) {
         case Op::kRegister: return do_register(conn, m);
         case Op::kPush:
-        case Op::kPushPull: return do_push(conn, worker, m);
-        case Op::kPull: return do_pull(conn, worker, m);
+        case Op::kPushPull: return do_push(conn, worker, budget, m);
+        case Op::kPull: return do_pull(conn, worker, budget, m);
         case Op::kStateGet: return do_state_get(conn, m);
         case Op::kStateSet: return do_state_set(conn, m);
         case Op::kPing: return reply(conn, m.header, Op::kPong, body(m), m.header.payload_len,
@@ -206,6 +320,8 @@ class Handler {
         default:
           throw InvalidArgument(detail::concat("server cannot serve op ", op_name(m.header.op)));
       }
+    } catch (const CapacityError& e) {
+      error(conn, m.header.request_id, m.header.key, Status::kLimit, e.what());
     } catch (const Error& e) {
       error(conn, m.header.request_id, m.header.key, Status::kInvalidArgument, e.what());
     } catch (const std::exception& e) {  // bad_alloc and the like: the requester still gets an answer
@@ -216,6 +332,18 @@ class Handler {
   std::string internal_error_text(const std::exception& e) const {
     return detail::concat("server ", opt_.server_id, ": internal error (", e.what(),
                           "); the request may be partly applied, restart the job from a checkpoint");
+  }
+
+  // Forgets the requests `conn` parked on this shard: its peer is gone, and
+  // nothing may stay for it (Note [Parked requests]). A push it made stays in
+  // its round.
+  void drop_connection(ConnId conn) {
+    for (auto& kv : st_.chunks) {
+      std::vector<Waiting>& w = kv.second.waiting;
+      w.erase(std::remove_if(w.begin(), w.end(), [&](const Waiting& x) { return x.conn == conn; }), w.end());
+      trim_waiting(w);
+    }
+    for (auto& kv : st_.sparse) take_waiting(kv.second, [&](const SparseWait& x) { return x.req->conn == conn; });
   }
 
   void worker_died(int worker, const std::string& reason) {
@@ -305,7 +433,7 @@ class Handler {
     reply(conn, m.header, Op::kReply, nullptr, 0, 0);
   }
 
-  void do_push(ConnId conn, int worker, Message& m) {
+  void do_push(ConnId conn, int worker, const ParkBudgetPtr& budget, Message& m) {
     FASTPS_CHECK(worker >= 0 && worker < opt_.num_workers, "PUSH from rank ", worker,
                  " but the job has ", opt_.num_workers, " workers");
     PsChunk& c = chunk(m.header.key);
@@ -355,8 +483,8 @@ class Handler {
       }
       ++c.pushes;
       const uint32_t round = c.version + 1;
-      if (push_pull) {
-        c.waiting.push_back(Waiting{conn, m.header.request_id, m.header.key, round, worker});
+      if (push_pull) {  // counted, never refused: it is in the round already
+        c.waiting.push_back(Waiting{conn, m.header.request_id, m.header.key, round, worker, park(budget, 0, false)});
       } else {
         reply(conn, m.header, Op::kReply, nullptr, 0, 0);
       }
@@ -428,7 +556,7 @@ class Handler {
     return uint64_t(min_clock(c)) + uint64_t(opt_.staleness) >= need;
   }
 
-  void do_pull(ConnId conn, int worker, Message& m) {
+  void do_pull(ConnId conn, int worker, const ParkBudgetPtr& budget, Message& m) {
     PsChunk& c = chunk(m.header.key);
     FASTPS_CHECK(m.header.count == 0 || int64_t(m.header.count) == c.numel, "PULL of ",
                  m.header.count, " values from a chunk of ", c.numel);
@@ -437,7 +565,7 @@ class Handler {
       reply(conn, m.header, Op::kReply, c.param.data(), c.numel * 4, uint32_t(c.numel));
       return;
     }
-    c.waiting.push_back(Waiting{conn, m.header.request_id, m.header.key, need, worker});
+    c.waiting.push_back(Waiting{conn, m.header.request_id, m.header.key, need, worker, park(budget, 0, true)});
     fail_unreachable(m.header.key, c, "");
   }
 
@@ -450,10 +578,12 @@ class Handler {
         h.key = it->key;
         reply(it->conn, h, Op::kReply, c.param.data(), c.numel * 4, uint32_t(c.numel));
       } else {
-        *keep++ = *it;
+        if (keep != it) *keep = std::move(*it);
+        ++keep;
       }
     }
     c.waiting.erase(keep, c.waiting.end());
+    trim_waiting(c.waiting);
   }
 
   // Fails the waiting requests of `c` that can no longer be answered because a
@@ -487,10 +617,12 @@ class Handler {
               detail::concat("server ", opt_.server_id, ": ", who,
                              " disconnected; this round can never complete"));
       } else {
-        *keep++ = *it;
+        if (keep != it) *keep = std::move(*it);
+        ++keep;
       }
     }
     c.waiting.erase(keep, c.waiting.end());
+    trim_waiting(c.waiting);
     return before - c.waiting.size();
   }
 
@@ -501,8 +633,16 @@ class Handler {
       reply(conn, m.header, Op::kReply, &c.step, 4, 1);
       return;
     }
-    const std::vector<float>& v = buffer(c, buf);
-    reply(conn, m.header, Op::kReply, v.data(), v.size() * 4, uint32_t(v.size()));
+    FASTPS_CHECK(buf <= kMaxStateBuffers, "state buffer ", buf, " does not exist");
+    if (buf == 0 || c.state[buf - 1].size() == size_t(c.numel)) {
+      const std::vector<float>& v = buf == 0 ? c.param : c.state[buf - 1];
+      reply(conn, m.header, Op::kReply, v.data(), v.size() * 4, uint32_t(v.size()));
+      return;
+    }
+    // A buffer the chunk's optimizer does not use reads as zeros; a read does
+    // not make it (that would keep numel floats per request's few bytes).
+    const std::vector<float> zeros(size_t(c.numel), 0.0f);
+    reply(conn, m.header, Op::kReply, zeros.data(), zeros.size() * 4, uint32_t(zeros.size()));
   }
 
   void do_state_set(ConnId conn, Message& m) {
@@ -533,6 +673,31 @@ class Handler {
 
   void error(ConnId conn, uint64_t rid, uint64_t key, Status status, const std::string& msg) {
     send_error_to(opt_, tr_, local_, conn, rid, key, status, msg);
+  }
+
+  // A ticket for a request that is about to wait, holding `bytes` of payload;
+  // throws CapacityError instead when `capped` and the connection's budget is
+  // spent (Note [Parked requests]).
+  Parked park(const ParkBudgetPtr& budget, int64_t bytes, bool capped) {
+    const std::string why = budget->take(bytes, capped);
+    FASTPS_CHECK_TYPED(CapacityError, why.empty(), "server ", opt_.server_id, ": ", why);
+    return Parked(budget, bytes);
+  }
+
+  // park() for a sparse request, whose pieces may wait on several shards: the
+  // first that waits counts the whole request (its payload), once; the others
+  // share that decision.
+  void park_sparse(SparseRequest& r, bool capped) {
+    std::call_once(r.park_once, [&] {
+      const int64_t bytes = int64_t(r.payload.size());
+      const std::string why = r.budget->take(bytes, capped);
+      if (why.empty()) {
+        r.parked = Parked(r.budget, bytes);
+      } else {
+        r.park_refused = detail::concat("server ", opt_.server_id, ": ", why);
+      }
+    });
+    FASTPS_CHECK_TYPED(CapacityError, r.park_refused.empty(), r.park_refused);
   }
 
   // ------------------------------------------------------------ sparse tables
@@ -637,6 +802,7 @@ class Handler {
         piece_failed(w.req, Status::kInvalidArgument,
                      detail::concat("sparse table ", r.header.key, " was replaced while this request waited"));
       t.waiting.clear();
+      trim_waiting(t.waiting);
       t.table = make_shard_table(r.config, r.spread, shard, r.num_shards);
       t.config = r.config;
       t.spread = r.spread;
@@ -667,6 +833,7 @@ class Handler {
       piece_done(r);
       return;
     }
+    park_sparse(*r, true);  // throws CapacityError: refused, nothing waits
     t.waiting.push_back(SparseWait{r, need, shard, false});
     fail_unreachable_sparse(t);
   }
@@ -675,6 +842,9 @@ class Handler {
     if (r.header.op == Op::kSparsePull) {
       // A pull's ids start the payload, whose buffer is heap-allocated (aligned).
       const std::vector<int64_t>& idx = r.index[shard];
+      // The reply's rows are made now, by the first piece to fill them, not
+      // when the request arrived or waited (Note [Parked requests]).
+      std::call_once(r.rows_once, [&] { r.rows.resize(size_t(r.n) * size_t(r.dim)); });
       t.table->pull(reinterpret_cast<const int64_t*>(r.ids), idx.data(), int64_t(idx.size()), r.rows.data(),
                     t.step);
     } else {  // stats
@@ -751,6 +921,7 @@ class Handler {
       if (t.pushes == 0) t.pushed.assign(opt_.num_workers, 0);
       FASTPS_CHECK(!t.pushed[worker], "worker rank ", worker, " pushed sparse table ", r->header.key,
                    " twice in step ", step);
+      park_sparse(*r, false);  // counted, never refused (Note [Parked requests])
       t.pushed[worker] = 1;
       t.optim = r->optim;
       accumulate(t, *r, shard);
@@ -796,6 +967,7 @@ class Handler {
       }
     }
     t.waiting.erase(keep, t.waiting.end());
+    trim_waiting(t.waiting);
     return taken;
   }
 
@@ -866,10 +1038,17 @@ class Handler {
 
 }  // namespace
 
-PsServer::PsServer(const PsServerOptions& options) : options_(options) {
+PsServer::PsServer(const PsServerOptions& options)
+    : options_(options), parked_(std::make_shared<ParkCounters>()) {
   FASTPS_CHECK(options.num_workers >= 1, "num_workers must be >= 1, got ", options.num_workers);
   FASTPS_CHECK(options.staleness >= -1, "staleness must be -1 (ASP), 0 (BSP) or k > 0 (SSP), got ",
                options.staleness);
+  FASTPS_CHECK(options.max_parked_requests >= 1, "max_parked_requests must be >= 1, got ",
+               options.max_parked_requests);
+  FASTPS_CHECK(options.max_parked_bytes >= 0, "max_parked_bytes must be >= 0 (0: twice max_payload), got ",
+               options.max_parked_bytes);
+  if (options_.max_parked_bytes == 0) options_.max_parked_bytes = 2 * int64_t(options.transport.max_payload);
+  local_budget_ = make_budget();
   ServerOptions so;
   so.num_shards = options.num_shards;
   server_ = std::make_unique<Server>(so);
@@ -896,12 +1075,21 @@ PsServer::~PsServer() {
   transport_.reset();
 }
 
+std::shared_ptr<PsServer::ParkBudget> PsServer::make_budget() const {
+  return std::make_shared<ParkBudget>(options_.max_parked_requests, options_.max_parked_bytes, parked_);
+}
+
+ParkedStats PsServer::parked() const {
+  return ParkedStats{parked_->requests.load(std::memory_order_relaxed),
+                     parked_->bytes.load(std::memory_order_relaxed)};
+}
+
 void PsServer::on_message(ConnId conn, Message&& message) {
   std::lock_guard<std::mutex> lock(submit_mu_);  // See ~PsServer
   if (stopping_) return;
-  auto it = conn_rank_.find(conn);
-  if (it == conn_rank_.end()) it = conn_rank_.emplace(conn, transport_->peer_info(conn).rank).first;
-  dispatch(conn, it->second, std::move(message));
+  auto it = conns_.find(conn);
+  if (it == conns_.end()) it = conns_.emplace(conn, Conn{transport_->peer_info(conn).rank, make_budget()}).first;
+  dispatch(conn, it->second.rank, it->second.budget, std::move(message));
 }
 
 // Note [Local requests]
@@ -925,12 +1113,12 @@ void PsServer::submit_local(Message&& message) {
   std::lock_guard<std::mutex> lock(submit_mu_);
   FASTPS_CHECK(local_sink_ != nullptr, "PsServer::submit_local before set_local_sink");
   FASTPS_CHECK_TYPED(ConnectionError, !stopping_, "fastps: the local parameter server is stopping");
-  dispatch(kLocalConn, local_worker_, std::move(message));
+  dispatch(kLocalConn, local_worker_, local_budget_, std::move(message));
 }
 
-void PsServer::dispatch(ConnId conn, int worker, Message&& message) {
+void PsServer::dispatch(ConnId conn, int worker, const std::shared_ptr<ParkBudget>& budget, Message&& message) {
   const uint8_t op = uint8_t(message.header.op);
-  if (op >= 32 && op <= 63) return dispatch_sparse(conn, worker, std::move(message));
+  if (op >= 32 && op <= 63) return dispatch_sparse(conn, worker, budget, std::move(message));
   const int shard = static_cast<int>(mix64(message.header.key) % uint64_t(server_->num_shards()));
   // Small dense requests (and so small replies) may run on this thread when
   // the shard sleeps (Note [Inline tasks] in server/shard.h): one context
@@ -945,8 +1133,8 @@ void PsServer::dispatch(ConnId conn, int worker, Message&& message) {
                      message.header.payload_len <= uint64_t(kInlineMaxCount) * 4 + kOptimConfigSize;
   auto t = std::make_unique<MessageTask>();
   ShardState* st = shard_state_[shard].get();
-  t->fn = [this, st, conn, worker, m = std::move(message)](Shard&) mutable {
-    Handler(options_, *transport_, *st, local_sink_).handle(conn, worker, m);
+  t->fn = [this, st, conn, worker, budget, m = std::move(message)](Shard&) mutable {
+    Handler(options_, *transport_, *st, local_sink_).handle(conn, worker, budget, m);
   };
   std::unique_ptr<Task> task = std::move(t);
   if (small && server_->run_inline(shard, task)) return;
@@ -956,10 +1144,12 @@ void PsServer::dispatch(ConnId conn, int worker, Message&& message) {
 // Parses and checks a sparse request, splits it into per-shard pieces and
 // submits them (See Note [Sparse tables on the network server]). Runs on the
 // thread that received the request, under submit_mu_.
-void PsServer::dispatch_sparse(ConnId conn, int worker, Message&& message) {
+void PsServer::dispatch_sparse(ConnId conn, int worker, const std::shared_ptr<ParkBudget>& budget,
+                               Message&& message) {
   auto r = std::make_shared<SparseRequest>();
   r->conn = conn;
   r->worker = worker;
+  r->budget = budget;
   r->header = message.header;
   r->payload = std::move(message.payload);
   const int shards = server_->num_shards();
@@ -1003,6 +1193,10 @@ void PsServer::dispatch_sparse(ConnId conn, int worker, Message&& message) {
         r->config = decode_sparse_config(p, len, &r->spread);
         check_cap_share(r->config, r->spread);
         auto it = sparse_dim_.find(key);
+        FASTPS_CHECK_TYPED(CapacityError, it != sparse_dim_.end() || sparse_dim_.size() < kMaxSparseTables,
+                           "server ", options_.server_id, " holds ", sparse_dim_.size(),
+                           " sparse tables, the most one server may hold; use fewer embedding tables "
+                           "(docs/protocol.md, Limits)");
         if (it == sparse_dim_.end() || r->header.aux == 1) sparse_dim_[key] = r->config.dim;
         all_shards();
         break;
@@ -1013,8 +1207,7 @@ void PsServer::dispatch_sparse(ConnId conn, int worker, Message&& message) {
         r->dim = dim_of();
         FASTPS_CHECK(uint64_t(r->n) * uint64_t(r->dim) * 4 <= options_.transport.max_payload,
                      "SPARSE_PULL of ", r->n, " rows of dim ", r->dim, " exceeds the reply limit");
-        r->ids = p;
-        r->rows.resize(size_t(r->n) * size_t(r->dim));
+        r->ids = p;  // the reply's rows are made when a shard fills them (Note [Parked requests])
         route_ids();
         for (int s = 0; s < shards; ++s)
           if (!r->index[size_t(s)].empty()) targets.push_back(s);
@@ -1111,20 +1304,26 @@ void PsServer::dispatch_sparse(ConnId conn, int worker, Message&& message) {
 void PsServer::on_disconnect(ConnId conn, const std::string& reason) {
   std::lock_guard<std::mutex> lock(submit_mu_);
   if (stopping_) return;
-  auto it = conn_rank_.find(conn);
-  if (it == conn_rank_.end()) return;
-  const int worker = it->second;
-  conn_rank_.erase(it);
+  auto it = conns_.find(conn);
+  if (it == conns_.end()) return;
+  const int worker = it->second.rank;
+  conns_.erase(it);
   // A worker is gone when its last connection is: a second connection
   // claiming the same rank (several per peer, a stray tool, a restarted
-  // process) closing must not fail the rounds of the live one.
-  for (const auto& kv : conn_rank_)
-    if (kv.second == worker) return;
+  // process) closing must not fail the rounds of the live one. Its parked
+  // requests go in any case (Note [Parked requests]). Each shard runs this
+  // after every request of `conn` it was given (one queue per shard, filled
+  // under submit_mu_).
+  bool last = true;
+  for (const auto& kv : conns_)
+    if (kv.second.rank == worker) last = false;
   for (int s = 0; s < server_->num_shards(); ++s) {
     auto task = std::make_unique<MessageTask>();
     ShardState* st = shard_state_[s].get();
-    task->fn = [this, st, worker, reason](Shard&) {
-      Handler(options_, *transport_, *st, local_sink_).worker_died(worker, reason);
+    task->fn = [this, st, conn, last, worker, reason](Shard&) {
+      Handler h(options_, *transport_, *st, local_sink_);
+      h.drop_connection(conn);
+      if (last) h.worker_died(worker, reason);
     };
     server_->submit(s, std::move(task));
   }
