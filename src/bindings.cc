@@ -187,7 +187,7 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](int server_id, int num_workers, int num_shards, int staleness,
                        const std::string& host, int port, const std::string& secret,
                        double timeout_s, int64_t max_payload, const std::string& transport,
-                       int64_t shm_ring_bytes) {
+                       int64_t shm_ring_bytes, int64_t max_parked_requests, int64_t max_parked_bytes) {
              PsServerOptions o;
              o.server_id = server_id;
              o.num_workers = num_workers;
@@ -201,6 +201,8 @@ PYBIND11_MODULE(_C, m) {
              o.transport.max_payload = static_cast<size_t>(max_payload);
              o.transport.shm = bind::shm_mode(transport);
              o.transport.shm_ring_bytes = static_cast<uint64_t>(shm_ring_bytes);
+             o.max_parked_requests = max_parked_requests;
+             o.max_parked_bytes = max_parked_bytes;
              py::gil_scoped_release release;
              return std::make_unique<PsServer>(o);
            }),
@@ -209,12 +211,22 @@ PYBIND11_MODULE(_C, m) {
            py::arg("secret") = "", py::arg("timeout_s") = 30.0,
            py::arg("max_payload") = int64_t(kDefaultMaxPayload), py::arg("transport") = "auto",
            py::arg("shm_ring_bytes") = int64_t(kShmDefaultRingBytes),
+           py::arg("max_parked_requests") = kDefaultMaxParkedRequests, py::arg("max_parked_bytes") = int64_t(0),
            "A network parameter server. transport: 'auto' accepts shared-memory offers from "
-           "clients on this host, 'tcp' declines them ('shm' behaves as 'auto' on a server).")
+           "clients on this host, 'tcp' declines them ('shm' behaves as 'auto' on a server). "
+           "max_parked_requests / max_parked_bytes: per connection, the requests that may wait for "
+           "a later round or step and the payload bytes they may hold (0: twice max_payload).")
       .def_property_readonly("port", &PsServer::port)
       .def_property_readonly("server_id", &PsServer::server_id)
       .def("stats", [](const PsServer& s) { return bind::stats_dict(s.stats()); },
-           "Bytes and messages this server's transport sent and received.");
+           "Bytes and messages this server's transport sent and received.")
+      .def(
+          "parked",
+          [](const PsServer& s) {
+            const ParkedStats p = s.parked();
+            return py::dict(py::arg("requests") = p.requests, py::arg("bytes") = p.bytes);
+          },
+          "Requests waiting for a later round or step, over all connections, and the payload bytes they hold.");
 
   py::class_<PsClient> ps_client(m, "PsClient");
   ps_client

@@ -174,6 +174,18 @@ def test_capacity_error_is_typed_and_the_table_keeps_working():
     _push(c, 4, [], torch.empty(0, 2), 2).wait()
 
 
+def test_capacity_error_names_the_max_rows_the_user_set():
+    # max_rows=4 over 2 servers: each holds 2, but the message names the user's 4.
+    _, (c,) = _job(servers=2)
+    c.sparse_create(4, _C.SparseTableConfig(2, max_rows=4)).wait()
+    with pytest.raises(fastps.FastPSError, match="max_rows=4") as e:
+        _push(c, 4, list(range(12)), [[1.0, 1.0]] * 12, 1).wait()
+    assert "max_rows=2" not in str(e.value)
+    share = r"max_rows=3 over 2 server\(s\) gives server 1 a share of 1 row.*shards \(2\)"
+    with pytest.raises(fastps.InvalidArgumentError, match=share):
+        c.sparse_create(5, _C.SparseTableConfig(2, max_rows=3)).wait()
+
+
 def test_dead_worker_fails_the_round_at_once():
     _, (a, b) = _job(workers=2)
     cfg = _C.SparseTableConfig(2)

@@ -382,12 +382,12 @@ FuturePtr PsClient::submit(std::vector<OutFrame>& frames, const std::string& wha
 
 // ------------------------------------------------------------------ sparse tables
 
-SparseTableConfig PsClient::sparse_share(const SparseTableConfig& c, int server) const {
+// The config block carries the caps as the user set them; each server takes
+// its share (SparseSpread), so a CapacityError names the user's max_rows.
+SparseSpread PsClient::sparse_spread(int server) const {
   const int n = num_servers();
-  SparseTableConfig s = c;
-  s.max_rows = sparse_cap_share(c.max_rows, server, n);
-  s.max_pending = sparse_pending_share(c.max_pending, n);
-  return s;
+  FASTPS_CHECK(n <= 65535, "fastps: a sparse table spans at most 65535 parameter servers, the job has ", n);
+  return SparseSpread{server, n};
 }
 
 FuturePtr PsClient::sparse_create(uint64_t table, const SparseTableConfig& config, bool replace) {
@@ -399,7 +399,7 @@ FuturePtr PsClient::sparse_create(uint64_t table, const SparseTableConfig& confi
   std::vector<std::array<uint8_t, kSparseConfigSize>> blocks(static_cast<size_t>(servers));
   std::vector<OutFrame> frames(static_cast<size_t>(servers));
   for (int s = 0; s < servers; ++s) {
-    encode_sparse_config(sparse_share(config, s), blocks[size_t(s)].data());
+    encode_sparse_config(config, sparse_spread(s), blocks[size_t(s)].data());
     OutFrame& f = frames[size_t(s)];
     f.server = s;
     f.header.op = Op::kSparseCreate;
@@ -625,7 +625,7 @@ int64_t PsClient::sparse_load(uint64_t table, const SparseTableConfig& config, c
   std::vector<OutFrame> frames(static_cast<size_t>(servers));
   for (int s = 0; s < servers; ++s) {
     uint8_t* hd = heads[size_t(s)].data();
-    encode_sparse_config(sparse_share(config, s), hd);
+    encode_sparse_config(config, sparse_spread(s), hd);
     store_le64(hd + kSparseConfigSize, uint64_t(h.step));
     store_le64(hd + kSparseConfigSize + 8, nrows[size_t(s)]);
     store_le64(hd + kSparseConfigSize + 16, npending[size_t(s)]);

@@ -27,6 +27,7 @@
 
 #include "common/completion.h"
 #include "server/ps_server.h"
+#include "server/sparse_wire.h"
 #include "table/optimizer.h"
 #include "table/sparse_optim.h"
 #include "table/sparse_table.h"
@@ -188,7 +189,8 @@ class PsClient {
   // Registers and sends frames (request ids assigned here); one future for all.
   FuturePtr submit(std::vector<OutFrame>& frames, const std::string& what);
   void send_frame(int server, const MessageHeader& header, const std::vector<ConstBuffer>& segs);
-  SparseTableConfig sparse_share(const SparseTableConfig& c, int server) const;
+  // Where server `server` stands among this job's servers (the config block of SPARSE_CREATE / SPARSE_LOAD).
+  SparseSpread sparse_spread(int server) const;
   using FrameFn = std::function<void(MessageHeader& h, std::vector<ConstBuffer>& segs, int64_t begin,
                                      int64_t n)>;
   FuturePtr request(uint32_t tensor_id, Op op, float* dst, bool dst_per_chunk, int64_t reply_count,

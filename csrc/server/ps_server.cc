@@ -12,6 +12,75 @@
 
 namespace fastps {
 
+// Note [Parked requests]
+// A request that waits for a later round or step (a PULL, a PUSH_PULL, a
+// SPARSE_PULL, a SPARSE_STATS, a BSP SPARSE_PUSH) is parked on its shard. What
+// the server holds for it is bounded by what its peer sent: the payload as
+// received (a sparse request's ids, which its per-shard index lists double),
+// and a small fixed record. Nothing is sized by a number in the request until
+// the reply is produced: a sparse pull's rows are made by the first shard that
+// can fill them, a dense pull is answered from the chunk itself. So a pull of
+// one id of a wide table for a step no one will reach costs its 56 bytes, not
+// the 64 MiB of its eventual reply.
+// Per connection, a ParkBudget counts the parked requests and their payload
+// bytes across shards (atomics: the shard that parks a request takes from it,
+// a Parked ticket gives back when the request is answered or dropped). A
+// request that only reads (PULL, SPARSE_PULL, SPARSE_STATS) and would take
+// the connection past max_parked_requests or max_parked_bytes is answered
+// ERROR(LIMIT) at once and changes nothing. A push that joins a round is
+// counted but never refused: its gradient is already part of the round (on
+// some shards, for a sparse push), and a worker has at most one waiting per
+// chunk or table and round, so the job's size bounds them.
+// When a connection closes, every shard drops the requests it parked for it
+// (on_disconnect), whatever the rank's other connections do; a rank whose last
+// connection closed is, in addition, dead (Note [Consistency]).
+struct PsServer::ParkCounters {
+  std::atomic<int64_t> requests{0};
+  std::atomic<int64_t> bytes{0};
+};
+
+class PsServer::ParkBudget {
+ public:
+  ParkBudget(int64_t max_requests, int64_t max_bytes, std::shared_ptr<ParkCounters> total)
+      : max_requests_(max_requests), max_bytes_(max_bytes), total_(std::move(total)) {}
+
+  // Any thread. Counts one more parked request holding `bytes`. With
+  // `capped`, refuses instead (counting nothing) when that would take the
+  // connection past a limit, and returns why; "" when counted.
+  std::string take(int64_t bytes, bool capped) {
+    const int64_t n = mine_.requests.fetch_add(1, std::memory_order_relaxed) + 1;
+    const int64_t b = mine_.bytes.fetch_add(bytes, std::memory_order_relaxed) + bytes;
+    if (capped && (n > max_requests_ || b > max_bytes_)) {
+      mine_.requests.fetch_sub(1, std::memory_order_relaxed);
+      mine_.bytes.fetch_sub(bytes, std::memory_order_relaxed);
+      if (n > max_requests_)
+        return detail::concat("this connection has ", n - 1, " requests waiting for a later round or step, and ",
+                              max_requests_, " is the most one connection may park; wait for their replies "
+                              "before asking for more (docs/protocol.md, Limits)");
+      return detail::concat("the requests waiting on this connection for a later round or step hold ", b - bytes,
+                            " bytes; this one (", bytes, " bytes) would pass the ", max_bytes_,
+                            " bytes one connection may park; wait for their replies before asking for more "
+                            "(docs/protocol.md, Limits)");
+    }
+    total_->requests.fetch_add(1, std::memory_order_relaxed);
+    total_->bytes.fetch_add(bytes, std::memory_order_relaxed);
+    return std::string();
+  }
+
+  void give(int64_t bytes) {
+    mine_.requests.fetch_sub(1, std::memory_order_relaxed);
+    mine_.bytes.fetch_sub(bytes, std::memory_order_relaxed);
+    total_->requests.fetch_sub(1, std::memory_order_relaxed);
+    total_->bytes.fetch_sub(bytes, std::memory_order_relaxed);
+  }
+
+ private:
+  const int64_t max_requests_;
+  const int64_t max_bytes_;
+  const std::shared_ptr<ParkCounters> total_;
+  ParkCounters mine_;
+};
+
 namespace {
 
 // What a parked request is answered with once it is ready.
@@ -21,6 +90,44 @@ enum class Answer : uint8_t {
   kApply,  // APPLY: the parameters once the round is applied
 };
 
+using ParkBudgetPtr = std::shared_ptr<PsServer::ParkBudget>;
+
+// One request's share of its connection's ParkBudget, given back when the
+// ticket goes (Note [Parked requests]). Move-only.
+class Parked {
+ public:
+  Parked() = default;
+  Parked(ParkBudgetPtr budget, int64_t bytes) : budget_(std::move(budget)), bytes_(bytes) {}
+  Parked(Parked&& other) noexcept : budget_(std::move(other.budget_)), bytes_(other.bytes_) {}
+  Parked& operator=(Parked&& other) noexcept {
+    if (this != &other) {
+      release();
+      budget_ = std::move(other.budget_);
+      bytes_ = other.bytes_;
+    }
+    return *this;
+  }
+  Parked(const Parked&) = delete;
+  Parked& operator=(const Parked&) = delete;
+  ~Parked() { release(); }
+
+ private:
+  void release() {
+    if (budget_) budget_->give(bytes_);
+    budget_.reset();
+  }
+  ParkBudgetPtr budget_;
+  int64_t bytes_ = 0;
+};
+
+// Gives a waiting list's memory back once most of it is unused: a burst of
+// parked requests must not stay allocated after they went (Note [Parked
+// requests]). The slack of 4x keeps the cost amortised O(1) per request.
+template <typename T>
+void trim_waiting(std::vector<T>& v) {
+  if (v.capacity() > 64 && v.size() < v.capacity() / 4) v.shrink_to_fit();
+}
+
 struct Waiting {
   ConnId conn;
   uint64_t request_id;
@@ -28,6 +135,7 @@ struct Waiting {
   uint32_t need;    // version (BSP/sum) or clock bound (SSP) this request waits for
   int worker;
   Answer answer = Answer::kParam;
+  Parked parked;
 };
 
 struct PsChunk {
@@ -87,6 +195,7 @@ struct MessageTask : Task {
 struct SparseRequest {
   ConnId conn = 0;
   int worker = -1;
+  ParkBudgetPtr budget;  // its connection's (Note [Parked requests])
   MessageHeader header;
   Payload payload;
   int num_shards = 1;
@@ -96,15 +205,21 @@ struct SparseRequest {
   const uint8_t* grads = nullptr;
   int64_t dim = 0;
   SparseOptim optim;
-  SparseTableConfig config;
+  SparseTableConfig config;  // SPARSE_CREATE / SPARSE_LOAD: the user's caps, spread as `spread` says
+  SparseSpread spread;
   int64_t load_step = 0;
   const uint8_t* records = nullptr;  // SPARSE_LOAD
   int64_t record_bytes = 0;
   const uint8_t* pending = nullptr;
   std::vector<std::vector<int64_t>> index;          // per shard: ids / records of that shard
   std::vector<std::vector<int64_t>> pending_index;  // per shard (SPARSE_LOAD)
+  // The first piece that waits counts the request, once (Note [Parked requests]).
+  std::once_flag park_once;
+  Parked parked;
+  std::string park_refused;  // why it may not wait; "" if it may
   // Results.
-  std::vector<float> rows;                // SPARSE_PULL
+  std::once_flag rows_once;  // the first piece to fill makes `rows`
+  std::vector<float, DefaultInitAllocator<float>> rows;  // SPARSE_PULL; every row is written by its shard
   std::vector<uint8_t> bytes;             // SPARSE_EXPORT
   std::vector<SparseTableStats> stats;    // SPARSE_STATS, per shard
   std::vector<int64_t> steps;             // SPARSE_STATS, per shard
@@ -129,7 +244,8 @@ struct SparseWait {
 };
 
 struct PsSparse {
-  SparseTableConfig config;  // this server's share of the caps
+  SparseTableConfig config;  // caps as the user set them: this server takes its share (`spread`)
+  SparseSpread spread;
   std::unique_ptr<SparseTable> table;
   int64_t step = 0;          // BSP: applied rounds; SSP/ASP: the largest step pushed
   // BSP round being accumulated.
@@ -208,21 +324,23 @@ class Handler {
   Handler(const PsServerOptions& o, Transport& t, PsServer::ShardState& s, const LocalSink& local)
       : opt_(o), tr_(t), st_(s), local_(local) {}
 
-  void handle(ConnId conn, int worker, Message& m) {
+  void handle(ConnId conn, int worker, const ParkBudgetPtr& budget, Message& m) {
     try {
       switch (m.header.op) {
         case Op::kRegister: return do_register(conn, m);
         case Op::kPush:
-        case Op::kPushPull: return do_push(conn, worker, m);
-        case Op::kPull: return do_pull(conn, worker, m);
+        case Op::kPushPull: return do_push(conn, worker, budget, m);
+        case Op::kPull: return do_pull(conn, worker, budget, m);
         case Op::kStateGet: return do_state_get(conn, m);
         case Op::kStateSet: return do_state_set(conn, m);
-        case Op::kApply: return do_apply(conn, worker, m);
+        case Op::kApply: return do_apply(conn, worker, budget, m);
         case Op::kPing: return reply(conn, m.header, Op::kPong, body(m), m.header.payload_len,
                                      m.header.count);
         default:
           throw InvalidArgument(detail::concat("server cannot serve op ", op_name(m.header.op)));
       }
+    } catch (const CapacityError& e) {
+      error(conn, m.header.request_id, m.header.key, Status::kLimit, e.what());
     } catch (const Error& e) {
       error(conn, m.header.request_id, m.header.key, Status::kInvalidArgument, e.what());
     } catch (const std::exception& e) {  // bad_alloc and the like: the requester still gets an answer
@@ -233,6 +351,18 @@ class Handler {
   std::string internal_error_text(const std::exception& e) const {
     return detail::concat("server ", opt_.server_id, ": internal error (", e.what(),
                           "); the request may be partly applied, restart the job from a checkpoint");
+  }
+
+  // Forgets the requests `conn` parked on this shard: its peer is gone, and
+  // nothing may stay for it (Note [Parked requests]). A push it made stays in
+  // its round.
+  void drop_connection(ConnId conn) {
+    for (auto& kv : st_.chunks) {
+      std::vector<Waiting>& w = kv.second.waiting;
+      w.erase(std::remove_if(w.begin(), w.end(), [&](const Waiting& x) { return x.conn == conn; }), w.end());
+      trim_waiting(w);
+    }
+    for (auto& kv : st_.sparse) take_waiting(kv.second, [&](const SparseWait& x) { return x.req->conn == conn; });
   }
 
   void worker_died(int worker, const std::string& reason) {
@@ -322,7 +452,7 @@ class Handler {
     reply(conn, m.header, Op::kReply, nullptr, 0, 0);
   }
 
-  void do_push(ConnId conn, int worker, Message& m) {
+  void do_push(ConnId conn, int worker, const ParkBudgetPtr& budget, Message& m) {
     FASTPS_CHECK(worker >= 0 && worker < opt_.num_workers, "PUSH from rank ", worker,
                  " but the job has ", opt_.num_workers, " workers");
     PsChunk& c = chunk(m.header.key);
@@ -379,9 +509,9 @@ class Handler {
       }
       ++c.pushes;
       const uint32_t round = c.version + 1;
-      if (push_pull) {
+      if (push_pull) {  // counted, never refused: it is in the round already
         c.waiting.push_back(Waiting{conn, m.header.request_id, m.header.key, round, worker,
-                                    deferred ? Answer::kMean : Answer::kParam});
+                                    deferred ? Answer::kMean : Answer::kParam, park(budget, 0, false)});
       } else {
         reply(conn, m.header, Op::kReply, nullptr, 0, 0);
       }
@@ -458,7 +588,7 @@ class Handler {
   // rank skipped step(), as GradScaler does on an overflow) is dropped when
   // the next round's first push arrives; one that only some ranks applied is
   // an error for all of them.
-  void do_apply(ConnId conn, int worker, Message& m) {
+  void do_apply(ConnId conn, int worker, const ParkBudgetPtr& budget, Message& m) {
     FASTPS_CHECK(worker >= 0 && worker < opt_.num_workers, "APPLY from rank ", worker,
                  " but the job has ", opt_.num_workers, " workers");
     PsChunk& c = chunk(m.header.key);
@@ -498,7 +628,9 @@ class Handler {
       }
       ++c.full;
     }
-    c.waiting.push_back(Waiting{conn, m.header.request_id, m.header.key, 0, worker, Answer::kApply});
+    // Counted, never refused: its contribution is in the round already.
+    c.waiting.push_back(Waiting{conn, m.header.request_id, m.header.key, 0, worker, Answer::kApply,
+                                park(budget, 0, false)});
     if (c.applies == opt_.num_workers) {
       finish_apply(c);
     } else {
@@ -555,7 +687,7 @@ class Handler {
         if (it->answer == Answer::kApply) {
           error(it->conn, it->request_id, it->key, Status::kInvalidArgument, msg);
         } else {
-          *keep++ = *it;
+          *keep++ = std::move(*it);
         }
       }
       c.waiting.erase(keep, c.waiting.end());
@@ -594,7 +726,7 @@ class Handler {
     return uint64_t(min_clock(c)) + uint64_t(opt_.staleness) >= need;
   }
 
-  void do_pull(ConnId conn, int worker, Message& m) {
+  void do_pull(ConnId conn, int worker, const ParkBudgetPtr& budget, Message& m) {
     PsChunk& c = chunk(m.header.key);
     FASTPS_CHECK(m.header.count == 0 || int64_t(m.header.count) == c.numel, "PULL of ",
                  m.header.count, " values from a chunk of ", c.numel);
@@ -603,7 +735,8 @@ class Handler {
       reply(conn, m.header, Op::kReply, c.param.data(), c.numel * 4, uint32_t(c.numel));
       return;
     }
-    c.waiting.push_back(Waiting{conn, m.header.request_id, m.header.key, need, worker});
+    c.waiting.push_back(
+        Waiting{conn, m.header.request_id, m.header.key, need, worker, Answer::kParam, park(budget, 0, true)});
     fail_unreachable(m.header.key, c, "");
   }
 
@@ -626,10 +759,12 @@ class Handler {
         h.key = it->key;
         reply(it->conn, h, Op::kReply, values, c.numel * 4, uint32_t(c.numel));
       } else {
-        *keep++ = *it;
+        if (keep != it) *keep = std::move(*it);
+        ++keep;
       }
     }
     c.waiting.erase(keep, c.waiting.end());
+    trim_waiting(c.waiting);
   }
 
   // Fails the waiting requests of `c` that can no longer be answered because a
@@ -663,10 +798,12 @@ class Handler {
               detail::concat("server ", opt_.server_id, ": ", who,
                              " disconnected; this round can never complete"));
       } else {
-        *keep++ = *it;
+        if (keep != it) *keep = std::move(*it);
+        ++keep;
       }
     }
     c.waiting.erase(keep, c.waiting.end());
+    trim_waiting(c.waiting);
     return before - c.waiting.size();
   }
 
@@ -677,8 +814,16 @@ class Handler {
       reply(conn, m.header, Op::kReply, &c.step, 4, 1);
       return;
     }
-    const std::vector<float>& v = buffer(c, buf);
-    reply(conn, m.header, Op::kReply, v.data(), v.size() * 4, uint32_t(v.size()));
+    FASTPS_CHECK(buf <= kMaxStateBuffers, "state buffer ", buf, " does not exist");
+    if (buf == 0 || c.state[buf - 1].size() == size_t(c.numel)) {
+      const std::vector<float>& v = buf == 0 ? c.param : c.state[buf - 1];
+      reply(conn, m.header, Op::kReply, v.data(), v.size() * 4, uint32_t(v.size()));
+      return;
+    }
+    // A buffer the chunk's optimizer does not use reads as zeros; a read does
+    // not make it (that would keep numel floats per request's few bytes).
+    const std::vector<float> zeros(size_t(c.numel), 0.0f);
+    reply(conn, m.header, Op::kReply, zeros.data(), zeros.size() * 4, uint32_t(zeros.size()));
   }
 
   void do_state_set(ConnId conn, Message& m) {
@@ -709,6 +854,31 @@ class Handler {
 
   void error(ConnId conn, uint64_t rid, uint64_t key, Status status, const std::string& msg) {
     send_error_to(opt_, tr_, local_, conn, rid, key, status, msg);
+  }
+
+  // A ticket for a request that is about to wait, holding `bytes` of payload;
+  // throws CapacityError instead when `capped` and the connection's budget is
+  // spent (Note [Parked requests]).
+  Parked park(const ParkBudgetPtr& budget, int64_t bytes, bool capped) {
+    const std::string why = budget->take(bytes, capped);
+    FASTPS_CHECK_TYPED(CapacityError, why.empty(), "server ", opt_.server_id, ": ", why);
+    return Parked(budget, bytes);
+  }
+
+  // park() for a sparse request, whose pieces may wait on several shards: the
+  // first that waits counts the whole request (its payload), once; the others
+  // share that decision.
+  void park_sparse(SparseRequest& r, bool capped) {
+    std::call_once(r.park_once, [&] {
+      const int64_t bytes = int64_t(r.payload.size());
+      const std::string why = r.budget->take(bytes, capped);
+      if (why.empty()) {
+        r.parked = Parked(r.budget, bytes);
+      } else {
+        r.park_refused = detail::concat("server ", opt_.server_id, ": ", why);
+      }
+    });
+    FASTPS_CHECK_TYPED(CapacityError, r.park_refused.empty(), r.park_refused);
   }
 
   // ------------------------------------------------------------ sparse tables
@@ -787,9 +957,10 @@ class Handler {
     return it->second;
   }
 
-  // This shard's share of a server's caps (as ShardedSparseTable::make_table).
-  static std::unique_ptr<SparseTable> make_shard_table(const SparseTableConfig& c, int shard, int shards) {
-    return std::make_unique<SparseTable>(sparse_shard_table(c, shard, shards));
+  // This shard's share of this server's share of the caps.
+  static std::unique_ptr<SparseTable> make_shard_table(const SparseTableConfig& c, const SparseSpread& spread,
+                                                       int shard, int shards) {
+    return std::make_unique<SparseTable>(sparse_server_shard_table(c, spread, shard, shards));
   }
 
   void reset_round(PsSparse& t) {
@@ -803,7 +974,7 @@ class Handler {
     auto it = st_.sparse.find(r.header.key);
     if (it != st_.sparse.end()) {
       PsSparse& t = it->second;
-      if (same_sparse_config(t.config, r.config)) return;  // every worker creates every table
+      if (same_sparse_config(t.config, r.config) && t.spread == r.spread) return;  // every worker creates every table
       FASTPS_CHECK(r.header.aux == 1, "sparse table ", r.header.key, " exists on server ", opt_.server_id,
                    " with another spec (", describe_sparse_config(t.config), ") than this worker's (",
                    describe_sparse_config(r.config),
@@ -812,15 +983,18 @@ class Handler {
         piece_failed(w.req, Status::kInvalidArgument,
                      detail::concat("sparse table ", r.header.key, " was replaced while this request waited"));
       t.waiting.clear();
-      t.table = make_shard_table(r.config, shard, r.num_shards);
+      trim_waiting(t.waiting);
+      t.table = make_shard_table(r.config, r.spread, shard, r.num_shards);
       t.config = r.config;
+      t.spread = r.spread;
       t.step = 0;
       reset_round(t);
       return;
     }
     PsSparse t;
-    t.table = make_shard_table(r.config, shard, r.num_shards);
+    t.table = make_shard_table(r.config, r.spread, shard, r.num_shards);
     t.config = r.config;
+    t.spread = r.spread;
     t.clock.assign(opt_.num_workers, 0);
     st_.sparse.emplace(r.header.key, std::move(t));
   }
@@ -840,6 +1014,7 @@ class Handler {
       piece_done(r);
       return;
     }
+    park_sparse(*r, true);  // throws CapacityError: refused, nothing waits
     t.waiting.push_back(SparseWait{r, need, shard, false});
     fail_unreachable_sparse(t);
   }
@@ -848,6 +1023,9 @@ class Handler {
     if (r.header.op == Op::kSparsePull) {
       // A pull's ids start the payload, whose buffer is heap-allocated (aligned).
       const std::vector<int64_t>& idx = r.index[shard];
+      // The reply's rows are made now, by the first piece to fill them, not
+      // when the request arrived or waited (Note [Parked requests]).
+      std::call_once(r.rows_once, [&] { r.rows.resize(size_t(r.n) * size_t(r.dim)); });
       t.table->pull(reinterpret_cast<const int64_t*>(r.ids), idx.data(), int64_t(idx.size()), r.rows.data(),
                     t.step);
     } else {  // stats
@@ -924,6 +1102,7 @@ class Handler {
       if (t.pushes == 0) t.pushed.assign(opt_.num_workers, 0);
       FASTPS_CHECK(!t.pushed[worker], "worker rank ", worker, " pushed sparse table ", r->header.key,
                    " twice in step ", step);
+      park_sparse(*r, false);  // counted, never refused (Note [Parked requests])
       t.pushed[worker] = 1;
       t.optim = r->optim;
       accumulate(t, *r, shard);
@@ -969,6 +1148,7 @@ class Handler {
       }
     }
     t.waiting.erase(keep, t.waiting.end());
+    trim_waiting(t.waiting);
     return taken;
   }
 
@@ -1004,7 +1184,7 @@ class Handler {
     PsSparse& t = sparse_table(r.header.key);
     FASTPS_CHECK(r.config.dim == t.config.dim, "SPARSE_LOAD of rows of dim ", r.config.dim,
                  " into a table of dim ", t.config.dim);
-    std::unique_ptr<SparseTable> fresh = make_shard_table(r.config, shard, r.num_shards);
+    std::unique_ptr<SparseTable> fresh = make_shard_table(r.config, r.spread, shard, r.num_shards);
     std::vector<float> values(size_t(r.record_bytes - int64_t(sizeof(RowHeader))) / 4);
     for (int64_t k : r.index[shard]) {
       const uint8_t* rec = r.records + size_t(k) * size_t(r.record_bytes);
@@ -1024,6 +1204,7 @@ class Handler {
     // already have pushed the next step (See docs/protocol.md SPARSE_LOAD).
     t.table = std::move(fresh);
     t.config = r.config;
+    t.spread = r.spread;
     t.step = r.load_step;
     serve_sparse_waiting(t);
   }
@@ -1038,10 +1219,17 @@ class Handler {
 
 }  // namespace
 
-PsServer::PsServer(const PsServerOptions& options) : options_(options) {
+PsServer::PsServer(const PsServerOptions& options)
+    : options_(options), parked_(std::make_shared<ParkCounters>()) {
   FASTPS_CHECK(options.num_workers >= 1, "num_workers must be >= 1, got ", options.num_workers);
   FASTPS_CHECK(options.staleness >= -1, "staleness must be -1 (ASP), 0 (BSP) or k > 0 (SSP), got ",
                options.staleness);
+  FASTPS_CHECK(options.max_parked_requests >= 1, "max_parked_requests must be >= 1, got ",
+               options.max_parked_requests);
+  FASTPS_CHECK(options.max_parked_bytes >= 0, "max_parked_bytes must be >= 0 (0: twice max_payload), got ",
+               options.max_parked_bytes);
+  if (options_.max_parked_bytes == 0) options_.max_parked_bytes = 2 * int64_t(options.transport.max_payload);
+  local_budget_ = make_budget();
   ServerOptions so;
   so.num_shards = options.num_shards;
   server_ = std::make_unique<Server>(so);
@@ -1068,12 +1256,21 @@ PsServer::~PsServer() {
   transport_.reset();
 }
 
+std::shared_ptr<PsServer::ParkBudget> PsServer::make_budget() const {
+  return std::make_shared<ParkBudget>(options_.max_parked_requests, options_.max_parked_bytes, parked_);
+}
+
+ParkedStats PsServer::parked() const {
+  return ParkedStats{parked_->requests.load(std::memory_order_relaxed),
+                     parked_->bytes.load(std::memory_order_relaxed)};
+}
+
 void PsServer::on_message(ConnId conn, Message&& message) {
   std::lock_guard<std::mutex> lock(submit_mu_);  // See ~PsServer
   if (stopping_) return;
-  auto it = conn_rank_.find(conn);
-  if (it == conn_rank_.end()) it = conn_rank_.emplace(conn, transport_->peer_info(conn).rank).first;
-  dispatch(conn, it->second, std::move(message));
+  auto it = conns_.find(conn);
+  if (it == conns_.end()) it = conns_.emplace(conn, Conn{transport_->peer_info(conn).rank, make_budget()}).first;
+  dispatch(conn, it->second.rank, it->second.budget, std::move(message));
 }
 
 // Note [Local requests]
@@ -1097,12 +1294,12 @@ void PsServer::submit_local(Message&& message) {
   std::lock_guard<std::mutex> lock(submit_mu_);
   FASTPS_CHECK(local_sink_ != nullptr, "PsServer::submit_local before set_local_sink");
   FASTPS_CHECK_TYPED(ConnectionError, !stopping_, "fastps: the local parameter server is stopping");
-  dispatch(kLocalConn, local_worker_, std::move(message));
+  dispatch(kLocalConn, local_worker_, local_budget_, std::move(message));
 }
 
-void PsServer::dispatch(ConnId conn, int worker, Message&& message) {
+void PsServer::dispatch(ConnId conn, int worker, const std::shared_ptr<ParkBudget>& budget, Message&& message) {
   const uint8_t op = uint8_t(message.header.op);
-  if (op >= 32 && op <= 63) return dispatch_sparse(conn, worker, std::move(message));
+  if (op >= 32 && op <= 63) return dispatch_sparse(conn, worker, budget, std::move(message));
   const int shard = static_cast<int>(mix64(message.header.key) % uint64_t(server_->num_shards()));
   // Small dense requests (and so small replies) may run on this thread when
   // the shard sleeps (Note [Inline tasks] in server/shard.h): one context
@@ -1117,8 +1314,8 @@ void PsServer::dispatch(ConnId conn, int worker, Message&& message) {
                      message.header.payload_len <= uint64_t(kInlineMaxCount) * 4 + kOptimConfigSize;
   auto t = std::make_unique<MessageTask>();
   ShardState* st = shard_state_[shard].get();
-  t->fn = [this, st, conn, worker, m = std::move(message)](Shard&) mutable {
-    Handler(options_, *transport_, *st, local_sink_).handle(conn, worker, m);
+  t->fn = [this, st, conn, worker, budget, m = std::move(message)](Shard&) mutable {
+    Handler(options_, *transport_, *st, local_sink_).handle(conn, worker, budget, m);
   };
   std::unique_ptr<Task> task = std::move(t);
   if (small && server_->run_inline(shard, task)) return;
@@ -1128,10 +1325,12 @@ void PsServer::dispatch(ConnId conn, int worker, Message&& message) {
 // Parses and checks a sparse request, splits it into per-shard pieces and
 // submits them (See Note [Sparse tables on the network server]). Runs on the
 // thread that received the request, under submit_mu_.
-void PsServer::dispatch_sparse(ConnId conn, int worker, Message&& message) {
+void PsServer::dispatch_sparse(ConnId conn, int worker, const std::shared_ptr<ParkBudget>& budget,
+                               Message&& message) {
   auto r = std::make_shared<SparseRequest>();
   r->conn = conn;
   r->worker = worker;
+  r->budget = budget;
   r->header = message.header;
   r->payload = std::move(message.payload);
   const int shards = server_->num_shards();
@@ -1161,19 +1360,24 @@ void PsServer::dispatch_sparse(ConnId conn, int worker, Message&& message) {
     return it->second;
   };
   // Every shard needs a row of the server's cap share (0: no cap).
-  auto check_cap_share = [&](const SparseTableConfig& c) {
-    FASTPS_CHECK(c.max_rows == 0 || c.max_rows >= shards, "max_rows share ", c.max_rows, " of server ",
-                 options_.server_id, " is below its number of shards (", shards,
-                 "); raise max_rows or use fewer shards");
+  auto check_cap_share = [&](const SparseTableConfig& c, const SparseSpread& spread) {
+    const int64_t share = sparse_server_rows(c, spread);
+    FASTPS_CHECK(c.max_rows == 0 || share >= shards, "max_rows=", c.max_rows, " over ", spread.servers,
+                 " server(s) gives server ", options_.server_id, " a share of ", share,
+                 " row(s), below its number of shards (", shards, "); raise max_rows or use fewer shards");
   };
   try {
     switch (r->header.op) {
       case Op::kSparseCreate: {
         FASTPS_CHECK(len == kSparseConfigSize, "SPARSE_CREATE payload of ", len, " bytes, expected ",
                      kSparseConfigSize);
-        r->config = decode_sparse_config(p, len);
-        check_cap_share(r->config);
+        r->config = decode_sparse_config(p, len, &r->spread);
+        check_cap_share(r->config, r->spread);
         auto it = sparse_dim_.find(key);
+        FASTPS_CHECK_TYPED(CapacityError, it != sparse_dim_.end() || sparse_dim_.size() < kMaxSparseTables,
+                           "server ", options_.server_id, " holds ", sparse_dim_.size(),
+                           " sparse tables, the most one server may hold; use fewer embedding tables "
+                           "(docs/protocol.md, Limits)");
         if (it == sparse_dim_.end() || r->header.aux == 1) sparse_dim_[key] = r->config.dim;
         all_shards();
         break;
@@ -1184,8 +1388,7 @@ void PsServer::dispatch_sparse(ConnId conn, int worker, Message&& message) {
         r->dim = dim_of();
         FASTPS_CHECK(uint64_t(r->n) * uint64_t(r->dim) * 4 <= options_.transport.max_payload,
                      "SPARSE_PULL of ", r->n, " rows of dim ", r->dim, " exceeds the reply limit");
-        r->ids = p;
-        r->rows.resize(size_t(r->n) * size_t(r->dim));
+        r->ids = p;  // the reply's rows are made when a shard fills them (Note [Parked requests])
         route_ids();
         for (int s = 0; s < shards; ++s)
           if (!r->index[size_t(s)].empty()) targets.push_back(s);
@@ -1222,8 +1425,8 @@ void PsServer::dispatch_sparse(ConnId conn, int worker, Message&& message) {
         break;
       case Op::kSparseLoad: {
         FASTPS_CHECK(len >= kSparseConfigSize + 24, "SPARSE_LOAD payload of ", len, " bytes is too short");
-        r->config = decode_sparse_config(p, kSparseConfigSize);
-        check_cap_share(r->config);
+        r->config = decode_sparse_config(p, kSparseConfigSize, &r->spread);
+        check_cap_share(r->config, r->spread);
         // Checked here, not only by the shards: a load the shards refuse must
         // not change the dim this server accepts for the table's pulls and pushes.
         const int64_t table_dim = dim_of();
@@ -1248,8 +1451,9 @@ void PsServer::dispatch_sparse(ConnId conn, int worker, Message&& message) {
         // Every shard checks nothing it cannot undo: the caps are checked here,
         // before any shard replaces its rows.
         const SparseTableConfig& c = r->config;
+        const int64_t server_cap = sparse_server_rows(c, r->spread);
         for (int s = 0; s < shards; ++s) {
-          const int64_t cap = sparse_cap_share(c.max_rows, s, shards);
+          const int64_t cap = sparse_cap_share(server_cap, s, shards);
           FASTPS_CHECK_TYPED(CapacityError, cap == 0 || int64_t(r->index[size_t(s)].size()) <= cap,
                              "fastps: the file holds more rows than this table's cap (max_rows=", c.max_rows,
                              " on server ", options_.server_id, "); load it into a table with a larger max_rows");
@@ -1281,20 +1485,26 @@ void PsServer::dispatch_sparse(ConnId conn, int worker, Message&& message) {
 void PsServer::on_disconnect(ConnId conn, const std::string& reason) {
   std::lock_guard<std::mutex> lock(submit_mu_);
   if (stopping_) return;
-  auto it = conn_rank_.find(conn);
-  if (it == conn_rank_.end()) return;
-  const int worker = it->second;
-  conn_rank_.erase(it);
+  auto it = conns_.find(conn);
+  if (it == conns_.end()) return;
+  const int worker = it->second.rank;
+  conns_.erase(it);
   // A worker is gone when its last connection is: a second connection
   // claiming the same rank (several per peer, a stray tool, a restarted
-  // process) closing must not fail the rounds of the live one.
-  for (const auto& kv : conn_rank_)
-    if (kv.second == worker) return;
+  // process) closing must not fail the rounds of the live one. Its parked
+  // requests go in any case (Note [Parked requests]). Each shard runs this
+  // after every request of `conn` it was given (one queue per shard, filled
+  // under submit_mu_).
+  bool last = true;
+  for (const auto& kv : conns_)
+    if (kv.second.rank == worker) last = false;
   for (int s = 0; s < server_->num_shards(); ++s) {
     auto task = std::make_unique<MessageTask>();
     ShardState* st = shard_state_[s].get();
-    task->fn = [this, st, worker, reason](Shard&) {
-      Handler(options_, *transport_, *st, local_sink_).worker_died(worker, reason);
+    task->fn = [this, st, conn, last, worker, reason](Shard&) {
+      Handler h(options_, *transport_, *st, local_sink_);
+      h.drop_connection(conn);
+      if (last) h.worker_died(worker, reason);
     };
     server_->submit(s, std::move(task));
   }

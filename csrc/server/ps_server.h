@@ -24,6 +24,10 @@
 // A worker whose connection drops is marked dead: every request that would
 // wait for it fails at once with an ERROR frame naming it, so survivors raise
 // instead of hanging.
+//
+// What a peer can make the server hold while its requests wait is bounded by
+// what it sent, capped per connection, and freed when the connection closes:
+// see Note [Parked requests] in ps_server.cc.
 #pragma once
 
 #include <cstdint>
@@ -39,6 +43,11 @@
 
 namespace fastps {
 
+// Limits on what one connection may park (Note [Parked requests]; docs/protocol.md, "Limits").
+constexpr int64_t kDefaultMaxParkedRequests = int64_t{1} << 16;
+// The sparse tables one server holds (each costs memory on every shard however small its frame).
+constexpr size_t kMaxSparseTables = 4096;
+
 struct PsServerOptions {
   int server_id = 0;
   int num_workers = 1;
@@ -47,6 +56,18 @@ struct PsServerOptions {
   std::string host = "127.0.0.1";
   uint16_t port = 0;
   TransportOptions transport;
+  // Per connection: the most requests that may wait for a later round or
+  // step, and the most payload bytes they may hold (0: twice
+  // transport.max_payload). A read past either is answered ERROR(LIMIT).
+  int64_t max_parked_requests = kDefaultMaxParkedRequests;
+  int64_t max_parked_bytes = 0;
+};
+
+// Requests waiting for a later round or step on one server, over all its
+// connections, and the payload bytes they hold.
+struct ParkedStats {
+  int64_t requests = 0;
+  int64_t bytes = 0;
 };
 
 // A reply to an in-process requester: header (op REPLY or ERROR, request id,
@@ -67,6 +88,8 @@ class PsServer {
   uint16_t port() const { return port_; }
   int server_id() const { return options_.server_id; }
   TransportStats stats() const { return transport_->stats(); }
+  // Any thread.
+  ParkedStats parked() const;
 
   // The colocated worker's shortcut (See Note [Local requests]): frames from
   // the worker in this process skip the transport; replies go to `sink`.
@@ -76,29 +99,38 @@ class PsServer {
   void submit_local(Message&& message);
 
   struct ShardState;  // per-shard chunk table; defined in ps_server.cc
+  class ParkBudget;   // one connection's parked requests; defined in ps_server.cc
+  struct ParkCounters;
 
  private:
   void on_message(ConnId conn, Message&& message);
   void on_disconnect(ConnId conn, const std::string& reason);
+  std::shared_ptr<ParkBudget> make_budget() const;
 
   PsServerOptions options_;
+  std::shared_ptr<ParkCounters> parked_;  // the whole server's (every budget adds to it)
   std::unique_ptr<Server> server_;
   std::vector<std::unique_ptr<ShardState>> shard_state_;  // index = shard
   std::unique_ptr<Transport> transport_;
   uint16_t port_ = 0;
-  // Loop thread only: which worker rank each connection belongs to.
-  std::unordered_map<ConnId, int> conn_rank_;
+  // Under submit_mu_: each connection's worker rank and parking budget.
+  struct Conn {
+    int rank = -1;
+    std::shared_ptr<ParkBudget> budget;
+  };
+  std::unordered_map<ConnId, Conn> conns_;
   std::mutex submit_mu_;  // orders the loop thread's submits against destruction
   bool stopping_ = false;
   int local_worker_ = -1;
   LocalSink local_sink_;
+  std::shared_ptr<ParkBudget> local_budget_;  // the local worker's (kLocalConn)
 
   // Loop thread (or a local submitter), under submit_mu_: which dim each
   // sparse table has, so a pull's reply buffer is sized before the shards run.
   std::unordered_map<uint64_t, int64_t> sparse_dim_;
 
-  void dispatch(ConnId conn, int worker, Message&& message);
-  void dispatch_sparse(ConnId conn, int worker, Message&& message);
+  void dispatch(ConnId conn, int worker, const std::shared_ptr<ParkBudget>& budget, Message&& message);
+  void dispatch_sparse(ConnId conn, int worker, const std::shared_ptr<ParkBudget>& budget, Message&& message);
 };
 
 }  // namespace fastps

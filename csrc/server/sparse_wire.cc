@@ -7,7 +7,13 @@
 
 namespace fastps {
 
-void encode_sparse_config(const SparseTableConfig& c, uint8_t out[kSparseConfigSize]) {
+SparseTable sparse_server_shard_table(const SparseTableConfig& c, const SparseSpread& s, int shard, int shards) {
+  return SparseTable(c, sparse_cap_share(sparse_server_rows(c, s), shard, shards),
+                     sparse_pending_share(sparse_pending_share(c.max_pending, s.servers), shards),
+                     static_cast<uint64_t>(shard));
+}
+
+void encode_sparse_config(const SparseTableConfig& c, const SparseSpread& spread, uint8_t out[kSparseConfigSize]) {
   std::memset(out, 0, kSparseConfigSize);
   store_le32(out, uint32_t(kSparseConfigSize));
   out[4] = uint8_t(c.rule);
@@ -22,14 +28,19 @@ void encode_sparse_config(const SparseTableConfig& c, uint8_t out[kSparseConfigS
   store_le64(out + 56, uint64_t(c.admit_threshold));
   store_le64(out + 64, uint64_t(c.max_pending));
   store_le32(out + 72, uint32_t(c.eviction_samples));
+  store_le16(out + 76, uint16_t(spread.server));
+  store_le16(out + 78, uint16_t(spread.servers));
 }
 
-SparseTableConfig decode_sparse_config(const uint8_t* in, size_t len) {
+SparseTableConfig decode_sparse_config(const uint8_t* in, size_t len, SparseSpread* spread) {
   FASTPS_CHECK_TYPED(ProtocolError, len >= kSparseConfigSize && load_le32(in) == kSparseConfigSize,
                      "sparse config block of ", len, " bytes, expected ", kSparseConfigSize);
-  FASTPS_CHECK_TYPED(ProtocolError, in[4] < kNumSparseRules && in[5] <= 2 && in[6] <= 3 && in[7] == 0 &&
-                                        load_le32(in + 76) == 0,
+  FASTPS_CHECK_TYPED(ProtocolError, in[4] < kNumSparseRules && in[5] <= 2 && in[6] <= 3 && in[7] == 0,
                      "sparse config block with an unknown rule, init or eviction");
+  spread->server = load_le16(in + 76);
+  spread->servers = load_le16(in + 78);
+  FASTPS_CHECK_TYPED(ProtocolError, spread->server < spread->servers, "sparse config block for server ",
+                     spread->server, " of ", spread->servers);
   SparseTableConfig c;
   c.rule = SparseRule(in[4]);
   c.init = SparseInit(in[5]);

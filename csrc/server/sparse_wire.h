@@ -34,10 +34,31 @@ inline int sparse_shard_of(int64_t id, int num_shards) {
   return static_cast<int>(mix64(static_cast<uint64_t>(id)) % static_cast<uint64_t>(num_shards));
 }
 
-void encode_sparse_config(const SparseTableConfig& c, uint8_t out[kSparseConfigSize]);
-// Throws ProtocolError for a short block or unknown enum values, and
-// InvalidArgument (via sparse_config_validate) for an unusable config.
-SparseTableConfig decode_sparse_config(const uint8_t* in, size_t len);
+// Where a server stands among the servers a table's ids are spread over. A
+// config block carries the table's caps as the user set them (so that every
+// message names those) and this spread; each server takes its share of the
+// caps, then splits that over its shards as the embedded table does.
+struct SparseSpread {
+  int server = 0;   // this server's place in the job's server order
+  int servers = 1;  // how many servers hold the table
+};
+inline bool operator==(const SparseSpread& a, const SparseSpread& b) {
+  return a.server == b.server && a.servers == b.servers;
+}
+// A server's share of the table's max_rows (0: no cap).
+inline int64_t sparse_server_rows(const SparseTableConfig& c, const SparseSpread& s) {
+  return sparse_cap_share(c.max_rows, s.server, s.servers);
+}
+// Shard `shard` of `shards` of a server's part of table `c`: its share of
+// the caps, its own sampling stream; its config (and messages) keep the
+// user's values.
+SparseTable sparse_server_shard_table(const SparseTableConfig& c, const SparseSpread& s, int shard, int shards);
+
+void encode_sparse_config(const SparseTableConfig& c, const SparseSpread& spread, uint8_t out[kSparseConfigSize]);
+// Throws ProtocolError for a short block, unknown enum values or a spread
+// that does not hold the server, and InvalidArgument (via
+// sparse_config_validate) for an unusable config.
+SparseTableConfig decode_sparse_config(const uint8_t* in, size_t len, SparseSpread* spread);
 // Every field that decides the table's rows and layout; for the idempotent
 // SPARSE_CREATE (see docs/protocol.md).
 bool same_sparse_config(const SparseTableConfig& a, const SparseTableConfig& b);
