@@ -5,6 +5,7 @@
     dist_worker.py wrap OPT STEPS OUT      fastps.DistributedOptimizer(torch.optim.OPT)
     dist_worker.py ddp OPT STEPS OUT       torch DDP (gloo) reference
     dist_worker.py slow OUT                trains until an error; records the error and its delay
+    dist_worker.py die_between OUT         as slow, but rank 1 exits between backward and step() at step 8
     dist_worker.py resume OPT STEPS OUT    train STEPS, checkpoint, reload into fresh objects, train STEPS
     dist_worker.py emb STEPS OUT           fastps.nn.Embedding + Linear under fastps.optim.Adam; then
                                            state_dict, 2 more steps, reload, the same 2 steps again
@@ -76,7 +77,7 @@ def emb_model_and_data():
     return emb, model, x.chunk(WORLD)[RANK], y.chunk(WORLD)[RANK]
 
 
-def train_until_failure(model, x, y, out, after_step=None) -> int:
+def train_until_failure(model, x, y, out, after_step=None, after_backward=None) -> int:
     """Train with SGD until fastps raises (the test kills a server): writes `out.ready.RANK`
     after step 5, then the error's type, the seconds since the last good step and its
     message to `out.RANK`, and leaves with status 3."""
@@ -87,6 +88,8 @@ def train_until_failure(model, x, y, out, after_step=None) -> int:
             loss = nn.functional.mse_loss(model(x), y)
             opt.zero_grad()
             loss.backward()
+            if after_backward is not None:
+                after_backward(step)
             opt.step()
             if after_step is not None:
                 after_step()
@@ -206,6 +209,13 @@ def main() -> int:
         except fastps.FastPSError as e:
             result = {"error": f"{type(e).__name__}: {e}"}
         torch.save(result, f"{out}.{RANK}")
+    elif mode == "die_between":  # rank 1 dies between backward and step() at step 8
+        model, x, y = model_and_data()
+
+        def die(step):
+            if RANK == 1 and step == 8:
+                os._exit(9)
+        return train_until_failure(model, x, y, sys.argv[2], after_backward=die)
     elif mode == "emb_slow":
         emb, model, x, y = emb_model_and_data()
         # A pull after every step: waits for the step's round.

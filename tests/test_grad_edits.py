@@ -7,6 +7,8 @@ holds the same parameters after every step."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -42,3 +44,16 @@ def test_edits_between_backward_and_step_match_single_process(tmp_path, option, 
         assert torch.equal(a, b)
     if option == "scaler":  # the inf of step 2 (on rank 1 only) skipped that step on both ranks
         assert ref_log["scale"][2] < ref_log["scale"][1]
+
+
+def test_a_rank_that_dies_between_backward_and_step_fails_the_others_at_once(tmp_path):
+    """The survivor's step() (its APPLY waits for the dead rank's) raises a typed error within
+    seconds, not at the deadline (60 s here)."""
+    out = tmp_path / "res"
+    with Job(2, ["die_between", str(out)], env={"FASTPS_TIMEOUT": "60"}, timeout=90) as job:
+        res = job.wait()
+    assert res[1].returncode == 9
+    assert res[0].returncode == 3, res[0].stderr[-3000:]
+    kind, delay, message = Path(f"{out}.0").read_text().split("\n", 2)
+    assert kind in ("ConnectionError", "TimeoutError"), message
+    assert float(delay) < 10.0, (delay, message)
