@@ -205,7 +205,8 @@ class ServerOptimizerMixin:
             self._fastps_bindings[id(p)] = b
         tensors = tuple(state[n] for n in names)
         emb.client.register_dense(b.tensor_id, address(p.detach()), p.numel(),
-                                  [address(t) for t in tensors], step_ptr, fresh)
+                                  [address(t) for t in tensors], [t.numel() for t in tensors],
+                                  step_ptr, 1 if self._has_step() else 0, fresh)
         b.param_ptr, b.numel, b.state, b.names = p.data_ptr(), p.numel(), state, names
         # The step tensor is referenced too: the server writes through its pointer.
         b.tensors = tensors + ((state["step"],) if self._has_step() else ())
@@ -252,6 +253,7 @@ class ServerOptimizerMixin:
         state_map = self.state  # type: ignore[attr-defined]
         ids: List[int] = []
         grads: List[int] = []
+        grad_numel: List[int] = []
         hyper_index: List[int] = []
         hypers = []
         keep_alive = []  # contiguous copies of strided gradients, alive until update() returns
@@ -279,7 +281,8 @@ class ServerOptimizerMixin:
                     keep_alive.append(g)
                 ids.append(b.tensor_id)
                 grads.append(g.data_ptr())
+                grad_numel.append(g.numel())
                 hyper_index.append(gi)
         if ids:
-            emb.client.update(ids, grads, hyper_index, hypers)
+            emb.client.update(ids, grads, grad_numel, hyper_index, hypers)
         return loss

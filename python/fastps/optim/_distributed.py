@@ -68,8 +68,8 @@ class DistState:
                 self.ids[id(p)] = tid
                 self.group_index[id(p)] = gi
                 data = p.detach()
-                init = data.data_ptr() if self.cluster.rank == 0 else 0
-                futures.append((self.client.register_dense(tid, p.numel(), False, hyper, init), data))
+                init, init_numel = (data.data_ptr(), data.numel()) if self.cluster.rank == 0 else (0, 0)
+                futures.append((self.client.register_dense(tid, p.numel(), False, hyper, init, init_numel), data))
                 params.append(p)
         for f, _ in futures:
             f.wait()
@@ -77,7 +77,7 @@ class DistState:
             return
         first = self.ids[id(params[0])]
         self.cluster.barrier(f"register/{first}", "every rank to register its parameters")
-        pulls = [self.client.pull(self.ids[id(p)], p.detach().data_ptr(), 0) for p in params]
+        pulls = [self.client.pull(self.ids[id(p)], p.detach().data_ptr(), p.numel(), 0) for p in params]
         for f in pulls:
             f.wait()  # every rank now starts from rank 0's parameters, as DDP does
         if self.overlap:
@@ -99,23 +99,33 @@ class DistState:
                 "inside `with optimizer.no_sync():`")
         self._send(p)
 
-    def _send(self, p: torch.Tensor) -> None:
-        tid = self.ids[id(p)]
-        numel, base = self.registered[id(p)]
+    def _check_registered(self, p: torch.Tensor) -> None:
+        """Raise TypeError unless ``p`` still is what it was registered as (the servers
+        read and write it in place as that many contiguous float32 values)."""
+        numel, _ = self.registered[id(p)]
         if p.dtype != torch.float32 or p.device.type != "cpu" or not p.is_contiguous() or p.numel() != numel:
             check_param(p)  # dtype or device changed (model.double(), .to(...)): its TypeError
             raise TypeError(
                 f"fastps: a parameter registered with {numel} contiguous float32 values now has "
                 f"{p.numel()} values, contiguous={p.is_contiguous()}; the distributed mode writes "
                 "parameters in place. Build the optimizer after the model's final shape and layout")
+
+    def _send(self, p: torch.Tensor) -> None:
+        tid = self.ids[id(p)]
+        numel, base = self.registered[id(p)]
+        if p.dtype != torch.float32 or p.device.type != "cpu" or not p.is_contiguous() or p.numel() != numel:
+            self._check_registered(p)
         hyper = self.opt._hyper(self.opt.param_groups[self.group_index[id(p)]])
         snapshot = grad_snapshot(p)
         g = p.grad
         if g is not None:
             g = check_grad(p, g)
         clock = self.clock + 1 - base  # the chunk's own round count
-        push = self.client.push(tid, g.data_ptr() if g is not None else 0, hyper, clock)
-        pull = self.client.pull(tid, p.detach().data_ptr(), clock)
+        if g is None:
+            push = self.client.push(tid, 0, 0, hyper, clock)
+        else:
+            push = self.client.push(tid, g.data_ptr(), g.numel(), hyper, clock)
+        pull = self.client.pull(tid, p.detach().data_ptr(), numel, clock)
         self.inflight[id(p)] = (push, pull, g, p, snapshot)
 
     def step(self) -> None:
@@ -177,39 +187,65 @@ class DistState:
         """Copy the servers' optimizer state into optimizer.state (for state_dict)."""
         if self.clock == 0:
             return
-        futures = []
-        for p, group, tid, names in self._registered():
-            state = self.opt.state[p]
-            if any(n not in state for n in names) or (self.opt._has_step() and "step" not in state):
-                self.opt._init_state(p, group, state)
-            for i, n in enumerate(names):
-                futures.append(self.client.state_get(tid, i + 1, state[n].data_ptr()))
-            if self.opt._has_step():
-                step = state["step"]
-                if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.numel() == 1):
-                    # the server sends one float32 (a loaded state dict may hold a float64 or a number)
-                    state["step"] = step = torch.tensor(float(step), dtype=torch.float32)
-                futures.append(self.client.state_get(tid, 255, step.data_ptr()))
-        for f in futures:
-            f.wait()
+        futures: List[Any] = []
+        keep: List[torch.Tensor] = []  # written by the replies: alive until each request ended
+        try:
+            for p, group, tid, names in self._registered():
+                state = self.opt.state[p]
+                if any(n not in state for n in names) or (self.opt._has_step() and "step" not in state):
+                    self.opt._init_state(p, group, state)
+                for i, n in enumerate(names):
+                    t = state[n]
+                    if not (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu"
+                            and t.shape == p.shape and t.is_contiguous()):
+                        # The servers' state replaces it whole; a tensor of another shape or
+                        # layout (set by hand) is not written through.
+                        state[n] = t = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    keep.append(t)
+                    futures.append(self.client.state_get(tid, i + 1, t.data_ptr(), t.numel()))
+                if self.opt._has_step():
+                    step = state["step"]
+                    if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.numel() == 1
+                            and step.device.type == "cpu" and step.is_contiguous()):
+                        # the server sends one float32 (a loaded state dict may hold a float64 or a number)
+                        state["step"] = step = torch.tensor(float(step), dtype=torch.float32)
+                    keep.append(step)
+                    futures.append(self.client.state_get(tid, 255, step.data_ptr(), 1))
+            for f in futures:
+                f.wait()
+        except BaseException as e:
+            wait_all(futures, keep, e)
+            raise
 
     def push_state(self) -> None:
-        """Send loaded optimizer state and this rank's parameters to the servers."""
-        futures = []
-        keep = []
-        for p, _group, tid, names in self._registered():
-            data = p.detach().contiguous()
-            keep.append(data)
-            futures.append(self.client.state_set(tid, 0, data.data_ptr()))
-            state = self.opt.state.get(p, {})
-            for i, n in enumerate(names):
-                if n in state:
-                    t = state[n].detach().to(torch.float32).contiguous()
-                    keep.append(t)
-                    futures.append(self.client.state_set(tid, i + 1, t.data_ptr()))
-            if self.opt._has_step() and "step" in state:
-                s = torch.tensor([float(state["step"])], dtype=torch.float32)
-                keep.append(s)
-                futures.append(self.client.state_set(tid, 255, s.data_ptr()))
-        for f in futures:
-            f.wait()
+        """Send loaded optimizer state and this rank's parameters to the servers.
+
+        The caller (``load_state_dict``) has checked that the state fits the
+        parameters (``fastps._tensor.check_state_fits``); every buffer still goes
+        to the servers with its size, which the native client checks again.
+        """
+        registered = list(self._registered())
+        for p, *_ in registered:
+            self._check_registered(p)  # before anything is sent
+        futures: List[Any] = []
+        keep: List[torch.Tensor] = []  # read by the requests: alive until each request ended
+        try:
+            for p, _group, tid, names in registered:
+                data = p.detach()
+                keep.append(data)
+                futures.append(self.client.state_set(tid, 0, data.data_ptr(), data.numel()))
+                state = self.opt.state.get(p, {})
+                for i, n in enumerate(names):
+                    if isinstance(state.get(n), torch.Tensor):
+                        t = state[n].detach().to(device="cpu", dtype=torch.float32).contiguous()
+                        keep.append(t)
+                        futures.append(self.client.state_set(tid, i + 1, t.data_ptr(), t.numel()))
+                if self.opt._has_step() and "step" in state:
+                    s = torch.tensor([float(state["step"])], dtype=torch.float32)
+                    keep.append(s)
+                    futures.append(self.client.state_set(tid, 255, s.data_ptr(), 1))
+            for f in futures:
+                f.wait()
+        except BaseException as e:
+            wait_all(futures, keep, e)
+            raise
