@@ -16,6 +16,7 @@
     dist_worker.py edges OUT               add_param_group after 3 steps of fastps.optim.SGD, then 3 more;
                                            a non-contiguous parameter; DistributedOptimizer(AdamW) with a
                                            frozen parameter
+    dist_worker.py bad_state OUT           _optim_cases.bad_state(): a state dict of another model's shape
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import torch
 from torch import nn
 
 import fastps
+
+import _optim_cases
 
 RANK = int(os.environ["RANK"])
 WORLD = int(os.environ["WORLD_SIZE"])
@@ -228,6 +231,8 @@ def main() -> int:
         train_loop(frozen_model, wrapped, x, y, 2)
         torch.save({"params": [p.detach() for p in model.parameters()], "contiguity": contiguity,
                     "frozen_kept": bool(torch.equal(frozen_model[0].weight.detach(), before))}, f"{out}.{RANK}")
+    elif mode == "bad_state":
+        torch.save(_optim_cases.bad_state(), f"{sys.argv[2]}.{RANK}")
     else:
         raise SystemExit(f"unknown mode {mode}")
     return 0

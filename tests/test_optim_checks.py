@@ -1,16 +1,152 @@
-"""What fastps checks before a tensor's memory is used by the native core (issue 16, item 2).
+"""What fastps checks before a tensor's memory is used by the native core
+(issue 16, item 2).
 
-Every native call that takes an address also takes its element count, and
-checks it before the address is used.
+- An optimizer state dict whose tensors do not fit the parameters (saved for
+  another model) is refused by ``load_state_dict`` with a typed error, and the
+  optimizer is left as it was, in the embedded and the distributed mode alike
+  (the distributed mode read past the small tensors: garbage, or SIGSEGV).
+- Every native call that takes an address also takes its element count, and
+  checks it before the address is used.
 """
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import pytest
 import torch
+from torch import nn
 
 import fastps
 from fastps import _C, _runtime
+
+import _optim_cases
+from _launch import Job, check
+
+
+# -- load_state_dict ----------------------------------------------------------------
+
+def _one_step(model, opt):
+    opt.zero_grad()
+    model(torch.ones(4, model.in_features)).square().mean().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("name,kw,key", [("SGD", dict(lr=0.1, momentum=0.9), "momentum_buffer"),
+                                         ("Adam", dict(lr=0.1), "exp_avg"),
+                                         ("AdamW", dict(lr=0.1), "exp_avg"),
+                                         ("Adagrad", dict(lr=0.1), "sum")])
+def test_state_of_another_shape_is_refused_at_load_and_the_optimizer_is_kept(name, kw, key):
+    small = nn.Linear(2, 2)
+    ref = getattr(torch.optim, name)(small.parameters(), **kw)
+    small(torch.ones(3, 2)).sum().backward()
+    ref.step()
+    wrong = ref.state_dict()
+    model = nn.Linear(16, 16)
+    opt = getattr(fastps.optim, name)(model.parameters(), **kw)
+    _one_step(model, opt)
+    twin = nn.Linear(16, 16)
+    twin.load_state_dict(model.state_dict())
+    topt = getattr(torch.optim, name)(twin.parameters(), **kw)
+    topt.load_state_dict(copy.deepcopy(opt.state_dict()))  # (torch would share the tensors)
+    message = rf"state '{key}' of parameter 0 has shape \(2, 2\), but the parameter has shape \(16, 16\)"
+    with pytest.raises(fastps.InvalidArgumentError, match=message):
+        opt.load_state_dict(wrong)
+    # Left as it was: it continues exactly as torch does from the same state.
+    for _ in range(2):
+        _one_step(model, opt)
+        _one_step(twin, topt)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+def test_state_error_is_a_value_error_naming_the_parameter():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(3, 3))
+    opt = fastps.optim.Adam(model.named_parameters(), lr=0.1)
+    good = nn.Sequential(nn.Linear(2, 2), nn.Linear(3, 3))
+    tref = torch.optim.Adam(good.parameters(), lr=0.1)
+    for p in good.parameters():
+        p.grad = torch.ones_like(p)
+    tref.step()
+    sd = tref.state_dict()
+    sd["state"][2]["exp_avg_sq"] = torch.zeros(5)  # parameter 2: the second layer's weight
+    with pytest.raises(ValueError, match=r"'exp_avg_sq' of parameter 2 \('1.weight'\) has shape \(5,\)"):
+        opt.load_state_dict(sd)
+    sd["state"][2]["exp_avg_sq"] = torch.zeros(3, 3)
+    sd["state"][1]["step"] = torch.zeros(2)
+    with pytest.raises(fastps.InvalidArgumentError, match=r"'step' of parameter 1 \('0.bias'\) is a shape \(2,\)"):
+        opt.load_state_dict(sd)
+    sd["state"][1]["step"] = torch.tensor(1.0)
+    opt.load_state_dict(sd)  # now it fits
+
+
+def test_state_of_another_dtype_is_cast_as_torch_does():
+    torch.manual_seed(3)
+    model, twin = nn.Linear(8, 8), nn.Linear(8, 8)
+    twin.load_state_dict(model.state_dict())
+    ref = torch.optim.Adam(model.parameters(), lr=0.01)
+    _one_step(model, ref)
+    sd = ref.state_dict()
+    for st in sd["state"].values():
+        st["exp_avg"] = st["exp_avg"].double()
+    twin.load_state_dict(model.state_dict())
+    opt = fastps.optim.Adam(model.parameters(), lr=0.01)
+    opt.load_state_dict(copy.deepcopy(sd))
+    topt = torch.optim.Adam(twin.parameters(), lr=0.01)
+    topt.load_state_dict(copy.deepcopy(sd))
+    assert opt.state[model.weight]["exp_avg"].dtype == torch.float32
+    _one_step(model, opt)
+    _one_step(twin, topt)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+def _run(tmp_path: Path, workers: int, mode: str):
+    """The results of tests/_optim_cases.py's case `mode`: in this process (workers=1,
+    the embedded mode), or from each rank of a job of `workers` (the distributed mode)."""
+    if workers == 1:
+        return [{"bad_state": _optim_cases.bad_state}[mode]()]
+    out = tmp_path / mode
+    with Job(workers, [mode, str(out)]) as job:
+        check(job.wait())
+    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(workers)]
+
+
+def _bad_state_reference():
+    torch.manual_seed(1)
+    model = nn.Linear(64, 64)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    x, y = torch.ones(4, 64), torch.zeros(4, 64)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("workers", [2, 1], ids=["distributed", "embedded"])
+def test_mismatched_state_dict_is_refused_in_both_modes(tmp_path, workers):
+    """Adam state of nn.Linear(2, 2) loaded into nn.Linear(64, 64) was accepted by
+    the distributed mode (whose parameters went non-finite), and into
+    nn.Linear(1024, 1024) it read far past the small tensors (SIGSEGV)."""
+    ref = _bad_state_reference()
+    torch.manual_seed(2)
+    model = nn.Linear(8, 8)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(4):  # 2 steps, a float64 reload (cast to float32), 2 more
+        opt.zero_grad()
+        nn.functional.mse_loss(model(torch.ones(4, 8)), torch.zeros(4, 8)).backward()
+        opt.step()
+    for res in _run(tmp_path, workers, "bad_state"):
+        for n in (64, 1024):
+            assert res[f"error{n}"].startswith("fastps: the optimizer state 'exp_avg' of parameter 0 has shape "
+                                               f"(2, 2), but the parameter has shape ({n}, {n})"), res[f"error{n}"]
+            assert res[f"kept{n}"] and res[f"finite{n}"]
+        for p, q in zip(res["params64"], ref):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for p, q in zip(res["cast"], model.parameters()):
+            torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6)
 
 
 # -- the native layer: every address comes with its count ----------------------------------

@@ -7,9 +7,11 @@ core never sees a dtype, device or layout it cannot handle (the way faiss's
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
+
+from .errors import InvalidArgumentError
 
 SUPPORTED = "float32 tensors on the CPU (dense, strided)"
 
@@ -46,6 +48,31 @@ def check_grad(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if g.shape != p.shape:
         raise ValueError(f"fastps: gradient shape {tuple(g.shape)} != parameter shape {tuple(p.shape)}")
     return g if g.is_contiguous() else g.contiguous()
+
+
+def check_state_fits(p: torch.Tensor, state: Dict[str, Any], what: str) -> None:
+    """Raise InvalidArgumentError unless the optimizer state of parameter ``p`` fits it.
+
+    Every state tensor but ``step`` holds one value per element of the
+    parameter (``exp_avg``, ``sum``, ``momentum_buffer``, ...) and must have its
+    shape; ``step`` must be one number. ``what`` names the parameter in the message.
+    """
+    for key, value in state.items():
+        if key == "step":
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                continue
+            got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise InvalidArgumentError(
+                f"fastps: the optimizer state 'step' of {what} is a {got}, not one number; load a state dict "
+                "saved by a torch.optim or fastps.optim optimizer of the same kind")
+        if isinstance(value, torch.Tensor) and value.shape != p.shape:
+            raise InvalidArgumentError(
+                f"fastps: the optimizer state {key!r} of {what} has shape {tuple(value.shape)}, but the parameter "
+                f"has shape {tuple(p.shape)}: the state dict was saved for another model (or with the parameters "
+                "in another order). Load a state dict saved by an optimizer over this model, with its param "
+                "groups in the same order, or start this optimizer afresh (do not load it)")
 
 
 def address(t: torch.Tensor) -> int:

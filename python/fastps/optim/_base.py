@@ -22,7 +22,7 @@ import torch
 
 from .. import _C, _cluster, _runtime
 from ._distributed import DistState
-from .._tensor import address, check_grad, check_param
+from .._tensor import address, check_grad, check_param, check_state_fits
 from ..nn._grads import is_sparse_handle, push_sparse_grads
 
 _F32 = torch.float32
@@ -149,12 +149,42 @@ class ServerOptimizerMixin:
         return super().state_dict()  # type: ignore[misc]
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """torch's load_state_dict; in the distributed mode the loaded state and this rank's
-        current parameter values are then sent to the servers."""
+        """torch's load_state_dict, then a check that the loaded state fits the parameters;
+        in the distributed mode the loaded state and this rank's current parameter values
+        are then sent to the servers.
+
+        As in torch, state tensors are cast to their parameter's dtype and device.
+        Unlike torch, which fails only in the next ``step()``, a state tensor of
+        another shape than its parameter (a state dict saved for another model)
+        is refused here, and the optimizer is left as it was.
+
+        Raises:
+            fastps.InvalidArgumentError: (a ValueError) a state tensor does not fit
+                its parameter; the message names both.
+        """
+        old = self.state, self.param_groups  # type: ignore[attr-defined]
         super().load_state_dict(state_dict)  # type: ignore[misc]
+        try:
+            self._check_state()
+        except BaseException:
+            # torch built new state and group objects: the old ones are intact.
+            self.state, self.param_groups = old  # type: ignore[attr-defined]
+            raise
         dist = getattr(self, "_fastps_dist", None)
         if dist is not None:
             dist.push_state()
+
+    def _check_state(self) -> None:
+        """Raise InvalidArgumentError unless every state tensor fits its parameter."""
+        index = 0
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            names = group.get("param_names")
+            for k, p in enumerate(group["params"]):
+                state = self.state.get(p)  # type: ignore[attr-defined]
+                if state:
+                    what = f"parameter {index}" + (f" ({names[k]!r})" if names else "")
+                    check_state_fits(p, state, what)
+                index += 1
 
     # -- implemented by each optimizer ---------------------------------------------
     def _hyper(self, group: Dict[str, Any]) -> "_C.OptimHyper":
