@@ -5,6 +5,8 @@ Each returns a dict of plain values and tensors for the test to compare."""
 from __future__ import annotations
 
 import copy
+import os
+import warnings
 
 import torch
 from torch import nn
@@ -62,4 +64,56 @@ def bad_state() -> dict:
     opt.load_state_dict(state)
     _train(model, opt, torch.ones(4, 8), torch.zeros(4, 8), 2)
     res["cast"] = [p.detach().clone() for p in model.parameters()]
+    return res
+
+
+def shared_storage() -> dict:
+    """fastps.optim over overlapping views and over a parameter listed twice (the errors, or
+    "accepted"); disjoint views after a step; DistributedOptimizer over both, and over a
+    strided view, after a step."""
+    res = {}
+    base = torch.zeros(6)
+    p1, p2 = nn.Parameter(base[0:4]), nn.Parameter(base[2:6])
+    q = nn.Parameter(torch.zeros(3))
+    attempts = {
+        "overlap": lambda: fastps.optim.SGD([p1, p2], lr=1.0),
+        "overlap_group": lambda: fastps.optim.SGD([p1], lr=1.0).add_param_group({"params": [p2]}),
+        "duplicate": lambda: fastps.optim.Adam([q, q], lr=1.0),
+        "duplicate_group": lambda: fastps.optim.Adam([p1], lr=1.0).add_param_group({"params": [q, q]}),
+    }
+    for key, make in attempts.items():
+        try:
+            make()
+            res[key] = "accepted"
+        except fastps.InvalidArgumentError as e:
+            res[key] = str(e)
+    # Views that do not overlap are separate parameters: accepted, updated as torch does.
+    flat = torch.zeros(6)
+    a, b = nn.Parameter(flat[:3]), nn.Parameter(flat[3:])
+    opt = fastps.optim.SGD([a, b], lr=1.0)
+    a.grad, b.grad = torch.full((3,), 5.0), torch.full((3,), 6.0)
+    opt.step()
+    res["disjoint"] = flat.clone()
+    # DistributedOptimizer steps the wrapped torch optimizer locally: torch's semantics.
+    base = torch.zeros(6)
+    c, d = nn.Parameter(base[0:4]), nn.Parameter(base[2:6])
+    wrapped = fastps.DistributedOptimizer(torch.optim.SGD([c, d], lr=1.0))
+    c.grad, d.grad = torch.full((4,), 5.0), torch.full((4,), 6.0)
+    wrapped.step()
+    res["wrap_overlap"] = base.clone()
+    e = nn.Parameter(torch.zeros(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own duplicate warning
+        wrapped = fastps.DistributedOptimizer(torch.optim.SGD([e, e], lr=1.0))
+    e.grad = torch.ones(3)
+    wrapped.step()
+    res["wrap_duplicate"] = e.detach().clone()
+    # A strided view as a parameter: every rank starts from rank 0's values (they were
+    # copied in storage order, numel floats from its first element: other elements).
+    base = torch.arange(8.0) + 100 * int(os.environ.get("RANK", "0"))
+    s = nn.Parameter(base[::2])
+    wrapped = fastps.DistributedOptimizer(torch.optim.SGD([s], lr=1.0))
+    s.grad = torch.ones(4)
+    wrapped.step()
+    res["wrap_strided"] = base.clone()
     return res

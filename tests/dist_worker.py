@@ -17,6 +17,7 @@
                                            a non-contiguous parameter; DistributedOptimizer(AdamW) with a
                                            frozen parameter
     dist_worker.py bad_state OUT           _optim_cases.bad_state(): a state dict of another model's shape
+    dist_worker.py shared OUT              _optim_cases.shared_storage(): parameters that share memory
 """
 
 from __future__ import annotations
@@ -233,6 +234,8 @@ def main() -> int:
                     "frozen_kept": bool(torch.equal(frozen_model[0].weight.detach(), before))}, f"{out}.{RANK}")
     elif mode == "bad_state":
         torch.save(_optim_cases.bad_state(), f"{sys.argv[2]}.{RANK}")
+    elif mode == "shared":
+        torch.save(_optim_cases.shared_storage(), f"{sys.argv[2]}.{RANK}")
     else:
         raise SystemExit(f"unknown mode {mode}")
     return 0

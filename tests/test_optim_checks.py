@@ -1,5 +1,5 @@
-"""What fastps checks before a tensor's memory is used by the native core
-(issue 16, item 2).
+"""What fastps checks before a tensor's memory is used by the native core, and
+how it treats parameters that share memory (issue 16, items 2 and 5).
 
 - An optimizer state dict whose tensors do not fit the parameters (saved for
   another model) is refused by ``load_state_dict`` with a typed error, and the
@@ -7,11 +7,16 @@
   (the distributed mode read past the small tensors: garbage, or SIGSEGV).
 - Every native call that takes an address also takes its element count, and
   checks it before the address is used.
+- A parameter listed twice, or parameters that are overlapping views of one
+  tensor, are refused by fastps.optim in both modes (the distributed mode
+  updated a duplicate once and lost an update on an overlap);
+  DistributedOptimizer keeps torch's semantics.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -106,7 +111,7 @@ def _run(tmp_path: Path, workers: int, mode: str):
     """The results of tests/_optim_cases.py's case `mode`: in this process (workers=1,
     the embedded mode), or from each rank of a job of `workers` (the distributed mode)."""
     if workers == 1:
-        return [{"bad_state": _optim_cases.bad_state}[mode]()]
+        return [{"bad_state": _optim_cases.bad_state, "shared": _optim_cases.shared_storage}[mode]()]
     out = tmp_path / mode
     with Job(workers, [mode, str(out)]) as job:
         check(job.wait())
@@ -230,3 +235,74 @@ def test_ps_client_checks_every_count_before_sending(ps_client):
     c.push(1, g.data_ptr(), n, h, 1).wait()
     c.state_get(1, 0, out.data_ptr(), n).wait()
     assert torch.equal(out, p - 1)
+
+
+# -- parameters that share memory ---------------------------------------------------------
+
+def test_duplicate_parameter_is_refused_before_torchs_warning():
+    q = nn.Parameter(torch.zeros(3))
+    with pytest.raises(fastps.InvalidArgumentError, match="parameter 1 is parameter 0 again"):
+        fastps.optim.Adam([q, q], lr=1.0)  # warnings are errors here: torch's would fail differently
+    opt = fastps.optim.SGD([nn.Parameter(torch.zeros(2))], lr=1.0)
+    with pytest.raises(ValueError, match="parameter 2 is parameter 1 again"):
+        opt.add_param_group({"params": [q, q]})
+    assert len(opt.param_groups) == 1
+
+
+def test_overlapping_views_are_refused_and_disjoint_views_match_torch():
+    base = torch.zeros(6)
+    p1, p2 = nn.Parameter(base[0:4]), nn.Parameter(base[2:6])
+    with pytest.raises(fastps.InvalidArgumentError, match="parameters 0 and 1 share memory"):
+        fastps.optim.SGD([p1, p2], lr=1.0)
+    opt = fastps.optim.SGD([p1], lr=1.0)
+    with pytest.raises(fastps.InvalidArgumentError, match="parameters 0 and 1 share memory"):
+        opt.add_param_group({"params": [p2]})
+    with pytest.raises(fastps.InvalidArgumentError, match="share memory"):  # the same memory, another tensor
+        fastps.optim.SGD([p1, nn.Parameter(p1.data)], lr=1.0)
+    with pytest.raises(ValueError, match="more than one parameter group"):  # torch's own check stays
+        opt.add_param_group({"params": [p1]})
+    # Views that do not overlap: separate parameters, as in torch.
+    results = []
+    for optim in (fastps.optim, torch.optim):
+        flat = torch.zeros(8)
+        a, b = nn.Parameter(flat[:4]), nn.Parameter(flat[4:])
+        o = optim.Adam([a, b], lr=0.5)
+        a.grad, b.grad = torch.full((4,), 5.0), torch.full((4,), -6.0)
+        o.step()
+        results.append(flat)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-6)
+
+
+def test_shared_storage_is_treated_alike_in_both_modes(tmp_path):
+    """The distributed mode lost one update on an overlap (-10 where torch has -11)
+    and updated a duplicate once (torch and the embedded mode: twice). Both modes
+    now refuse both, with the same message; DistributedOptimizer steps the torch
+    optimizer it wraps, so it has torch's semantics in both modes. A strided view
+    under DistributedOptimizer starts from rank 0's values (it got other elements)."""
+    embedded, = _run(tmp_path, 1, "shared")
+    results = _run(tmp_path, 2, "shared")
+    for res in results + [embedded]:
+        for key in ("overlap", "overlap_group", "duplicate", "duplicate_group"):
+            assert res[key] == embedded[key], (key, res[key])
+        assert "share memory" in res["overlap"] and "share memory" in res["overlap_group"]
+        assert "again" in res["duplicate"] and "again" in res["duplicate_group"]
+        assert torch.equal(res["disjoint"], torch.tensor([-5.0, -5, -5, -6, -6, -6]))
+        assert torch.equal(res["wrap_overlap"], torch.tensor([-5.0, -5, -11, -11, -6, -6]))
+        assert torch.equal(res["wrap_duplicate"], torch.full((3,), -2.0))
+    for r, res in enumerate(results):  # rank 0's values in the view, each rank's own elsewhere
+        assert torch.equal(res["wrap_strided"], torch.tensor([-1.0, 1, 1, 3, 3, 5, 5, 7]) + 100 * r * (
+            torch.arange(8) % 2)), res["wrap_strided"]
+    # torch itself, for the record of what "torch's semantics" is
+    base = torch.zeros(6)
+    c, d = nn.Parameter(base[0:4]), nn.Parameter(base[2:6])
+    o = torch.optim.SGD([c, d], lr=1.0)
+    c.grad, d.grad = torch.full((4,), 5.0), torch.full((4,), 6.0)
+    o.step()
+    assert torch.equal(base, embedded["wrap_overlap"])
+    e = nn.Parameter(torch.zeros(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        o = torch.optim.SGD([e, e], lr=1.0)
+    e.grad = torch.ones(3)
+    o.step()
+    assert torch.equal(e.detach(), embedded["wrap_duplicate"])

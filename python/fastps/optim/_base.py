@@ -22,7 +22,7 @@ import torch
 
 from .. import _C, _cluster, _runtime
 from ._distributed import DistState
-from .._tensor import address, check_grad, check_param, check_state_fits
+from .._tensor import address, check_grad, check_param, check_state_fits, check_unshared
 from ..nn._grads import is_sparse_handle, push_sparse_grads
 
 _F32 = torch.float32
@@ -101,21 +101,28 @@ class ServerOptimizerMixin:
             self._fastps_setup()
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        """Add a param group, after checking every tensor is float32, dense and on the CPU.
+        """Add a param group, after checking every tensor is float32, dense and on the CPU,
+        and that no two parameters share memory (See :func:`fastps._tensor.check_unshared`).
 
         Raises:
             TypeError: for a parameter fastps cannot serve.
+            fastps.InvalidArgumentError: (a ValueError) for a parameter listed twice, or
+                parameters that are overlapping views of one tensor.
             ValueError: for ``differentiable=True`` (not supported).
         """
         params = param_group["params"]
         if isinstance(params, torch.Tensor):
             check_param(params)
+            tensors = [params]
         else:
             params = list(params)
-            for p in params:
-                # named parameters arrive as (name, tensor) pairs
-                check_param(p[1] if isinstance(p, tuple) and len(p) == 2 else p)
+            # named parameters arrive as (name, tensor) pairs
+            tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+            for p in tensors:
+                check_param(p)
             param_group = dict(param_group, params=params)
+        # Before torch's own add_param_group, which only warns about a duplicate.
+        check_unshared(tensors, [p for g in self.param_groups for p in g["params"]])  # type: ignore[attr-defined]
         super().add_param_group(param_group)  # type: ignore[misc]
         if self.param_groups[-1].get("differentiable", False):  # type: ignore[attr-defined]
             self.param_groups.pop()  # type: ignore[attr-defined]
