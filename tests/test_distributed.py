@@ -347,17 +347,17 @@ def test_a_reply_after_the_deadline_never_writes_into_the_callers_buffer():
         c.sparse_create(1, cfg).wait()
     ids = torch.arange(3)
     out = torch.full((3, 4), 7.0)
-    pull = a.sparse_pull(1, ids.data_ptr(), 3, 4, out.data_ptr(), 1)  # waits for step 1
+    pull = a.sparse_pull(1, ids.data_ptr(), 3, 4, out.data_ptr(), out.numel(), 1)  # waits for step 1
     with pytest.raises(fastps.TimeoutError):
         pull.wait()
     g = torch.ones(3, 4)
     sgd = _C.SparseOptim(_C.SparseRule.SGD, lr=1.0)
-    for f in [c.sparse_push(1, ids.data_ptr(), 3, 4, g.data_ptr(), sgd, 1) for c in (a, b)]:
+    for f in [c.sparse_push(1, ids.data_ptr(), 3, 4, g.data_ptr(), g.numel(), sgd, 1) for c in (a, b)]:
         f.wait()  # step 1 completes: the parked pull is answered now
     time.sleep(0.3)
     assert torch.equal(out, torch.full((3, 4), 7.0))  # the late reply was dropped
     fresh = torch.empty(3, 4)
-    a.sparse_pull(1, ids.data_ptr(), 3, 4, fresh.data_ptr(), 1).wait()  # the client still works
+    a.sparse_pull(1, ids.data_ptr(), 3, 4, fresh.data_ptr(), fresh.numel(), 1).wait()  # the client still works
     assert torch.equal(fresh, torch.full((3, 4), -1.0))
 
 
@@ -372,7 +372,7 @@ def test_a_refused_sparse_load_leaves_the_table_usable(tmp_path):
     c.sparse_create(1, four).wait()
     c.sparse_create(2, eight).wait()
     ids, g8, g4 = torch.arange(30), torch.ones(30, 8), torch.ones(3, 4)
-    c.sparse_push(2, ids.data_ptr(), 30, 8, g8.data_ptr(), sgd, 1).wait()
+    c.sparse_push(2, ids.data_ptr(), 30, 8, g8.data_ptr(), g8.numel(), sgd, 1).wait()
     c.sparse_save(2, eight, 1, str(tmp_path / "dim8.bin"))
     with pytest.raises(fastps.InvalidArgumentError, match="dim 8 into sparse table 1 of dim 4"):
         c.sparse_load(1, eight, str(tmp_path / "dim8.bin"))  # the file matches the config, not the table
@@ -380,8 +380,8 @@ def test_a_refused_sparse_load_leaves_the_table_usable(tmp_path):
     with pytest.raises(fastps.InvalidArgumentError, match="below its number of shards"):
         c.sparse_load(2, capped, str(tmp_path / "dim8.bin"))
     out = torch.empty(3, 4)
-    c.sparse_push(1, ids.data_ptr(), 3, 4, g4.data_ptr(), sgd, 1).wait()
-    c.sparse_pull(1, ids.data_ptr(), 3, 4, out.data_ptr(), 1).wait()
+    c.sparse_push(1, ids.data_ptr(), 3, 4, g4.data_ptr(), g4.numel(), sgd, 1).wait()
+    c.sparse_pull(1, ids.data_ptr(), 3, 4, out.data_ptr(), out.numel(), 1).wait()
     assert torch.equal(out, torch.full((3, 4), -1.0))
 
 

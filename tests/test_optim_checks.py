@@ -237,6 +237,73 @@ def test_ps_client_checks_every_count_before_sending(ps_client):
     assert torch.equal(out, p - 1)
 
 
+def test_sparse_table_calls_check_counts_and_chains():
+    t = _C.SparseTable(_C.Server(2), 4, init=_C.SparseInit.ZEROS)
+    ids = torch.arange(3, dtype=torch.int64)
+    small, out, g = torch.zeros(2), torch.zeros(3, 4), torch.ones(3, 4)
+    sgd = _C.SparseOptim(_C.SparseRule.SGD, lr=1.0)
+    with pytest.raises(fastps.InvalidArgumentError, match="sparse pull: out holds 2 elements where the call uses 12"):
+        t.pull(ids.data_ptr(), 3, small.data_ptr(), 2)
+    with pytest.raises(fastps.InvalidArgumentError, match="sparse push: grads holds 2 elements where the call uses 12"):
+        t.push(ids.data_ptr(), 3, small.data_ptr(), 2, sgd, 1)
+    assert len(t) == 0
+    t.push(ids.data_ptr(), 3, g.data_ptr(), g.numel(), sgd, 1)
+    # pull_scatter: 3 unique ids to 5 rows of out through chains
+    first, out5 = torch.tensor([0, 1, 2]), torch.zeros(5, 4)
+    bad = [
+        ("out holds 12 elements where the call uses 20", torch.tensor([3, 4, -1, -1, -1]), out),
+        (r"next\[1\] is 0; a chain goes on to a later row", torch.tensor([3, 0, -1, -1, -1]), out5),
+        (r"next\[0\] is 5", torch.tensor([5, 4, -1, -1, -1]), out5),
+    ]
+    for message, nxt, o in bad:
+        with pytest.raises(fastps.InvalidArgumentError, match=message):
+            t.pull_scatter(ids.data_ptr(), 3, first.data_ptr(), nxt.data_ptr(), 5, o.data_ptr(), o.numel())
+    nxt = torch.tensor([3, 4, -1, -1, -1])
+    with pytest.raises(fastps.InvalidArgumentError, match=r"first\[2\] is 7, outside \[0, 5\)"):
+        far = torch.tensor([0, 1, 7])
+        t.pull_scatter(ids.data_ptr(), 3, far.data_ptr(), nxt.data_ptr(), 5, out5.data_ptr(), out5.numel())
+    t.pull_scatter(ids.data_ptr(), 3, first.data_ptr(), nxt.data_ptr(), 5, out5.data_ptr(), out5.numel())
+    assert torch.equal(out5, torch.full((5, 4), -1.0))
+
+
+def test_embedding_ops_check_counts_and_indices():
+    ids, uids, inv = torch.tensor([5, 7, 5]), torch.empty(3, dtype=torch.int64), torch.empty(3, dtype=torch.int64)
+    with pytest.raises(fastps.InvalidArgumentError, match="embedding_unique: uids holds 2 elements"):
+        _C.embedding_unique(ids.data_ptr(), 3, uids.data_ptr(), 2, inv.data_ptr(), 3, False)
+    assert _C.embedding_unique(ids.data_ptr(), 3, uids.data_ptr(), 3, inv.data_ptr(), 3, False)[0] == 2
+    bad_inv = torch.tensor([0, 1, 9])
+    rows, out = torch.ones(2, 4), torch.empty(3, 4)
+    with pytest.raises(fastps.InvalidArgumentError, match=r"embedding_gather: inverse\[2\] is 9, outside \[0, 2\)"):
+        _C.embedding_gather(rows.data_ptr(), rows.numel(), bad_inv.data_ptr(), 3, 4, out.data_ptr(), out.numel())
+    with pytest.raises(fastps.InvalidArgumentError, match="embedding_gather: out holds 4 elements"):
+        _C.embedding_gather(rows.data_ptr(), rows.numel(), inv.data_ptr(), 3, 4, out.data_ptr(), 4)
+    first, nxt = torch.empty(2, dtype=torch.int64), torch.empty(3, dtype=torch.int64)
+    with pytest.raises(fastps.InvalidArgumentError, match=r"embedding_chains: inverse\[2\] is 9"):
+        _C.embedding_chains(bad_inv.data_ptr(), 3, 2, first.data_ptr(), 2, nxt.data_ptr(), 3)
+    grads, sums = torch.ones(3, 4), torch.empty(2, 4)
+    with pytest.raises(fastps.InvalidArgumentError, match=r"embedding_segment_sum: inverse\[2\] is 9"):
+        _C.embedding_segment_sum(grads.data_ptr(), 12, bad_inv.data_ptr(), 3, 4, 2, sums.data_ptr(), 8)
+    with pytest.raises(fastps.InvalidArgumentError, match="embedding_segment_sum: out holds 4 elements"):
+        _C.embedding_segment_sum(grads.data_ptr(), 12, inv.data_ptr(), 3, 4, 2, sums.data_ptr(), 4)
+    _C.embedding_segment_sum(grads.data_ptr(), 12, inv.data_ptr(), 3, 4, 2, sums.data_ptr(), 8)
+    assert torch.equal(sums, torch.tensor([[2.0] * 4, [1.0] * 4]))
+
+
+def test_ps_client_sparse_calls_check_counts(ps_client):
+    c = ps_client
+    c.sparse_create(1, _C.SparseTableConfig(4, init=_C.SparseInit.ZEROS)).wait()
+    ids, small = torch.arange(3), torch.zeros(2)
+    sgd = _C.SparseOptim(_C.SparseRule.SGD, lr=1.0)
+    with pytest.raises(fastps.InvalidArgumentError, match="sparse pull: out holds 2 elements where the call uses 12"):
+        c.sparse_pull(1, ids.data_ptr(), 3, 4, small.data_ptr(), 2, 0)
+    with pytest.raises(fastps.InvalidArgumentError, match="sparse push: grads holds 2 elements where the call uses 12"):
+        c.sparse_push(1, ids.data_ptr(), 3, 4, small.data_ptr(), 2, sgd, 1)
+    g, out = torch.ones(3, 4), torch.empty(3, 4)
+    c.sparse_push(1, ids.data_ptr(), 3, 4, g.data_ptr(), g.numel(), sgd, 1).wait()
+    c.sparse_pull(1, ids.data_ptr(), 3, 4, out.data_ptr(), out.numel(), 1).wait()
+    assert torch.equal(out, torch.full((3, 4), -1.0))
+
+
 # -- parameters that share memory ---------------------------------------------------------
 
 def test_duplicate_parameter_is_refused_before_torchs_warning():
