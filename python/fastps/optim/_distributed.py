@@ -23,6 +23,22 @@ from .._cluster import wait_all
 from .._tensor import GradSnapshot, check_grad, check_param, grad_changed, grad_snapshot
 
 
+@contextlib.contextmanager
+def _requests() -> Iterator[Tuple[List[Any], List[torch.Tensor]]]:
+    """Lists (futures, keep) to fill with native requests and the tensors they read or
+    write. On leaving, waits for every request; after an error, also for those already
+    sent (``wait_all``: ``keep`` stays alive until each of them ended), then re-raises."""
+    futures: List[Any] = []
+    keep: List[torch.Tensor] = []
+    try:
+        yield futures, keep
+        for f in futures:
+            f.wait()
+    except BaseException as e:
+        wait_all(futures, keep, e)
+        raise
+
+
 class DistState:
     """Per-optimizer bookkeeping of the distributed mode."""
 
@@ -187,9 +203,7 @@ class DistState:
         """Copy the servers' optimizer state into optimizer.state (for state_dict)."""
         if self.clock == 0:
             return
-        futures: List[Any] = []
-        keep: List[torch.Tensor] = []  # written by the replies: alive until each request ended
-        try:
+        with _requests() as (futures, keep):  # keep: written by the replies
             for p, group, tid, names in self._registered():
                 state = self.opt.state[p]
                 if any(n not in state for n in names) or (self.opt._has_step() and "step" not in state):
@@ -211,11 +225,6 @@ class DistState:
                         state["step"] = step = torch.tensor(float(step), dtype=torch.float32)
                     keep.append(step)
                     futures.append(self.client.state_get(tid, 255, step.data_ptr(), 1))
-            for f in futures:
-                f.wait()
-        except BaseException as e:
-            wait_all(futures, keep, e)
-            raise
 
     def push_state(self) -> None:
         """Send loaded optimizer state and this rank's parameters to the servers.
@@ -227,9 +236,7 @@ class DistState:
         registered = list(self._registered())
         for p, *_ in registered:
             self._check_registered(p)  # before anything is sent
-        futures: List[Any] = []
-        keep: List[torch.Tensor] = []  # read by the requests: alive until each request ended
-        try:
+        with _requests() as (futures, keep):  # keep: read by the requests
             for p, _group, tid, names in registered:
                 data = p.detach()
                 keep.append(data)
@@ -244,8 +251,3 @@ class DistState:
                     s = torch.tensor([float(state["step"])], dtype=torch.float32)
                     keep.append(s)
                     futures.append(self.client.state_set(tid, 255, s.data_ptr(), 1))
-            for f in futures:
-                f.wait()
-        except BaseException as e:
-            wait_all(futures, keep, e)
-            raise
