@@ -19,6 +19,24 @@ T* as_ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
+// Throws InvalidArgument unless a caller's buffer of `count` elements is what
+// the call reads or writes (`expected`). The bindings' share of Note [Buffers
+// with their counts] (csrc/client/ps_client.cc): for the calls whose core
+// function trusts its pointers.
+inline void check_count(const char* call, const char* buffer, int64_t count, int64_t expected) {
+  FASTPS_CHECK(count == expected, "fastps: ", call, ": ", buffer, " holds ", count, " elements where the call uses ",
+               expected);
+}
+
+// Throws InvalidArgument unless every v[i] (i < n) is in [lo, hi): indices the
+// core function uses to address another buffer.
+inline void check_indices(const char* call, const char* what, const int64_t* v, int64_t n, int64_t lo,
+                          int64_t hi) {
+  for (int64_t i = 0; i < n; ++i)
+    FASTPS_CHECK(v[i] >= lo && v[i] < hi, "fastps: ", call, ": ", what, "[", i, "] is ", v[i],
+                 ", outside [", lo, ", ", hi, ")");
+}
+
 // FASTPS_TRANSPORT's values -> the shared-memory mode of the socket transport.
 inline ShmMode shm_mode(const std::string& transport) {
   if (transport == "auto") return ShmMode::kAuto;

@@ -1,6 +1,8 @@
 // pybind11 bindings of the fastps core: type conversion, GIL release and error
 // translation only. Tensors arrive as (address, numel) after the Python side
-// checked dtype, device and contiguity (python/fastps/_tensor.py).
+// checked dtype, device and contiguity (python/fastps/_tensor.py); the clients
+// check each numel against what the request uses before touching the address
+// (Note [Buffers with their counts] in csrc/client/ps_client.cc).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -133,15 +135,17 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "register_dense",
           [](EmbeddedClient& c, uint32_t tensor_id, uintptr_t param, int64_t numel,
-             const std::vector<uintptr_t>& state, uintptr_t step, bool fresh_state) {
+             const std::vector<uintptr_t>& state, const std::vector<int64_t>& state_numel, uintptr_t step,
+             int64_t step_numel, bool fresh_state) {
             std::vector<float*> st = as_ptrs(state);
             py::gil_scoped_release release;
-            c.register_dense(tensor_id, as_ptr<float>(param), numel, st, as_ptr<float>(step),
-                             fresh_state);
+            c.register_dense(tensor_id, as_ptr<float>(param), numel, st, state_numel, as_ptr<float>(step),
+                             step_numel, fresh_state);
           },
           py::arg("tensor_id"), py::arg("param"), py::arg("numel"), py::arg("state"),
-          py::arg("step"), py::arg("fresh_state"),
-          "Bind a float32 tensor, its state buffers and its float32 step counter (0: none).")
+          py::arg("state_numel"), py::arg("step"), py::arg("step_numel"), py::arg("fresh_state"),
+          "Bind a float32 tensor, its state buffers (each with its numel, which must be the tensor's) "
+          "and its float32 step counter (step_numel 1; or 0 and 0: none).")
       .def(
           "unregister_dense",
           [](EmbeddedClient& c, uint32_t tensor_id) {
@@ -153,18 +157,20 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "update",
           [](EmbeddedClient& c, const std::vector<uint32_t>& ids, const std::vector<uintptr_t>& grads,
-             const std::vector<int>& hyper_index, const std::vector<OptimHyper>& hypers) {
+             const std::vector<int64_t>& grad_numel, const std::vector<int>& hyper_index,
+             const std::vector<OptimHyper>& hypers) {
             const size_t n = ids.size();
-            FASTPS_CHECK(grads.size() == n && hyper_index.size() == n,
+            FASTPS_CHECK(grads.size() == n && grad_numel.size() == n && hyper_index.size() == n,
                          "fastps: update() argument lists differ in length");
             std::vector<UpdateItem> items(n);
             for (size_t i = 0; i < n; ++i)
-              items[i] = UpdateItem{ids[i], as_ptr<const float>(grads[i]), hyper_index[i]};
+              items[i] = UpdateItem{ids[i], as_ptr<const float>(grads[i]), grad_numel[i], hyper_index[i]};
             py::gil_scoped_release release;
             c.update(items, hypers);
           },
-          py::arg("tensor_ids"), py::arg("grads"), py::arg("hyper_index"), py::arg("hypers"),
-          "One optimizer step for each (tensor id, gradient address, group index).");
+          py::arg("tensor_ids"), py::arg("grads"), py::arg("grad_numel"), py::arg("hyper_index"),
+          py::arg("hypers"),
+          "One optimizer step for each (tensor id, gradient address, gradient numel, group index).");
 
   py::class_<Future, std::shared_ptr<Future>>(m, "Future")
       .def("done", &Future::done, "True once every chunk of the request completed (or failed).")
@@ -265,60 +271,70 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "register_dense",
           [](PsClient& c, uint32_t tid, int64_t numel, bool sum_only, const OptimHyper& h,
-             uintptr_t init) {
+             uintptr_t init, int64_t init_numel) {
             py::gil_scoped_release release;
-            return c.register_dense(tid, numel, sum_only, h, as_ptr<const float>(init));
+            return c.register_dense(tid, numel, sum_only, h, as_ptr<const float>(init), init_numel);
           },
           py::arg("tensor_id"), py::arg("numel"), py::arg("sum_only"), py::arg("hyper"),
-          py::arg("init"))
+          py::arg("init"), py::arg("init_numel"),
+          "Place a tensor of numel floats; init (0: none) holds init_numel == numel initial values.")
       .def(
           "push",
-          [](PsClient& c, uint32_t tid, uintptr_t grad, const OptimHyper& h, uint32_t clock) {
+          [](PsClient& c, uint32_t tid, uintptr_t grad, int64_t grad_numel, const OptimHyper& h,
+             uint32_t clock) {
             py::gil_scoped_release release;
-            return c.push(tid, as_ptr<const float>(grad), h, clock);
+            return c.push(tid, as_ptr<const float>(grad), grad_numel, h, clock);
           },
-          py::arg("tensor_id"), py::arg("grad"), py::arg("hyper"), py::arg("clock"))
+          py::arg("tensor_id"), py::arg("grad"), py::arg("grad_numel"), py::arg("hyper"), py::arg("clock"),
+          "Push a gradient of the tensor's numel floats (grad 0 and grad_numel 0: a skip).")
       .def(
           "pull",
-          [](PsClient& c, uint32_t tid, uintptr_t dst, uint32_t min_version) {
+          [](PsClient& c, uint32_t tid, uintptr_t dst, int64_t dst_numel, uint32_t min_version) {
             py::gil_scoped_release release;
-            return c.pull(tid, as_ptr<float>(dst), min_version);
+            return c.pull(tid, as_ptr<float>(dst), dst_numel, min_version);
           },
-          py::arg("tensor_id"), py::arg("dst"), py::arg("min_version"))
+          py::arg("tensor_id"), py::arg("dst"), py::arg("dst_numel"), py::arg("min_version"),
+          "Pull the tensor into dst (dst_numel: the tensor's numel).")
       .def(
           "push_pull",
-          [](PsClient& c, uint32_t tid, uintptr_t src, uintptr_t dst, uint32_t clock, bool deferred) {
+          [](PsClient& c, uint32_t tid, uintptr_t src, int64_t src_numel, uintptr_t dst, int64_t dst_numel,
+             uint32_t clock, bool deferred) {
             py::gil_scoped_release release;
-            return c.push_pull(tid, as_ptr<const float>(src), as_ptr<float>(dst), clock, deferred);
+            return c.push_pull(tid, as_ptr<const float>(src), src_numel, as_ptr<float>(dst), dst_numel, clock,
+                               deferred);
           },
-          py::arg("tensor_id"), py::arg("src"), py::arg("dst"), py::arg("clock"), py::arg("deferred") = false,
-          "Push src (0: a skip) and receive the round's sum (aggregation keys) into dst; with "
-          "deferred=True, an optimizer key's round mean, applied only at apply().")
+          py::arg("tensor_id"), py::arg("src"), py::arg("src_numel"), py::arg("dst"), py::arg("dst_numel"),
+          py::arg("clock"), py::arg("deferred") = false,
+          "Sum src over the workers into dst (both of the tensor's numel; src 0 and 0: a skip); with "
+          "deferred=True, an optimizer key's round mean, applied only at apply() (dst may be 0 for a skip).")
       .def(
           "apply",
-          [](PsClient& c, uint32_t tid, const OptimHyper& h, uintptr_t dst, uintptr_t grad, float scale,
-             bool skip) {
+          [](PsClient& c, uint32_t tid, const OptimHyper& h, uintptr_t dst, int64_t dst_numel, uintptr_t grad,
+             int64_t grad_numel, float scale, bool skip) {
             py::gil_scoped_release release;
-            return c.apply(tid, h, as_ptr<float>(dst), as_ptr<const float>(grad), scale, skip);
+            return c.apply(tid, h, as_ptr<float>(dst), dst_numel, as_ptr<const float>(grad), grad_numel, scale,
+                           skip);
           },
-          py::arg("tensor_id"), py::arg("hyper"), py::arg("dst"), py::arg("grad") = 0, py::arg("scale") = 1.0f,
-          py::arg("skip") = false,
+          py::arg("tensor_id"), py::arg("hyper"), py::arg("dst"), py::arg("dst_numel"), py::arg("grad") = 0,
+          py::arg("grad_numel") = 0, py::arg("scale") = 1.0f, py::arg("skip") = false,
           "This worker's contribution to a deferred round's step: a full gradient (grad), none "
           "(skip) or the round's mean times scale; the new parameters land in dst.")
       .def(
           "state_get",
-          [](PsClient& c, uint32_t tid, int buffer, uintptr_t dst) {
+          [](PsClient& c, uint32_t tid, int buffer, uintptr_t dst, int64_t dst_numel) {
             py::gil_scoped_release release;
-            return c.state_get(tid, buffer, as_ptr<float>(dst));
+            return c.state_get(tid, buffer, as_ptr<float>(dst), dst_numel);
           },
-          py::arg("tensor_id"), py::arg("buffer"), py::arg("dst"))
+          py::arg("tensor_id"), py::arg("buffer"), py::arg("dst"), py::arg("dst_numel"),
+          "Fetch buffer (0: parameter, 1..3: optimizer state, 255: the step counter, 1 float) into dst.")
       .def(
           "state_set",
-          [](PsClient& c, uint32_t tid, int buffer, uintptr_t src) {
+          [](PsClient& c, uint32_t tid, int buffer, uintptr_t src, int64_t src_numel) {
             py::gil_scoped_release release;
-            return c.state_set(tid, buffer, as_ptr<const float>(src));
+            return c.state_set(tid, buffer, as_ptr<const float>(src), src_numel);
           },
-          py::arg("tensor_id"), py::arg("buffer"), py::arg("src"))
+          py::arg("tensor_id"), py::arg("buffer"), py::arg("src"), py::arg("src_numel"),
+          "Replace buffer (as in state_get) with src's values.")
       .def("stats", [](const PsClient& c) { return bind::stats_dict(c.stats()); },
            "Bytes and messages this client sent and received over the transport (local "
            "requests to the colocated server are not counted).");

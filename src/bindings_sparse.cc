@@ -1,7 +1,9 @@
 // pybind11 bindings of the sparse embedding table (csrc/client/sparse_client.h):
-// type conversion, GIL release and nothing else. Ids, gradients and outputs
+// type conversion, GIL release and argument checks. Ids, gradients and outputs
 // arrive as (address, count) after the Python side checked dtype (int64 ids,
-// float32 values), device and contiguity. Errors are translated by the
+// float32 values), device and contiguity; where the core function trusts its
+// pointers, every count, and every index that addresses another buffer, is
+// checked here before the pointers are used (bind::check_count, check_indices). Errors are translated by the
 // translator registered in bindings.cc (CapacityError and CheckpointError are
 // fastps::Error subclasses and surface as fastps.errors.FastPSError).
 #include <pybind11/pybind11.h>
@@ -72,24 +74,30 @@ void bind_sparse_client(py::class_<PsClient>& cls) {
          "Create sparse table `table` on every server (idempotent for the same config).")
       .def(
           "sparse_pull",
-          [](PsClient& c, uint64_t table, uintptr_t ids, int64_t n, int64_t dim, uintptr_t out,
+          [](PsClient& c, uint64_t table, uintptr_t ids, int64_t n, int64_t dim, uintptr_t out, int64_t out_numel,
              uint32_t min_step) {
+            FASTPS_CHECK(n >= 0 && dim >= 1, "fastps: bad sparse pull of ", n, " ids of dim ", dim);
+            bind::check_count("sparse pull", "out", out_numel, n * dim);
             py::gil_scoped_release release;
             return c.sparse_pull(table, as_ptr<const int64_t>(ids), n, dim, as_ptr<float>(out), min_step);
           },
-          py::arg("table"), py::arg("ids"), py::arg("n"), py::arg("dim"), py::arg("out"), py::arg("min_step"),
-          "Rows of n int64 ids into out (n x dim float32) once the table step is >= min_step. "
+          py::arg("table"), py::arg("ids"), py::arg("n"), py::arg("dim"), py::arg("out"), py::arg("out_numel"),
+          py::arg("min_step"),
+          "Rows of n int64 ids into out (n x dim float32, out_numel floats) once the table step is >= min_step. "
           "ids and out must stay alive until the future is done.")
       .def(
           "sparse_push",
           [](PsClient& c, uint64_t table, uintptr_t ids, int64_t n, int64_t dim, uintptr_t grads,
-             const SparseOptim& optim, uint32_t step) {
+             int64_t grads_numel, const SparseOptim& optim, uint32_t step) {
+            FASTPS_CHECK(n >= 0 && dim >= 1, "fastps: bad sparse push of ", n, " ids of dim ", dim);
+            bind::check_count("sparse push", "grads", grads_numel, n * dim);
             py::gil_scoped_release release;
             return c.sparse_push(table, as_ptr<const int64_t>(ids), n, dim, as_ptr<const float>(grads), optim,
                                  step);
           },
-          py::arg("table"), py::arg("ids"), py::arg("n"), py::arg("dim"), py::arg("grads"), py::arg("optim"),
-          py::arg("step"), "This worker's gradient rows (n unique ids) for table step `step`.")
+          py::arg("table"), py::arg("ids"), py::arg("n"), py::arg("dim"), py::arg("grads"), py::arg("grads_numel"),
+          py::arg("optim"), py::arg("step"),
+          "This worker's gradient rows (n unique ids, n x dim float32 in grads_numel) for table step `step`.")
       .def(
           "sparse_stats",
           [](PsClient& c, uint64_t table, uint32_t min_step) {
@@ -193,7 +201,11 @@ void bind_sparse(py::module_& m) {
   // Python side (fastps/nn/embedding.py) allocates and checks the tensors.
   m.def(
       "embedding_unique",
-      [](uintptr_t ids, int64_t n, uintptr_t uids, uintptr_t inverse, bool sorted) {
+      [](uintptr_t ids, int64_t n, uintptr_t uids, int64_t uids_numel, uintptr_t inverse, int64_t inverse_numel,
+         bool sorted) {
+        FASTPS_CHECK(n >= 0, "fastps: embedding_unique of ", n, " ids");
+        bind::check_count("embedding_unique", "uids", uids_numel, n);
+        bind::check_count("embedding_unique", "inverse", inverse_numel, n);
         UniqueResult r;
         {
           py::gil_scoped_release release;
@@ -202,34 +214,53 @@ void bind_sparse(py::module_& m) {
         }
         return py::make_tuple(r.count, r.min, r.max);
       },
-      py::arg("ids"), py::arg("n"), py::arg("uids"), py::arg("inverse"), py::arg("sorted"),
+      py::arg("ids"), py::arg("n"), py::arg("uids"), py::arg("uids_numel"), py::arg("inverse"),
+      py::arg("inverse_numel"), py::arg("sorted"),
       "Unique ids of ids[0, n) (ascending if sorted, else in order of first appearance) into uids (room "
-      "for n) and each id's position there into inverse; returns (count, min id, max id).");
+      "for n) and each id's position there into inverse (n); returns (count, min id, max id).");
   m.def(
       "embedding_chains",
-      [](uintptr_t inverse, int64_t n, int64_t n_unique, uintptr_t first, uintptr_t next) {
+      [](uintptr_t inverse, int64_t n, int64_t n_unique, uintptr_t first, int64_t first_numel, uintptr_t next,
+         int64_t next_numel) {
+        FASTPS_CHECK(n >= 0 && n_unique >= 0, "fastps: embedding_chains of ", n, " ids, ", n_unique, " unique");
+        bind::check_count("embedding_chains", "first", first_numel, n_unique);
+        bind::check_count("embedding_chains", "next", next_numel, n);
         py::gil_scoped_release release;
+        bind::check_indices("embedding_chains", "inverse", as_ptr<const int64_t>(inverse), n, 0, n_unique);
         embedding_chains(as_ptr<const int64_t>(inverse), n, n_unique, as_ptr<int64_t>(first),
                          as_ptr<int64_t>(next));
       },
-      py::arg("inverse"), py::arg("n"), py::arg("n_unique"), py::arg("first"), py::arg("next"),
+      py::arg("inverse"), py::arg("n"), py::arg("n_unique"), py::arg("first"), py::arg("first_numel"),
+      py::arg("next"), py::arg("next_numel"),
       "Each unique id's positions as a chain: first[u] (n_unique int64), next[i] (n int64), -1 ends.");
   m.def(
       "embedding_gather",
-      [](uintptr_t rows, uintptr_t inverse, int64_t n, int64_t dim, uintptr_t out) {
+      [](uintptr_t rows, int64_t rows_numel, uintptr_t inverse, int64_t n, int64_t dim, uintptr_t out,
+         int64_t out_numel) {
+        FASTPS_CHECK(n >= 0 && dim >= 1 && rows_numel >= 0 && rows_numel % dim == 0, "fastps: embedding_gather of ",
+                     n, " rows of dim ", dim, " from ", rows_numel, " floats");
+        bind::check_count("embedding_gather", "out", out_numel, n * dim);
         py::gil_scoped_release release;
+        bind::check_indices("embedding_gather", "inverse", as_ptr<const int64_t>(inverse), n, 0, rows_numel / dim);
         gather_rows(as_ptr<const float>(rows), as_ptr<const int64_t>(inverse), n, dim, as_ptr<float>(out));
       },
-      py::arg("rows"), py::arg("inverse"), py::arg("n"), py::arg("dim"), py::arg("out"),
-      "out[i] = rows[inverse[i]] for i < n (float32 rows of dim).");
+      py::arg("rows"), py::arg("rows_numel"), py::arg("inverse"), py::arg("n"), py::arg("dim"), py::arg("out"),
+      py::arg("out_numel"), "out[i] = rows[inverse[i]] for i < n (float32 rows of dim).");
   m.def(
       "embedding_segment_sum",
-      [](uintptr_t grads, uintptr_t inverse, int64_t n, int64_t dim, int64_t n_unique, uintptr_t out) {
+      [](uintptr_t grads, int64_t grads_numel, uintptr_t inverse, int64_t n, int64_t dim, int64_t n_unique,
+         uintptr_t out, int64_t out_numel) {
+        FASTPS_CHECK(n >= 0 && dim >= 1 && n_unique >= 0, "fastps: embedding_segment_sum of ", n, " rows of dim ",
+                     dim, " into ", n_unique);
+        bind::check_count("embedding_segment_sum", "grads", grads_numel, n * dim);
+        bind::check_count("embedding_segment_sum", "out", out_numel, n_unique * dim);
         py::gil_scoped_release release;
+        bind::check_indices("embedding_segment_sum", "inverse", as_ptr<const int64_t>(inverse), n, 0, n_unique);
         segment_sum(as_ptr<const float>(grads), as_ptr<const int64_t>(inverse), n, dim, n_unique,
                     as_ptr<float>(out));
       },
-      py::arg("grads"), py::arg("inverse"), py::arg("n"), py::arg("dim"), py::arg("n_unique"), py::arg("out"),
+      py::arg("grads"), py::arg("grads_numel"), py::arg("inverse"), py::arg("n"), py::arg("dim"),
+      py::arg("n_unique"), py::arg("out"), py::arg("out_numel"),
       "out[u] = sum of grads[i] over inverse[i] == u, in order of i, from +0.0 (out: n_unique x dim).");
 
   m.def("sparse_optim_isa", &sparse_optim_isa, "Sparse kernel variant chosen for this CPU.");
@@ -277,29 +308,45 @@ void bind_sparse(py::module_& m) {
       .def("shard_of", &ShardedSparseTable::shard_of, py::arg("id"))
       .def(
           "pull",
-          [](ShardedSparseTable& t, uintptr_t ids, int64_t n, uintptr_t out) {
+          [](ShardedSparseTable& t, uintptr_t ids, int64_t n, uintptr_t out, int64_t out_numel) {
+            FASTPS_CHECK(n >= 0, "fastps: sparse pull of ", n, " ids");
+            bind::check_count("sparse pull", "out", out_numel, n * t.dim());
             py::gil_scoped_release release;
             t.pull(as_ptr<const int64_t>(ids), n, as_ptr<float>(out));
           },
-          py::arg("ids"), py::arg("n"), py::arg("out"),
-          "Rows of n int64 ids into out (n x dim float32); never creates rows.")
+          py::arg("ids"), py::arg("n"), py::arg("out"), py::arg("out_numel"),
+          "Rows of n int64 ids into out (n x dim float32, out_numel floats); never creates rows.")
       .def(
           "pull_scatter",
-          [](ShardedSparseTable& t, uintptr_t ids, int64_t n, uintptr_t first, uintptr_t next, uintptr_t out) {
+          [](ShardedSparseTable& t, uintptr_t ids, int64_t n, uintptr_t first, uintptr_t next, int64_t next_numel,
+             uintptr_t out, int64_t out_numel) {
+            FASTPS_CHECK(n >= 0 && next_numel >= 0, "fastps: sparse pull_scatter of ", n, " ids to ", next_numel,
+                         " rows");
+            bind::check_count("sparse pull_scatter", "out", out_numel, next_numel * t.dim());
             py::gil_scoped_release release;
+            // Each chain starts in out and only moves forward in it: bounded, and it ends.
+            const int64_t* nx = as_ptr<const int64_t>(next);
+            bind::check_indices("sparse pull_scatter", "first", as_ptr<const int64_t>(first), n, 0, next_numel);
+            for (int64_t i = 0; i < next_numel; ++i)
+              FASTPS_CHECK(nx[i] == -1 || (nx[i] > i && nx[i] < next_numel), "fastps: sparse pull_scatter: next[",
+                           i, "] is ", nx[i], "; a chain goes on to a later row of out, or ends with -1");
             t.pull_scatter(as_ptr<const int64_t>(ids), n, as_ptr<const int64_t>(first),
                            as_ptr<const int64_t>(next), as_ptr<float>(out));
           },
-          py::arg("ids"), py::arg("n"), py::arg("first"), py::arg("next"), py::arg("out"),
-          "pull() with the row of ids[i] written to rows first[i], next[first[i]], ... (-1 ends) of out.")
+          py::arg("ids"), py::arg("n"), py::arg("first"), py::arg("next"), py::arg("next_numel"), py::arg("out"),
+          py::arg("out_numel"),
+          "pull() with the row of ids[i] written to rows first[i], next[first[i]], ... (-1 ends) of out "
+          "(next_numel rows x dim, out_numel floats; first holds n entries).")
       .def(
           "push",
-          [](ShardedSparseTable& t, uintptr_t ids, int64_t n, uintptr_t grads, const SparseOptim& rule,
-             int64_t step) {
+          [](ShardedSparseTable& t, uintptr_t ids, int64_t n, uintptr_t grads, int64_t grads_numel,
+             const SparseOptim& rule, int64_t step) {
+            FASTPS_CHECK(n >= 0, "fastps: sparse push of ", n, " ids");
+            bind::check_count("sparse push", "grads", grads_numel, n * t.dim());
             py::gil_scoped_release release;
             t.push(as_ptr<const int64_t>(ids), n, as_ptr<const float>(grads), rule, step);
           },
-          py::arg("ids"), py::arg("n"), py::arg("grads"), py::arg("rule"), py::arg("step"),
+          py::arg("ids"), py::arg("n"), py::arg("grads"), py::arg("grads_numel"), py::arg("rule"), py::arg("step"),
           "One optimizer step on n unique int64 ids with grads (n x dim float32) at table step `step`.")
       .def("size",
            [](ShardedSparseTable& t) {

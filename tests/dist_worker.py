@@ -20,6 +20,8 @@
     dist_worker.py edges OUT               add_param_group after 3 steps of fastps.optim.SGD, then 3 more;
                                            a non-contiguous parameter; DistributedOptimizer(AdamW) with a
                                            frozen parameter
+    dist_worker.py bad_state OUT           _optim_cases.bad_state(): a state dict of another model's shape
+    dist_worker.py shared OUT              _optim_cases.shared_storage(): parameters that share memory
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import torch
 from torch import nn
 
 import fastps
+
+import _optim_cases
 
 RANK = int(os.environ["RANK"])
 WORLD = int(os.environ["WORLD_SIZE"])
@@ -256,6 +260,10 @@ def main() -> int:
         train_loop(frozen_model, wrapped, x, y, 2)
         torch.save({"params": [p.detach() for p in model.parameters()], "contiguity": contiguity,
                     "frozen_kept": bool(torch.equal(frozen_model[0].weight.detach(), before))}, f"{out}.{RANK}")
+    elif mode == "bad_state":
+        torch.save(_optim_cases.bad_state(), f"{sys.argv[2]}.{RANK}")
+    elif mode == "shared":
+        torch.save(_optim_cases.shared_storage(), f"{sys.argv[2]}.{RANK}")
     else:
         raise SystemExit(f"unknown mode {mode}")
     return 0

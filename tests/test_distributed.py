@@ -185,11 +185,11 @@ def _roundtrip(client, tid=1):
     h.kind = _C.OptimKind.SGD
     h.lr = 0.5
     p = torch.arange(3000, dtype=torch.float32)
-    client.register_dense(tid, 3000, False, h, p.data_ptr()).wait()
+    client.register_dense(tid, 3000, False, h, p.data_ptr(), p.numel()).wait()
     g = torch.ones(3000)
-    client.push(tid, g.data_ptr(), h, 1).wait()
+    client.push(tid, g.data_ptr(), g.numel(), h, 1).wait()
     out = torch.empty(3000)
-    client.pull(tid, out.data_ptr(), 1).wait()
+    client.pull(tid, out.data_ptr(), out.numel(), 1).wait()
     assert torch.equal(out, p - 0.5)
 
 
@@ -228,19 +228,19 @@ def test_a_dead_worker_fails_the_round_and_the_server_survives(transport):
     init = torch.zeros(1000)
     for c in clients:
         c.connect(addr)
-        c.register_dense(1, 1000, True, h, init.data_ptr()).wait()
+        c.register_dense(1, 1000, True, h, init.data_ptr(), init.numel()).wait()
     del clients[2]
     time.sleep(0.3)  # the server notices the disconnect
     for c in clients:
         g, out = torch.ones(1000), torch.empty(1000)
         with pytest.raises(fastps.ConnectionError, match="worker rank 2 disconnected"):
-            c.push_pull(1, g.data_ptr(), out.data_ptr(), 1).wait()
+            c.push_pull(1, g.data_ptr(), g.numel(), out.data_ptr(), out.numel(), 1).wait()
     # The server still serves: a fresh key for the two survivors cannot
     # complete either (3 workers), but a plain registration and pull work.
-    clients[0].register_dense(2, 10, False, h, init.data_ptr()).wait()
-    clients[1].register_dense(2, 10, False, h, 0).wait()  # placement only
+    clients[0].register_dense(2, 10, False, h, init[:10].data_ptr(), 10).wait()
+    clients[1].register_dense(2, 10, False, h, 0, 0).wait()  # placement only
     out = torch.empty(10)
-    clients[1].pull(2, out.data_ptr(), 0).wait()
+    clients[1].pull(2, out.data_ptr(), out.numel(), 0).wait()
     assert torch.equal(out, torch.zeros(10))
 
 
@@ -249,7 +249,7 @@ def test_request_errors_are_typed():
     client = _C.PsClient(0, secret="s", timeout_s=5, chunk_bytes=4096)
     client.connect([("127.0.0.1", server.port)])
     with pytest.raises(fastps.InvalidArgumentError, match="not registered"):
-        client.pull(99, torch.empty(1).data_ptr(), 0)
+        client.pull(99, torch.empty(1).data_ptr(), 1, 0)
 
 
 def test_unreachable_server_is_a_connection_error():
@@ -283,11 +283,11 @@ def test_local_requests_queued_behind_a_busy_shard_use_their_own_data():
 
     big_n, keys, n = 8 << 20, range(2, 18), 64
     big = torch.zeros(big_n)
-    client.register_dense(1, big_n, False, adam(1e-3), big.data_ptr()).wait()
+    client.register_dense(1, big_n, False, adam(1e-3), big.data_ptr(), big_n).wait()
     gen = torch.Generator().manual_seed(3)
     init = {k: torch.randn(n, generator=gen) for k in keys}
     for k in keys:
-        client.register_dense(k, n, False, adam(0.01 * k), init[k].data_ptr()).wait()
+        client.register_dense(k, n, False, adam(0.01 * k), init[k].data_ptr(), n).wait()
     ref = {k: torch.nn.Parameter(init[k].clone()) for k in keys}
     ropt = {k: torch.optim.Adam([ref[k]], lr=0.01 * k, eps=1e-8) for k in keys}
     big_grad = torch.ones(big_n)
@@ -295,8 +295,9 @@ def test_local_requests_queued_behind_a_busy_shard_use_their_own_data():
     for step in range(1, 4):
         grads = {k: torch.randn(n, generator=gen) for k in keys}
         skip = {k for k in keys if (k + step) % 3 == 0}  # no gradient this step: a config-only push
-        busy = client.push(1, big_grad.data_ptr(), adam(1e-3), step)
-        futures = [client.push(k, 0 if k in skip else grads[k].data_ptr(), adam(0.01 * k), step) for k in keys]
+        busy = client.push(1, big_grad.data_ptr(), big_grad.numel(), adam(1e-3), step)
+        futures = [client.push(k, *((0, 0) if k in skip else (grads[k].data_ptr(), n)), adam(0.01 * k), step)
+                   for k in keys]
         queued += sum(not f.done() for f in futures)
         busy.wait()
         for f in futures:
@@ -307,7 +308,7 @@ def test_local_requests_queued_behind_a_busy_shard_use_their_own_data():
     assert queued > 0  # the precondition: some requests did wait behind the big one
     for k in keys:
         out = torch.empty(n)
-        client.pull(k, out.data_ptr(), 0).wait()
+        client.pull(k, out.data_ptr(), out.numel(), 0).wait()
         torch.testing.assert_close(out, ref[k].detach(), rtol=1e-6, atol=1e-6)
 
 
@@ -320,7 +321,7 @@ def _two_workers_one_sum_key():
     h = _C.OptimHyper()
     h.kind = _C.OptimKind.SGD
     z = torch.zeros(4)
-    a.register_dense(1, 4, True, h, z.data_ptr()).wait()
+    a.register_dense(1, 4, True, h, z.data_ptr(), z.numel()).wait()
     return server, a, b, h, z
 
 
@@ -328,9 +329,9 @@ def test_re_register_fails_waiting_requests():
     server, a, b, h, z = _two_workers_one_sum_key()
     # A request parked on a chunk that is registered again gets an error, not silence.
     g, out = torch.ones(4), torch.empty(4)
-    parked = a.push_pull(1, g.data_ptr(), out.data_ptr(), 1)  # waits for rank 1's push
+    parked = a.push_pull(1, g.data_ptr(), g.numel(), out.data_ptr(), out.numel(), 1)  # waits for rank 1's push
     time.sleep(0.2)
-    b.register_dense(1, 4, True, h, z.data_ptr()).wait()
+    b.register_dense(1, 4, True, h, z.data_ptr(), z.numel()).wait()
     with pytest.raises(fastps.InvalidArgumentError, match="registered again"):
         parked.wait()
 
@@ -348,17 +349,17 @@ def test_a_reply_after_the_deadline_never_writes_into_the_callers_buffer():
         c.sparse_create(1, cfg).wait()
     ids = torch.arange(3)
     out = torch.full((3, 4), 7.0)
-    pull = a.sparse_pull(1, ids.data_ptr(), 3, 4, out.data_ptr(), 1)  # waits for step 1
+    pull = a.sparse_pull(1, ids.data_ptr(), 3, 4, out.data_ptr(), out.numel(), 1)  # waits for step 1
     with pytest.raises(fastps.TimeoutError):
         pull.wait()
     g = torch.ones(3, 4)
     sgd = _C.SparseOptim(_C.SparseRule.SGD, lr=1.0)
-    for f in [c.sparse_push(1, ids.data_ptr(), 3, 4, g.data_ptr(), sgd, 1) for c in (a, b)]:
+    for f in [c.sparse_push(1, ids.data_ptr(), 3, 4, g.data_ptr(), g.numel(), sgd, 1) for c in (a, b)]:
         f.wait()  # step 1 completes: the parked pull is answered now
     time.sleep(0.3)
     assert torch.equal(out, torch.full((3, 4), 7.0))  # the late reply was dropped
     fresh = torch.empty(3, 4)
-    a.sparse_pull(1, ids.data_ptr(), 3, 4, fresh.data_ptr(), 1).wait()  # the client still works
+    a.sparse_pull(1, ids.data_ptr(), 3, 4, fresh.data_ptr(), fresh.numel(), 1).wait()  # the client still works
     assert torch.equal(fresh, torch.full((3, 4), -1.0))
 
 
@@ -373,7 +374,7 @@ def test_a_refused_sparse_load_leaves_the_table_usable(tmp_path):
     c.sparse_create(1, four).wait()
     c.sparse_create(2, eight).wait()
     ids, g8, g4 = torch.arange(30), torch.ones(30, 8), torch.ones(3, 4)
-    c.sparse_push(2, ids.data_ptr(), 30, 8, g8.data_ptr(), sgd, 1).wait()
+    c.sparse_push(2, ids.data_ptr(), 30, 8, g8.data_ptr(), g8.numel(), sgd, 1).wait()
     c.sparse_save(2, eight, 1, str(tmp_path / "dim8.bin"))
     with pytest.raises(fastps.InvalidArgumentError, match="dim 8 into sparse table 1 of dim 4"):
         c.sparse_load(1, eight, str(tmp_path / "dim8.bin"))  # the file matches the config, not the table
@@ -381,21 +382,22 @@ def test_a_refused_sparse_load_leaves_the_table_usable(tmp_path):
     with pytest.raises(fastps.InvalidArgumentError, match="below its number of shards"):
         c.sparse_load(2, capped, str(tmp_path / "dim8.bin"))
     out = torch.empty(3, 4)
-    c.sparse_push(1, ids.data_ptr(), 3, 4, g4.data_ptr(), sgd, 1).wait()
-    c.sparse_pull(1, ids.data_ptr(), 3, 4, out.data_ptr(), 1).wait()
+    c.sparse_push(1, ids.data_ptr(), 3, 4, g4.data_ptr(), g4.numel(), sgd, 1).wait()
+    c.sparse_pull(1, ids.data_ptr(), 3, 4, out.data_ptr(), out.numel(), 1).wait()
     assert torch.equal(out, torch.full((3, 4), -1.0))
 
 
 def test_a_second_connection_of_a_live_rank_closing_does_not_kill_the_rank():
     server, a, b, h, z = _two_workers_one_sum_key()
-    b.register_dense(1, 4, True, h, 0).wait()
+    b.register_dense(1, 4, True, h, 0, 0).wait()
     stray = _C.PsClient(0, secret="s", timeout_s=5)  # claims rank 0 too (a tool, a restarted process)
     stray.connect([("127.0.0.1", server.port)])
-    stray.register_dense(2, 4, False, h, z.data_ptr()).wait()  # talks to the server as rank 0
+    stray.register_dense(2, 4, False, h, z.data_ptr(), z.numel()).wait()  # talks to the server as rank 0
     del stray
     time.sleep(0.3)  # the server sees the disconnect
     ga, gb, oa, ob = torch.ones(4), torch.full((4,), 2.0), torch.empty(4), torch.empty(4)
-    fa, fb = a.push_pull(1, ga.data_ptr(), oa.data_ptr(), 1), b.push_pull(1, gb.data_ptr(), ob.data_ptr(), 1)
+    fa = a.push_pull(1, ga.data_ptr(), ga.numel(), oa.data_ptr(), oa.numel(), 1)
+    fb = b.push_pull(1, gb.data_ptr(), gb.numel(), ob.data_ptr(), ob.numel(), 1)
     fa.wait()
     fb.wait()
     assert torch.equal(oa, torch.full((4,), 3.0)) and torch.equal(ob, oa)
@@ -444,8 +446,8 @@ def test_ctrl_c_interrupts_a_wait_long_before_its_deadline(tmp_path):
         "h = _C.OptimHyper()\n"
         "h.kind = _C.OptimKind.SGD\n"
         "z, g, out = torch.zeros(4), torch.ones(4), torch.empty(4)\n"
-        "c.register_dense(1, 4, True, h, z.data_ptr()).wait()\n"
-        "f = c.push_pull(1, g.data_ptr(), out.data_ptr(), 1)  # rank 1 never pushes\n"
+        "c.register_dense(1, 4, True, h, z.data_ptr(), z.numel()).wait()\n"
+        "f = c.push_pull(1, g.data_ptr(), g.numel(), out.data_ptr(), out.numel(), 1)  # rank 1 never pushes\n"
         "threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
         "t = time.monotonic()\n"
         "try:\n"

@@ -113,14 +113,15 @@ def _sgd(lr=1.0):
 def _pull(c, table, ids, dim, step=0):
     ids = torch.tensor(ids, dtype=torch.int64)
     out = torch.empty(ids.numel(), dim)
-    c.sparse_pull(table, ids.data_ptr(), ids.numel(), dim, out.data_ptr(), step).wait()
+    c.sparse_pull(table, ids.data_ptr(), ids.numel(), dim, out.data_ptr(), out.numel(), step).wait()
     return out
 
 
 def _push(c, table, ids, grads, step, optim=None):
     ids = torch.tensor(ids, dtype=torch.int64)
     grads = torch.as_tensor(grads, dtype=torch.float32).contiguous()
-    return c.sparse_push(table, ids.data_ptr(), ids.numel(), grads.shape[-1], grads.data_ptr(), optim or _sgd(), step)
+    return c.sparse_push(table, ids.data_ptr(), ids.numel(), grads.shape[-1], grads.data_ptr(), grads.numel(),
+                         optim or _sgd(), step)
 
 
 def test_bsp_push_is_the_mean_of_the_workers_rows_and_pulls_wait_for_the_round():
@@ -132,7 +133,7 @@ def test_bsp_push_is_the_mean_of_the_workers_rows_and_pulls_wait_for_the_round()
     pull = a.sparse_pull  # a pull of step 1 waits for b's push
     ids = torch.tensor([7, 5, 9, 7], dtype=torch.int64)
     out = torch.empty(4, 2)
-    f = pull(1, ids.data_ptr(), 4, 2, out.data_ptr(), 1)
+    f = pull(1, ids.data_ptr(), 4, 2, out.data_ptr(), out.numel(), 1)
     time.sleep(0.1)
     assert not f.done() and not fa.done()
     _push(b, 1, [5], [[6.0, 0.0]], 1).wait()
@@ -217,5 +218,5 @@ def test_save_and_load_over_two_servers_round_trip(tmp_path):
     t.load(path)
     out = torch.empty(40, 3)
     id_tensor = torch.tensor(ids)  # alive while the native call reads it
-    t.pull(id_tensor.data_ptr(), 40, out.data_ptr())
+    t.pull(id_tensor.data_ptr(), 40, out.data_ptr(), out.numel())
     assert torch.equal(out, before) and t.step == 1

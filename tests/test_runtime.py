@@ -138,4 +138,4 @@ def test_unregistered_tensor_is_a_typed_error():
     h = fastps._C.OptimHyper()
     g = torch.zeros(4)
     with pytest.raises(fastps.InvalidArgumentError, match="not registered"):
-        emb.client.update([987654321], [g.data_ptr()], [0], [h])
+        emb.client.update([987654321], [g.data_ptr()], [g.numel()], [0], [h])

@@ -41,11 +41,11 @@ def _sgd_roundtrip(client, n, tid=1):
     h.kind = _C.OptimKind.SGD
     h.lr = 0.5
     p = torch.randn(n)
-    client.register_dense(tid, n, False, h, p.data_ptr()).wait()
+    client.register_dense(tid, n, False, h, p.data_ptr(), p.numel()).wait()
     g = torch.randn(n)
-    client.push(tid, g.data_ptr(), h, 1).wait()
+    client.push(tid, g.data_ptr(), g.numel(), h, 1).wait()
     out = torch.empty(n)
-    client.pull(tid, out.data_ptr(), 1).wait()
+    client.pull(tid, out.data_ptr(), out.numel(), 1).wait()
     torch.testing.assert_close(out, p - 0.5 * g, rtol=0, atol=0)
 
 
@@ -65,9 +65,9 @@ def test_frames_larger_than_the_ring_stream_through_it():
     h = _C.OptimHyper()
     h.kind = _C.OptimKind.SGD
     src = torch.arange(1 << 20, dtype=torch.float32)
-    client.register_dense(2, 1 << 20, True, h, src.data_ptr()).wait()
+    client.register_dense(2, 1 << 20, True, h, src.data_ptr(), src.numel()).wait()
     out = torch.empty(1 << 20)
-    client.push_pull(2, src.data_ptr(), out.data_ptr(), 1).wait()
+    client.push_pull(2, src.data_ptr(), src.numel(), out.data_ptr(), out.numel(), 1).wait()
     assert torch.equal(out, src)  # one worker: the sum is its own push
 
 
@@ -130,9 +130,9 @@ def test_killed_server_process_fails_a_waiting_request_quickly(tmp_path):
         h = _C.OptimHyper()
         h.kind = _C.OptimKind.SGD
         p = torch.zeros(5000)
-        client.register_dense(1, 5000, False, h, p.data_ptr()).wait()
-        client.push(1, p.data_ptr(), h, 1).wait()
-        fut = client.pull(1, p.data_ptr(), 1)  # the round needs the second worker's push
+        client.register_dense(1, 5000, False, h, p.data_ptr(), p.numel()).wait()
+        client.push(1, p.data_ptr(), p.numel(), h, 1).wait()
+        fut = client.pull(1, p.data_ptr(), p.numel(), 1)  # the round needs the second worker's push
         proc.kill()
         t0 = time.monotonic()
         with pytest.raises((fastps.ConnectionError, fastps.TimeoutError)):

@@ -44,7 +44,7 @@ def as_ids(ids) -> torch.Tensor:
 def pull(t: _C.SparseTable, ids) -> torch.Tensor:
     ids = as_ids(ids)
     out = torch.empty(len(ids), t.dim)
-    t.pull(ids.data_ptr(), len(ids), out.data_ptr())
+    t.pull(ids.data_ptr(), len(ids), out.data_ptr(), out.numel())
     return out
 
 
@@ -52,7 +52,7 @@ def push(t: _C.SparseTable, ids, grads: torch.Tensor, rule: _C.SparseOptim, step
     ids = as_ids(ids)
     grads = grads.contiguous()
     assert grads.dtype == torch.float32 and grads.shape == (len(ids), t.dim)
-    t.push(ids.data_ptr(), len(ids), grads.data_ptr(), rule, step)
+    t.push(ids.data_ptr(), len(ids), grads.data_ptr(), grads.numel(), rule, step)
 
 
 M64 = 2**64 - 1

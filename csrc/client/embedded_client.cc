@@ -53,11 +53,24 @@ bool EmbeddedClient::is_registered(uint32_t tensor_id) const {
 }
 
 void EmbeddedClient::register_dense(uint32_t tensor_id, float* param, int64_t numel,
-                                    const std::vector<float*>& state, float* step,
-                                    bool fresh_state) {
+                                    const std::vector<float*>& state, const std::vector<int64_t>& state_numel,
+                                    float* step, int64_t step_numel, bool fresh_state) {
+  // The same check as the distributed client's: See Note [Buffers with their
+  // counts] in client/ps_client.cc.
   FASTPS_CHECK(numel > 0, "fastps: cannot register an empty tensor");
+  FASTPS_CHECK(param != nullptr, "fastps: tensor ", tensor_id, ": the parameter is a null pointer");
   FASTPS_CHECK(state.size() <= kMaxStateBuffers, "fastps: at most ", kMaxStateBuffers,
                " optimizer state buffers per tensor");
+  FASTPS_CHECK(state_numel.size() == state.size(), "fastps: tensor ", tensor_id, ": ", state.size(),
+               " state buffers but ", state_numel.size(), " counts");
+  for (size_t i = 0; i < state.size(); ++i)
+    FASTPS_CHECK(state[i] != nullptr && state_numel[i] == numel, "fastps: tensor ", tensor_id,
+                 ": optimizer state buffer ", i, " holds ", state_numel[i], " floats",
+                 state[i] == nullptr ? " at a null pointer" : "", " where the parameter has ", numel,
+                 "; every state buffer must be a contiguous float32 tensor of the parameter's size");
+  FASTPS_CHECK(step == nullptr ? step_numel == 0 : step_numel == 1, "fastps: tensor ", tensor_id,
+               ": the step counter holds ", step_numel, " floats", step == nullptr ? " at a null pointer" : "",
+               " where it must be one float32 (or absent: a null pointer and 0)");
   struct Bind {
     uint64_t key;
     float* param;
@@ -139,8 +152,12 @@ void EmbeddedClient::update(const std::vector<UpdateItem>& items,
     for (const UpdateItem& it : items) {
       FASTPS_CHECK(it.hyper_index >= 0 && static_cast<size_t>(it.hyper_index) < hypers.size(),
                    "fastps: bad hyperparameter index ", it.hyper_index);
-      FASTPS_CHECK(entries_.count(it.tensor_id), "fastps: tensor ", it.tensor_id,
-                   " is not registered");
+      auto e = entries_.find(it.tensor_id);
+      FASTPS_CHECK(e != entries_.end(), "fastps: tensor ", it.tensor_id, " is not registered");
+      FASTPS_CHECK(it.grad != nullptr && it.grad_numel == e->second.numel, "fastps: tensor ", it.tensor_id,
+                   ": the gradient holds ", it.grad_numel, " floats", it.grad == nullptr ? " at a null pointer" : "",
+                   " where the parameter has ", e->second.numel,
+                   "; pass a contiguous float32 gradient of the parameter's size");
     }
     for (const UpdateItem& it : items) {
       Entry& e = entries_[it.tensor_id];

@@ -39,6 +39,7 @@ inline uint64_t chunk_key(uint32_t tensor_id, uint32_t index) {
 struct UpdateItem {
   uint32_t tensor_id = 0;
   const float* grad = nullptr;
+  int64_t grad_numel = 0;  // floats at grad: must be the tensor's numel
   int hyper_index = 0;     // into the hypers passed to update()
 };
 
@@ -49,17 +50,23 @@ class EmbeddedClient {
   int64_t chunk_elems() const { return chunk_elems_; }
   int num_chunks(int64_t numel) const;
 
-  // Binds (or re-binds) a tensor. `step` points at the float32 step counter
-  // that update() increments before each step (torch's state['step']), or is
-  // null for rules without one. `fresh_state` tells the rule its buffers were
-  // just created (SGD copies the first gradient into its momentum buffer).
-  void register_dense(uint32_t tensor_id, float* param, int64_t numel,
-                      const std::vector<float*>& state, float* step, bool fresh_state);
+  // Binds (or re-binds) a tensor of `numel` floats at `param`. Each state
+  // buffer comes with the floats it holds (`state_numel`, each must be
+  // `numel`). `step` points at the float32 step counter (`step_numel` 1) that
+  // update() increments before each step (torch's state['step']), or is null
+  // (`step_numel` 0) for rules without one. `fresh_state` tells the rule its
+  // buffers were just created (SGD copies the first gradient into its
+  // momentum buffer). A wrong count or a null buffer throws InvalidArgument
+  // before anything is bound.
+  void register_dense(uint32_t tensor_id, float* param, int64_t numel, const std::vector<float*>& state,
+                      const std::vector<int64_t>& state_numel, float* step, int64_t step_numel,
+                      bool fresh_state);
   void unregister_dense(uint32_t tensor_id);
   bool is_registered(uint32_t tensor_id) const;
   // Applies one optimizer step to every item, in parallel over the shards;
   // returns when all are done. Throws TimeoutError past the deadline and
-  // InvalidArgument for an unregistered tensor (before anything is changed).
+  // InvalidArgument for an unregistered tensor or a gradient whose count is
+  // not the tensor's numel (before anything is changed).
   void update(const std::vector<UpdateItem>& items, const std::vector<OptimHyper>& hypers);
 
  private:

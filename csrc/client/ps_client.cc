@@ -135,10 +135,34 @@ PsClient::Entry& PsClient::entry(uint32_t tensor_id) {
   return it->second;
 }
 
+// Note [Buffers with their counts]
+// A dense request reads or writes as many floats as its tensor was
+// registered with, at a caller's address. The caller's buffer may be of
+// another size (a stale pointer, an optimizer state loaded from another
+// model): reading past it crashes this process, or, through the
+// shared-memory transport, makes the server read this process's memory on
+// its behalf. So every pointer comes with the number of floats the caller
+// knows it holds, and the two are compared before the request is built. The
+// Python layer checks first, with messages in the user's terms; this is the
+// check no caller can skip.
+int64_t PsClient::registered_numel(uint32_t tensor_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return entry(tensor_id).numel;
+}
+
+void PsClient::check_buffer(const char* op, uint32_t tensor_id, const char* buffer, const void* p,
+                            int64_t count, int64_t expected) {
+  FASTPS_CHECK(p != nullptr, "fastps: ", op, " of tensor ", tensor_id, ": the ", buffer, " is a null pointer");
+  FASTPS_CHECK(count == expected, "fastps: ", op, " of tensor ", tensor_id, ": the ", buffer, " holds ", count,
+               " floats where the request reads or writes ", expected,
+               "; pass a contiguous float32 buffer of that size");
+}
+
 FuturePtr PsClient::register_dense(uint32_t tensor_id, int64_t numel, bool sum_only,
-                                   const OptimHyper& hyper, const float* init) {
+                                   const OptimHyper& hyper, const float* init, int64_t init_numel) {
   FASTPS_CHECK(numel > 0, "cannot register an empty tensor");
   FASTPS_CHECK(!conns_.empty(), "PsClient is not connected");
+  if (init != nullptr) check_buffer("REGISTER", tensor_id, "initial value", init, init_numel, numel);
   {
     std::lock_guard<std::mutex> lock(mu_);
     FASTPS_CHECK(!entries_.count(tensor_id), "tensor ", tensor_id, " is already registered");
@@ -187,8 +211,10 @@ FuturePtr PsClient::register_dense(uint32_t tensor_id, int64_t numel, bool sum_o
       "REGISTER");
 }
 
-FuturePtr PsClient::push(uint32_t tensor_id, const float* grad, const OptimHyper& hyper,
+FuturePtr PsClient::push(uint32_t tensor_id, const float* grad, int64_t grad_numel, const OptimHyper& hyper,
                          uint32_t clock) {
+  const int64_t numel = registered_numel(tensor_id);
+  if (grad != nullptr || grad_numel != 0) check_buffer("PUSH", tensor_id, "gradient", grad, grad_numel, numel);
   uint8_t block[kOptimConfigSize];
   encode_optim_config(hyper, block);
   return request(
@@ -202,7 +228,8 @@ FuturePtr PsClient::push(uint32_t tensor_id, const float* grad, const OptimHyper
       "PUSH");
 }
 
-FuturePtr PsClient::pull(uint32_t tensor_id, float* dst, uint32_t min_version) {
+FuturePtr PsClient::pull(uint32_t tensor_id, float* dst, int64_t dst_numel, uint32_t min_version) {
+  check_buffer("PULL", tensor_id, "destination", dst, dst_numel, registered_numel(tensor_id));
   return request(
       tensor_id, Op::kPull, dst, true, -1,
       [&](MessageHeader& h, std::vector<ConstBuffer>&, int64_t, int64_t n) {
@@ -212,8 +239,13 @@ FuturePtr PsClient::pull(uint32_t tensor_id, float* dst, uint32_t min_version) {
       "PULL");
 }
 
-FuturePtr PsClient::push_pull(uint32_t tensor_id, const float* src, float* dst, uint32_t clock,
-                             bool deferred) {
+FuturePtr PsClient::push_pull(uint32_t tensor_id, const float* src, int64_t src_numel, float* dst,
+                             int64_t dst_numel, uint32_t clock, bool deferred) {
+  const int64_t numel = registered_numel(tensor_id);
+  if (src != nullptr || src_numel != 0) check_buffer("PUSH_PULL", tensor_id, "source", src, src_numel, numel);
+  // A deferred skip may leave the round's mean unread (Note [Deferred apply]).
+  if (!(deferred && src == nullptr && dst == nullptr && dst_numel == 0))
+    check_buffer("PUSH_PULL", tensor_id, "destination", dst, dst_numel, numel);
   return request(
       tensor_id, Op::kPushPull, dst, true, -1,
       [&](MessageHeader& h, std::vector<ConstBuffer>& segs, int64_t begin, int64_t n) {
@@ -228,8 +260,11 @@ FuturePtr PsClient::push_pull(uint32_t tensor_id, const float* src, float* dst, 
       "PUSH_PULL");
 }
 
-FuturePtr PsClient::apply(uint32_t tensor_id, const OptimHyper& hyper, float* dst, const float* grad,
-                          float scale, bool skip) {
+FuturePtr PsClient::apply(uint32_t tensor_id, const OptimHyper& hyper, float* dst, int64_t dst_numel,
+                          const float* grad, int64_t grad_numel, float scale, bool skip) {
+  const int64_t numel = registered_numel(tensor_id);
+  check_buffer("APPLY", tensor_id, "destination", dst, dst_numel, numel);
+  if (grad != nullptr || grad_numel != 0) check_buffer("APPLY", tensor_id, "gradient", grad, grad_numel, numel);
   auto block = std::make_shared<std::vector<uint8_t>>(kOptimConfigSize + 4);
   encode_optim_config(hyper, block->data());
   std::memcpy(block->data() + kOptimConfigSize, &scale, 4);  // little-endian hosts only, as the floats
@@ -251,7 +286,18 @@ FuturePtr PsClient::apply(uint32_t tensor_id, const OptimHyper& hyper, float* ds
       "APPLY");
 }
 
-FuturePtr PsClient::state_get(uint32_t tensor_id, int buffer, float* dst) {
+namespace {
+void check_state_buffer(const char* op, uint32_t tensor_id, int buffer) {
+  FASTPS_CHECK((buffer >= 0 && buffer <= kMaxStateBuffers) || buffer == 255, "fastps: ", op, " of tensor ",
+               tensor_id, ": buffer ", buffer, " does not exist (0: parameter, 1..", kMaxStateBuffers,
+               ": optimizer state, 255: step counter)");
+}
+}  // namespace
+
+FuturePtr PsClient::state_get(uint32_t tensor_id, int buffer, float* dst, int64_t dst_numel) {
+  check_state_buffer("STATE_GET", tensor_id, buffer);
+  check_buffer("STATE_GET", tensor_id, buffer == 255 ? "step counter" : "destination", dst, dst_numel,
+               buffer == 255 ? 1 : registered_numel(tensor_id));
   if (buffer == 255) {
     // One float per chunk; the caller reads the first chunk's (all agree).
     return request(
@@ -265,7 +311,10 @@ FuturePtr PsClient::state_get(uint32_t tensor_id, int buffer, float* dst) {
       "STATE_GET");
 }
 
-FuturePtr PsClient::state_set(uint32_t tensor_id, int buffer, const float* src) {
+FuturePtr PsClient::state_set(uint32_t tensor_id, int buffer, const float* src, int64_t src_numel) {
+  check_state_buffer("STATE_SET", tensor_id, buffer);
+  check_buffer("STATE_SET", tensor_id, buffer == 255 ? "step counter" : "source", src, src_numel,
+               buffer == 255 ? 1 : registered_numel(tensor_id));
   return request(
       tensor_id, Op::kStateSet, nullptr, false, 0,
       [&](MessageHeader& h, std::vector<ConstBuffer>& segs, int64_t begin, int64_t n) {

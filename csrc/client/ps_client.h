@@ -101,28 +101,37 @@ class PsClient {
   void attach_local(PsServer* server, int index);
   int rank() const { return rank_; }
 
-  // Records the tensor's placement; if `init` is non-null, also sends REGISTER
-  // frames creating the chunks with these values (one worker does this).
+  // Every buffer of the dense calls comes with the number of floats it holds
+  // (See Note [Buffers with their counts] in ps_client.cc): a count other than
+  // what the request reads or writes throws InvalidArgument before the
+  // pointer is used.
+  //
+  // Records the tensor's placement; if `init` is non-null (holding
+  // `init_numel` == `numel` floats), also sends REGISTER frames creating the
+  // chunks with these values (one worker does this).
   FuturePtr register_dense(uint32_t tensor_id, int64_t numel, bool sum_only,
-                           const OptimHyper& hyper, const float* init);
-  // `grad` null = a skip (this worker has no gradient this round).
-  FuturePtr push(uint32_t tensor_id, const float* grad, const OptimHyper& hyper, uint32_t clock);
-  FuturePtr pull(uint32_t tensor_id, float* dst, uint32_t min_version);
-  // deferred: a fastps.optim chunk under BSP answers with the round's mean
-  // gradient and applies nothing until every worker's apply() (Note [Deferred
-  // apply] in server/ps_server.cc); `src` null = a skip (dst may be null then).
-  FuturePtr push_pull(uint32_t tensor_id, const float* src, float* dst, uint32_t clock,
-                      bool deferred = false);
+                           const OptimHyper& hyper, const float* init, int64_t init_numel);
+  // `grad` null (and `grad_numel` 0) = a skip (no gradient this round).
+  FuturePtr push(uint32_t tensor_id, const float* grad, int64_t grad_numel, const OptimHyper& hyper,
+                 uint32_t clock);
+  FuturePtr pull(uint32_t tensor_id, float* dst, int64_t dst_numel, uint32_t min_version);
+  // `src` null (and `src_numel` 0) = a skip. deferred: a fastps.optim chunk
+  // under BSP answers with the round's mean gradient and applies nothing
+  // until every worker's apply() (Note [Deferred apply] in
+  // server/ps_server.cc); a deferred skip may pass no dst (null, 0).
+  FuturePtr push_pull(uint32_t tensor_id, const float* src, int64_t src_numel, float* dst,
+                      int64_t dst_numel, uint32_t clock, bool deferred = false);
   // This worker's contribution to the step of a deferred round (or of a round
   // with no pushed mean: full gradients or skips only): `grad` non-null = a
   // full gradient; else `skip` = none; else the round's mean times `scale`.
   // Completes with the updated parameters in dst once every worker's apply()
   // arrived.
-  FuturePtr apply(uint32_t tensor_id, const OptimHyper& hyper, float* dst, const float* grad, float scale,
-                  bool skip);
-  // buffer: 0 = parameter, 1..3 = optimizer state, 255 = step counter (1 float)
-  FuturePtr state_get(uint32_t tensor_id, int buffer, float* dst);
-  FuturePtr state_set(uint32_t tensor_id, int buffer, const float* src);
+  FuturePtr apply(uint32_t tensor_id, const OptimHyper& hyper, float* dst, int64_t dst_numel,
+                  const float* grad, int64_t grad_numel, float scale, bool skip);
+  // buffer: 0 = parameter, 1..kMaxStateBuffers = optimizer state (the
+  // tensor's numel floats), 255 = step counter (1 float)
+  FuturePtr state_get(uint32_t tensor_id, int buffer, float* dst, int64_t dst_numel);
+  FuturePtr state_set(uint32_t tensor_id, int buffer, const float* src, int64_t src_numel);
 
   // --- Sparse tables (docs/protocol.md "Sparse tables", docs/sparse.md) ---
   // Ids are split over the servers (Note [Sparse id routing] in
@@ -199,6 +208,11 @@ class PsClient {
   void complete(const MessageHeader& h, const void* data, size_t bytes);
   void on_disconnect(ConnId conn, const std::string& reason);
   Entry& entry(uint32_t tensor_id);
+  // The registered numel of a tensor (InvalidArgument if it is not registered).
+  int64_t registered_numel(uint32_t tensor_id);
+  // Throws InvalidArgument unless `count` == `expected` and `p` is non-null.
+  static void check_buffer(const char* op, uint32_t tensor_id, const char* buffer, const void* p,
+                           int64_t count, int64_t expected);
 
   const int rank_;
   const int64_t chunk_elems_;

@@ -7,9 +7,11 @@ core never sees a dtype, device or layout it cannot handle (the way faiss's
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from .errors import InvalidArgumentError
 
 SUPPORTED = "float32 tensors on the CPU (dense, strided)"
 
@@ -46,6 +48,81 @@ def check_grad(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if g.shape != p.shape:
         raise ValueError(f"fastps: gradient shape {tuple(g.shape)} != parameter shape {tuple(p.shape)}")
     return g if g.is_contiguous() else g.contiguous()
+
+
+def _span(t: torch.Tensor) -> Tuple[int, int]:
+    """The bytes [start, end) a strided tensor's elements lie in (strides are never negative)."""
+    start = t.data_ptr()
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * t.element_size()
+
+
+def check_unshared(params: Sequence[torch.Tensor], existing: Sequence[torch.Tensor] = ()) -> None:
+    """Raise InvalidArgumentError if ``params`` (one new param group) lists a tensor twice, or
+    if two tensors of ``params`` and ``existing`` (the optimizer's other groups) share memory.
+
+    fastps.optim updates every parameter as a tensor of its own on the parameter
+    server, once per step. torch.optim updates a parameter listed twice twice
+    (with a warning), and overlapping views one after the other in place; the
+    server cannot do either (the distributed mode would lose one update of the
+    shared elements, the embedded mode would race on them), so fastps refuses
+    both, the same way in every mode. The very same tensor in two groups is left
+    to torch's own ValueError. See docs/optim.md "Parameters that share memory".
+    """
+    seen: Dict[int, int] = {}
+    base = len(existing)
+    for i, p in enumerate(params):
+        if id(p) in seen:
+            raise InvalidArgumentError(
+                f"fastps: parameter {base + i} is parameter {base + seen[id(p)]} again (one tensor listed twice "
+                "in a param group). torch.optim warns about a duplicate and then updates it twice per step (and plans "
+                "to refuse it, pytorch/pytorch#40967); fastps refuses it: the parameter server updates each "
+                "parameter once per step. List each parameter once, e.g. params = list(dict.fromkeys(params)) "
+                "(model.parameters() already lists tied weights once)")
+        seen[id(p)] = i
+    spans: List[Tuple[int, int, int, Any]] = []
+    for i, p in enumerate(list(existing) + list(params)):
+        if p.numel() > 0 and p.layout == torch.strided and p.device.type == "cpu":
+            start, end = _span(p)
+            spans.append((start, end, i, p))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    reach: Optional[Tuple[int, int, int, Any]] = None  # the span reaching furthest so far
+    for span in spans:
+        if reach is not None and span[0] < reach[1] and span[3] is not reach[3] and max(span[2], reach[2]) >= base:
+            i, j = sorted((reach[2], span[2]))
+            raise InvalidArgumentError(
+                f"fastps: parameters {i} and {j} share memory (views of one tensor that overlap). torch.optim "
+                "updates them one after the other in place; fastps updates each parameter as a tensor of its own "
+                "on the parameter server, so the shared elements would lose one of the two updates (distributed mode) "
+                "or get both at once, racing (embedded mode). Make them "
+                "separate tensors (nn.Parameter(view.clone())), or optimize the tensor they view as one parameter")
+        if reach is None or span[1] > reach[1]:
+            reach = span
+
+
+def check_state_fits(p: torch.Tensor, state: Dict[str, Any], what: str) -> None:
+    """Raise InvalidArgumentError unless the optimizer state of parameter ``p`` fits it.
+
+    Every state tensor but ``step`` holds one value per element of the
+    parameter (``exp_avg``, ``sum``, ``momentum_buffer``, ...) and must have its
+    shape; ``step`` must be one number. ``what`` names the parameter in the message.
+    """
+    for key, value in state.items():
+        if key == "step":
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                continue
+            got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise InvalidArgumentError(
+                f"fastps: the optimizer state 'step' of {what} is a {got}, not one number; load a state dict "
+                "saved by a torch.optim or fastps.optim optimizer of the same kind")
+        if isinstance(value, torch.Tensor) and value.shape != p.shape:
+            raise InvalidArgumentError(
+                f"fastps: the optimizer state {key!r} of {what} has shape {tuple(value.shape)}, but the parameter "
+                f"has shape {tuple(p.shape)}: the state dict was saved for another model (or with the parameters "
+                "in another order). Load a state dict saved by an optimizer over this model, with its param "
+                "groups in the same order, or start this optimizer afresh (do not load it)")
 
 
 def address(t: torch.Tensor) -> int:

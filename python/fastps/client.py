@@ -85,7 +85,7 @@ class Client:
         h.kind = _C.OptimKind.SGD
         h.lr = 1.0
         init = t.data_ptr() if self._cluster.rank == 0 else 0
-        self._client.register_dense(key, t.numel(), aggregate, h, init).wait()
+        self._client.register_dense(key, t.numel(), aggregate, h, init, t.numel() if init else 0).wait()
         self._cluster.barrier(f"client/{key}", "every rank to register the key")
         self._numel[key] = t.numel()
         self._clock[key] = 0
@@ -110,8 +110,8 @@ class Client:
         self._check(key, tensor, "tensor")
         out = tensor if out is None or out is tensor else self._check(key, out, "out")
         self._clock[key] += 1
-        return Future(self._client.push_pull(key, tensor.data_ptr(), out.data_ptr(), self._clock[key]),
-                      (tensor, out))
+        return Future(self._client.push_pull(key, tensor.data_ptr(), tensor.numel(), out.data_ptr(), out.numel(),
+                                             self._clock[key]), (tensor, out))
 
     def push(self, key: int, tensor: torch.Tensor) -> Future:
         """Push a gradient to a parameter key (``aggregate=False``). Returns a Future."""
@@ -120,9 +120,9 @@ class Client:
         h = _C.OptimHyper()
         h.kind = _C.OptimKind.SGD
         h.lr = 1.0
-        return Future(self._client.push(key, tensor.data_ptr(), h, self._clock[key]), (tensor,))
+        return Future(self._client.push(key, tensor.data_ptr(), tensor.numel(), h, self._clock[key]), (tensor,))
 
     def pull(self, key: int, out: torch.Tensor) -> Future:
         """Pull the key's current value (after this worker's pushes are applied) into ``out``."""
         self._check(key, out, "out")
-        return Future(self._client.pull(key, out.data_ptr(), self._clock[key]), (out,))
+        return Future(self._client.pull(key, out.data_ptr(), out.numel(), self._clock[key]), (out,))

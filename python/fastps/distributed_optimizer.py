@@ -53,6 +53,7 @@ class DistributedOptimizer:
         self.optimizer = optimizer
         self._cluster = _cluster.cluster()
         self._ids: Dict[int, int] = {}
+        self._numel: Dict[int, int] = {}  # id(p) -> numel registered
         # id(p) -> (push_pull future, the gradient, the parameter, its grad_snapshot() when sent)
         self._inflight: Dict[int, Tuple[Any, torch.Tensor, torch.Tensor, GradSnapshot]] = {}
         self._clock = 0
@@ -78,15 +79,26 @@ class DistributedOptimizer:
         for p in params:
             tid = self._cluster.next_tensor_id()
             self._ids[id(p)] = tid
-            init = p.detach().data_ptr() if self._cluster.rank == 0 else 0
-            futures.append(client.register_dense(tid, p.numel(), True, h, init))
-        for f in futures:
+            self._numel[id(p)] = p.numel()
+            if self._cluster.rank == 0:
+                # A non-contiguous parameter (a strided view) travels through a contiguous copy.
+                init = p.detach().contiguous()
+                futures.append((client.register_dense(tid, p.numel(), True, h, init.data_ptr(), init.numel()),
+                                init))
+            else:
+                futures.append((client.register_dense(tid, p.numel(), True, h, 0, 0), None))
+        for f, _ in futures:
             f.wait()
         if params:
             self._cluster.barrier(f"register/{self._ids[id(params[0])]}", "every rank to register")
             # An aggregation key holds rank 0's initial values until its first round.
-            for f in [client.pull(self._ids[id(p)], p.detach().data_ptr(), 0) for p in params]:
+            dsts = [p.detach() if p.is_contiguous() else torch.empty(p.shape, dtype=p.dtype) for p in params]
+            for f in [client.pull(self._ids[id(p)], d.data_ptr(), d.numel(), 0) for p, d in zip(params, dsts)]:
                 f.wait()
+            with torch.no_grad():
+                for p, d in zip(params, dsts):
+                    if not p.is_contiguous():
+                        p.copy_(d)
         if overlap:
             for p in params:
                 if p.requires_grad:
@@ -155,12 +167,18 @@ class DistributedOptimizer:
 
     def _send(self, p: torch.Tensor) -> None:
         self._synchronized = False  # a new round: step() must wait for it
+        if p.numel() != self._numel[id(p)]:
+            raise TypeError(
+                f"fastps: a parameter registered with {self._numel[id(p)]} values now has {p.numel()}; its "
+                "gradient is averaged as a tensor of the registered size. Build the DistributedOptimizer after "
+                "the model's final shape")
         if p.grad is None:
             p.grad = torch.zeros_like(p)  # as DDP: an unused parameter contributes zeros
-        g = check_grad(p, p.grad)
+        g = check_grad(p, p.grad)  # the parameter's shape, contiguous
         if g is not p.grad:
             p.grad = g
-        fut = self._cluster.client.push_pull(self._ids[id(p)], g.data_ptr(), g.data_ptr(), self._clock + 1)
+        fut = self._cluster.client.push_pull(self._ids[id(p)], g.data_ptr(), g.numel(), g.data_ptr(), g.numel(),
+                                             self._clock + 1)
         self._inflight[id(p)] = (fut, g, p, grad_snapshot(p))
 
     def synchronize(self) -> None:

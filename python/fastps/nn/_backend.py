@@ -107,7 +107,7 @@ class EmbeddedTable:
         n = ids.numel()
         out = torch.empty(n, self.spec.dim, dtype=torch.float32)
         if n:
-            self._table.pull(ids.data_ptr(), n, out.data_ptr())
+            self._table.pull(ids.data_ptr(), n, out.data_ptr(), out.numel())
         return out
 
     def pull_scatter(self, ids: torch.Tensor, first: torch.Tensor, next_: torch.Tensor, out: torch.Tensor) -> None:
@@ -119,13 +119,14 @@ class EmbeddedTable:
         assert next_.is_contiguous() and out.dtype == torch.float32 and out.is_contiguous()
         assert next_.numel() * self.spec.dim == out.numel()
         if n:
-            self._table.pull_scatter(ids.data_ptr(), n, first.data_ptr(), next_.data_ptr(), out.data_ptr())
+            self._table.pull_scatter(ids.data_ptr(), n, first.data_ptr(), next_.data_ptr(), next_.numel(),
+                                     out.data_ptr(), out.numel())
 
     def push(self, ids: torch.Tensor, grads: torch.Tensor, optim: Any, step: int) -> None:
         _check_ids(ids)
         n = ids.numel()
         assert grads.dtype == torch.float32 and grads.is_contiguous() and tuple(grads.shape) == (n, self.spec.dim)
-        self._table.push(ids.data_ptr() if n else 0, n, grads.data_ptr() if n else 0, optim, step)
+        self._table.push(ids.data_ptr() if n else 0, n, grads.data_ptr() if n else 0, grads.numel(), optim, step)
 
     def save(self, path: str) -> None:
         self._table.save(path)
@@ -228,7 +229,8 @@ class RemoteTable:
         n = ids.numel()
         out = torch.empty(n, self.spec.dim, dtype=torch.float32)
         if n:
-            self._client.sparse_pull(self._id, ids.data_ptr(), n, self.spec.dim, out.data_ptr(), self._step).wait()
+            self._client.sparse_pull(self._id, ids.data_ptr(), n, self.spec.dim, out.data_ptr(), out.numel(),
+                                     self._step).wait()
         return out
 
     def push(self, ids: torch.Tensor, grads: torch.Tensor, optim: Any, step: int) -> None:
@@ -243,7 +245,7 @@ class RemoteTable:
         self._flush()
         # The frames are written (or copied for the colocated server) before this returns.
         f = self._client.sparse_push(self._id, ids.data_ptr() if n else 0, n, self.spec.dim,
-                                     grads.data_ptr() if n else 0, optim, step)
+                                     grads.data_ptr() if n else 0, grads.numel(), optim, step)
         self._inflight.append(f)
         self._step = step
 

@@ -144,7 +144,8 @@ def _dedup(ids: torch.Tensor, sort: bool = False) -> Tuple[torch.Tensor, torch.T
     n = flat.numel()
     uids = torch.empty(n, dtype=torch.int64)
     inverse = torch.empty(ids.shape, dtype=torch.int64)
-    count, lo, hi = _C.embedding_unique(flat.data_ptr(), n, uids.data_ptr(), inverse.data_ptr(), sort)
+    count, lo, hi = _C.embedding_unique(flat.data_ptr(), n, uids.data_ptr(), uids.numel(), inverse.data_ptr(),
+                                        inverse.numel(), sort)
     # A copy when the batch repeats ids: the slice alone would keep all n slots alive.
     return (uids[:count].clone() if count < n // 2 else uids[:count]), inverse, lo, hi
 
@@ -155,7 +156,8 @@ def _gather(rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     _native(inverse, torch.int64, "inverse")
     dim = rows.shape[1]
     out = torch.empty(*inverse.shape, dim, dtype=torch.float32)
-    _C.embedding_gather(rows.data_ptr(), inverse.data_ptr(), inverse.numel(), dim, out.data_ptr())
+    _C.embedding_gather(rows.data_ptr(), rows.numel(), inverse.data_ptr(), inverse.numel(), dim, out.data_ptr(),
+                        out.numel())
     return out
 
 
@@ -164,7 +166,8 @@ def _chains(inverse: torch.Tensor, n_unique: int) -> Tuple[torch.Tensor, torch.T
     _native(inverse, torch.int64, "inverse")
     first = torch.empty(n_unique, dtype=torch.int64)
     nxt = torch.empty(inverse.numel(), dtype=torch.int64)
-    _C.embedding_chains(inverse.data_ptr(), inverse.numel(), n_unique, first.data_ptr(), nxt.data_ptr())
+    _C.embedding_chains(inverse.data_ptr(), inverse.numel(), n_unique, first.data_ptr(), first.numel(),
+                        nxt.data_ptr(), nxt.numel())
     return first, nxt
 
 
@@ -181,7 +184,8 @@ def _segment_sum(grads: torch.Tensor, inverse: torch.Tensor, n_unique: int) -> t
     if g.shape[0] != inverse.numel():
         raise FastPSError(f"fastps.nn internal error: {g.shape[0]} gradient rows for {inverse.numel()} ids")
     out = torch.empty(n_unique, dim, dtype=torch.float32)
-    _C.embedding_segment_sum(g.data_ptr(), inverse.data_ptr(), g.shape[0], dim, n_unique, out.data_ptr())
+    _C.embedding_segment_sum(g.data_ptr(), g.numel(), inverse.data_ptr(), g.shape[0], dim, n_unique,
+                             out.data_ptr(), out.numel())
     return out
 
 

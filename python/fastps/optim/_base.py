@@ -22,7 +22,7 @@ import torch
 
 from .. import _C, _cluster, _runtime
 from ._distributed import DistState
-from .._tensor import address, check_grad, check_param
+from .._tensor import address, check_grad, check_param, check_state_fits, check_unshared
 from ..nn._grads import is_sparse_handle, push_sparse_grads
 
 _F32 = torch.float32
@@ -101,21 +101,28 @@ class ServerOptimizerMixin:
             self._fastps_setup()
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        """Add a param group, after checking every tensor is float32, dense and on the CPU.
+        """Add a param group, after checking every tensor is float32, dense and on the CPU,
+        and that no two parameters share memory (See :func:`fastps._tensor.check_unshared`).
 
         Raises:
             TypeError: for a parameter fastps cannot serve.
+            fastps.InvalidArgumentError: (a ValueError) for a parameter listed twice, or
+                parameters that are overlapping views of one tensor.
             ValueError: for ``differentiable=True`` (not supported).
         """
         params = param_group["params"]
         if isinstance(params, torch.Tensor):
             check_param(params)
+            tensors = [params]
         else:
             params = list(params)
-            for p in params:
-                # named parameters arrive as (name, tensor) pairs
-                check_param(p[1] if isinstance(p, tuple) and len(p) == 2 else p)
+            # named parameters arrive as (name, tensor) pairs
+            tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+            for p in tensors:
+                check_param(p)
             param_group = dict(param_group, params=params)
+        # Before torch's own add_param_group, which only warns about a duplicate.
+        check_unshared(tensors, [p for g in self.param_groups for p in g["params"]])  # type: ignore[attr-defined]
         super().add_param_group(param_group)  # type: ignore[misc]
         if self.param_groups[-1].get("differentiable", False):  # type: ignore[attr-defined]
             self.param_groups.pop()  # type: ignore[attr-defined]
@@ -149,12 +156,42 @@ class ServerOptimizerMixin:
         return super().state_dict()  # type: ignore[misc]
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """torch's load_state_dict; in the distributed mode the loaded state and this rank's
-        current parameter values are then sent to the servers."""
+        """torch's load_state_dict, then a check that the loaded state fits the parameters;
+        in the distributed mode the loaded state and this rank's current parameter values
+        are then sent to the servers.
+
+        As in torch, state tensors are cast to their parameter's dtype and device.
+        Unlike torch, which fails only in the next ``step()``, a state tensor of
+        another shape than its parameter (a state dict saved for another model)
+        is refused here, and the optimizer is left as it was.
+
+        Raises:
+            fastps.InvalidArgumentError: (a ValueError) a state tensor does not fit
+                its parameter; the message names both.
+        """
+        old = self.state, self.param_groups  # type: ignore[attr-defined]
         super().load_state_dict(state_dict)  # type: ignore[misc]
+        try:
+            self._check_state()
+        except BaseException:
+            # torch built new state and group objects: the old ones are intact.
+            self.state, self.param_groups = old  # type: ignore[attr-defined]
+            raise
         dist = getattr(self, "_fastps_dist", None)
         if dist is not None:
             dist.push_state()
+
+    def _check_state(self) -> None:
+        """Raise InvalidArgumentError unless every state tensor fits its parameter."""
+        index = 0
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            names = group.get("param_names")
+            for k, p in enumerate(group["params"]):
+                state = self.state.get(p)  # type: ignore[attr-defined]
+                if state:
+                    what = f"parameter {index}" + (f" ({names[k]!r})" if names else "")
+                    check_state_fits(p, state, what)
+                index += 1
 
     # -- implemented by each optimizer ---------------------------------------------
     def _hyper(self, group: Dict[str, Any]) -> "_C.OptimHyper":
@@ -205,7 +242,8 @@ class ServerOptimizerMixin:
             self._fastps_bindings[id(p)] = b
         tensors = tuple(state[n] for n in names)
         emb.client.register_dense(b.tensor_id, address(p.detach()), p.numel(),
-                                  [address(t) for t in tensors], step_ptr, fresh)
+                                  [address(t) for t in tensors], [t.numel() for t in tensors],
+                                  step_ptr, 1 if self._has_step() else 0, fresh)
         b.param_ptr, b.numel, b.state, b.names = p.data_ptr(), p.numel(), state, names
         # The step tensor is referenced too: the server writes through its pointer.
         b.tensors = tensors + ((state["step"],) if self._has_step() else ())
@@ -252,6 +290,7 @@ class ServerOptimizerMixin:
         state_map = self.state  # type: ignore[attr-defined]
         ids: List[int] = []
         grads: List[int] = []
+        grad_numel: List[int] = []
         hyper_index: List[int] = []
         hypers = []
         keep_alive = []  # contiguous copies of strided gradients, alive until update() returns
@@ -279,7 +318,8 @@ class ServerOptimizerMixin:
                     keep_alive.append(g)
                 ids.append(b.tensor_id)
                 grads.append(g.data_ptr())
+                grad_numel.append(g.numel())
                 hyper_index.append(gi)
         if ids:
-            emb.client.update(ids, grads, hyper_index, hypers)
+            emb.client.update(ids, grads, grad_numel, hyper_index, hypers)
         return loss

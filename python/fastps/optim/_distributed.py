@@ -38,6 +38,22 @@ from .._cluster import wait_all
 from .._tensor import GradSnapshot, check_grad, check_param, grad_changed, grad_snapshot
 
 
+@contextlib.contextmanager
+def _requests() -> Iterator[Tuple[List[Any], List[torch.Tensor]]]:
+    """Lists (futures, keep) to fill with native requests and the tensors they read or
+    write. On leaving, waits for every request; after an error, also for those already
+    sent (``wait_all``: ``keep`` stays alive until each of them ended), then re-raises."""
+    futures: List[Any] = []
+    keep: List[torch.Tensor] = []
+    try:
+        yield futures, keep
+        for f in futures:
+            f.wait()
+    except BaseException as e:
+        wait_all(futures, keep, e)
+        raise
+
+
 class DistState:
     """Per-optimizer bookkeeping of the distributed mode."""
 
@@ -96,8 +112,8 @@ class DistState:
                 self.ids[id(p)] = tid
                 self.group_index[id(p)] = gi
                 data = p.detach()
-                init = data.data_ptr() if self.cluster.rank == 0 else 0
-                futures.append((self.client.register_dense(tid, p.numel(), False, hyper, init), data))
+                init, init_numel = (data.data_ptr(), data.numel()) if self.cluster.rank == 0 else (0, 0)
+                futures.append((self.client.register_dense(tid, p.numel(), False, hyper, init, init_numel), data))
                 params.append(p)
         for f, _ in futures:
             f.wait()
@@ -105,7 +121,7 @@ class DistState:
             return
         first = self.ids[id(params[0])]
         self.cluster.barrier(f"register/{first}", "every rank to register its parameters")
-        pulls = [self.client.pull(self.ids[id(p)], p.detach().data_ptr(), 0) for p in params]
+        pulls = [self.client.pull(self.ids[id(p)], p.detach().data_ptr(), p.numel(), 0) for p in params]
         for f in pulls:
             f.wait()  # every rank now starts from rank 0's parameters, as DDP does
         if self.overlap:
@@ -143,7 +159,12 @@ class DistState:
 
     def _checked(self, p: torch.Tensor) -> Tuple[int, Any]:
         """(tensor id, hyperparameters) of a registered parameter still as it was registered."""
-        tid = self.ids[id(p)]
+        self._check_registered(p)
+        return self.ids[id(p)], self.opt._hyper(self.opt.param_groups[self.group_index[id(p)]])
+
+    def _check_registered(self, p: torch.Tensor) -> None:
+        """Raise TypeError unless ``p`` still is what it was registered as (the servers
+        read and write it in place as that many contiguous float32 values)."""
         numel, _ = self.registered[id(p)]
         if p.dtype != torch.float32 or p.device.type != "cpu" or not p.is_contiguous() or p.numel() != numel:
             check_param(p)  # dtype or device changed (model.double(), .to(...)): its TypeError
@@ -151,18 +172,23 @@ class DistState:
                 f"fastps: a parameter registered with {numel} contiguous float32 values now has "
                 f"{p.numel()} values, contiguous={p.is_contiguous()}; the distributed mode writes "
                 "parameters in place. Build the optimizer after the model's final shape and layout")
-        return tid, self.opt._hyper(self.opt.param_groups[self.group_index[id(p)]])
 
     def _send(self, p: torch.Tensor) -> None:
-        tid, hyper = self._checked(p)
-        _, base = self.registered[id(p)]
+        tid = self.ids[id(p)]
+        numel, base = self.registered[id(p)]
+        if p.dtype != torch.float32 or p.device.type != "cpu" or not p.is_contiguous() or p.numel() != numel:
+            self._check_registered(p)
+        hyper = self.opt._hyper(self.opt.param_groups[self.group_index[id(p)]])
         snapshot = grad_snapshot(p)
         g = p.grad
         if g is not None:
             g = check_grad(p, g)
         clock = self.clock + 1 - base  # the chunk's own round count
-        push = self.client.push(tid, g.data_ptr() if g is not None else 0, hyper, clock)
-        pull = self.client.pull(tid, p.detach().data_ptr(), clock)
+        if g is None:
+            push = self.client.push(tid, 0, 0, hyper, clock)
+        else:
+            push = self.client.push(tid, g.data_ptr(), g.numel(), hyper, clock)
+        pull = self.client.pull(tid, p.detach().data_ptr(), numel, clock)
         self.inflight[id(p)] = (push, pull, g, p, snapshot)
 
     # -- deferred rounds (Note [Deferred apply]) ----------------------------------
@@ -195,8 +221,8 @@ class DistState:
             g = check_grad(p, g)
             if g is not p.grad:
                 p.grad = g  # contiguous now: the mean lands in .grad itself
-        ptr = g.data_ptr() if g is not None else 0
-        fut = self.client.push_pull(tid, ptr, ptr, self.clock + 1, deferred=True)
+        ptr, n = (g.data_ptr(), g.numel()) if g is not None else (0, 0)
+        fut = self.client.push_pull(tid, ptr, n, ptr, n, self.clock + 1, deferred=True)
         self.round[id(p)] = (fut, g, p)
 
     def _backward_done(self) -> None:
@@ -232,7 +258,7 @@ class DistState:
 
     def _send_skip(self, p: torch.Tensor) -> None:
         tid, _ = self._checked(p)
-        self.round[id(p)] = (self.client.push_pull(tid, 0, 0, self.clock + 1, deferred=True), None, p)
+        self.round[id(p)] = (self.client.push_pull(tid, 0, 0, 0, 0, self.clock + 1, deferred=True), None, p)
 
     def _clear_round(self) -> None:
         self.round.clear()
@@ -251,6 +277,8 @@ class DistState:
         g = check_grad(p, g)
         mean = self.means.get(key) if snap is not None else None
         if mean is not None:
+            if mean.shape != g.shape:  # a copy made for another tensor of the same id()
+                return g.data_ptr(), 1.0, False, g
             s = _C.uniform_scale(g.data_ptr(), mean.data_ptr(), g.numel())
             if math.isfinite(s):
                 return 0, s, False, None
@@ -267,7 +295,8 @@ class DistState:
                 tid, hyper = self._checked(p)
                 ptr, scale, skip, g = self._contribution(key, p)
                 keep.append(g)
-                futures.append(self.client.apply(tid, hyper, p.detach().data_ptr(), ptr, scale, skip))
+                futures.append(self.client.apply(tid, hyper, p.detach().data_ptr(), p.numel(), ptr,
+                                                 p.numel() if ptr else 0, scale, skip))
             for f in futures:
                 f.wait()
         except BaseException as e:
@@ -287,9 +316,10 @@ class DistState:
                 if g is not None and mine:
                     g = check_grad(p, g)
                     keep.append(g)
-                    futures.append(self.client.apply(tid, hyper, p.detach().data_ptr(), g.data_ptr(), 1.0, False))
+                    futures.append(self.client.apply(tid, hyper, p.detach().data_ptr(), p.numel(), g.data_ptr(),
+                                                     g.numel(), 1.0, False))
                 else:
-                    futures.append(self.client.apply(tid, hyper, p.detach().data_ptr(), 0, 1.0, True))
+                    futures.append(self.client.apply(tid, hyper, p.detach().data_ptr(), p.numel(), 0, 0, 1.0, True))
             for f in futures:
                 f.wait()
         except BaseException as e:
@@ -362,39 +392,51 @@ class DistState:
         """Copy the servers' optimizer state into optimizer.state (for state_dict)."""
         if self.clock == 0:
             return
-        futures = []
-        for p, group, tid, names in self._registered():
-            state = self.opt.state[p]
-            if any(n not in state for n in names) or (self.opt._has_step() and "step" not in state):
-                self.opt._init_state(p, group, state)
-            for i, n in enumerate(names):
-                futures.append(self.client.state_get(tid, i + 1, state[n].data_ptr()))
-            if self.opt._has_step():
-                step = state["step"]
-                if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.numel() == 1):
-                    # the server sends one float32 (a loaded state dict may hold a float64 or a number)
-                    state["step"] = step = torch.tensor(float(step), dtype=torch.float32)
-                futures.append(self.client.state_get(tid, 255, step.data_ptr()))
-        for f in futures:
-            f.wait()
+        with _requests() as (futures, keep):  # keep: written by the replies
+            for p, group, tid, names in self._registered():
+                state = self.opt.state[p]
+                if any(n not in state for n in names) or (self.opt._has_step() and "step" not in state):
+                    self.opt._init_state(p, group, state)
+                for i, n in enumerate(names):
+                    t = state[n]
+                    if not (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu"
+                            and t.shape == p.shape and t.is_contiguous()):
+                        # The servers' state replaces it whole; a tensor of another shape or
+                        # layout (set by hand) is not written through.
+                        state[n] = t = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    keep.append(t)
+                    futures.append(self.client.state_get(tid, i + 1, t.data_ptr(), t.numel()))
+                if self.opt._has_step():
+                    step = state["step"]
+                    if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.numel() == 1
+                            and step.device.type == "cpu" and step.is_contiguous()):
+                        # the server sends one float32 (a loaded state dict may hold a float64 or a number)
+                        state["step"] = step = torch.tensor(float(step), dtype=torch.float32)
+                    keep.append(step)
+                    futures.append(self.client.state_get(tid, 255, step.data_ptr(), 1))
 
     def push_state(self) -> None:
-        """Send loaded optimizer state and this rank's parameters to the servers."""
-        futures = []
-        keep = []
-        for p, _group, tid, names in self._registered():
-            data = p.detach().contiguous()
-            keep.append(data)
-            futures.append(self.client.state_set(tid, 0, data.data_ptr()))
-            state = self.opt.state.get(p, {})
-            for i, n in enumerate(names):
-                if n in state:
-                    t = state[n].detach().to(torch.float32).contiguous()
-                    keep.append(t)
-                    futures.append(self.client.state_set(tid, i + 1, t.data_ptr()))
-            if self.opt._has_step() and "step" in state:
-                s = torch.tensor([float(state["step"])], dtype=torch.float32)
-                keep.append(s)
-                futures.append(self.client.state_set(tid, 255, s.data_ptr()))
-        for f in futures:
-            f.wait()
+        """Send loaded optimizer state and this rank's parameters to the servers.
+
+        The caller (``load_state_dict``) has checked that the state fits the
+        parameters (``fastps._tensor.check_state_fits``); every buffer still goes
+        to the servers with its size, which the native client checks again.
+        """
+        registered = list(self._registered())
+        for p, *_ in registered:
+            self._check_registered(p)  # before anything is sent
+        with _requests() as (futures, keep):  # keep: read by the requests
+            for p, _group, tid, names in registered:
+                data = p.detach()
+                keep.append(data)
+                futures.append(self.client.state_set(tid, 0, data.data_ptr(), data.numel()))
+                state = self.opt.state.get(p, {})
+                for i, n in enumerate(names):
+                    if isinstance(state.get(n), torch.Tensor):
+                        t = state[n].detach().to(device="cpu", dtype=torch.float32).contiguous()
+                        keep.append(t)
+                        futures.append(self.client.state_set(tid, i + 1, t.data_ptr(), t.numel()))
+                if self.opt._has_step() and "step" in state:
+                    s = torch.tensor([float(state["step"])], dtype=torch.float32)
+                    keep.append(s)
+                    futures.append(self.client.state_set(tid, 255, s.data_ptr(), 1))
