@@ -341,12 +341,14 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "uniform_scale",
-      [](uintptr_t edited, uintptr_t mean, int64_t n) {
-        FASTPS_CHECK(n >= 0 && (n == 0 || (edited != 0 && mean != 0)), "uniform_scale: bad arguments");
+      [](uintptr_t edited, int64_t edited_numel, uintptr_t mean, int64_t mean_numel) {
+        FASTPS_CHECK(edited_numel >= 0 && edited_numel == mean_numel, "fastps: uniform_scale of ", edited_numel,
+                     " floats against a mean of ", mean_numel);
+        FASTPS_CHECK(edited_numel == 0 || (edited != 0 && mean != 0), "fastps: uniform_scale got a null pointer");
         py::gil_scoped_release release;
-        return uniform_scale(as_ptr<const float>(edited), as_ptr<const float>(mean), n);
+        return uniform_scale(as_ptr<const float>(edited), as_ptr<const float>(mean), edited_numel);
       },
-      py::arg("edited"), py::arg("mean"), py::arg("n"),
+      py::arg("edited"), py::arg("edited_numel"), py::arg("mean"), py::arg("mean_numel"),
       "The float32 factor s with edited == mean * s (exactly, else within 2 ulps), or NaN.");
 
   bind_sparse(m);

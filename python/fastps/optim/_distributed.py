@@ -279,7 +279,7 @@ class DistState:
         if mean is not None:
             if mean.shape != g.shape:  # a copy made for another tensor of the same id()
                 return g.data_ptr(), 1.0, False, g
-            s = _C.uniform_scale(g.data_ptr(), mean.data_ptr(), g.numel())
+            s = _C.uniform_scale(g.data_ptr(), g.numel(), mean.data_ptr(), mean.numel())
             if math.isfinite(s):
                 return 0, s, False, None
         elif snap is not None:
