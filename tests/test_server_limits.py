@@ -57,7 +57,7 @@ def test_far_future_pulls_of_a_wide_table_hold_no_reply_memory():
     ids = torch.tensor([7], dtype=torch.int64)
     out = torch.empty(dim)  # one destination for every pull: none is ever answered
     before = _memory()
-    futures = [c.sparse_pull(1, ids.data_ptr(), 1, dim, out.data_ptr(), FAR + k) for k in range(16)]
+    futures = [c.sparse_pull(1, ids.data_ptr(), 1, dim, out.data_ptr(), out.numel(), FAR + k) for k in range(16)]
     c.sparse_stats(1, 0)  # answered after every shard took the pulls in (one queue per shard)
     grown = [(now - then) >> 20 for now, then in zip(_memory(), before)]
     # 16 x 16 MiB if the replies' rows are made (or only reserved) before the replies
@@ -75,22 +75,22 @@ def test_a_closed_connection_frees_its_parked_requests_while_its_rank_lives():
     server = _C.PsServer(0, 1, num_shards=2, secret="s")
     live = _client(server)
     zeros, ones = torch.zeros(4), torch.ones(4)  # alive while the native calls read them
-    live.register_dense(1, 4, False, _sgd(), zeros.data_ptr()).wait()
+    live.register_dense(1, 4, False, _sgd(), zeros.data_ptr(), 4).wait()
     live.sparse_create(2, _C.SparseTableConfig(4)).wait()
     stray = _client(server)  # rank 0 again
-    stray.register_dense(1, 4, False, _sgd(), 0).wait()  # placement only: the server keeps the chunk
+    stray.register_dense(1, 4, False, _sgd(), 0, 0).wait()  # placement only: the server keeps the chunk
     ids, out = torch.arange(3), torch.empty(3 * 4)
     for k in range(5):
-        stray.pull(1, out.data_ptr(), FAR + k)  # a dense pull of a far-future version
-        stray.sparse_pull(2, ids.data_ptr(), 3, 4, out.data_ptr(), FAR + k)
+        stray.pull(1, out.data_ptr(), 4, FAR + k)  # a dense pull of a far-future version
+        stray.sparse_pull(2, ids.data_ptr(), 3, 4, out.data_ptr(), 12, FAR + k)
     stray.sparse_stats(2, 0)
     assert _wait_parked(server, 10)["bytes"] == 5 * 3 * 8  # the sparse pulls' ids
     del stray
     _wait_parked(server, 0)
     # The rank's live connection was not touched: its rounds still complete.
-    live.push(1, ones.data_ptr(), _sgd(), 1).wait()
+    live.push(1, ones.data_ptr(), 4, _sgd(), 1).wait()
     got = torch.empty(4)
-    live.pull(1, got.data_ptr(), 1).wait()
+    live.pull(1, got.data_ptr(), 4, 1).wait()
     assert torch.equal(got, torch.full((4,), -0.5))
 
 
@@ -99,27 +99,27 @@ def test_parked_requests_per_connection_are_capped_with_a_clear_error():
     c = _client(server)
     c.sparse_create(1, _C.SparseTableConfig(2, init=_C.SparseInit.ZEROS)).wait()
     zeros, ones = torch.zeros(4), torch.ones(4)  # alive while the native calls read them
-    c.register_dense(2, 4, False, _sgd(), zeros.data_ptr()).wait()
+    c.register_dense(2, 4, False, _sgd(), zeros.data_ptr(), 4).wait()
     ids, out, dense_out = torch.arange(8), torch.empty(8 * 2), torch.empty(4)
-    parked = [c.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), 1) for _ in range(3)]
-    parked.append(c.pull(2, dense_out.data_ptr(), 1))
+    parked = [c.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), 16, 1) for _ in range(3)]
+    parked.append(c.pull(2, dense_out.data_ptr(), 4, 1))
     _wait_parked(server, 4)
     with pytest.raises(fastps.FastPSError, match=r"4 requests waiting.*the most one connection may park"):
-        c.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), 1).wait()
+        c.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), 16, 1).wait()
     with pytest.raises(fastps.FastPSError, match="4 requests waiting"):
-        c.pull(2, dense_out.data_ptr(), 1).wait()
+        c.pull(2, dense_out.data_ptr(), 4, 1).wait()
     other = _client(server)  # the cap is per connection
-    late = other.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), 1)
+    late = other.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), 16, 1)
     _wait_parked(server, 5)
     # The refused requests changed nothing; completing the rounds answers the parked ones.
     g = torch.ones(8, 2)
-    c.sparse_push(1, ids.data_ptr(), 8, 2, g.data_ptr(), _C.SparseOptim(_C.SparseRule.SGD, lr=1.0), 1).wait()
-    c.push(2, ones.data_ptr(), _sgd(), 1).wait()
+    c.sparse_push(1, ids.data_ptr(), 8, 2, g.data_ptr(), 16, _C.SparseOptim(_C.SparseRule.SGD, lr=1.0), 1).wait()
+    c.push(2, ones.data_ptr(), 4, _sgd(), 1).wait()
     for f in parked + [late]:
         f.wait()
     assert torch.equal(out, torch.full((16,), -1.0)) and torch.equal(dense_out, torch.full((4,), -0.5))
     _wait_parked(server, 0)
-    c.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), 1).wait()  # the connection still serves
+    c.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), 16, 1).wait()  # the connection still serves
 
 
 def test_parked_bytes_per_connection_are_capped():
@@ -127,11 +127,11 @@ def test_parked_bytes_per_connection_are_capped():
     c = _client(server)
     c.sparse_create(1, _C.SparseTableConfig(2)).wait()
     ids, out = torch.arange(16), torch.empty(16 * 2)
-    first = c.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), FAR)  # 64 bytes of ids
+    first = c.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), 16, FAR)  # 64 bytes of ids
     _wait_parked(server, 1)
     with pytest.raises(fastps.FastPSError, match=r"hold 64 bytes.*\(64 bytes\).*100 bytes"):
-        c.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), FAR).wait()
-    c.sparse_pull(1, ids.data_ptr(), 4, 2, out.data_ptr(), FAR)  # 32 more fit
+        c.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), 16, FAR).wait()
+    c.sparse_pull(1, ids.data_ptr(), 4, 2, out.data_ptr(), 8, FAR)  # 32 more fit
     assert _wait_parked(server, 2)["bytes"] == 96
     assert not first.done()
 
@@ -145,16 +145,16 @@ def test_pushes_that_join_a_round_are_counted_but_never_refused():
     a, b = _client(server, 0), _client(server, 1)
     z = torch.zeros(4)
     for key in (1, 2):
-        a.register_dense(key, 4, True, _sgd(), z.data_ptr()).wait()
-        b.register_dense(key, 4, True, _sgd(), 0).wait()
+        a.register_dense(key, 4, True, _sgd(), z.data_ptr(), 4).wait()
+        b.register_dense(key, 4, True, _sgd(), 0, 0).wait()
     ga, gb = torch.ones(4), torch.full((4,), 2.0)
     oa1, oa2, ob1, ob2 = (torch.empty(4) for _ in range(4))
-    fa1 = a.push_pull(1, ga.data_ptr(), oa1.data_ptr(), 1)
-    fa2 = a.push_pull(2, ga.data_ptr(), oa2.data_ptr(), 1)
+    fa1 = a.push_pull(1, ga.data_ptr(), 4, oa1.data_ptr(), 4, 1)
+    fa2 = a.push_pull(2, ga.data_ptr(), 4, oa2.data_ptr(), 4, 1)
     _wait_parked(server, 2)  # past the cap of 1: both wait for b
     with pytest.raises(fastps.FastPSError, match="2 requests waiting"):
-        a.pull(1, oa2.data_ptr(), 1).wait()
-    for f in [b.push_pull(1, gb.data_ptr(), ob1.data_ptr(), 1), b.push_pull(2, gb.data_ptr(), ob2.data_ptr(), 1)]:
+        a.pull(1, oa2.data_ptr(), 4, 1).wait()
+    for f in [b.push_pull(1, gb.data_ptr(), 4, ob1.data_ptr(), 4, 1), b.push_pull(2, gb.data_ptr(), 4, ob2.data_ptr(), 4, 1)]:
         f.wait()
     fa1.wait()
     fa2.wait()
@@ -177,17 +177,17 @@ def test_reading_an_unused_state_buffer_does_not_make_it():
     c = _client(server)
     n = 8 << 20  # 32 MiB of float32
     init = torch.ones(n)
-    c.register_dense(1, n, True, _sgd(), init.data_ptr()).wait()
+    c.register_dense(1, n, True, _sgd(), init.data_ptr(), n).wait()
     out = torch.empty(n)
-    c.state_get(1, 0, out.data_ptr()).wait()  # warm up the reply path once
+    c.state_get(1, 0, out.data_ptr(), n).wait()  # warm up the reply path once
     before = _memory()[1]
     for buffer in (1, 2, 3):
         out.fill_(7.0)
-        c.state_get(1, buffer, out.data_ptr()).wait()
+        c.state_get(1, buffer, out.data_ptr(), n).wait()
         assert torch.equal(out, torch.zeros(n))
     grown = (_memory()[1] - before) >> 20
     assert grown < 48, f"reading 3 unused state buffers of 32 MiB kept {grown} MiB"
-    c.state_get(1, 0, out.data_ptr()).wait()
+    c.state_get(1, 0, out.data_ptr(), n).wait()
     assert torch.equal(out, init)
 
 
