@@ -134,6 +134,42 @@ def test_store_get_raises_connection_error_at_once_when_the_store_host_dies():
         host.communicate()
 
 
+def test_the_store_host_stays_until_every_rank_saw_the_shutdown_barrier_end(monkeypatch):
+    """Rank 0 hosts the store (no torchrun agent): after the shutdown barrier it must not take
+    the store away before the other ranks, polling, have seen the barrier end."""
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    port = _cluster.free_port()
+    host = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, multi_tenant=True)
+    peer = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=10))
+
+    class Rank:
+        def __init__(self, rank: int, store) -> None:
+            self.config = _cluster.ClusterConfig(rank=rank, world_size=2, master_addr="127.0.0.1", master_port=port)
+            self.rank, self.world_size = rank, 2
+            self.store = dist.PrefixStore("fastps/0/", store)
+            self.store_addr = f"127.0.0.1:{port}"
+
+        def leave(self) -> None:
+            _cluster.store_barrier(self.store, "shutdown", 2, 10.0, "every rank to finish")
+            _cluster.Cluster._leave_store(self)
+
+    left = {}
+
+    def slow_peer() -> None:
+        r = Rank(1, peer)
+        _cluster.store_barrier(r.store, "shutdown", 2, 10.0, "every rank to finish")
+        time.sleep(0.3)  # still between its polls when the host is done
+        left[1] = time.monotonic()
+        _cluster.Cluster._leave_store(r)
+
+    t = threading.Thread(target=slow_peer)
+    t.start()
+    Rank(0, host).leave()
+    left[0] = time.monotonic()
+    t.join(10)
+    assert left[0] >= left[1], "the store's host left before the other rank had seen the barrier end"
+
+
 # -- the job secret in the store ----------------------------------------------------------------
 
 def _cfg(addr: str, port: int = 29500) -> _cluster.ClusterConfig:

@@ -28,7 +28,7 @@ from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 from . import _C
 from .errors import ConnectionError as FastPSConnectionError
-from .errors import FastPSError, InvalidArgumentError, TimeoutError as FastPSTimeoutError
+from .errors import InvalidArgumentError, TimeoutError as FastPSTimeoutError
 
 
 # FASTPS_TRANSPORT's values (docs/configuration.md).
@@ -168,12 +168,16 @@ def advertised_host(cfg: ClusterConfig) -> str:
     return cfg.bind
 
 
+def hosts_store(cfg: ClusterConfig) -> bool:
+    """Whether this rank hosts the job's store: rank 0, unless a torchrun agent does."""
+    return cfg.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+
+
 def open_store(cfg: ClusterConfig, *, host_store: Optional[bool] = None):
     """Connect to the job's TCPStore and return it under the fastps/ prefix."""
     import torch.distributed as dist
 
-    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    is_master = (cfg.rank == 0 and not agent) if host_store is None else host_store
+    is_master = hosts_store(cfg) if host_store is None else host_store
     try:
         store = dist.TCPStore(cfg.master_addr, cfg.master_port, world_size=None, is_master=is_master,
                               timeout=datetime.timedelta(seconds=cfg.timeout), wait_for_workers=False,
@@ -304,19 +308,6 @@ def _uncaught_error() -> Optional[str]:
     return f"{type(exc).__name__}: {line}"[:300]
 
 
-def _bounded(fn: Callable[[], Any], seconds: float) -> None:
-    """Run ``fn`` on a daemon thread and wait for it at most ``seconds``; ignore its errors.
-    For exit paths that must not hang on a store whose host is frozen."""
-    def run() -> None:
-        try:
-            fn()
-        except Exception:  # noqa: BLE001 - best effort on the way out
-            pass
-    t = threading.Thread(target=run, name="fastps-exit", daemon=True)
-    t.start()
-    t.join(seconds)
-
-
 class Cluster:
     """This process's place in a distributed job: its server (if colocated) and client."""
 
@@ -391,23 +382,40 @@ class Cluster:
         seconds), so that no colocated server disappears while another rank still
         needs it; the wait ends early when another rank failed or the store is gone.
         With ``failed`` (why this process is failing) it does not wait: it publishes
-        the failure for the others (Note [Job failure marker]) within 2 s and leaves.
+        the failure for the others (Note [Job failure marker]) and leaves. (A store
+        ``set`` awaits no reply, so even a frozen store host cannot hold it up.)
         """
         if self._closed:
             return
         self._closed = True
         if failed is not None:
-            reason = f"rank {self.rank} failed ({failed})"
-            _bounded(lambda: self.store.set(FAILED_KEY, reason.encode()), 2.0)
+            try:
+                self.store.set(FAILED_KEY, f"rank {self.rank} failed ({failed})".encode())
+            except Exception:  # noqa: BLE001 - the store is gone too: nobody is left to tell
+                pass
         else:
             try:
                 store_barrier(self.store, "shutdown", self.world_size, min(self.config.timeout, 60.0),
                               "every rank to finish", where=self.store_addr)
-            except FastPSError as e:  # a peer failed, or the store is gone: leave anyway
+                self._leave_store()
+            except Exception as e:  # noqa: BLE001 - a peer failed, or the store is gone: leave anyway
                 print(f"fastps: rank {self.rank} leaves without waiting for the others: {e}",
                       file=sys.stderr, flush=True)
         self.server = None  # first: it keeps the client alive until its shards drained
         self.client = None
+
+    def _leave_store(self) -> None:
+        """After the shutdown barrier: the store's host stays (at most 5 s) until every other
+        rank has seen the barrier end, so none of them finds the store gone instead."""
+        n = _store_call(lambda: self.store.add("barrier/shutdown/left", 1), "every rank to leave",
+                        self.store_addr)
+        if not hosts_store(self.config):
+            return
+        deadline = time.monotonic() + 5.0
+        while n < self.world_size and time.monotonic() < deadline:
+            time.sleep(0.01)
+            n = _store_call(lambda: self.store.add("barrier/shutdown/left", 0), "every rank to leave",
+                            self.store_addr)
 
     def _at_exit(self) -> None:
         # An uncaught exception fails the job: skip the barrier (see shutdown).
