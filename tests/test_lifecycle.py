@@ -58,7 +58,7 @@ def test_survivor_of_a_killed_rank_raises_a_typed_error_and_exits_promptly(tmp_p
             p.communicate()
     assert survivor.returncode == 1, err[-3000:]
     assert "fastps.errors.ConnectionError" in err, err[-3000:]
-    assert elapsed < 8.0, f"the survivor exited {elapsed:.1f} s after the kill:\n{err[-3000:]}"
+    assert elapsed < 10.0, f"the survivor exited {elapsed:.1f} s after the kill:\n{err[-3000:]}"
     assert "FASTPS_SECRET" not in err  # loopback store: no warning about the secret
 
 
@@ -99,7 +99,7 @@ def test_store_get_times_out_naming_what_it_waited_for():
     t0 = time.monotonic()
     with pytest.raises(fastps.TimeoutError, match="parameter server 3 to start"):
         _cluster.store_get(store, "server/3", 0.3, "parameter server 3 to start")
-    assert 0.3 <= time.monotonic() - t0 < 2.0
+    assert 0.3 <= time.monotonic() - t0 < 5.0
 
 
 def test_store_get_stops_when_another_rank_published_its_failure():
@@ -108,7 +108,7 @@ def test_store_get_stops_when_another_rank_published_its_failure():
     t0 = time.monotonic()
     with pytest.raises(fastps.ConnectionError, match=r"every rank to finish: rank 1 failed \(ConnectionError"):
         _cluster.store_barrier(store, "shutdown", 2, 30.0, "every rank to finish")
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 5.0  # not the 30 s deadline
 
 
 def test_store_get_raises_connection_error_at_once_when_the_store_host_dies():
@@ -128,7 +128,7 @@ def test_store_get_raises_connection_error_at_once_when_the_store_host_dies():
         t0 = time.monotonic()
         with pytest.raises(fastps.ConnectionError, match=f"rendezvous store at 127.0.0.1:{port}.*rank 0 to"):
             _cluster.store_get(store, "secret", 10.0, "rank 0 to publish the job secret", where=f"127.0.0.1:{port}")
-        assert time.monotonic() - t0 < 3.0  # not the 10 s deadline
+        assert time.monotonic() - t0 < 5.0  # not the 10 s deadline
     finally:
         stop_sessions([host])
         host.communicate()
