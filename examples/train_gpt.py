@@ -7,6 +7,8 @@ The same script runs alone or under torchrun; `fastps demo` launches it for you
     torchrun --standalone --nproc-per-node 2 examples/train_gpt.py         # 2 workers + 2 servers, BSP
     FASTPS_STALENESS=-1 torchrun --standalone --nproc-per-node 2 examples/train_gpt.py   # ASP
     torchrun --standalone --nproc-per-node 2 examples/train_gpt.py --backend ddp  # torch DDP reference
+    torchrun --standalone --nproc-per-node 2 --max-restarts 3 examples/train_gpt.py --save-every 50 --logdir runs/gpt
+                                                                   # a failed attempt resumes from ckpt.pt
     python examples/train_gpt.py --help                            # model size, steps, checkpoints, ...
 
 The training loop is ``fastps.demo.train`` (installed with the package, so that
@@ -19,6 +21,10 @@ LR scheduling (``torch.optim.lr_scheduler.LambdaLR``), ``state_dict`` and
 ``load_state_dict`` are torch's; in the distributed mode ``state_dict()``
 fetches the optimizer state from the servers and ``load_state_dict()`` sends it
 back with the model's parameters.
+
+A run continues from ``<logdir>/<backend>/ckpt.pt`` whenever that file exists
+(``--no-resume`` starts over), so the same command line serves every attempt of
+a torchrun job that restarts (docs/distributed.md, "Restarts").
 """
 
 import sys

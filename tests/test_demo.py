@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import torch
 
 from fastps.__main__ import main as fastps_main
 from fastps.demo import GPT, GPTConfig, load_corpus, train_batch
+from fastps.demo import train as train_mod
 from fastps.demo.data import val_windows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,12 +141,14 @@ def test_bsp_on_two_workers_equals_one_process(tiny_run, tmp_path):
     _assert_same_curves(logdir / "fastps", tmp_path / "one" / "fastps", 1e-5)  # float32 summation order
 
 
-def test_resume_continues_exactly(tiny_run):
+def test_rerun_resumes_from_the_checkpoint_exactly(tiny_run):
+    """The same command run again continues from the checkpoint (no flag needed)."""
     cwd, logdir, _ = tiny_run
     r = _demo(cwd, *TINY, "--logdir", "resumed", "--stop-after", "5")
-    assert "stopped after step 5" in r.stdout
+    assert "stopped after step 5" in r.stdout and "--logdir resumed" in r.stdout
     assert len(_metrics(cwd / "resumed" / "fastps")[0]) == 5
-    _demo(cwd, *TINY, "--logdir", "resumed", "--resume")
+    r = _demo(cwd, *TINY, "--logdir", "resumed")
+    assert "continuing from the checkpoint of fastps" in r.stdout
     _assert_same_curves(logdir / "fastps", cwd / "resumed" / "fastps", 1e-6)
 
 
@@ -180,3 +185,163 @@ def test_compare_ddp_agrees_in_bsp(tmp_path):
     assert summary["agreement"]["steps_compared"] == 20
     assert summary["agreement"]["max_abs_diff_train"] < 1e-4, summary["agreement"]
     assert "fastps vs ddp" in r.stdout
+
+
+# -- resuming, and checkpoints that cannot be written ---------------------------------------------
+
+def _with(args, **flags):
+    """``args`` with some flags' values replaced (``save_every=2`` sets ``--save-every 2``)."""
+    args = list(args)
+    for name, value in flags.items():
+        args[args.index("--" + name.replace("_", "-")) + 1] = str(value)
+    return args
+
+
+SINGLE = _with(TINY, steps=6, eval_every=3, save_every=2) + ["--no-report"]  # in-process, one worker
+
+
+@pytest.fixture
+def in_process(tmp_path, monkeypatch):
+    """Run fastps.demo.train.main in this process, in tmp_path, on one torch thread (several
+    threads spinning against the embedded server's shards make tiny steps 10x slower on a
+    busy 2-core machine)."""
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tmp_path
+    torch.set_num_threads(threads)
+
+
+def _rows(run_dir: Path):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_an_interrupted_single_process_run_resumes_when_rerun(in_process, capsys):
+    """A run killed after its checkpoint at step 4 (it got to step 5 and was writing a metrics
+    line and a checkpoint) continues at step 4 when the same command runs again: every step
+    once, the losses of an uninterrupted run, no temporary files left."""
+    tmp_path = in_process
+    assert train_mod.main([*SINGLE, "--logdir", "full"]) == 0
+    assert train_mod.main([*SINGLE, "--logdir", "run", "--stop-after", "5"]) == 0
+    run = tmp_path / "run" / "fastps"
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 4
+    assert [r["step"] for r in _rows(run) if "loss" in r] == [0, 1, 2, 3, 4]
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 4.9')  # the line the kill cut short
+    (run / f".ckpt.pt.tmp{os.getpid() + 1}").write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+    assert train_mod.main([*SINGLE, "--logdir", "run"]) == 0
+    assert "resuming from run/fastps/ckpt.pt at step 4" in capsys.readouterr().out
+    assert json.loads((run / "run.json").read_text())["start_step"] == 4
+    train, val = _metrics(run)
+    assert [s for s, _ in train] == list(range(6)) and [s for s, _ in val] == [0, 3, 6]
+    _assert_same_curves(tmp_path / "full" / "fastps", run, 0.0)
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 6
+
+
+def test_no_resume_starts_over_and_resume_needs_no_checkpoint(in_process, capsys):
+    tmp_path = in_process
+    # --resume on a first attempt's command line: nothing to resume, it trains from step 0.
+    assert train_mod.main([*SINGLE, "--logdir", "run", "--stop-after", "3", "--resume"]) == 0
+    run = tmp_path / "run" / "fastps"
+    assert [r["step"] for r in _rows(run) if "loss" in r] == [0, 1, 2]
+    capsys.readouterr()
+    assert train_mod.main([*SINGLE, "--logdir", "run", "--stop-after", "2", "--no-resume"]) == 0
+    assert "resuming" not in capsys.readouterr().out
+    assert [r["step"] for r in _rows(run) if "loss" in r] == [0, 1]  # the earlier rows are replaced
+    # A checkpoint of another model is refused with a way out, not silently mixed in.
+    assert train_mod.main([*SINGLE, "--logdir", "run", "--d-model", "16"]) == 2
+    assert "--no-resume" in capsys.readouterr().err
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_and_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    train_mod.save_checkpoint(path, {"step": 3})
+    real_save = torch.save
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"\0" * 1000)  # part of the file made it to disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train_mod.save_checkpoint(path, {"step": 6})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    assert torch.load(path, weights_only=True) == {"step": 3}
+
+
+def test_training_stops_on_a_full_disk_with_the_last_good_checkpoint(in_process, monkeypatch):
+    tmp_path = in_process
+    real_save = torch.save
+    calls = []
+
+    def second_fails(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", second_fails)
+    with pytest.raises(OSError, match="No space left"):
+        train_mod.main([*SINGLE, "--logdir", "run"])
+    monkeypatch.setattr(torch, "save", real_save)
+    run = tmp_path / "run" / "fastps"
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name]
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def _children(pid: int):
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _environ(pid: int) -> dict:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(kv.split("=", 1) for kv in raw.decode(errors="replace").split("\0") if "=" in kv)
+
+
+@pytest.mark.slow
+def test_torchrun_restart_after_a_killed_worker_resumes_from_the_checkpoint(tmp_path):
+    """examples/train_gpt.py under `torchrun --max-restarts 1`: SIGKILL worker 1 once a checkpoint
+    exists; torchrun restarts both workers, which continue from the checkpoint (not step 0)
+    and finish, with one metrics row per step."""
+    steps = 300
+    args = _with(SINGLE, steps=steps, save_every=10, eval_every=100)
+    out, err = open(tmp_path / "out.txt", "w"), open(tmp_path / "err.txt", "w")
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "--max-restarts", "1", str(ROOT / "examples" / "train_gpt.py"), *args, "--logdir", "run"],
+                         cwd=tmp_path, env=_env(), stdout=out, stderr=err, start_new_session=True)
+    run = tmp_path / "run" / "fastps"
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "ckpt.pt").exists():
+            assert p.poll() is None, f"torchrun exited {p.returncode}:\n{(tmp_path / 'err.txt').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.02)
+        workers = {_environ(c).get("RANK"): c for c in _children(p.pid)}
+        assert "1" in workers, f"worker 1 not found among {workers}"
+        os.kill(workers["1"], signal.SIGKILL)
+        p.wait(timeout=180)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        out.close()
+        err.close()
+    stdout, stderr = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert p.returncode == 0, f"torchrun exited {p.returncode}:\n{stdout[-2000:]}\n{stderr[-3000:]}"
+    resumed = [int(m) for m in re.findall(r"resuming from run/fastps/ckpt\.pt at step (\d+)", stdout)]
+    assert len(resumed) == 1 and 0 < resumed[0] < steps and resumed[0] % 10 == 0, stdout[-3000:]
+    assert f"steps 0..{steps} of {steps}" in stdout and f"steps {resumed[0]}..{steps} of {steps}" in stdout
+    assert json.loads((run / "run.json").read_text())["start_step"] == resumed[0]
+    train, val = _metrics(run)
+    assert [s for s, _ in train] == list(range(steps)) and [s for s, _ in val] == [0, 100, 200, 300]
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == steps

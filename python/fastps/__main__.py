@@ -33,17 +33,21 @@ def _server(args: argparse.Namespace) -> int:
                                  timeout=args.timeout, num_shards=args.shards)
     store, _raw = _cluster.open_store(cfg, host_store=False)
     secret = os.environ.get("FASTPS_SECRET") or _cluster.store_get(
-        store, "secret", cfg.timeout, "rank 0 to publish the job secret").decode()
+        store, "secret", cfg.timeout, "rank 0 to publish the job secret", where=f"{addr}:{port}").decode()
     sid = workers + int(store.add("dedicated_servers", 1)) - 1
     server = _C.PsServer(sid, workers, num_shards=args.shards, staleness=args.staleness,
                          host=args.bind, port=args.port, secret=secret, timeout_s=cfg.timeout,
                          transport=_cluster.transport_from_env())
     store.set(f"server/{sid}", f"{_cluster.advertised_host(cfg)}:{server.port}")
     print(f"fastps server {sid} listening on {args.bind}:{server.port} for {workers} workers", flush=True)
-    # Serve until every worker has left the job (or the process is killed).
+    # Serve until every worker has left the job, one failed (or the process is killed).
     while True:
         try:
             if store.check(["barrier/shutdown/done"]):
+                break
+            if store.check([_cluster.FAILED_KEY]):
+                print(f"fastps server {sid}: leaving: {store.get(_cluster.FAILED_KEY).decode(errors='replace')}",
+                      file=sys.stderr, flush=True)
                 break
         except Exception:  # noqa: BLE001 - the store went away with the job
             break

@@ -198,21 +198,18 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and not logdir:
         logdir = find_resume_logdir("fastps")
         if logdir is None:
-            print("fastps demo: --resume: no runs/*/fastps/ckpt.pt found; pass --logdir", file=sys.stderr)
-            return 2
+            print("fastps demo: --resume: no runs/*/fastps/ckpt.pt found; starting from step 0", flush=True)
     logdir = logdir or default_logdir()
     backends = ["fastps"] + ([args.compare] if args.compare else [])
-    if args.resume:
-        missing = [b for b in backends if not (Path(logdir) / b / "ckpt.pt").exists()]
-        if missing:
-            print(f"fastps demo: --resume: no checkpoint {Path(logdir) / missing[0] / 'ckpt.pt'} "
-                  "(train with --save-every K first)", file=sys.stderr)
-            return 2
+    # Each run continues from its checkpoint when there is one (fastps.demo.train).
+    resuming = [b for b in backends if not args.no_resume and (Path(logdir) / b / "ckpt.pt").exists()]
     Path(logdir).mkdir(parents=True, exist_ok=True)
     servers = (f"{args.servers} dedicated server(s)" if args.servers else
                f"{args.workers} colocated server(s)") if args.workers > 1 else "embedded server"
     print(f"fastps demo: {args.workers} worker(s), {servers}, {args.mode.upper()}, transport "
-          f"{args.transport}; logs in {logdir}", flush=True)
+          f"{args.transport}; logs in {logdir}"
+          + (f"; continuing from the checkpoint of {', '.join(resuming)} (--no-resume starts over)"
+             if resuming else ""), flush=True)
     t0 = time.perf_counter()
 
     def _terminated(signum, frame):  # SIGTERM: leave through the same cleanup as Ctrl-C
@@ -234,8 +231,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, old)
     if args.stop_after is not None and args.stop_after < args.steps:
-        print(f"fastps demo: stopped after step {args.stop_after} of {args.steps}; continue with "
-              f"`fastps demo --resume --logdir {logdir}` and the same flags", flush=True)
+        how = (f"continue with `fastps demo --logdir {logdir}` and the same flags (it resumes from the "
+               "checkpoint)" if args.save_every else "no checkpoint was written (--save-every)")
+        print(f"fastps demo: stopped after step {args.stop_after} of {args.steps}; {how}", flush=True)
     from . import report
 
     report.finish(Path(logdir), stream=sys.stdout)

@@ -16,11 +16,18 @@ Every worker takes its share of the same global batch (a pure function of
 logs to ``<logdir>/<backend>/``: ``metrics.jsonl``, TensorBoard events,
 ``run.json``, ``ckpt.pt`` (every ``--save-every`` steps, written atomically)
 and, at the end, ``sample.txt``.
+
+A run whose ``<logdir>/<backend>/ckpt.pt`` exists continues from it (metrics and
+TensorBoard curves continue at the checkpoint's step), so rerunning the same
+command, or torchrun restarting a failed attempt (``--max-restarts``), resumes
+instead of starting over; ``--no-resume`` starts over.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import glob
 import json
 import math
@@ -69,8 +76,13 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help="validation windows = this * batch size (default 4)")
     o.add_argument("--save-every", type=int, default=0,
                    help="checkpoint every K steps (and at the end) to <logdir>/<backend>/ckpt.pt; 0 never")
-    o.add_argument("--resume", action="store_true",
-                   help="continue from <logdir>/<backend>/ckpt.pt (default logdir: the newest run with one)")
+    r = o.add_mutually_exclusive_group()
+    r.add_argument("--resume", action="store_true",
+                   help="without --logdir: continue the newest runs/* that has a checkpoint (a run "
+                        "continues from <logdir>/<backend>/ckpt.pt anyway when it exists)")
+    r.add_argument("--no-resume", action="store_true",
+                   help="start from step 0 even when <logdir>/<backend>/ckpt.pt exists (its metrics "
+                        "and TensorBoard curves are replaced)")
     o.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many steps, as if interrupted (the schedule still spans --steps)")
     o.add_argument("--sample-bytes", type=int, default=300, help="bytes to generate at the end (default 300)")
@@ -118,6 +130,11 @@ def lr_factor(steps: int, warmup: int, min_ratio: float):
 
 
 def default_logdir() -> str:
+    """``runs/<timestamp>``; under torchrun ``runs/torchrun-<run id>``, the same in every
+    attempt of the job, so that an attempt torchrun restarts finds the checkpoint."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if run_id and run_id != "none":
+        return os.path.join("runs", f"torchrun-{run_id}")
     return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
 
 
@@ -246,21 +263,93 @@ def evaluate(model: GPT, corpus: Corpus, starts: torch.Tensor, args: argparse.Na
     return s / max(n, 1.0)
 
 
+def _tmp_name(path: Path) -> Path:
+    """The temporary file ``path`` is written to before it is renamed into place."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
 def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
-    """Write atomically: a temporary file in the same directory, fsync, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write atomically: a temporary file in the same directory, fsync, rename, fsync the
+    directory. If writing fails (a full disk), the temporary file is removed and the
+    previous checkpoint stays as it was; the error propagates."""
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # a directory that cannot be opened for fsync: the rename stands
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # file systems that cannot sync a directory
+            raise
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporary_files(run_dir: Path) -> None:
+    """Remove the temporary files (``.ckpt.pt.tmp<pid>``, ``.metrics.jsonl.tmp<pid>``) an
+    earlier attempt left in ``run_dir`` when it was killed while writing one (only rank 0
+    writes there, one job at a time)."""
+    for tmp in run_dir.glob(".*.tmp*"):
+        if tmp.name.rpartition(".tmp")[2].isdigit():
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
 
 
 def read_metrics(path: Path) -> List[Dict[str, Any]]:
+    """The rows of a metrics file; a line cut short (the process was killed while writing
+    it) is skipped."""
     if not path.exists():
         return []
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def continue_metrics(path: Path, start: int):
+    """Open the metrics file for appending after keeping only its rows of steps before
+    ``start`` (a resumed run redoes the later ones; a fresh one keeps none). The kept rows
+    are rewritten atomically, so a kill at any moment leaves a usable file."""
+    kept = [m for m in read_metrics(path) if isinstance(m, dict) and m.get("step", start) < start]
+    tmp = _tmp_name(path)
+    with open(tmp, "w") as f:
+        for m in kept:
+            f.write(json.dumps(m) + "\n")
+    os.replace(tmp, path)
+    return open(path, "a")
+
+
+def load_resume_checkpoint(path: Path, cfg: GPTConfig, args: argparse.Namespace) -> Dict[str, Any]:
+    """Read ``path`` and check it was written with this run's model, seed and batch size;
+    raises ValueError saying what differs."""
+    try:
+        ckpt = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for a bad file
+        raise ValueError(f"cannot read {path} ({type(e).__name__}: {e})") from e
+    if ckpt["model_config"] != cfg.to_dict() or ckpt["seed"] != args.seed \
+            or ckpt["batch_size"] != args.batch_size:
+        raise ValueError(f"{path} was written with different settings ({ckpt['model_config']}, seed "
+                         f"{ckpt['seed']}, batch {ckpt['batch_size']})")
+    return ckpt
 
 
 def generate_sample(model: GPT, prompt: str, n: int, seed: int) -> str:
@@ -284,6 +373,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def train(args: argparse.Namespace, rank: int, world: int) -> int:
+    """Run the training described by the parsed flags as rank ``rank`` of ``world``; returns
+    the exit status. Rank 0's log files are closed also when training fails (a full disk,
+    a lost peer)."""
+    with contextlib.ExitStack() as closing:
+        return _train(args, rank, world, closing)
+
+
+def _train(args: argparse.Namespace, rank: int, world: int, closing: contextlib.ExitStack) -> int:
     backend = args.backend
     staleness = int(os.environ.get("FASTPS_STALENESS", "0")) if backend == "fastps" else 0
     mode = {0: "bsp", -1: "asp"}.get(staleness, f"ssp(k={staleness})") if world > 1 else "single"
@@ -293,15 +390,15 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
     logdir = args.logdir
     if args.resume and not logdir:
         logdir = find_resume_logdir(backend)
-        if logdir is None:
-            print(f"train_gpt: --resume: no runs/*/{backend}/ckpt.pt found; pass --logdir", file=sys.stderr)
-            return 2
+        if logdir is None and rank == 0:
+            print(f"train_gpt: --resume: no runs/*/{backend}/ckpt.pt found; starting from step 0", flush=True)
     if not logdir:
-        logdir = default_logdir()  # only rank 0 writes there; no other rank reads it
+        logdir = default_logdir()
     run_dir = Path(logdir) / backend
     ckpt_path = run_dir / "ckpt.pt"
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporary_files(run_dir)
 
     # Same model and data on every rank; fastps and DDP both start all ranks from rank 0's values.
     corpus = load_corpus(args.data_bytes)
@@ -309,16 +406,14 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
                     tie_weights=not args.untied)
     torch.manual_seed(args.seed)
     model = GPT(cfg)
+    # Every rank reads the checkpoint (on several hosts --logdir must be on a shared file system).
     ckpt = None
-    if args.resume:
-        if not ckpt_path.exists():
-            print(f"train_gpt: --resume: {ckpt_path} does not exist", file=sys.stderr)
-            return 2
-        ckpt = torch.load(ckpt_path, weights_only=True)
-        if ckpt["model_config"] != cfg.to_dict() or ckpt["seed"] != args.seed \
-                or ckpt["batch_size"] != args.batch_size:
-            print(f"train_gpt: --resume: {ckpt_path} was written with different settings "
-                  f"({ckpt['model_config']}, seed {ckpt['seed']}, batch {ckpt['batch_size']})", file=sys.stderr)
+    if not args.no_resume and ckpt_path.exists():
+        try:
+            ckpt = load_resume_checkpoint(ckpt_path, cfg, args)
+        except ValueError as e:
+            print(f"train_gpt: cannot resume: {e}; pass --no-resume to start over, or another --logdir",
+                  file=sys.stderr)
             return 2
         model.load_state_dict(ckpt["model"])  # the model first: the optimizer pushes these values
 
@@ -339,6 +434,16 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args.steps, args.warmup, args.min_lr_ratio))
 
     start, elapsed0 = 0, 0.0
+    if world > 1 and reducer.sync:
+        # Every rank must resume from the same step (or none): one summed vector says.
+        has, step_sum = reducer.sum([1.0 if ckpt is not None else 0.0,
+                                     float(ckpt["step"]) if ckpt is not None else 0.0])
+        mine = int(ckpt["step"]) if ckpt is not None else 0
+        if has not in (0.0, float(world)) or step_sum != world * mine:
+            print(f"train_gpt: rank {rank}: the workers disagree about {ckpt_path} ({int(has)} of {world} "
+                  "found it, or at different steps); on several hosts --logdir must be a shared file system",
+                  file=sys.stderr)
+            return 2
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])  # fastps: also sends this rank's parameters to the servers
         sched.load_state_dict(ckpt["scheduler"])
@@ -360,22 +465,23 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
             "servers": servers,
             "params": model.num_params(), "model": cfg.to_dict(), "batch_size": args.batch_size,
             "tokens_per_step": tokens_per_step, "steps": args.steps, "lr": args.lr, "warmup": args.warmup,
-            "seed": args.seed, "data": {"root": corpus.root, "files": corpus.files, "val_files": corpus.val_files,
-                                        "train_bytes": corpus.train.numel(), "val_bytes": corpus.val.numel()},
+            "seed": args.seed, "start_step": start,
+            "data": {"root": corpus.root, "files": corpus.files, "val_files": corpus.val_files,
+                     "train_bytes": corpus.train.numel(), "val_bytes": corpus.val.numel()},
             "threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "fastps": fastps.__version__,
         }
         (run_dir / "run.json").write_text(json.dumps(info, indent=1) + "\n")
-        # Metrics of steps before `start` stay (a resumed run continues its curve).
-        kept = [m for m in read_metrics(run_dir / "metrics.jsonl") if m["step"] < start] if start else []
-        metrics = open(run_dir / "metrics.jsonl", "w")
-        for m in kept:
-            metrics.write(json.dumps(m) + "\n")
-        metrics.flush()
+        # Metrics of steps before `start` stay (a resumed run continues its curve); TensorBoard
+        # hides the earlier attempts' events from `start` on.
+        metrics = closing.enter_context(continue_metrics(run_dir / "metrics.jsonl", start))
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
-        writer = SummaryWriter(str(run_dir), purge_step=start if start else None)
+        writer = SummaryWriter(str(run_dir), purge_step=start)
+        closing.callback(writer.close)
+        if ckpt is not None:
+            print(f"[{backend}] resuming from {ckpt_path} at step {start}", flush=True)
         print(f"[{backend}] {mode}, {world} worker(s); GPT {model.num_params() / 1e6:.2f}M params "
               f"({args.n_layer} layers, d={args.d_model}, context {args.context}); batch {args.batch_size} "
               f"x {args.context} bytes; {corpus.train.numel() / 1e6:.1f} MB train / "
@@ -384,6 +490,7 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
         tty = sys.stderr.isatty()
         bar = tqdm(total=args.steps, initial=start, desc=f"{backend} {mode} x{world}", unit="step",
                    dynamic_ncols=True, mininterval=0.5 if tty else 10.0, file=sys.stderr)
+        closing.callback(bar.close)
 
     def log(row: Dict[str, Any]) -> None:
         metrics.write(json.dumps(row) + "\n")
