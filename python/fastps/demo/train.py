@@ -59,6 +59,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=int, default=20, help="linear warmup steps (default 20)")
     g.add_argument("--weight-decay", type=float, default=0.1,
                    help="AdamW weight decay on matrices and embeddings (default 0.1)")
+    g.add_argument("--clip", type=float, default=1.0,
+                   help="clip gradients to this global norm after backward, as LLM training does (default 1.0; "
+                        "0: off)")
     g.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches (default 0)")
     g.add_argument("--data-bytes", type=int, default=4_000_000,
                    help="bytes of standard library source to read (default 4000000)")
@@ -384,6 +387,13 @@ def _train(args: argparse.Namespace, rank: int, world: int, closing: contextlib.
     backend = args.backend
     staleness = int(os.environ.get("FASTPS_STALENESS", "0")) if backend == "fastps" else 0
     mode = {0: "bsp", -1: "asp"}.get(staleness, f"ssp(k={staleness})") if world > 1 else "single"
+    clip = args.clip
+    if clip > 0 and world > 1 and staleness != 0:
+        # Under SSP/ASP each gradient is applied as it arrives: no global norm to clip by.
+        if rank == 0:
+            print(f"train_gpt: --clip {clip} needs BSP (FASTPS_STALENESS=0); training without clipping",
+                  file=sys.stderr)
+        clip = 0.0
     if backend == "ddp":
         mode = "ddp" if world > 1 else "single"
 
@@ -461,7 +471,7 @@ def _train(args: argparse.Namespace, rank: int, world: int, closing: contextlib.
             colocated = os.environ.get("FASTPS_COLOCATE", "1").lower() not in ("0", "false", "no", "off")
             servers = (world if colocated else 0) + int(os.environ.get("FASTPS_NUM_SERVERS", "0") or 0)
         info = {
-            "backend": backend, "mode": mode, "workers": world, "staleness": staleness,
+            "backend": backend, "mode": mode, "workers": world, "staleness": staleness, "clip": clip,
             "servers": servers,
             "params": model.num_params(), "model": cfg.to_dict(), "batch_size": args.batch_size,
             "tokens_per_step": tokens_per_step, "steps": args.steps, "lr": args.lr, "warmup": args.warmup,
@@ -526,6 +536,8 @@ def _train(args: argparse.Namespace, rank: int, world: int, closing: contextlib.
         _, loss = net(x, y)
         pending = reducer.start([loss.item()])  # the global mean, overlapped with backward
         loss.backward()
+        # After backward .grad holds the mean over ranks (fastps under BSP, as DDP): the global norm.
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)) if clip > 0 else None
         opt.step()
         lr = sched.get_last_lr()[0]
         sched.step()
@@ -536,6 +548,9 @@ def _train(args: argparse.Namespace, rank: int, world: int, closing: contextlib.
             now = time.perf_counter() - t_start
             row = {"step": step, "loss": gl, "lr": lr, "dt": dt, "time": now,
                    "tokens_per_s": tokens_per_step / dt}
+            if gnorm is not None:
+                row["grad_norm"] = gnorm
+                writer.add_scalar("grad_norm", gnorm, step)
             writer.add_scalar("loss/train", gl, step)
             writer.add_scalar("lr", lr, step)
             writer.add_scalar("perf/tokens_per_s", tokens_per_step / dt, step)
