@@ -22,7 +22,7 @@ class Job:
     """A running job. Use as a context manager: every process is killed on exit."""
 
     def __init__(self, workers: int, args: List[str], *, servers: int = 0,
-                 env: Optional[Dict[str, str]] = None, timeout: float = 60.0) -> None:
+                 env: Optional[Dict[str, str]] = None, timeout: float = 60.0, worker: str = WORKER) -> None:
         self.timeout = timeout
         base = job_env(workers)
         self.port = int(base["MASTER_PORT"])
@@ -33,7 +33,7 @@ class Job:
         self.workers: List[subprocess.Popen] = []
         self.servers: List[subprocess.Popen] = []
         for r in range(workers):
-            self.workers.append(subprocess.Popen([sys.executable, WORKER] + args, env=rank_env(base, r),
+            self.workers.append(subprocess.Popen([sys.executable, worker] + args, env=rank_env(base, r),
                                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                                  text=True, start_new_session=True))
         for _ in range(servers):

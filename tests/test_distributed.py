@@ -114,13 +114,15 @@ def test_gradient_edited_after_its_push(tmp_path, env, raises):
             assert text == "ok", text
 
 
-def test_distributed_optimizer_clips_the_averaged_gradient_after_synchronize(tmp_path):
-    """DistributedOptimizer: synchronize(), clip_grad_norm_, step() clips the averaged
-    gradient (the global batch's), as single-process training does; clipping without
-    synchronize() races with the averaging and raises."""
+@pytest.mark.parametrize("sync", [pytest.param("sync", marks=pytest.mark.slow), "nosync"])
+def test_distributed_optimizer_clips_the_averaged_gradient(tmp_path, sync):
+    """DistributedOptimizer: clip_grad_norm_ between backward and step() clips the
+    averaged gradient (the global batch's), as single-process training does: backward
+    returns with the gradients averaged; an explicit synchronize() (the older API) is
+    a no-op then."""
     steps = 8
     out = tmp_path / "res"
-    with Job(2, ["wrap_clip", "sync", str(steps), str(out)]) as job:
+    with Job(2, ["wrap_clip", sync, str(steps), str(out)]) as job:
         check(job.wait())
     torch.manual_seed(100)
     model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
@@ -135,14 +137,9 @@ def test_distributed_optimizer_clips_the_averaged_gradient_after_synchronize(tmp
         opt.step()
     for r in range(2):
         res = torch.load(f"{out}.{r}", weights_only=True)
+        assert "error" not in res, res["error"]
         for p, q in zip(res["params"], model.parameters()):
             torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6)
-    out2 = tmp_path / "res2"
-    with Job(2, ["wrap_clip", "nosync", "2", str(out2)]) as job:
-        check(job.wait())
-    for r in range(2):
-        err = torch.load(f"{out2}.{r}", weights_only=True)["error"]
-        assert err.startswith("FastPSError") and "synchronize()" in err, err
 
 
 def test_state_dict_round_trip_in_distributed_mode(tmp_path):

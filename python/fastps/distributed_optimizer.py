@@ -4,6 +4,42 @@ The second dense mode: wrap any ``torch.optim`` optimizer; gradients are summed
 over all workers by the parameter servers (the all-reduce replacement),
 divided by the number of workers, and the wrapped optimizer steps locally, so
 every rank keeps the same parameters (all start from rank 0's).
+
+Note [Averaged at the end of backward]
+    As with DDP, the averaging completes before ``backward()`` returns: the
+    first gradient hook of a backward queues a callback on the autograd engine
+    (``Variable._execution_engine.queue_callback``, what DDP's reducer does),
+    which runs once every gradient of that backward is accumulated, sends the
+    ones the hooks did not (unused parameters, or all of them without
+    overlap), and waits for the sums. Code between backward and ``step()``
+    (``clip_grad_norm_``, ``GradScaler.unscale_``, logging a norm) then sees the
+    global mean, and its edits are what the local step applies. With overlap
+    the gradients still leave from their hooks while backward runs; only the
+    wait moved from ``step()`` to the end of backward.
+
+Note [An Optimizer that aliases the wrapped one]
+    Schedulers and ``GradScaler`` check ``isinstance(opt, torch.optim.Optimizer)``
+    and then only use ``param_groups``, ``state``, ``step`` and the hook
+    machinery. Two ways to pass that check:
+
+    - Horovod's: build a new object of a dynamic subclass of the wrapped
+      optimizer's class over its param groups. The new object has its own
+      ``state`` (state loaded into the original before wrapping is lost), the
+      class's ``__init__`` must accept the groups alone, the dynamic class does
+      not pickle, and the subclass's ``step`` and the base class's ``step`` are
+      both wrapped by torch's hook decorator (step hooks run twice).
+    - Ours: a ``torch.optim.Optimizer`` subclass whose ``param_groups``,
+      ``state`` and ``defaults`` are properties reading and writing the wrapped
+      optimizer's, so there is one copy of each: an lr set through either
+      object (or by a scheduler built on either) is the one the wrapped step
+      uses, and ``state_dict()``/``load_state_dict()`` are the wrapped
+      optimizer's own (same format, interchangeable). ``Optimizer.__init__`` is
+      not called (it would assign fresh groups and state); the hook machinery
+      comes from ``Optimizer.__setstate__``, torch's own way to complete an
+      optimizer object built without ``__init__`` (unpickling).
+
+    The second is simpler and has no copy to keep in step, so it is the one
+    used here.
 """
 
 from __future__ import annotations
@@ -18,47 +54,70 @@ from ._tensor import GradSnapshot, check_grad, check_param, grad_changed, grad_s
 from .errors import FastPSError
 
 
-class DistributedOptimizer:
+class DistributedOptimizer(torch.optim.Optimizer):
     """Wrap a torch optimizer so its gradients are averaged across workers by fastps.
 
-    In a single process (no ``torchrun``) it is a transparent pass-through.
+    A ``torch.optim.Optimizer`` itself: LR schedulers and ``torch.amp.GradScaler``
+    take it directly, and its ``param_groups``, ``state``, ``state_dict()`` and
+    ``load_state_dict()`` are the wrapped optimizer's (see Note [An Optimizer
+    that aliases the wrapped one] in this module). In a single process (no
+    ``torchrun``) it is a transparent pass-through.
+
+    Under ``torchrun``, when ``backward()`` returns each rank's ``.grad`` holds
+    the mean of all ranks' gradients, as with ``DistributedDataParallel``; code
+    between backward and ``step()`` (clipping by the global norm,
+    ``GradScaler.unscale_`` and its inf/NaN check, which so agree on every
+    rank) edits the averaged gradients, and ``step()`` applies what they hold.
 
     Args:
         optimizer: any ``torch.optim.Optimizer`` over float32 CPU parameters.
         overlap: push each gradient from its accumulation hook while backward
-            still runs (default True); False pushes everything in ``step()``.
+            still runs (default True); False pushes them all at the end of
+            backward. Either way the averaging completes before ``backward()``
+            returns.
 
     Example::
 
-        opt = fastps.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
-        loss.backward(); opt.step(); opt.zero_grad()
-
-    To edit the averaged gradients before the step (clipping by the global
-    norm, unscaling), call :meth:`synchronize` first; ``step()`` then does not
-    average again::
-
-        loss.backward()
-        opt.synchronize()
+        opt = fastps.DistributedOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-4))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        scaler.step(opt); scaler.update(); sched.step(); opt.zero_grad()
 
-    Editing a gradient between backward and ``synchronize()``/``step()``
-    races with its averaging (the result lands in ``.grad`` in place):
-    ``synchronize()`` detects it and raises :class:`fastps.FastPSError`.
+    Gradient accumulation: run the backward passes that should not communicate
+    inside ``with opt.no_sync():``. Gradients set by hand (no backward) are
+    averaged by ``step()``; :meth:`synchronize` averages them earlier.
+
+    Not supported: a model still wrapped in ``DistributedDataParallel`` (its
+    averaging and this one would both write ``.grad``; drop the wrapper) and
+    ``add_param_group`` after wrapping. Not picklable: save ``state_dict()``.
     """
+
+    # GradScaler unscales the (averaged) gradients itself, then calls step(); the
+    # wrapped optimizer's own flag (fused=True) does not apply through the wrapper.
+    _step_supports_amp_scaling = False
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, overlap: bool = True) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"fastps.DistributedOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, DistributedOptimizer):
+            raise TypeError("fastps.DistributedOptimizer: the optimizer is already a DistributedOptimizer")
         self.optimizer = optimizer
+        # The hooks' dicts and torch's step wrapper (see Note [An Optimizer that aliases
+        # the wrapped one]); the state passed is empty, so nothing else is assigned.
+        torch.optim.Optimizer.__setstate__(self, {})
         self._cluster = _cluster.cluster()
+        self._overlap = overlap
         self._ids: Dict[int, int] = {}
         self._numel: Dict[int, int] = {}  # id(p) -> numel registered
         # id(p) -> (push_pull future, the gradient, the parameter, its grad_snapshot() when sent)
         self._inflight: Dict[int, Tuple[Any, torch.Tensor, torch.Tensor, GradSnapshot]] = {}
         self._clock = 0
         self._sync = True
-        self._synchronized = False  # synchronize() ran since the last step()
+        self._synchronized = False  # the gradients hold a completed round's average
+        self._backward_queued = False  # a callback waits for the end of the running backward
         self._hooks: List[Any] = []
         if self._cluster is None:
             return
@@ -99,23 +158,37 @@ class DistributedOptimizer:
                 for p, d in zip(params, dsts):
                     if not p.is_contiguous():
                         p.copy_(d)
-        if overlap:
-            for p in params:
-                if p.requires_grad:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
+        for p in params:
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
 
-    # The wrapped optimizer's attributes, so schedulers and user code see it.
-    @property
+    # -- the wrapped optimizer's attributes: one copy, read and written through --------
+    @property  # type: ignore[override]
     def param_groups(self) -> List[Dict[str, Any]]:
         return self.optimizer.param_groups
 
-    @property
+    @param_groups.setter
+    def param_groups(self, value: List[Dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property  # type: ignore[override]
     def state(self) -> Any:
         return self.optimizer.state
 
-    @property
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property  # type: ignore[override]
     def defaults(self) -> Dict[str, Any]:
         return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: Dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def __getstate__(self) -> Dict[str, Any]:
+        raise TypeError("fastps.DistributedOptimizer cannot be pickled or copied (it holds the job's "
+                        "registrations); save optimizer.state_dict() and load it into a new one")
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Not supported: a new group's parameters would need registering on every rank
@@ -133,14 +206,33 @@ class DistributedOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero (or drop) the gradients, as the wrapped optimizer does."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._synchronized = False  # whatever gradients come next are not averaged yet
 
     def state_dict(self) -> Dict[str, Any]:
         """The wrapped optimizer's state dict (identical on every rank)."""
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load into the wrapped optimizer."""
+        """Load into the wrapped optimizer (a state dict of it or of this wrapper)."""
         self.optimizer.load_state_dict(state_dict)
+
+    # state_dict()/load_state_dict() are the wrapped optimizer's: so are their hooks
+    # (they are called with the wrapped optimizer).
+    def register_state_dict_pre_hook(self, hook: Callable[..., Any], prepend: bool = False) -> Any:
+        """Register on the wrapped optimizer, whose ``state_dict()`` this is."""
+        return self.optimizer.register_state_dict_pre_hook(hook, prepend=prepend)
+
+    def register_state_dict_post_hook(self, hook: Callable[..., Any], prepend: bool = False) -> Any:
+        """Register on the wrapped optimizer, whose ``state_dict()`` this is."""
+        return self.optimizer.register_state_dict_post_hook(hook, prepend=prepend)
+
+    def register_load_state_dict_pre_hook(self, hook: Callable[..., Any], prepend: bool = False) -> Any:
+        """Register on the wrapped optimizer, whose ``load_state_dict()`` this is."""
+        return self.optimizer.register_load_state_dict_pre_hook(hook, prepend=prepend)
+
+    def register_load_state_dict_post_hook(self, hook: Callable[..., Any], prepend: bool = False) -> Any:
+        """Register on the wrapped optimizer, whose ``load_state_dict()`` this is."""
+        return self.optimizer.register_load_state_dict_post_hook(hook, prepend=prepend)
 
     def __repr__(self) -> str:
         return f"DistributedOptimizer({self.optimizer!r})"
@@ -154,19 +246,28 @@ class DistributedOptimizer:
         finally:
             self._sync = old
 
+    # -- averaging -------------------------------------------------------------------
     def _hook(self, p: torch.Tensor) -> None:
         if not self._sync:
             return
+        if not self._backward_queued:
+            # See Note [Averaged at the end of backward].
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            self._backward_queued = True
+            self._synchronized = False  # new gradients: the next round is theirs
+        if not self._overlap:
+            return
         if id(p) in self._inflight:
             raise FastPSError(
-                "fastps: a parameter's gradient arrived twice before step() completed the round its first "
-                "backward opened. Call step() (or synchronize()) after each backward, also after an "
-                "interrupted one; for gradient accumulation or a second loss into the same parameters run "
-                "the extra backward passes inside `with optimizer.no_sync():`")
+                "fastps: a parameter's gradient arrived twice before the end of the backward that sent it "
+                "first (that backward was interrupted). Call optimizer.synchronize() (or step()) after an "
+                "interrupted backward, before the next one")
         self._send(p)
 
+    def _end_of_backward(self) -> None:
+        self._round()
+
     def _send(self, p: torch.Tensor) -> None:
-        self._synchronized = False  # a new round: step() must wait for it
         if p.numel() != self._numel[id(p)]:
             raise TypeError(
                 f"fastps: a parameter registered with {self._numel[id(p)]} values now has {p.numel()}; its "
@@ -182,14 +283,22 @@ class DistributedOptimizer:
         self._inflight[id(p)] = (fut, g, p, grad_snapshot(p))
 
     def synchronize(self) -> None:
-        """Finish averaging every gradient; ``step()`` calls it unless it already ran.
+        """Average the gradients now unless the last backward (or ``synchronize()``) did.
+
+        Backward averages them before it returns, so this is needed only for
+        gradients set by hand, or after an interrupted backward; kept for
+        scripts that call it before editing gradients.
 
         Raises:
-            fastps.FastPSError: a gradient was replaced or edited in place after
-                backward sent it for averaging (edit it after ``synchronize()``).
+            fastps.FastPSError: a gradient was replaced or edited in place while
+                it was being averaged.
         """
-        if self._cluster is None:
-            return
+        if self._cluster is not None and not self._synchronized:
+            self._round()
+
+    def _round(self) -> None:
+        """Send every gradient not yet sent, wait for the sums, divide by the world size."""
+        self._backward_queued = False
         for g in self.optimizer.param_groups:
             for p in g["params"]:
                 if id(p) not in self._ids:
@@ -207,10 +316,9 @@ class DistributedOptimizer:
                 fut.wait()
             if any(grad_changed(p, snapshot) for _, _, p, snapshot in self._inflight.values()):
                 raise FastPSError(
-                    "fastps: a gradient was changed between backward and optimizer.step() while it was being "
-                    "averaged across workers (clip_grad_norm_, GradScaler.unscale_ or another edit). Call "
-                    "optimizer.synchronize() after backward and edit the averaged gradients after it, then "
-                    "step(); or pass overlap=False to average in step()")
+                    "fastps: a gradient was changed while it was being averaged across workers (between "
+                    "its accumulation hook and the end of backward, or by a gradient hook). Edit gradients "
+                    "after backward returns: they hold the average then")
             for _, g, *_ in self._inflight.values():
                 g.div_(self._cluster.world_size)
         except BaseException as e:
@@ -223,13 +331,14 @@ class DistributedOptimizer:
         self._synchronized = True
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        """Average gradients across workers, then step the wrapped optimizer."""
+        """Step the wrapped optimizer on the averaged gradients (averaging them first if
+        no backward did since the last step)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._synchronized:
-            self.synchronize()
+        if self._cluster is not None and not self._synchronized:
+            self._round()
         self._synchronized = False
         self.optimizer.step()
         return loss
