@@ -75,7 +75,7 @@ enum class ShmMode {
   kRequire,  // shared memory or a ConnectionError at connect()
 };
 
-constexpr uint64_t kDefaultSendQueueLimit = uint64_t{1} << 30;  // 1 GiB
+constexpr uint64_t kDefaultSendQueueLimit = uint64_t{4} << 30;  // 4 GiB
 constexpr uint64_t kMinSendQueueLimit = 64 << 10;
 
 struct TransportOptions {
