@@ -180,7 +180,6 @@ size_t ShmRing::write_some(const void* src, size_t len) {
     wtail_ += n;
     if (done < len) flush();  // the reader copies out while this copies in
   }
-  flush();
   return done;
 }
 

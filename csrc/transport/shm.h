@@ -92,7 +92,8 @@ class ShmRing {
   bool write(const void* src, size_t len, const std::atomic<bool>& stop, Clock::time_point deadline,
              uint64_t* written);
   // Copies in as many of `len` bytes as there is space for now, never
-  // waiting, publishes them and returns how many.
+  // waiting, and returns how many; the caller publishes them with flush()
+  // (large writes are published piece by piece as they go in).
   size_t write_some(const void* src, size_t len);
   // Bytes that fit now.
   uint64_t space() const;

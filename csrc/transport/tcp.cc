@@ -60,6 +60,8 @@ constexpr auto kSendGrace = std::chrono::milliseconds(2);
 constexpr auto kByRefGrace = std::chrono::milliseconds(10);
 constexpr auto kByRefCopyLimit = std::chrono::seconds(5);
 constexpr int kRetryMs = 1;  // loop tick while a send queue waits for its lock
+// A queue whose bytes moved this recently belongs to a peer that is reading.
+constexpr int64_t kQueueMovingNs = 20'000'000;
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
@@ -849,8 +851,62 @@ void TcpTransport::post(const ConnPtr& conn, const uint8_t* header, const ConstB
   std::vector<iovec> iov = frame_iov(header, segments, nsegments);
   const uint64_t total = kHeaderSize + payload_len;
   uint64_t written = 0;
-  if (socket->queue.empty()) written = write_now(conn, *socket, iov, total, Clock::now() + kSendGrace);
+  // A peer that is taking bytes gets the queue and then this frame as it
+  // reads, for up to kSendGrace: a burst of large replies to a live peer
+  // stays zero-copy. A queue that has not moved lately belongs to a peer
+  // that does not read: the frame joins it at once.
+  const auto now = Clock::now();
+  if (socket->queue.empty() || now_ns() - conn->queue_moved.load(std::memory_order_relaxed) < kQueueMovingNs) {
+    const Clock::time_point grace = now + kSendGrace;
+    if (!socket->queue.empty() && !flush_queue(conn, *socket, grace)) {
+      throw ConnectionError(concat("fastps: connection to ", conn->peer, " lost while sending"));
+    }
+    if (socket->queue.empty()) written = write_now(conn, *socket, iov, total, grace);
+  }
   if (written < total) enqueue(conn, socket, iov, 0, total - written);
+}
+
+// Writes queued bytes of `s` (send_mu held) until the queue is empty or,
+// waiting for room, `grace` passes. False if the connection broke (it is
+// then closing).
+bool TcpTransport::flush_queue(const ConnPtr& conn, Socket& s, Clock::time_point grace) {
+  while (!s.queue.empty()) {
+    if (conn->closing.load(std::memory_order_acquire)) return false;
+    iovec iov[64];
+    size_t n = 0;
+    for (auto it = s.queue.begin(); it != s.queue.end() && n < 64; ++it, ++n)
+      iov[n] = iovec{it->data.get() + it->off, it->size - it->off};
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = n;
+    ssize_t r = ::sendmsg(s.fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (r > 0) {
+      const int64_t t = now_ns();
+      s.last_send.store(t, std::memory_order_relaxed);
+      conn->queue_moved.store(t, std::memory_order_relaxed);
+      conn->queued.fetch_sub(static_cast<uint64_t>(r), std::memory_order_relaxed);
+      note_unqueued(static_cast<uint64_t>(r));
+      size_t left = static_cast<size_t>(r);
+      while (left > 0) {
+        OutBytes& q = s.queue.front();
+        const size_t take = std::min(left, q.size - q.off);
+        q.off += take;
+        left -= take;
+        if (q.off == q.size) s.queue.pop_front();
+      }
+      continue;
+    }
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (Clock::now() >= grace) return true;
+      pollfd p{s.fd, POLLOUT, 0};
+      ::poll(&p, 1, poll_ms(grace));
+      continue;
+    }
+    request_close(conn, concat("send failed: ", errno_text(r < 0 ? errno : EPIPE)));
+    return false;
+  }
+  return true;
 }
 
 // Writes iov (which it advances past what went out) without waiting for the
@@ -892,8 +948,8 @@ uint64_t TcpTransport::write_now(const ConnPtr& conn, Socket& s, std::vector<iov
 
 // Copies the `rest` bytes of iov that follow its first `skip` into the
 // socket's queue (null: the shared-memory queue of the connection) and arms
-// its writer. Closes the connection instead if
-// its queue would pass the limit. The queue's lock is held.
+// its writer. Closes the connection instead if its queue would pass the
+// limit. The queue's lock is held.
 void TcpTransport::enqueue(const ConnPtr& conn, Socket* socket, const std::vector<iovec>& iov, uint64_t skip,
                            uint64_t rest) {
   FASTPS_CHECK_TYPED(ConnectionError, !conn->closing.load(std::memory_order_acquire), "fastps: connection to ",
@@ -902,13 +958,13 @@ void TcpTransport::enqueue(const ConnPtr& conn, Socket* socket, const std::vecto
   const uint64_t before = conn->queued.load(std::memory_order_relaxed);
   std::string why;
   if (before + rest > limit) {
-    why = concat(" is not reading its replies: ", before + rest, " bytes would wait for it (the limit is ",
-                 limit, "); closing its connection");
+    why = concat(" is not reading its replies: ", before + rest, " bytes would wait for it, more than the ",
+                 limit, " a connection may hold (raise FASTPS_SEND_QUEUE_BYTES if it is only slow)");
   }
   OutBytes b;
   if (why.empty()) {
     b.data.reset(new (std::nothrow) uint8_t[rest]);
-    if (!b.data) why = concat(": cannot allocate ", rest, " bytes to queue a reply to it; closing its connection");
+    if (!b.data) why = concat(": cannot allocate ", rest, " bytes to hold a reply it has not read yet");
   }
   if (!why.empty()) {
     const std::string reason = concat("peer ", conn->peer, conn->rank >= 0 ? concat(" (rank ", conn->rank, ")") : "", why);
@@ -1163,38 +1219,7 @@ void TcpTransport::on_writable(const Entry& e) {
     if (!conn.outgoing) retry_out_.push_back(e);
     return;
   }
-  while (!s.queue.empty() && !conn.closing.load(std::memory_order_acquire)) {
-    iovec iov[64];
-    size_t n = 0;
-    for (auto it = s.queue.begin(); it != s.queue.end() && n < 64; ++it, ++n)
-      iov[n] = iovec{it->data.get() + it->off, it->size - it->off};
-    msghdr msg{};
-    msg.msg_iov = iov;
-    msg.msg_iovlen = n;
-    ssize_t r = ::sendmsg(s.fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
-    if (r > 0) {
-      const int64_t now = now_ns();
-      s.last_send.store(now, std::memory_order_relaxed);
-      conn.queue_moved.store(now, std::memory_order_relaxed);
-      conn.queued.fetch_sub(static_cast<uint64_t>(r), std::memory_order_relaxed);
-      note_unqueued(static_cast<uint64_t>(r));
-      size_t left = static_cast<size_t>(r);
-      while (left > 0) {
-        OutBytes& q = s.queue.front();
-        const size_t take = std::min(left, q.size - q.off);
-        q.off += take;
-        left -= take;
-        if (q.off == q.size) s.queue.pop_front();
-      }
-      continue;
-    }
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
-    const int err = r < 0 ? errno : EPIPE;
-    lock.unlock();
-    request_close(e.conn, concat("send failed: ", errno_text(err)));
-    return;
-  }
+  if (!flush_queue(e.conn, s, Clock::now())) return;
   const bool more = !s.queue.empty() && !conn.closing.load(std::memory_order_acquire);
   s.want_out.store(more, std::memory_order_release);
   epoll_event ev{};
@@ -1224,9 +1249,10 @@ void TcpTransport::tick() {
     const std::string rank = conn->rank >= 0 ? concat(" (rank ", conn->rank, ")") : std::string();
     const uint64_t queued = conn->queued.load(std::memory_order_relaxed);
     if (queued > 0 && now - conn->queue_moved.load(std::memory_order_relaxed) >= stall_ns) {
-      std::string reason = concat("peer ", conn->peer, rank, " is not reading its replies: ", queued,
+      std::string reason = concat(conn->outgoing ? "server " : "peer ", conn->peer, rank,
+                                  conn->outgoing ? " is not reading: " : " is not reading its replies: ", queued,
                                   " bytes have waited for it for ", seconds_text(std::chrono::duration_cast<std::chrono::milliseconds>(stall)),
-                                  " without any being taken");
+                                  " without any being taken (FASTPS_LIVENESS_TIMEOUT sets how long)");
       transport_log(concat("closing ", describe(*conn), ": ", reason));
       request_close(conn, reason);
       continue;
@@ -1523,7 +1549,7 @@ void TcpTransport::teardown(const ConnPtr& conn, const std::string& reason) {
   wake_shm(*conn);
   {
     // The queue's writer sleeps on this condition under shm_send_mu (in
-    // slices: a sender holding the lock right now must not hold this up).
+    // 100 ms slices: a sender holding the lock right now must not hold this up).
     std::unique_lock<std::timed_mutex> lock(conn->shm_send_mu, std::try_to_lock);
     conn->shm_queue_cv.notify_all();
   }
@@ -1843,6 +1869,7 @@ void TcpTransport::shm_post(const ConnPtr& conn, const uint8_t* header, const Co
     if (tx.space() >= at || tx.wait_space(at, conn->closing, grace)) {
       const size_t put = tx.write_some(desc, at);  // it fits: this side is the only writer
       FASTPS_ASSERT(put == at);
+      tx.flush();
       const uint64_t seq = tx.next_byref_seq();
       if (tx.wait_byref(seq, conn->closing, Clock::now() + kByRefGrace)) return;
       if (tx.revoke_byref(seq)) {
@@ -1855,9 +1882,10 @@ void TcpTransport::shm_post(const ConnPtr& conn, const uint8_t* header, const Co
       // Claimed: the reader is copying out of our buffers right now. Wait for
       // it (the time of one copy), or no torn copy could be ruled out.
       const std::atomic<bool> never{false};
-      if (tx.wait_byref(seq, never, Clock::now() + kByRefCopyLimit) &&
-          !conn->closing.load(std::memory_order_acquire))
-        return;
+      const bool copied = tx.wait_byref(seq, never, Clock::now() + kByRefCopyLimit);
+      FASTPS_CHECK_TYPED(ConnectionError, !conn->closing.load(std::memory_order_acquire), "fastps: connection to ",
+                         conn->peer, " was closed while sending");
+      if (copied) return;
       const std::string reason = concat("peer ", conn->peer, " did not finish copying a ", payload_len,
                                         "-byte reply within ", seconds_text(kByRefCopyLimit), " (frozen?)");
       transport_log(concat("closing ", describe(*conn), ": ", reason));
@@ -1873,8 +1901,11 @@ void TcpTransport::shm_post(const ConnPtr& conn, const uint8_t* header, const Co
     written += n;
     advance_iov(iov, first, n);
     if (first == iov.size()) break;
-    if (n == 0 && !tx.wait_space(1, conn->closing, grace)) break;
+    if (n > 0) continue;
+    tx.flush();  // what is in, the reader may take, making room
+    if (!tx.wait_space(1, conn->closing, grace)) break;
   }
+  tx.flush();
   FASTPS_CHECK_TYPED(ConnectionError, !conn->closing.load(std::memory_order_acquire), "fastps: connection to ",
                      conn->peer, " was closed while sending");
   if (written == total) return;
@@ -1889,11 +1920,12 @@ void TcpTransport::shm_writer(const ConnPtr& conn) {
   std::unique_lock<std::timed_mutex> lock(conn->shm_send_mu);
   while (!conn->closing.load(std::memory_order_acquire) && !stopping_.load(std::memory_order_acquire)) {
     if (conn->shm_queue.empty()) {
-      conn->shm_queue_cv.wait_for(lock, std::chrono::milliseconds(20));
+      conn->shm_queue_cv.wait_for(lock, std::chrono::milliseconds(100));
       continue;
     }
     OutBytes& q = conn->shm_queue.front();
     const size_t n = tx.write_some(q.data.get() + q.off, q.size - q.off);
+    tx.flush();
     if (n > 0) {
       q.off += n;
       if (q.off == q.size) conn->shm_queue.pop_front();

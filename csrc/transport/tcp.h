@@ -43,8 +43,11 @@
 // stalls everyone. So send() on an accepted connection writes what the
 // socket or ring takes at once, waits at most kSendGrace (2 ms) for more
 // room, and copies the rest of the frame into the connection's send queue;
-// once a queue holds anything, later frames join it whole (frames never
-// interleave). Live peers read fast, so the common case stays zero-copy.
+// frames never interleave: while a queue holds anything, a later frame goes
+// out only after it. Live peers read fast, so the common case stays
+// zero-copy: a TCP send to a peer whose queue moved in the last 20 ms first
+// writes the queue itself (within the same grace), then its own frame in
+// place; one whose queue stands still joins it at once, without waiting.
 //  * TCP: one queue per socket, guarded by its send mutex. A non-empty queue
 //    arms EPOLLOUT and the loop thread writes it out as the peer reads,
 //    without waiting (it only try-locks a send mutex; a socket it could not
@@ -65,7 +68,9 @@
 //  * Bounds: a connection whose queued bytes would pass
 //    TransportOptions::send_queue_limit is closed ("peer is not reading its
 //    replies"), as is one whose queue made no progress for the liveness
-//    window (options().timeout when liveness is off). Either fails that
+//    window (options().timeout when liveness is off; the loop's tick checks).
+//    A stopped peer thus costs each shard thread a few grace periods at most
+//    (until its queue stands still for 20 ms), then nothing. Either fails that
 //    peer only: its requests get a ConnectionError, the server a
 //    disconnect. Memory held for a peer is its queue, at most the limit.
 //  * Connections this side opened (a worker's requests) keep blocking sends
@@ -77,8 +82,10 @@
 // keeps its connections open and says nothing; without liveness the others
 // notice only when a request's deadline passes (FASTPS_TIMEOUT, minutes).
 // Every socket therefore carries a HEARTBEAT frame (48 bytes, op 11) when this
-// side sent nothing on it for a quarter of TransportOptions::liveness_timeout,
-// and a connection on which nothing at all arrived for the whole window is
+// side sent nothing on it for a quarter of TransportOptions::liveness_timeout
+// (and at most a second, also with the check off here, so that a peer with a
+// shorter window hears us), and a connection on which nothing at all arrived
+// for the whole window is
 // closed with a reason naming the peer (a frozen server: the worker's
 // requests fail with ConnectionError naming it; a frozen worker: the server
 // marks its rank dead and fails what waits for it). Heartbeats are sent and
@@ -167,6 +174,7 @@ class TcpTransport final : public Transport {
                      size_t nsegments, uint64_t payload_len, Clock::time_point deadline);
   void post(const ConnPtr& conn, const uint8_t* header, const ConstBuffer* segments, size_t nsegments,
             uint64_t payload_len);
+  bool flush_queue(const ConnPtr& conn, Socket& s, Clock::time_point grace);
   uint64_t write_now(const ConnPtr& conn, Socket& s, std::vector<iovec>& iov, uint64_t total,
                      Clock::time_point grace);
   void enqueue(const ConnPtr& conn, Socket* s, const std::vector<iovec>& iov, uint64_t skip, uint64_t rest);
