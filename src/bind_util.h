@@ -50,7 +50,17 @@ inline pybind11::dict stats_dict(const TransportStats& t) {
   namespace py = pybind11;
   return py::dict(py::arg("bytes_sent") = t.bytes_sent, py::arg("bytes_received") = t.bytes_received,
                   py::arg("messages_sent") = t.messages_sent,
-                  py::arg("messages_received") = t.messages_received);
+                  py::arg("messages_received") = t.messages_received,
+                  py::arg("queued_bytes") = t.queued_bytes, py::arg("queued_peak") = t.queued_peak,
+                  py::arg("frames_queued") = t.frames_queued);
+}
+
+// FASTPS_LIVENESS_TIMEOUT's seconds (0: off) as TransportOptions::liveness_timeout
+// (whose range Transport::create() checks).
+inline std::chrono::milliseconds liveness(double seconds) {
+  FASTPS_CHECK(seconds >= 0 && seconds <= 1e9, "fastps: the liveness timeout must be 0 (off) or positive "
+               "seconds, got ", seconds);
+  return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000.0));
 }
 
 }  // namespace bind

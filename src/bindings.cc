@@ -51,6 +51,7 @@ PYBIND11_MODULE(_C, m) {
   // Bounds of FASTPS_SHM_RING_BYTES, checked in Python before the rendezvous.
   m.attr("SHM_MIN_RING_BYTES") = kShmMinRingBytes;
   m.attr("SHM_MAX_RING_BYTES") = kShmMaxRingBytes;
+  m.attr("PROTOCOL_VERSION") = kProtocolVersion;  // docs/protocol.md (for tests that speak it by hand)
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {
@@ -193,7 +194,8 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](int server_id, int num_workers, int num_shards, int staleness,
                        const std::string& host, int port, const std::string& secret,
                        double timeout_s, int64_t max_payload, const std::string& transport,
-                       int64_t shm_ring_bytes, int64_t max_parked_requests, int64_t max_parked_bytes) {
+                       int64_t shm_ring_bytes, int64_t max_parked_requests, int64_t max_parked_bytes,
+                       double liveness_timeout_s, int64_t send_queue_bytes) {
              PsServerOptions o;
              o.server_id = server_id;
              o.num_workers = num_workers;
@@ -209,6 +211,9 @@ PYBIND11_MODULE(_C, m) {
              o.transport.shm_ring_bytes = static_cast<uint64_t>(shm_ring_bytes);
              o.max_parked_requests = max_parked_requests;
              o.max_parked_bytes = max_parked_bytes;
+             o.transport.liveness_timeout = bind::liveness(liveness_timeout_s);
+             FASTPS_CHECK(send_queue_bytes > 0, "fastps: send_queue_bytes must be positive, got ", send_queue_bytes);
+             o.transport.send_queue_limit = static_cast<uint64_t>(send_queue_bytes);
              py::gil_scoped_release release;
              return std::make_unique<PsServer>(o);
            }),
@@ -218,10 +223,13 @@ PYBIND11_MODULE(_C, m) {
            py::arg("max_payload") = int64_t(kDefaultMaxPayload), py::arg("transport") = "auto",
            py::arg("shm_ring_bytes") = int64_t(kShmDefaultRingBytes),
            py::arg("max_parked_requests") = kDefaultMaxParkedRequests, py::arg("max_parked_bytes") = int64_t(0),
+           py::arg("liveness_timeout_s") = 30.0, py::arg("send_queue_bytes") = int64_t(kDefaultSendQueueLimit),
            "A network parameter server. transport: 'auto' accepts shared-memory offers from "
            "clients on this host, 'tcp' declines them ('shm' behaves as 'auto' on a server). "
            "max_parked_requests / max_parked_bytes: per connection, the requests that may wait for "
-           "a later round or step and the payload bytes they may hold (0: twice max_payload).")
+           "a later round or step and the payload bytes they may hold (0: twice max_payload). "
+           "liveness_timeout_s: a worker silent this long is dropped (0: never); send_queue_bytes: "
+           "replies held for a worker that does not read them before it is dropped.")
       .def_property_readonly("port", &PsServer::port)
       .def_property_readonly("server_id", &PsServer::server_id)
       .def("stats", [](const PsServer& s) { return bind::stats_dict(s.stats()); },
@@ -238,20 +246,23 @@ PYBIND11_MODULE(_C, m) {
   ps_client
       .def(py::init([](int rank, const std::string& secret, double timeout_s, int64_t chunk_bytes,
                        int connections_per_peer, const std::string& transport,
-                       int64_t shm_ring_bytes) {
+                       int64_t shm_ring_bytes, double liveness_timeout_s) {
              TransportOptions o;
              o.secret = secret;
              o.timeout = std::chrono::milliseconds(int64_t(timeout_s * 1000));
              o.connections_per_peer = connections_per_peer;
              o.shm = bind::shm_mode(transport);
              o.shm_ring_bytes = static_cast<uint64_t>(shm_ring_bytes);
+             o.liveness_timeout = bind::liveness(liveness_timeout_s);
              return std::make_unique<PsClient>(rank, o, chunk_bytes);
            }),
            py::arg("rank"), py::arg("secret") = "", py::arg("timeout_s") = 30.0,
            py::arg("chunk_bytes") = int64_t(4 << 20), py::arg("connections_per_peer") = 1,
            py::arg("transport") = "auto", py::arg("shm_ring_bytes") = int64_t(kShmDefaultRingBytes),
+           py::arg("liveness_timeout_s") = 30.0,
            "A worker's client. transport: 'auto' uses shared memory with servers on this host "
-           "and TCP with the others, 'tcp' only TCP, 'shm' shared memory or a ConnectionError.")
+           "and TCP with the others, 'tcp' only TCP, 'shm' shared memory or a ConnectionError. "
+           "liveness_timeout_s: a server silent this long is dropped (0: never).")
       .def(
           "connect",
           [](PsClient& c, const std::vector<std::pair<std::string, int>>& servers) {

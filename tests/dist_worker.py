@@ -22,6 +22,8 @@
                                            frozen parameter
     dist_worker.py bad_state OUT           _optim_cases.bad_state(): a state dict of another model's shape
     dist_worker.py shared OUT              _optim_cases.shared_storage(): parameters that share memory
+    dist_worker.py nap SECONDS OUT         6 steps of fastps.optim.SGD; after step 2 rank 1 sleeps SECONDS,
+                                           then computes in Python (GIL held) for SECONDS; writes "ok"
 """
 
 from __future__ import annotations
@@ -142,6 +144,19 @@ def main() -> int:
     elif mode == "slow":
         model, x, y = model_and_data()
         return train_until_failure(model, x, y, sys.argv[2])
+    elif mode == "nap":
+        seconds, out = float(sys.argv[2]), sys.argv[3]
+        model, x, y = model_and_data()
+        opt = make_opt("SGD", model.parameters(), fast=True)
+        for step in range(6):
+            train_loop(model, opt, x, y, 1)
+            if step == 2 and RANK == 1:
+                time.sleep(seconds)
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    sum(range(1000))
+        with open(f"{out}.{RANK}", "w") as f:
+            f.write("ok")
     elif mode == "resume":
         name, steps, out = sys.argv[2], int(sys.argv[3]), sys.argv[4]
         model, x, y = model_and_data()

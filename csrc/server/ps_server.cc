@@ -269,7 +269,10 @@ struct PsServer::ShardState {
 
 namespace {
 
-// Sends a reply frame (or hands it to the local sink). Any thread.
+// Sends a reply frame (or hands it to the local sink). Any thread; never
+// waits for the requester to read (Note [Send queues] in transport/tcp.h).
+// A reply to a connection that closed is dropped quietly: the transport
+// logged the close, and the disconnect handler deals with the worker.
 void send_reply(const PsServerOptions& o, Transport& tr, const LocalSink& local, ConnId conn,
                 const MessageHeader& req, Op op, const void* data, size_t bytes, uint32_t count) {
   MessageHeader h;
@@ -296,6 +299,7 @@ void send_reply(const PsServerOptions& o, Transport& tr, const LocalSink& local,
       return;
     }
     tr.send(conn, h, bytes ? &seg : nullptr, bytes ? 1 : 0);
+  } catch (const ConnectionError&) {
   } catch (const Error& e) {
     transport_log(detail::concat("server ", o.server_id, ": reply dropped: ", e.what()));
   }
@@ -314,6 +318,7 @@ void send_error_to(const PsServerOptions& o, Transport& tr, const LocalSink& loc
   }
   try {
     tr.send_error(conn, rid, status, msg, key);
+  } catch (const ConnectionError&) {
   } catch (const Error& e) {
     transport_log(detail::concat("server ", o.server_id, ": error reply dropped: ", e.what()));
   }

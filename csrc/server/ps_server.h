@@ -3,7 +3,9 @@
 // Frames arrive on the transport's event-loop thread; each is handed, as a
 // Task, to the shard that owns its chunk (mix64(key) % shards), so all state of
 // a chunk is touched by one thread (Note [Shard ownership]). Replies are sent
-// from the shard thread.
+// from the shard thread, which never waits for a worker to read them (Note
+// [Send queues] in transport/tcp.h: a worker that stops reading slows only
+// itself).
 //
 // Note [Consistency]
 // staleness == 0 (BSP): a chunk sums the pushes of one round; when all

@@ -59,10 +59,12 @@ size_t utf8_sequence_length(const uint8_t* p, size_t left) {
 }  // namespace
 
 bool is_known_op(uint8_t op) {
-  return (op >= 1 && op <= 10) || (op >= 16 && op <= 25) || (op >= 32 && op <= 37);
+  return (op >= 1 && op <= 11) || (op >= 16 && op <= 25) || (op >= 32 && op <= 37);
 }
 
-bool is_transport_op(Op op) { return op == Op::kShmOffer || op == Op::kShmAccept || op == Op::kShmDecline; }
+bool is_transport_op(Op op) {
+  return op == Op::kShmOffer || op == Op::kShmAccept || op == Op::kShmDecline || op == Op::kHeartbeat;
+}
 
 bool is_handshake_op(Op op) {
   return op == Op::kHello || op == Op::kChallenge || op == Op::kAuth || op == Op::kAuthOk;
@@ -80,6 +82,7 @@ std::string op_name(Op op) {
     case Op::kShmOffer: return "SHM_OFFER";
     case Op::kShmAccept: return "SHM_ACCEPT";
     case Op::kShmDecline: return "SHM_DECLINE";
+    case Op::kHeartbeat: return "HEARTBEAT";
     case Op::kRegister: return "REGISTER";
     case Op::kPush: return "PUSH";
     case Op::kPull: return "PULL";

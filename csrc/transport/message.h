@@ -20,7 +20,7 @@
 namespace fastps {
 
 constexpr uint32_t kProtocolMagic = 0x31535046;  // the bytes "FPS1" on the wire
-constexpr uint16_t kProtocolVersion = 1;
+constexpr uint16_t kProtocolVersion = 2;  // 2: HEARTBEAT, revocable by-reference frames
 constexpr size_t kHeaderSize = 48;
 
 // Limits (see docs/protocol.md, "Limits").
@@ -52,6 +52,7 @@ enum class Op : uint8_t {
   kShmOffer = 8,    // client -> server after AUTH_OK: use these shared-memory rings
   kShmAccept = 9,   // server -> client: rings mapped; every later frame goes through them
   kShmDecline = 10, // server -> client: stay on TCP (payload: the reason, as text)
+  kHeartbeat = 11,  // either way on an idle socket: "still here" (Note [Liveness] in transport/tcp.h)
   kRegister = 16,
   kPush = 17,
   kPull = 18,
@@ -95,8 +96,8 @@ enum class Status : uint32_t {
 bool is_known_op(uint8_t op);
 // HELLO, CHALLENGE, AUTH, AUTH_OK: valid only before the handshake completes.
 bool is_handshake_op(Op op);
-// SHM_OFFER, SHM_ACCEPT, SHM_DECLINE: sent by transports themselves, never by
-// their users (Transport::send() refuses them).
+// SHM_OFFER, SHM_ACCEPT, SHM_DECLINE, HEARTBEAT: sent by transports
+// themselves, never by their users (Transport::send() refuses them).
 bool is_transport_op(Op op);
 // SHM_OFFER payload: u64 ring_bytes, token, then the segment name (no NUL).
 constexpr size_t kShmOfferFixedSize = 8 + 32;

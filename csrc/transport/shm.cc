@@ -31,7 +31,7 @@ namespace {
 using detail::concat;
 
 constexpr uint64_t kSegmentMagic = 0x314d485353504621ULL;  // "!FPSSHM1"
-constexpr uint32_t kSegmentVersion = 1;
+constexpr uint32_t kSegmentVersion = 2;  // 2: revocable by-reference frames
 constexpr size_t kPage = 4096;
 constexpr size_t kCtlOffset = kPage;       // two ShmRingCtl blocks
 constexpr size_t kDataOffset = 2 * kPage;  // ring 0 data, then ring 1 data
@@ -158,6 +158,41 @@ bool ShmRing::write(const void* src, size_t len, const std::atomic<bool>& stop,
   return true;
 }
 
+uint64_t ShmRing::space() const {
+  const uint64_t tail = wtail_init_ ? wtail_ : ctl_->tail.load(std::memory_order_relaxed);
+  return cap_ - (tail - ctl_->head.load(std::memory_order_acquire));
+}
+
+size_t ShmRing::write_some(const void* src, size_t len) {
+  if (!wtail_init_) {
+    wtail_ = ctl_->tail.load(std::memory_order_relaxed);
+    wtail_init_ = true;
+  }
+  const uint8_t* p = static_cast<const uint8_t*>(src);
+  size_t done = 0;
+  while (done < len) {
+    const uint64_t used = wtail_ - ctl_->head.load(std::memory_order_acquire);
+    if (used == cap_) break;
+    const uint64_t off = wtail_ % cap_;
+    const size_t n = static_cast<size_t>(std::min<uint64_t>({len - done, cap_ - used, cap_ - off, kPublishChunk}));
+    std::memcpy(data_ + off, p + done, n);
+    done += n;
+    wtail_ += n;
+    if (done < len) flush();  // the reader copies out while this copies in
+  }
+  return done;
+}
+
+bool ShmRing::wait_space(uint64_t want, const std::atomic<bool>& stop, Clock::time_point limit) {
+  want = std::min(want, cap_);
+  return spin_yield_sleep(
+      [&] {
+        const uint64_t tail = wtail_init_ ? wtail_ : ctl_->tail.load(std::memory_order_relaxed);
+        return cap_ - (tail - ctl_->head.load(std::memory_order_seq_cst)) >= want;
+      },
+      stop, &ctl_->writer_sleeping, limit);
+}
+
 bool ShmRing::wait_byref(uint64_t seq, const std::atomic<bool>& stop, Clock::time_point deadline) {
   for (;;) {
     const Clock::time_point limit = std::min(deadline, Clock::now() + kWriterSlice);
@@ -169,21 +204,28 @@ bool ShmRing::wait_byref(uint64_t seq, const std::atomic<bool>& stop, Clock::tim
   }
 }
 
-constexpr uint64_t kByRefAbandoned = ~uint64_t{0};
-
-bool ShmRing::abandon_byref(uint64_t seq) {
-  uint64_t expected = seq - 1;
-  return ctl_->byref_claim.compare_exchange_strong(expected, kByRefAbandoned, std::memory_order_seq_cst);
+// byref_state holds 2 * n + bit for the last frame n whose fate is decided
+// (bit 1: revoked by the writer, 0: claimed by the reader). Frame n is
+// decided by whichever side first moves it on from frame n - 1's value.
+bool ShmRing::revoke_byref(uint64_t seq) {
+  uint64_t v = ctl_->byref_state.load(std::memory_order_seq_cst);
+  while (v >> 1 == seq - 1) {
+    if (ctl_->byref_state.compare_exchange_weak(v, 2 * seq + 1, std::memory_order_seq_cst)) return true;
+  }
+  return false;  // the reader claimed it
 }
 
-bool ShmRing::claim_byref() {
+ShmRing::Claim ShmRing::claim_byref() {
   const uint64_t seq = ++byref_read_;
-  uint64_t expected = seq - 1;
-  return ctl_->byref_claim.compare_exchange_strong(expected, seq, std::memory_order_seq_cst);
+  uint64_t v = ctl_->byref_state.load(std::memory_order_seq_cst);
+  while (v >> 1 == seq - 1) {
+    if (ctl_->byref_state.compare_exchange_weak(v, 2 * seq, std::memory_order_seq_cst)) return Claim::kClaimed;
+  }
+  return v == 2 * seq + 1 ? Claim::kRevoked : Claim::kBroken;
 }
 
 void ShmRing::byref_copied() {
-  ctl_->byref_done.fetch_add(1, std::memory_order_seq_cst);
+  ctl_->byref_done.store(byref_read_, std::memory_order_seq_cst);
   wake(&ctl_->byref_sleeping);
 }
 

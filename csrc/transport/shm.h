@@ -24,13 +24,17 @@
 //    process read the other's memory (process_vm_readv; same user, no Yama
 //    restriction, one pid namespace), a large frame carries only a descriptor
 //    of the sender's buffers; the reader copies the bytes straight from them
-//    into the destination and counts `byref_done`, which the sender waits for
-//    before its send() returns (its buffers must stay valid until then). The
-//    reader claims a frame before copying it and a sender that times out may
-//    abandon only an unclaimed one, so no torn copy is delivered. Each
-//    side finds out at setup whether it can read the other by reading back
-//    the peer's copy of the segment header (a probe), so a failure is never
-//    discovered on a real frame.
+//    into the destination and publishes the frame's number in `byref_done`,
+//    which the sender waits for before its send() returns (its buffers must
+//    stay valid until then). The reader claims a frame before copying it; a
+//    sender that stops waiting may revoke only an unclaimed one (one
+//    compare-and-swap decides who was first), so no torn copy is delivered.
+//    A revoked frame's payload follows its descriptor in the ring as plain
+//    bytes: a server that will not wait for a stopped reader copies the
+//    payload into the connection's send queue instead (Note [Send queues] in
+//    transport/tcp.h). Each side finds out at setup whether it can read the
+//    other by reading back the peer's copy of the segment header (a probe),
+//    so a failure is never discovered on a real frame.
 //  * Segments are unlinked from /dev/shm as soon as the server has mapped
 //    them; the mapping lives on until both processes unmap it or exit, so
 //    kill -9 leaves nothing behind. A client killed between creating and
@@ -62,10 +66,11 @@ struct ShmRingCtl {
   alignas(64) std::atomic<uint64_t> head;  // written by the consumer
   alignas(64) std::atomic<uint32_t> reader_sleeping;
   alignas(64) std::atomic<uint32_t> writer_sleeping;
-  // Payloads by reference: frames whose bytes the reader has copied, and the
-  // last frame the reader claimed (or kByRefAbandoned), Note [Single copy].
+  // Payloads by reference (Note [Single copy]): the number of the last
+  // frame the reader copied, and the fate of the last frame decided:
+  // 2 * number + (1 if the sender revoked it, 0 if the reader claimed it).
   alignas(64) std::atomic<uint64_t> byref_done;
-  std::atomic<uint64_t> byref_claim;
+  std::atomic<uint64_t> byref_state;
   std::atomic<uint32_t> byref_sleeping;
 };
 
@@ -86,6 +91,15 @@ class ShmRing {
   // says how much got in (the stream is broken: the caller closes).
   bool write(const void* src, size_t len, const std::atomic<bool>& stop, Clock::time_point deadline,
              uint64_t* written);
+  // Copies in as many of `len` bytes as there is space for now, never
+  // waiting, and returns how many; the caller publishes them with flush()
+  // (large writes are published piece by piece as they go in).
+  size_t write_some(const void* src, size_t len);
+  // Bytes that fit now.
+  uint64_t space() const;
+  // Waits until `want` bytes (at most the capacity) fit, `stop` is set or
+  // `limit` passes; true if they fit.
+  bool wait_space(uint64_t want, const std::atomic<bool>& stop, Clock::time_point limit);
   // Makes everything written so far visible and wakes a sleeping reader.
   void flush();
   // By-reference frames: the sequence number (1, 2, ...) of the frame whose
@@ -94,12 +108,13 @@ class ShmRing {
   uint64_t next_byref_seq() { return ++byref_sent_; }
   bool wait_byref(uint64_t seq, const std::atomic<bool>& stop, Clock::time_point deadline);
   // A writer giving up on frame `seq`: true if the reader had not claimed it
-  // (it never will: its buffers are free), false if the reader is copying
-  // them (wait for byref_done, which the reader reaches in bounded time).
-  bool abandon_byref(uint64_t seq);
-  // Reader: claims the next by-reference frame before copying it; false if
-  // the writer abandoned it (the stream is then broken: close).
-  bool claim_byref();
+  // (it never will; the payload must follow the descriptor as plain bytes, or
+  // the connection close), false if the reader is copying it (wait for
+  // byref_done, which the reader reaches in the time of one copy).
+  bool revoke_byref(uint64_t seq);
+  // Reader: claims the next by-reference frame before copying it.
+  enum class Claim { kClaimed, kRevoked, kBroken };
+  Claim claim_byref();
 
   // --- Consumer side (one thread) ---
 
@@ -110,7 +125,7 @@ class ShmRing {
   // Copies exactly n bytes out and consumes them, waiting while fewer are
   // there. False if `stop` was set first.
   bool read_exact(uint8_t* out, size_t n, const std::atomic<bool>& stop);
-  // Reader: the by-reference frame it took last is copied (or failed).
+  // Reader: the by-reference frame it claimed last is copied (or failed).
   void byref_copied();
   // Waits until something is readable, `stop` is set, or the spin + sleep
   // budget of one call (at most `slice`) is used up. Returns true if data is

@@ -9,6 +9,7 @@
 #include <poll.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -17,7 +18,9 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <new>
 #include <system_error>
 
@@ -50,6 +53,26 @@ constexpr uint32_t kRingByRef = 1;
 constexpr size_t kByRefMaxSegments = 16;
 constexpr size_t kHeaderReservedOffset = 44;
 constexpr auto kShmReaderSlice = std::chrono::milliseconds(100);
+// Note [Send queues]: how long a send on an accepted connection waits for the
+// peer to make room, for a reader to claim a by-reference frame, and at most
+// for a claimed copy to end.
+constexpr auto kSendGrace = std::chrono::milliseconds(2);
+constexpr auto kByRefGrace = std::chrono::milliseconds(10);
+constexpr auto kByRefCopyLimit = std::chrono::seconds(5);
+constexpr int kRetryMs = 1;  // loop tick while a send queue waits for its lock
+// A queue whose bytes moved this recently belongs to a peer that is reading.
+constexpr int64_t kQueueMovingNs = 20'000'000;
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+}
+
+// "2 s", "2.5 s", "0.25 s": a duration in words for messages.
+std::string seconds_text(std::chrono::milliseconds ms) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g s", static_cast<double>(ms.count()) / 1000.0);
+  return buf;
+}
 
 std::string host_port(const std::string& host, uint16_t port) {
   if (host.find(':') != std::string::npos) return concat("[", host, "]:", port);
@@ -391,6 +414,13 @@ bool send_small_frame(int fd, MessageHeader h, const uint8_t* payload, size_t le
 
 // ---------------------------------------------------------------------------
 
+// Note [Send queues]: the unwritten rest of a frame (or a whole frame), copied.
+struct OutBytes {
+  std::unique_ptr<uint8_t[]> data;
+  size_t size = 0;
+  size_t off = 0;  // bytes already written
+};
+
 struct TcpTransport::Socket {
   explicit Socket(int fd_in) : fd(fd_in) {}  // -1: the receive state of a connection's rings
   ~Socket() {
@@ -405,6 +435,12 @@ struct TcpTransport::Socket {
   uint64_t token = 0;
   // Held while a frame is being written, so frames never interleave.
   std::timed_mutex send_mu;
+  // Note [Send queues]: bytes waiting for the peer, oldest first (send_mu).
+  std::deque<OutBytes> queue;
+  std::atomic<bool> want_out{false};  // EPOLLOUT is (about to be) armed
+  // Note [Liveness]: steady-clock nanoseconds of the last bytes written and read.
+  std::atomic<int64_t> last_send{0};
+  std::atomic<int64_t> last_recv{0};
 
   // Receive state: loop thread only (and connect() before registration).
   Phase phase = Phase::kEstablished;
@@ -418,6 +454,13 @@ struct TcpTransport::Socket {
 };
 
 struct TcpTransport::Conn {
+  explicit Conn(TcpTransport* o) : owner(o) {}
+  // Queued bytes still here go with the connection.
+  ~Conn() { owner->note_unqueued(queued.load(std::memory_order_relaxed)); }
+  Conn(const Conn&) = delete;
+  Conn& operator=(const Conn&) = delete;
+
+  TcpTransport* const owner;
   ConnId id = kInvalidConnId;
   std::string peer;
   bool outgoing = false;
@@ -440,6 +483,14 @@ struct TcpTransport::Conn {
   SocketPtr shm_rx;  // the reader thread's parse state (fd -1)
   std::atomic<bool> use_shm{false};
   std::timed_mutex shm_send_mu;  // one writer of the outgoing ring at a time
+
+  // Note [Send queues]: bytes waiting in this connection's queues (its
+  // sockets' and, with shared memory, `shm_queue`), and when queued bytes
+  // last moved (or a queue started): a stalled peer is closed.
+  std::atomic<uint64_t> queued{0};
+  std::atomic<int64_t> queue_moved{0};
+  std::deque<OutBytes> shm_queue;  // shm_send_mu; written by the writer thread
+  std::condition_variable_any shm_queue_cv;
 };
 
 TcpTransport::TcpTransport(std::string kind, const TransportOptions& options)
@@ -485,10 +536,18 @@ TcpTransport::~TcpTransport() {
     kv.second->closing.store(true, std::memory_order_release);
     for (auto& s : kv.second->sockets) ::shutdown(s->fd, SHUT_RDWR);
     wake_shm(*kv.second);
+    kv.second->shm_queue_cv.notify_all();
   }
-  for (auto& kv : readers) kv.second.thread.join();
-  for (Reader& r : retired) r.thread.join();
+  for (auto& kv : readers) {
+    kv.second.thread.join();
+    if (kv.second.writer.joinable()) kv.second.writer.join();
+  }
+  for (Reader& r : retired) {
+    r.thread.join();
+    if (r.writer.joinable()) r.writer.join();
+  }
   pending_.clear();
+  retry_out_.clear();
   conns.clear();  // sockets close as their last reference goes
   ::close(wake_fd_);
   ::close(epoll_fd_);
@@ -570,9 +629,9 @@ void TcpTransport::accept_ready() {
     tune_socket(fd, options(), true);
     auto socket = std::make_shared<Socket>(fd);
     socket->phase = Socket::Phase::kAwaitHello;
-    auto conn = std::make_shared<Conn>();
+    auto conn = std::make_shared<Conn>(this);
     conn->peer = sockaddr_text(addr);
-    conn->handshake_deadline = Clock::now() + options().timeout;
+    conn->handshake_deadline = Clock::now() + options().handshake_timeout;
     conn->sockets.push_back(socket);
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -598,7 +657,7 @@ void TcpTransport::accept_ready() {
 ConnId TcpTransport::do_connect(const std::string& host, uint16_t port, int rank) {
   const Clock::time_point deadline = Clock::now() + options().timeout;
   const std::string where = host_port(host, port);
-  auto conn = std::make_shared<Conn>();
+  auto conn = std::make_shared<Conn>(this);
   conn->peer = where;
   conn->outgoing = true;
   for (int i = 0; i < options().connections_per_peer; ++i) {
@@ -618,6 +677,11 @@ ConnId TcpTransport::do_connect(const std::string& host, uint16_t port, int rank
   if (conn->shm) {
     conn->shm_rx = std::make_shared<Socket>(-1);
     conn->use_shm.store(true, std::memory_order_release);
+  }
+  const int64_t now = now_ns();
+  for (auto& s : conn->sockets) {
+    s->last_send.store(now, std::memory_order_relaxed);
+    s->last_recv.store(now, std::memory_order_relaxed);
   }
   conn->established.store(true, std::memory_order_release);
   {
@@ -656,11 +720,45 @@ void TcpTransport::do_send(ConnId id, const uint8_t* header, const ConstBuffer* 
   FASTPS_CHECK(payload_len <= conn->peer_max_payload, "fastps: cannot send a ", payload_len,
                "-byte payload to ", conn->peer, ": the peer accepts at most ", conn->peer_max_payload,
                " bytes per frame");
+  // Note [Send queues]: only a connection this side opened makes its caller wait.
   if (conn->use_shm.load(std::memory_order_acquire)) {
-    shm_send(conn, header, segments, nsegments, payload_len, deadline);
-    return;
+    if (conn->outgoing)
+      shm_send(conn, header, segments, nsegments, payload_len, deadline);
+    else
+      shm_post(conn, header, segments, nsegments, payload_len);
+  } else if (conn->outgoing) {
+    send_blocking(conn, header, segments, nsegments, payload_len, deadline);
+  } else {
+    post(conn, header, segments, nsegments, payload_len);
   }
+}
 
+namespace {
+
+// The header and the non-empty payload segments as an iovec list.
+std::vector<iovec> frame_iov(const uint8_t* header, const ConstBuffer* segments, size_t nsegments) {
+  std::vector<iovec> iov;
+  iov.reserve(nsegments + 1);
+  iov.push_back(iovec{const_cast<uint8_t*>(header), kHeaderSize});
+  for (size_t i = 0; i < nsegments; ++i) {
+    if (segments[i].size > 0) iov.push_back(iovec{const_cast<void*>(segments[i].data), segments[i].size});
+  }
+  return iov;
+}
+
+// Drops the first n bytes of iov (whole entries first, then part of one).
+void advance_iov(std::vector<iovec>& iov, size_t& first, uint64_t n) {
+  while (n > 0 && first < iov.size() && n >= iov[first].iov_len) n -= iov[first++].iov_len;
+  if (n > 0) {
+    iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + n;
+    iov[first].iov_len -= static_cast<size_t>(n);
+  }
+}
+
+}  // namespace
+
+void TcpTransport::send_blocking(const ConnPtr& conn, const uint8_t* header, const ConstBuffer* segments,
+                                 size_t nsegments, uint64_t payload_len, Clock::time_point deadline) {
   // Pick a free socket of the connection, else wait for the next in turn.
   const size_t n = conn->sockets.size();
   const uint32_t start = conn->next_socket.fetch_add(1, std::memory_order_relaxed);
@@ -678,14 +776,16 @@ void TcpTransport::do_send(ConnId id, const uint8_t* header, const ConstBuffer* 
                        " ms waiting to send to ", conn->peer, " (earlier frames are still being written)");
   }
 
+  // A heartbeat the loop could not write whole goes first (Note [Liveness]).
   std::vector<iovec> iov;
-  iov.reserve(nsegments + 1);
-  iov.push_back(iovec{const_cast<uint8_t*>(header), kHeaderSize});
-  for (size_t i = 0; i < nsegments; ++i) {
-    if (segments[i].size > 0) iov.push_back(iovec{const_cast<void*>(segments[i].data), segments[i].size});
+  uint64_t queued = 0;
+  for (const OutBytes& q : socket->queue) {
+    iov.push_back(iovec{q.data.get() + q.off, q.size - q.off});
+    queued += q.size - q.off;
   }
+  for (const iovec& v : frame_iov(header, segments, nsegments)) iov.push_back(v);
 
-  const uint64_t total = kHeaderSize + payload_len;
+  const uint64_t total = queued + kHeaderSize + payload_len;
   uint64_t written = 0;
   size_t first = 0;
   while (first < iov.size()) {
@@ -699,12 +799,8 @@ void TcpTransport::do_send(ConnId id, const uint8_t* header, const ConstBuffer* 
     ssize_t r = ::sendmsg(socket->fd, &msg, MSG_NOSIGNAL);
     if (r > 0) {
       written += static_cast<uint64_t>(r);
-      size_t left = static_cast<size_t>(r);
-      while (left > 0 && left >= iov[first].iov_len) left -= iov[first++].iov_len;
-      if (left > 0) {
-        iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + left;
-        iov[first].iov_len -= left;
-      }
+      advance_iov(iov, first, static_cast<uint64_t>(r));
+      socket->last_send.store(now_ns(), std::memory_order_relaxed);
       continue;
     }
     if (r < 0 && errno == EINTR) continue;
@@ -728,6 +824,190 @@ void TcpTransport::do_send(ConnId id, const uint8_t* header, const ConstBuffer* 
     throw ConnectionError(concat("fastps: connection to ", conn->peer, " lost while sending: ",
                                  errno_text(err)));
   }
+  if (queued > 0) {
+    socket->queue.clear();
+    conn->queued.fetch_sub(queued, std::memory_order_relaxed);
+    note_unqueued(queued);
+  }
+}
+
+// Note [Send queues]: the accepted side. Writes what the socket takes within
+// kSendGrace and queues the rest; the loop thread writes the queue out.
+void TcpTransport::post(const ConnPtr& conn, const uint8_t* header, const ConstBuffer* segments,
+                        size_t nsegments, uint64_t payload_len) {
+  const size_t n = conn->sockets.size();
+  const uint32_t start = conn->next_socket.fetch_add(1, std::memory_order_relaxed);
+  Socket* socket = nullptr;
+  std::unique_lock<std::timed_mutex> lock;
+  for (size_t i = 0; i < n && socket == nullptr; ++i) {
+    Socket* s = conn->sockets[(start + i) % n].get();
+    lock = std::unique_lock<std::timed_mutex>(s->send_mu, std::try_to_lock);
+    if (lock.owns_lock()) socket = s;
+  }
+  if (socket == nullptr) {  // every holder is another post(): milliseconds at most
+    socket = conn->sockets[start % n].get();
+    lock = std::unique_lock<std::timed_mutex>(socket->send_mu);
+  }
+  std::vector<iovec> iov = frame_iov(header, segments, nsegments);
+  const uint64_t total = kHeaderSize + payload_len;
+  uint64_t written = 0;
+  // A peer that is taking bytes gets the queue and then this frame as it
+  // reads, for up to kSendGrace: a burst of large replies to a live peer
+  // stays zero-copy. A queue that has not moved lately belongs to a peer
+  // that does not read: the frame joins it at once.
+  const auto now = Clock::now();
+  if (socket->queue.empty() || now_ns() - conn->queue_moved.load(std::memory_order_relaxed) < kQueueMovingNs) {
+    const Clock::time_point grace = now + kSendGrace;
+    if (!socket->queue.empty() && !flush_queue(conn, *socket, grace)) {
+      throw ConnectionError(concat("fastps: connection to ", conn->peer, " lost while sending"));
+    }
+    if (socket->queue.empty()) written = write_now(conn, *socket, iov, total, grace);
+  }
+  if (written < total) enqueue(conn, socket, iov, 0, total - written);
+}
+
+// Writes queued bytes of `s` (send_mu held) until the queue is empty or,
+// waiting for room, `grace` passes. False if the connection broke (it is
+// then closing).
+bool TcpTransport::flush_queue(const ConnPtr& conn, Socket& s, Clock::time_point grace) {
+  while (!s.queue.empty()) {
+    if (conn->closing.load(std::memory_order_acquire)) return false;
+    iovec iov[64];
+    size_t n = 0;
+    for (auto it = s.queue.begin(); it != s.queue.end() && n < 64; ++it, ++n)
+      iov[n] = iovec{it->data.get() + it->off, it->size - it->off};
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = n;
+    ssize_t r = ::sendmsg(s.fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (r > 0) {
+      const int64_t t = now_ns();
+      s.last_send.store(t, std::memory_order_relaxed);
+      conn->queue_moved.store(t, std::memory_order_relaxed);
+      conn->queued.fetch_sub(static_cast<uint64_t>(r), std::memory_order_relaxed);
+      note_unqueued(static_cast<uint64_t>(r));
+      size_t left = static_cast<size_t>(r);
+      while (left > 0) {
+        OutBytes& q = s.queue.front();
+        const size_t take = std::min(left, q.size - q.off);
+        q.off += take;
+        left -= take;
+        if (q.off == q.size) s.queue.pop_front();
+      }
+      continue;
+    }
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (Clock::now() >= grace) return true;
+      pollfd p{s.fd, POLLOUT, 0};
+      ::poll(&p, 1, poll_ms(grace));
+      continue;
+    }
+    request_close(conn, concat("send failed: ", errno_text(r < 0 ? errno : EPIPE)));
+    return false;
+  }
+  return true;
+}
+
+// Writes iov (which it advances past what went out) without waiting for the
+// peer beyond `grace`; returns the bytes written. send_mu is held.
+uint64_t TcpTransport::write_now(const ConnPtr& conn, Socket& s, std::vector<iovec>& iov, uint64_t total,
+                                 Clock::time_point grace) {
+  uint64_t written = 0;
+  size_t first = 0;
+  while (first < iov.size()) {
+    if (conn->closing.load(std::memory_order_acquire)) {
+      throw ConnectionError(concat("fastps: connection to ", conn->peer, " was closed while sending (",
+                                   written, " of ", total, " bytes written)"));
+    }
+    msghdr msg{};
+    msg.msg_iov = iov.data() + first;
+    msg.msg_iovlen = std::min<size_t>(iov.size() - first, IOV_MAX);
+    ssize_t r = ::sendmsg(s.fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (r > 0) {
+      written += static_cast<uint64_t>(r);
+      advance_iov(iov, first, static_cast<uint64_t>(r));
+      s.last_send.store(now_ns(), std::memory_order_relaxed);
+      continue;
+    }
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (Clock::now() >= grace) break;
+      pollfd p{s.fd, POLLOUT, 0};
+      ::poll(&p, 1, poll_ms(grace));
+      continue;
+    }
+    int err = r < 0 ? errno : EPIPE;
+    request_close(conn, concat("send failed: ", errno_text(err)));
+    throw ConnectionError(concat("fastps: connection to ", conn->peer, " lost while sending: ",
+                                 errno_text(err)));
+  }
+  iov.erase(iov.begin(), iov.begin() + static_cast<std::ptrdiff_t>(first));
+  return written;
+}
+
+// Copies the `rest` bytes of iov that follow its first `skip` into the
+// socket's queue (null: the shared-memory queue of the connection) and arms
+// its writer. Closes the connection instead if its queue would pass the
+// limit. The queue's lock is held.
+void TcpTransport::enqueue(const ConnPtr& conn, Socket* socket, const std::vector<iovec>& iov, uint64_t skip,
+                           uint64_t rest) {
+  FASTPS_CHECK_TYPED(ConnectionError, !conn->closing.load(std::memory_order_acquire), "fastps: connection to ",
+                     conn->peer, " was closed while sending");
+  const uint64_t limit = options().send_queue_limit;
+  const uint64_t before = conn->queued.load(std::memory_order_relaxed);
+  std::string why;
+  if (before + rest > limit) {
+    why = concat(" is not reading its replies: ", before + rest, " bytes would wait for it, more than the ",
+                 limit, " a connection may hold (raise FASTPS_SEND_QUEUE_BYTES if it is only slow)");
+  }
+  OutBytes b;
+  if (why.empty()) {
+    b.data.reset(new (std::nothrow) uint8_t[rest]);
+    if (!b.data) why = concat(": cannot allocate ", rest, " bytes to hold a reply it has not read yet");
+  }
+  if (!why.empty()) {
+    const std::string reason = concat("peer ", conn->peer, conn->rank >= 0 ? concat(" (rank ", conn->rank, ")") : "", why);
+    transport_log(concat("closing ", describe(*conn), ": ", reason));
+    request_close(conn, reason);
+    throw ConnectionError(concat("fastps: ", reason));
+  }
+  b.size = static_cast<size_t>(rest);
+  size_t at = 0;
+  for (const iovec& v : iov) {
+    const uint8_t* p = static_cast<const uint8_t*>(v.iov_base);
+    size_t len = v.iov_len;
+    if (skip >= len) {
+      skip -= len;
+      continue;
+    }
+    p += skip;
+    len -= static_cast<size_t>(skip);
+    skip = 0;
+    len = std::min<size_t>(len, b.size - at);
+    std::memcpy(b.data.get() + at, p, len);
+    at += len;
+  }
+  FASTPS_ASSERT(at == b.size);
+  if (before == 0) conn->queue_moved.store(now_ns(), std::memory_order_relaxed);
+  conn->queued.fetch_add(rest, std::memory_order_relaxed);
+  note_queued(rest, true);
+  if (socket != nullptr) {
+    socket->queue.push_back(std::move(b));
+    set_want_out(*socket, true);
+  } else {
+    conn->shm_queue.push_back(std::move(b));
+    conn->shm_queue_cv.notify_all();
+  }
+}
+
+// Arms or disarms EPOLLOUT of a socket (any thread; see on_writable()).
+void TcpTransport::set_want_out(Socket& s, bool on) {
+  if (s.want_out.exchange(on, std::memory_order_acq_rel) == on && on) return;
+  epoll_event ev{};
+  ev.events = EPOLLIN | EPOLLRDHUP | (on ? EPOLLOUT : 0u);
+  ev.data.u64 = s.token;
+  epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, s.fd, &ev);  // ENOENT once torn down: nothing to do
 }
 
 void TcpTransport::do_close(ConnId id, const std::string& reason) {
@@ -793,11 +1073,27 @@ std::string TcpTransport::describe(const Conn& conn) const {
 
 // --- Event loop ---------------------------------------------------------------
 
+// Note [Liveness]: a socket idle for this long carries a HEARTBEAT: a
+// quarter of the window, and at most a second whatever the window (or with
+// liveness off here), so that a peer with a shorter window hears us too.
+std::chrono::milliseconds heartbeat_period(const TransportOptions& o) {
+  const std::chrono::milliseconds most(1000);
+  return o.liveness_timeout.count() == 0 ? most : std::min(most, o.liveness_timeout / 4);
+}
+
+// How often the loop looks at idle connections.
+std::chrono::milliseconds tick_period(const TransportOptions& o) {
+  return std::max(std::chrono::milliseconds(10), heartbeat_period(o) / 2);
+}
+
 void TcpTransport::run_loop() {
   epoll_event events[kMaxEvents];
+  next_tick_ = Clock::now() + tick_period(options());
   while (!stopping_.load(std::memory_order_acquire)) {
-    int timeout = (!pending_.empty() || accept_paused_) ? kTickMs : -1;
-    int n = epoll_wait(epoll_fd_, events, kMaxEvents, timeout);
+    long long timeout = ms_left(next_tick_);
+    if (!pending_.empty() || accept_paused_) timeout = std::min<long long>(timeout, kTickMs);
+    if (!retry_out_.empty()) timeout = std::min<long long>(timeout, kRetryMs);
+    int n = epoll_wait(epoll_fd_, events, kMaxEvents, static_cast<int>(timeout));
     if (n < 0) {
       if (errno == EINTR) continue;
       transport_log(concat("epoll_wait failed: ", errno_text(errno), "; the transport stops serving"));
@@ -814,8 +1110,20 @@ void TcpTransport::run_loop() {
         accept_ready();
       } else {
         Entry e = find_entry(token);
-        if (e.socket) on_readable(e);
+        if (!e.socket) continue;
+        if (events[i].events & EPOLLOUT) on_writable(e);
+        if (events[i].events & ~static_cast<uint32_t>(EPOLLOUT)) on_readable(e);
       }
+    }
+    if (!retry_out_.empty()) {
+      std::vector<Entry> retry;
+      retry.swap(retry_out_);
+      for (const Entry& e : retry)
+        if (!e.conn->torn_down.load(std::memory_order_acquire)) on_writable(e);
+    }
+    if (Clock::now() >= next_tick_) {
+      tick();
+      next_tick_ = Clock::now() + tick_period(options());
     }
     expire_handshakes();
     if (accept_paused_ && Clock::now() >= accept_resume_at_) {
@@ -850,7 +1158,7 @@ void TcpTransport::expire_handshakes() {
       still.push_back(conn);
       continue;
     }
-    std::string reason = concat("handshake not completed within ", options().timeout.count(), " ms");
+    std::string reason = concat("handshake not completed within ", seconds_text(options().handshake_timeout));
     transport_log(concat("closing ", describe(*conn), ": ", reason));
     teardown(conn, reason);
   }
@@ -870,6 +1178,7 @@ void TcpTransport::on_readable(const Entry& e) {
       r = ::recv(s.fd, stage_.get(), kStageSize, 0);
     }
     if (r > 0) {
+      s.last_recv.store(now_ns(), std::memory_order_relaxed);
       budget -= std::min<size_t>(static_cast<size_t>(r), budget);
       if (direct) {
         s.payload_got += static_cast<size_t>(r);
@@ -889,6 +1198,101 @@ void TcpTransport::on_readable(const Entry& e) {
     if (!e.conn->closing.load()) transport_log(concat("closing ", describe(*e.conn), ": ", reason));
     teardown(e.conn, reason);
     return;
+  }
+}
+
+// Note [Send queues]: EPOLLOUT on a socket with a queue; writes what the peer
+// takes now. Never waits: a socket whose send mutex is busy is retried on the
+// next millisecond tick (with EPOLLOUT off meanwhile, or the loop would spin).
+void TcpTransport::on_writable(const Entry& e) {
+  Socket& s = *e.socket;
+  Conn& conn = *e.conn;
+  std::unique_lock<std::timed_mutex> lock(s.send_mu, std::try_to_lock);
+  if (!lock.owns_lock()) {
+    s.want_out.store(false, std::memory_order_release);
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLRDHUP;
+    ev.data.u64 = s.token;
+    epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, s.fd, &ev);
+    // A blocking sender (a connection this side opened) writes the queue
+    // first itself; a post() leaves it to this thread.
+    if (!conn.outgoing) retry_out_.push_back(e);
+    return;
+  }
+  if (!flush_queue(e.conn, s, Clock::now())) return;
+  const bool more = !s.queue.empty() && !conn.closing.load(std::memory_order_acquire);
+  s.want_out.store(more, std::memory_order_release);
+  epoll_event ev{};
+  ev.events = EPOLLIN | EPOLLRDHUP | (more ? EPOLLOUT : 0u);
+  ev.data.u64 = s.token;
+  epoll_ctl(epoll_fd_, EPOLL_CTL_MOD, s.fd, &ev);
+}
+
+// Note [Liveness] and Note [Send queues], every tick_period(): heartbeats on
+// idle sockets; connections whose peer went silent, or stopped reading, close.
+void TcpTransport::tick() {
+  std::vector<ConnPtr> conns;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    conns.reserve(conns_.size());
+    for (auto& kv : conns_) conns.push_back(kv.second);
+  }
+  const auto window = options().liveness_timeout;
+  const int64_t now = now_ns();
+  const int64_t window_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(window).count();
+  const int64_t beat_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(heartbeat_period(options())).count();
+  const auto stall = window.count() > 0 ? window : options().timeout;
+  const int64_t stall_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(stall).count();
+  for (const ConnPtr& conn : conns) {
+    if (!conn->established.load(std::memory_order_acquire) || conn->closing.load(std::memory_order_acquire))
+      continue;
+    const std::string rank = conn->rank >= 0 ? concat(" (rank ", conn->rank, ")") : std::string();
+    const uint64_t queued = conn->queued.load(std::memory_order_relaxed);
+    if (queued > 0 && now - conn->queue_moved.load(std::memory_order_relaxed) >= stall_ns) {
+      std::string reason = concat(conn->outgoing ? "server " : "peer ", conn->peer, rank,
+                                  conn->outgoing ? " is not reading: " : " is not reading its replies: ", queued,
+                                  " bytes have waited for it for ", seconds_text(std::chrono::duration_cast<std::chrono::milliseconds>(stall)),
+                                  " without any being taken (FASTPS_LIVENESS_TIMEOUT sets how long)");
+      transport_log(concat("closing ", describe(*conn), ": ", reason));
+      request_close(conn, reason);
+      continue;
+    }
+    bool silent = false;
+    for (const SocketPtr& sp : conn->sockets) {
+      Socket& s = *sp;
+      if (window_ns > 0 && now - s.last_recv.load(std::memory_order_relaxed) >= window_ns) {
+        // After this process itself was stopped, the peers' heartbeats wait
+        // unread: not the peer's silence.
+        int unread = 0;
+        if (::ioctl(s.fd, FIONREAD, &unread) == 0 && unread > 0) continue;
+        silent = true;
+        break;
+      }
+      if (now - s.last_send.load(std::memory_order_relaxed) < beat_ns) continue;
+      std::unique_lock<std::timed_mutex> lock(s.send_mu, std::try_to_lock);
+      if (!lock.owns_lock() || !s.queue.empty()) continue;  // a frame is going out, or waits
+      MessageHeader h;
+      h.op = Op::kHeartbeat;
+      uint8_t hb[kHeaderSize];
+      encode_header(h, hb);
+      std::vector<iovec> iov{iovec{hb, kHeaderSize}};
+      try {
+        const uint64_t written = write_now(conn, s, iov, kHeaderSize, Clock::now());
+        if (written < kHeaderSize) enqueue(conn, &s, iov, 0, kHeaderSize - written);
+        s.last_send.store(now, std::memory_order_relaxed);
+      } catch (const Error&) {
+        break;  // the connection is closing
+      }
+    }
+    if (silent) {
+      const std::string who = concat(conn->outgoing ? "server " : "peer ", conn->peer, rank);
+      std::string reason = concat(who, " sent nothing for ", seconds_text(window),
+                                  " (not even a heartbeat): it is frozen (stopped, in a debugger), hung, or cut off "
+                                  "by the network; raise FASTPS_LIVENESS_TIMEOUT (now ",
+                                  seconds_text(window), ") if its host can stall that long");
+      Entry e{conn->sockets.front(), conn};
+      fail(e, Status::kTimeout, reason);
+    }
   }
 }
 
@@ -1101,6 +1505,8 @@ bool TcpTransport::on_auth(const Entry& e, Message&& frame) {
     return false;
   }
   s.phase = Socket::Phase::kEstablished;
+  s.last_send.store(now_ns(), std::memory_order_relaxed);
+  s.last_recv.store(now_ns(), std::memory_order_relaxed);
   conn.established.store(true, std::memory_order_release);
   return true;
 }
@@ -1114,7 +1520,7 @@ void TcpTransport::fail(const Entry& e, Status status, const std::string& reason
     // A ring's parse state has no descriptor: the last word goes on the socket.
     Socket& socket = e.socket->fd >= 0 ? *e.socket : *conn.sockets.front();
     std::unique_lock<std::timed_mutex> lock(socket.send_mu, std::try_to_lock);
-    if (lock.owns_lock()) {
+    if (lock.owns_lock() && socket.queue.empty()) {  // else it would split a frame
       std::string text = truncate_utf8(reason, kMaxErrorMessage);
       MessageHeader h;
       h.op = Op::kError;
@@ -1141,14 +1547,21 @@ void TcpTransport::teardown(const ConnPtr& conn, const std::string& reason) {
   // runs after the connection's last frame (unless the reader itself is
   // here, on a protocol error, in which case it delivers nothing more).
   wake_shm(*conn);
-  // Join this connection's reader, and readers that tore their own
-  // connections down earlier (they cannot join themselves; they have
+  {
+    // The queue's writer sleeps on this condition under shm_send_mu (in
+    // 100 ms slices: a sender holding the lock right now must not hold this up).
+    std::unique_lock<std::timed_mutex> lock(conn->shm_send_mu, std::try_to_lock);
+    conn->shm_queue_cv.notify_all();
+  }
+  // Join this connection's reader and writer, and readers that tore their
+  // own connections down earlier (they cannot join themselves; they have
   // returned, or are about to, once their teardown finished).
   std::vector<std::thread> done;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = readers_.find(conn->id);
     if (it != readers_.end()) {
+      if (it->second.writer.joinable()) done.push_back(std::move(it->second.writer));
       if (it->second.thread.get_id() == std::this_thread::get_id())
         retired_readers_.push_back(std::move(it->second));
       else
@@ -1187,6 +1600,7 @@ namespace fastps {
 bool TcpTransport::on_transport_op(const Entry& e, Message&& frame) {
   Conn& conn = *e.conn;
   const MessageHeader& h = frame.header;
+  if (h.op == Op::kHeartbeat && h.payload_len == 0) return true;  // Note [Liveness]: it arrived; that is all
   if (h.op != Op::kShmOffer || conn.outgoing || conn.use_shm.load(std::memory_order_acquire) ||
       e.socket->fd < 0) {
     fail(e, Status::kProtocol, concat("unexpected ", op_name(h.op), " frame"));
@@ -1232,11 +1646,15 @@ void TcpTransport::start_shm_reader(const ConnPtr& conn) {
   Entry e{conn->shm_rx, conn};
   std::lock_guard<std::mutex> lock(mu_);
   auto finished = std::make_shared<std::atomic<bool>>(false);
-  readers_[conn->id] = Reader{std::thread([this, e, finished] {
-                                shm_reader(e);
-                                finished->store(true, std::memory_order_release);
-                              }),
-                              finished};
+  Reader r{std::thread([this, e, finished] {
+             shm_reader(e);
+             finished->store(true, std::memory_order_release);
+           }),
+           finished, std::thread()};
+  // Note [Send queues]: replies the ring cannot take at once are written by
+  // a thread of this connection's own.
+  if (!conn->outgoing) r.writer = std::thread([this, conn] { shm_writer(conn); });
+  readers_[conn->id] = std::move(r);
 }
 
 // The reader thread of one shared-memory connection: the counterpart of
@@ -1311,8 +1729,15 @@ bool TcpTransport::shm_take_byref(const Entry& e) {
     fail(e, Status::kProtocol, problem);
     return false;
   }
-  if (!rx.claim_byref()) {  // the sender gave up on it: its buffers may be gone
-    fail(e, Status::kProtocol, "the peer abandoned a by-reference frame (its send timed out)");
+  const ShmRing::Claim claim = rx.claim_byref();
+  if (claim == ShmRing::Claim::kRevoked) {
+    // Note [Send queues]: the sender did not wait for us; the payload follows
+    // in the ring as plain bytes, parsed like any frame's.
+    encode_header(h, s.header_bytes);
+    return start_payload(e) && finish_frame_if_complete(e);
+  }
+  if (claim == ShmRing::Claim::kBroken) {
+    fail(e, Status::kProtocol, "by-reference frames out of step with the peer's");
     return false;
   }
   Message frame;
@@ -1374,10 +1799,12 @@ void TcpTransport::shm_send(const ConnPtr& conn, const uint8_t* header, const Co
       tx.flush();
       // The reader copies from our buffers: they must outlive this wait.
       if (tx.wait_byref(seq, conn->closing, deadline)) return;
-      // Giving up is only allowed before the reader claims the frame; once it
-      // copies, wait for it to finish (milliseconds for a live peer), however
-      // the connection is doing, so that no torn copy is ever delivered.
-      if (!tx.abandon_byref(seq)) {
+      // Giving up is only allowed before the reader claims the frame (the
+      // payload would then have to follow as plain bytes: the connection
+      // closes instead); once it copies, wait for it to finish (milliseconds
+      // for a live peer), however the connection is doing, so that no torn
+      // copy is ever delivered.
+      if (!tx.revoke_byref(seq)) {
         const std::atomic<bool> never{false};
         const auto limit = Clock::now() + std::min<Clock::duration>(options().timeout, std::chrono::seconds(5));
         if (tx.wait_byref(seq, never, limit) && !conn->closing.load(std::memory_order_acquire)) return;
@@ -1408,6 +1835,109 @@ void TcpTransport::shm_send(const ConnPtr& conn, const uint8_t* header, const Co
     what += "; the connection was closed";
   }
   throw TimeoutError(what);
+}
+
+// Note [Send queues], the accepted side of a shared-memory connection: what
+// the ring takes within kSendGrace goes in; a by-reference frame waits at most
+// kByRefGrace for its reader, then is revoked; the rest waits in the queue.
+void TcpTransport::shm_post(const ConnPtr& conn, const uint8_t* header, const ConstBuffer* segments,
+                            size_t nsegments, uint64_t payload_len) {
+  std::unique_lock<std::timed_mutex> lock(conn->shm_send_mu);  // held by bounded senders only
+  ShmRing& tx = conn->shm->tx();
+  std::vector<iovec> iov = frame_iov(header, segments, nsegments);
+  const uint64_t total = kHeaderSize + payload_len;
+  FASTPS_CHECK_TYPED(ConnectionError, !conn->closing.load(std::memory_order_acquire), "fastps: connection to ",
+                     conn->peer, " was closed while sending");
+  if (!conn->shm_queue.empty()) {
+    enqueue(conn, nullptr, iov, 0, total);
+    return;
+  }
+  const Clock::time_point grace = Clock::now() + kSendGrace;
+  if (payload_len >= kByRefMinPayload && iov.size() - 1 <= kByRefMaxSegments && conn->shm->peer_can_read_me()) {
+    // Note [Single copy]: the header, marked, and where the bytes are.
+    uint8_t desc[kHeaderSize + 8 + kByRefMaxSegments * 16];
+    std::memcpy(desc, header, kHeaderSize);
+    store_le32(desc + kHeaderReservedOffset, kRingByRef);
+    store_le32(desc + kHeaderSize, static_cast<uint32_t>(iov.size() - 1));
+    store_le32(desc + kHeaderSize + 4, 0);
+    size_t at = kHeaderSize + 8;
+    for (size_t i = 1; i < iov.size(); ++i) {
+      store_le64(desc + at, reinterpret_cast<uintptr_t>(iov[i].iov_base));
+      store_le64(desc + at + 8, iov[i].iov_len);
+      at += 16;
+    }
+    if (tx.space() >= at || tx.wait_space(at, conn->closing, grace)) {
+      const size_t put = tx.write_some(desc, at);  // it fits: this side is the only writer
+      FASTPS_ASSERT(put == at);
+      tx.flush();
+      const uint64_t seq = tx.next_byref_seq();
+      if (tx.wait_byref(seq, conn->closing, Clock::now() + kByRefGrace)) return;
+      if (tx.revoke_byref(seq)) {
+        // The reader has not started: our buffers are ours again, and a copy
+        // of the payload follows the descriptor.
+        iov.erase(iov.begin());
+        enqueue(conn, nullptr, iov, 0, payload_len);
+        return;
+      }
+      // Claimed: the reader is copying out of our buffers right now. Wait for
+      // it (the time of one copy), or no torn copy could be ruled out.
+      const std::atomic<bool> never{false};
+      const bool copied = tx.wait_byref(seq, never, Clock::now() + kByRefCopyLimit);
+      FASTPS_CHECK_TYPED(ConnectionError, !conn->closing.load(std::memory_order_acquire), "fastps: connection to ",
+                         conn->peer, " was closed while sending");
+      if (copied) return;
+      const std::string reason = concat("peer ", conn->peer, " did not finish copying a ", payload_len,
+                                        "-byte reply within ", seconds_text(kByRefCopyLimit), " (frozen?)");
+      transport_log(concat("closing ", describe(*conn), ": ", reason));
+      request_close(conn, reason);
+      throw ConnectionError(concat("fastps: ", reason));
+    }
+    // Not even room for a descriptor: the frame goes as plain bytes.
+  }
+  uint64_t written = 0;
+  size_t first = 0;
+  while (first < iov.size()) {
+    const size_t n = tx.write_some(iov[first].iov_base, iov[first].iov_len);
+    written += n;
+    advance_iov(iov, first, n);
+    if (first == iov.size()) break;
+    if (n > 0) continue;
+    tx.flush();  // what is in, the reader may take, making room
+    if (!tx.wait_space(1, conn->closing, grace)) break;
+  }
+  tx.flush();
+  FASTPS_CHECK_TYPED(ConnectionError, !conn->closing.load(std::memory_order_acquire), "fastps: connection to ",
+                     conn->peer, " was closed while sending");
+  if (written == total) return;
+  iov.erase(iov.begin(), iov.begin() + static_cast<std::ptrdiff_t>(first));
+  enqueue(conn, nullptr, iov, 0, total - written);
+}
+
+// Writes an accepted shared-memory connection's queue into its ring as the
+// reader frees space: the only thread that waits for this peer to read.
+void TcpTransport::shm_writer(const ConnPtr& conn) {
+  ShmRing& tx = conn->shm->tx();
+  std::unique_lock<std::timed_mutex> lock(conn->shm_send_mu);
+  while (!conn->closing.load(std::memory_order_acquire) && !stopping_.load(std::memory_order_acquire)) {
+    if (conn->shm_queue.empty()) {
+      conn->shm_queue_cv.wait_for(lock, std::chrono::milliseconds(100));
+      continue;
+    }
+    OutBytes& q = conn->shm_queue.front();
+    const size_t n = tx.write_some(q.data.get() + q.off, q.size - q.off);
+    tx.flush();
+    if (n > 0) {
+      q.off += n;
+      if (q.off == q.size) conn->shm_queue.pop_front();
+      conn->queue_moved.store(now_ns(), std::memory_order_relaxed);
+      conn->queued.fetch_sub(n, std::memory_order_relaxed);
+      note_unqueued(n);
+      continue;
+    }
+    lock.unlock();  // senders queue behind us meanwhile, without waiting
+    tx.wait_space(1, conn->closing, Clock::now() + std::chrono::milliseconds(50));
+    lock.lock();
+  }
 }
 
 void TcpTransport::wake_shm(const Conn& conn) {

@@ -11,8 +11,10 @@
 //    socket, so one busy peer cannot starve the others.
 //  * Writing happens on the caller's thread: send() takes the socket's send
 //    mutex and writes the header and the caller's payload segments with
-//    sendmsg (scatter/gather, no copy), polling for POLLOUT when the socket
-//    buffer is full, until the frame is out or the deadline passes.
+//    sendmsg (scatter/gather, no copy). On a connection this side opened it
+//    polls for POLLOUT when the socket buffer is full, until the frame is out
+//    or the deadline passes; on an accepted one it never waits for the peer
+//    beyond a grace of milliseconds (Note [Send queues]).
 //  * connect() runs the client side of the handshake on the caller's thread
 //    with blocking reads/writes bounded by the deadline, and only then hands
 //    the sockets to the loop; it never reads past AUTH_OK, so frames the
@@ -33,6 +35,67 @@
 //    directions. Such a connection has one socket, kept only as the liveness
 //    channel, and a reader thread of its own that parses the ring with the
 //    same code as the loop parses sockets and delivers the frames.
+//
+// Note [Send queues]
+// A server's shard threads (and the loop thread, which may run small
+// requests inline) serve every peer; none of them may wait for one peer to
+// read, or a peer that stops reading (SIGSTOP, a bug, a hostile client)
+// stalls everyone. So send() on an accepted connection writes what the
+// socket or ring takes at once, waits at most kSendGrace (2 ms) for more
+// room, and copies the rest of the frame into the connection's send queue;
+// frames never interleave: while a queue holds anything, a later frame goes
+// out only after it. Live peers read fast, so the common case stays
+// zero-copy: a TCP send to a peer whose queue moved in the last 20 ms first
+// writes the queue itself (within the same grace), then its own frame in
+// place; one whose queue stands still joins it at once, without waiting.
+//  * TCP: one queue per socket, guarded by its send mutex. A non-empty queue
+//    arms EPOLLOUT and the loop thread writes it out as the peer reads,
+//    without waiting (it only try-locks a send mutex; a socket it could not
+//    lock is retried on the next millisecond tick).
+//  * Shared memory: one queue per connection, guarded by the ring's send
+//    mutex, written into the ring by a writer thread of the connection's own
+//    (it may wait for space; nobody else waits for it).
+//  * Single copy (Note [Single copy] in transport/shm.h): a shard thread puts
+//    the by-reference descriptor into the ring and waits at most
+//    kByRefGrace (10 ms) for the reader to copy the payload. If the reader
+//    has not claimed it by then, the sender revokes the frame (one
+//    compare-and-swap against the reader's claim) and queues a copy of the
+//    payload, which then follows the descriptor in the ring as plain bytes.
+//    If the reader claimed it first, its copy is already under way and the
+//    sender waits for that copy to end (the time of one process_vm_readv;
+//    a reader frozen in exactly that window holds the sender until it
+//    resumes or for at most 5 s, after which the connection is closed).
+//  * Bounds: a connection whose queued bytes would pass
+//    TransportOptions::send_queue_limit is closed ("peer is not reading its
+//    replies"), as is one whose queue made no progress for the liveness
+//    window (options().timeout when liveness is off; the loop's tick checks).
+//    A stopped peer thus costs each shard thread a few grace periods at most
+//    (until its queue stands still for 20 ms), then nothing. Either fails that
+//    peer only: its requests get a ConnectionError, the server a
+//    disconnect. Memory held for a peer is its queue, at most the limit.
+//  * Connections this side opened (a worker's requests) keep blocking sends
+//    with the deadline: the caller's buffers are read in place and the
+//    caller is the only one who waits.
+//
+// Note [Liveness]
+// A peer that is frozen (SIGSTOP, a debugger), hung or cut off by the network
+// keeps its connections open and says nothing; without liveness the others
+// notice only when a request's deadline passes (FASTPS_TIMEOUT, minutes).
+// Every socket therefore carries a HEARTBEAT frame (48 bytes, op 11) when this
+// side sent nothing on it for a quarter of TransportOptions::liveness_timeout
+// (and at most a second, also with the check off here, so that a peer with a
+// shorter window hears us), and a connection on which nothing at all arrived
+// for the whole window is
+// closed with a reason naming the peer (a frozen server: the worker's
+// requests fail with ConnectionError naming it; a frozen worker: the server
+// marks its rank dead and fails what waits for it). Heartbeats are sent and
+// checked by the loop thread, never by Python, so a process that is only
+// busy (a long step, a checkpoint, the GIL held) keeps answering; only a
+// process whose threads do not run at all goes silent. For shared-memory
+// connections the socket is the liveness channel: heartbeats go through it,
+// the rings carry the frames. Before declaring a peer silent the loop checks
+// that no unread bytes wait on the socket (after this process itself was
+// stopped, the peers' heartbeats are there to read).
 #pragma once
 
 #include <atomic>
@@ -81,6 +144,8 @@ class TcpTransport final : public Transport {
   void run_loop();
   void accept_ready();
   void on_readable(const Entry& e);
+  void on_writable(const Entry& e);
+  void tick();
   bool consume(const Entry& e, const uint8_t* data, size_t len);
   bool start_payload(const Entry& e);
   bool finish_frame_if_complete(const Entry& e);
@@ -100,6 +165,20 @@ class TcpTransport final : public Transport {
   bool shm_take_byref(const Entry& e);
   void shm_send(const ConnPtr& conn, const uint8_t* header, const ConstBuffer* segments,
                 size_t nsegments, uint64_t payload_len, Clock::time_point deadline);
+  void shm_post(const ConnPtr& conn, const uint8_t* header, const ConstBuffer* segments,
+                size_t nsegments, uint64_t payload_len);
+  void shm_writer(const ConnPtr& conn);
+
+  // Sending (Note [Send queues]).
+  void send_blocking(const ConnPtr& conn, const uint8_t* header, const ConstBuffer* segments,
+                     size_t nsegments, uint64_t payload_len, Clock::time_point deadline);
+  void post(const ConnPtr& conn, const uint8_t* header, const ConstBuffer* segments, size_t nsegments,
+            uint64_t payload_len);
+  bool flush_queue(const ConnPtr& conn, Socket& s, Clock::time_point grace);
+  uint64_t write_now(const ConnPtr& conn, Socket& s, std::vector<iovec>& iov, uint64_t total,
+                     Clock::time_point grace);
+  void enqueue(const ConnPtr& conn, Socket* s, const std::vector<iovec>& iov, uint64_t skip, uint64_t rest);
+  void set_want_out(Socket& s, bool on);
   static void wake_shm(const Conn& conn);
 
   // Any thread.
@@ -120,6 +199,7 @@ class TcpTransport final : public Transport {
   struct Reader {
     std::thread thread;
     std::shared_ptr<std::atomic<bool>> finished;  // set as the thread's last act
+    std::thread writer;  // accepted connections: writes the send queue into the ring
   };
   std::unordered_map<ConnId, Reader> readers_;  // shared-memory reader threads
   std::vector<Reader> retired_readers_;  // readers that tore their own connection down, to join
@@ -129,6 +209,8 @@ class TcpTransport final : public Transport {
   // Loop thread only.
   std::vector<ConnPtr> pending_;  // accepted connections still in the handshake
   std::unique_ptr<uint8_t[]> stage_;
+  std::vector<Entry> retry_out_;  // sockets whose queue the loop could not lock
+  Clock::time_point next_tick_;
   bool accept_paused_ = false;
   std::chrono::steady_clock::time_point accept_resume_at_;
 

@@ -19,6 +19,13 @@ void validate_options(const TransportOptions& o) {
                o.max_payload);
   FASTPS_CHECK(o.timeout.count() > 0, "fastps: timeout must be positive, got ", o.timeout.count(),
                " ms");
+  FASTPS_CHECK(o.handshake_timeout.count() > 0, "fastps: handshake_timeout must be positive, got ",
+               o.handshake_timeout.count(), " ms");
+  FASTPS_CHECK(o.liveness_timeout.count() == 0 || o.liveness_timeout.count() >= 100,
+               "fastps: liveness_timeout must be 0 (off) or at least 100 ms, got ", o.liveness_timeout.count(),
+               " ms");
+  FASTPS_CHECK(o.send_queue_limit >= kMinSendQueueLimit, "fastps: send_queue_limit must be at least ",
+               kMinSendQueueLimit, " bytes, got ", o.send_queue_limit);
   FASTPS_CHECK(o.socket_buffer_bytes >= 0, "fastps: socket_buffer_bytes must be >= 0, got ",
                o.socket_buffer_bytes);
   FASTPS_CHECK(o.shm_ring_bytes >= kShmMinRingBytes && o.shm_ring_bytes <= kShmMaxRingBytes,
@@ -142,7 +149,18 @@ TransportStats Transport::stats() const {
   s.messages_sent = messages_sent_.load(std::memory_order_relaxed);
   s.bytes_received = bytes_received_.load(std::memory_order_relaxed);
   s.messages_received = messages_received_.load(std::memory_order_relaxed);
+  s.queued_bytes = queued_bytes_.load(std::memory_order_relaxed);
+  s.queued_peak = queued_peak_.load(std::memory_order_relaxed);
+  s.frames_queued = frames_queued_.load(std::memory_order_relaxed);
   return s;
+}
+
+void Transport::note_queued(uint64_t bytes, bool frame) {
+  const uint64_t now = queued_bytes_.fetch_add(bytes, std::memory_order_relaxed) + bytes;
+  uint64_t peak = queued_peak_.load(std::memory_order_relaxed);
+  while (now > peak && !queued_peak_.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
+  }
+  if (frame) frames_queued_.fetch_add(1, std::memory_order_relaxed);
 }
 
 bool Transport::deliver(ConnId conn, Message&& message) {

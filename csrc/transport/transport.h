@@ -26,10 +26,8 @@
 //    arrive in order, one at a time; its disconnect handler runs after its
 //    last frame was delivered). While a handler runs, its connection (and,
 //    on the loop thread, every socket) is not read, so handlers should hand
-//    work off quickly. A handler may call send() (for example to reply), but send()
-//    blocks until the frame is written: a large reply to a peer that does not
-//    read stalls the loop until the send deadline. Servers reply from their
-//    shard threads instead.
+//    work off quickly. A handler may call send() to reply: on an accepted
+//    connection send() does not wait for the peer (see send()).
 //  * An exception thrown by the message handler is logged and closes the
 //    connection whose frame it was handling; it does not stop the loop.
 //  * listen(), connect(), send(), close(), peer_info() and stats() may be
@@ -77,6 +75,9 @@ enum class ShmMode {
   kRequire,  // shared memory or a ConnectionError at connect()
 };
 
+constexpr uint64_t kDefaultSendQueueLimit = uint64_t{4} << 30;  // 4 GiB
+constexpr uint64_t kMinSendQueueLimit = 64 << 10;
+
 struct TransportOptions {
   // The per-job secret of the HMAC handshake; never sent. Empty = no
   // protection (tests only).
@@ -86,9 +87,21 @@ struct TransportOptions {
   int connections_per_peer = 1;
   // Largest payload this side accepts (and sends); see docs/protocol.md.
   size_t max_payload = kDefaultMaxPayload;
-  // Deadline of connect() (including the handshake), of each send(), and of
-  // an accepted connection's handshake.
+  // Deadline of connect() (including the handshake) and of each send() on a
+  // connection this side opened.
   std::chrono::milliseconds timeout{30000};
+  // Deadline of an accepted connection's handshake (HELLO to AUTH_OK): a
+  // peer that connects and then stays silent is closed after it.
+  std::chrono::milliseconds handshake_timeout{30000};
+  // Liveness window (Note [Liveness] in transport/tcp.h): a connection on
+  // which nothing at all arrived for this long is closed, naming the peer;
+  // a socket this side sent nothing on for a quarter of it carries a
+  // HEARTBEAT. 0 disables both.
+  std::chrono::milliseconds liveness_timeout{30000};
+  // Most bytes of replies an accepted connection may hold for a peer that
+  // does not read them (Note [Send queues] in transport/tcp.h); past it the
+  // connection is closed.
+  uint64_t send_queue_limit = kDefaultSendQueueLimit;
   // SO_SNDBUF / SO_RCVBUF of every socket; 0 keeps the system default.
   int socket_buffer_bytes = 4 << 20;
   // Shared memory (client side decides by offering; a kOff server declines).
@@ -116,6 +129,12 @@ struct TransportStats {
   uint64_t messages_sent = 0;
   uint64_t bytes_received = 0;
   uint64_t messages_received = 0;
+  // Note [Send queues]: bytes waiting in this transport's send queues now,
+  // the most that ever waited at once, and how many frames (or rests of
+  // frames) had to wait in a queue instead of going out at once.
+  uint64_t queued_bytes = 0;
+  uint64_t queued_peak = 0;
+  uint64_t frames_queued = 0;
 };
 
 class Transport {
@@ -153,15 +172,22 @@ class Transport {
   ConnId connect(const std::string& host, uint16_t port, int rank);
 
   // Sends one frame: `header` followed by the concatenation of the payload
-  // segments, which are written in place (scatter/gather, never copied).
-  // magic, version and payload_len are filled in here; the caller sets op,
-  // status, count, request_id, key, aux. Blocks until the whole frame is
-  // written to the socket or options().timeout passes.
+  // segments, which are written in place (scatter/gather) when the peer can
+  // take them. magic, version and payload_len are filled in here; the caller
+  // sets op, status, count, request_id, key, aux. The segments may be reused
+  // once send() returns.
+  //  * On a connection this side opened (connect()): blocks until the whole
+  //    frame is written or options().timeout passes (TimeoutError).
+  //  * On an accepted connection (a server's replies): never waits for the
+  //    peer beyond a few milliseconds; what the peer cannot take at once is
+  //    copied into the connection's send queue and written as the peer reads
+  //    (Note [Send queues] in transport/tcp.h). A connection whose queue
+  //    would pass options().send_queue_limit is closed (ConnectionError).
   // Throws InvalidArgument for a header that breaks the protocol (handshake
   // op, status/op mismatch, a limit exceeded locally or by the peer's
   // announced max_payload), ConnectionError if the connection is closed or
-  // breaks, TimeoutError past the deadline. After a failure in the middle of a
-  // frame the connection is closed (the stream can no longer be framed).
+  // breaks. After a failure in the middle of a frame the connection is
+  // closed (the stream can no longer be framed).
   // Thread-safe: frames from concurrent callers never interleave.
   void send(ConnId conn, const MessageHeader& header, const ConstBuffer* segments = nullptr,
             size_t nsegments = 0);
@@ -198,6 +224,10 @@ class Transport {
   uint8_t* payload_target(ConnId conn, const MessageHeader& header) const {
     return payload_target_ ? payload_target_(conn, header) : nullptr;
   }
+  // Note [Send queues] accounting, any thread: `bytes` entered (frame: one
+  // more frame had to wait) or left the send queues.
+  void note_queued(uint64_t bytes, bool frame);
+  void note_unqueued(uint64_t bytes) { queued_bytes_.fetch_sub(bytes, std::memory_order_relaxed); }
 
  private:
   void freeze_handlers(const char* what);
@@ -212,6 +242,9 @@ class Transport {
   std::atomic<uint64_t> messages_sent_{0};
   std::atomic<uint64_t> bytes_received_{0};
   std::atomic<uint64_t> messages_received_{0};
+  std::atomic<uint64_t> queued_bytes_{0};
+  std::atomic<uint64_t> queued_peak_{0};
+  std::atomic<uint64_t> frames_queued_{0};
 };
 
 // One line on stderr, prefixed "fastps: " (the transports' diagnostic log).

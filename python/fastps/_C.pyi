@@ -4,6 +4,7 @@ from typing import Dict, List, Tuple
 
 SHM_MIN_RING_BYTES: int
 SHM_MAX_RING_BYTES: int
+PROTOCOL_VERSION: int
 
 class OptimKind:
     SGD: "OptimKind"
@@ -167,7 +168,8 @@ class PsServer:
     def __init__(self, server_id: int, num_workers: int, num_shards: int = 0, staleness: int = 0,
                  host: str = "127.0.0.1", port: int = 0, secret: str = "", timeout_s: float = 30.0,
                  max_payload: int = ..., transport: str = "auto", shm_ring_bytes: int = 4 << 20,
-                 max_parked_requests: int = 1 << 16, max_parked_bytes: int = 0) -> None: ...
+                 max_parked_requests: int = 1 << 16, max_parked_bytes: int = 0,
+                 liveness_timeout_s: float = 30.0, send_queue_bytes: int = 4 << 30) -> None: ...
     @property
     def port(self) -> int: ...
     @property
@@ -178,7 +180,7 @@ class PsServer:
 class PsClient:
     def __init__(self, rank: int, secret: str = "", timeout_s: float = 30.0, chunk_bytes: int = 4 << 20,
                  connections_per_peer: int = 1, transport: str = "auto",
-                 shm_ring_bytes: int = 4 << 20) -> None: ...
+                 shm_ring_bytes: int = 4 << 20, liveness_timeout_s: float = 30.0) -> None: ...
     def connect(self, servers: List[Tuple[str, int]]) -> None: ...
     @property
     def num_servers(self) -> int: ...

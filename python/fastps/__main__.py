@@ -30,14 +30,18 @@ def _server(args: argparse.Namespace) -> int:
         return 2
     cfg = _cluster.ClusterConfig(rank=0, world_size=workers, master_addr=addr, master_port=port,
                                  staleness=args.staleness, bind=args.bind, advertise=args.advertise,
-                                 timeout=args.timeout, num_shards=args.shards)
+                                 timeout=args.timeout, num_shards=args.shards,
+                                 liveness_timeout=_cluster._env("FASTPS_LIVENESS_TIMEOUT", float, 30.0),
+                                 send_queue_bytes=_cluster._env("FASTPS_SEND_QUEUE_BYTES", int, 4 << 30))
+    _cluster.validate_liveness(cfg)
     store, _raw = _cluster.open_store(cfg, host_store=False)
     secret = os.environ.get("FASTPS_SECRET") or _cluster.store_get(
         store, "secret", cfg.timeout, "rank 0 to publish the job secret", where=f"{addr}:{port}").decode()
     sid = workers + int(store.add("dedicated_servers", 1)) - 1
     server = _C.PsServer(sid, workers, num_shards=args.shards, staleness=args.staleness,
                          host=args.bind, port=args.port, secret=secret, timeout_s=cfg.timeout,
-                         transport=_cluster.transport_from_env())
+                         transport=_cluster.transport_from_env(), liveness_timeout_s=cfg.liveness_timeout,
+                         send_queue_bytes=cfg.send_queue_bytes)
     store.set(f"server/{sid}", f"{_cluster.advertised_host(cfg)}:{server.port}")
     print(f"fastps server {sid} listening on {args.bind}:{server.port} for {workers} workers", flush=True)
     # Serve until every worker has left the job, one failed (or the process is killed).

@@ -99,6 +99,8 @@ class ClusterConfig:
     num_shards: int = 0             # FASTPS_NUM_SHARDS: shard threads per server
     transport: str = "auto"         # FASTPS_TRANSPORT: auto (shm on this host, else tcp), tcp, shm
     shm_ring_bytes: int = 4 << 20   # FASTPS_SHM_RING_BYTES: each shared-memory ring
+    liveness_timeout: float = 30.0  # FASTPS_LIVENESS_TIMEOUT: a peer silent this long is dead (0: off)
+    send_queue_bytes: int = 4 << 30 # FASTPS_SEND_QUEUE_BYTES: replies a server holds for a worker
 
 
 def _env(name: str, kind, default):
@@ -140,6 +142,8 @@ def config_from_env(**overrides) -> ClusterConfig:
         num_shards=_env("FASTPS_NUM_SHARDS", int, 0),
         transport=transport_from_env(),
         shm_ring_bytes=_env("FASTPS_SHM_RING_BYTES", int, 4 << 20),
+        liveness_timeout=_env("FASTPS_LIVENESS_TIMEOUT", float, 30.0),
+        send_queue_bytes=_env("FASTPS_SEND_QUEUE_BYTES", int, 4 << 30),
     )
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     c = ClusterConfig(**cfg)
@@ -155,9 +159,20 @@ def config_from_env(**overrides) -> ClusterConfig:
         raise InvalidArgumentError(
             f"fastps: FASTPS_SHM_RING_BYTES must be between {_C.SHM_MIN_RING_BYTES} and {_C.SHM_MAX_RING_BYTES}, "
             f"got {c.shm_ring_bytes}")
+    validate_liveness(c)
     if not c.colocate and c.num_servers < 1:
         raise InvalidArgumentError("fastps: FASTPS_COLOCATE=0 needs FASTPS_NUM_SERVERS >= 1 dedicated servers")
     return c
+
+
+def validate_liveness(c: ClusterConfig) -> None:
+    """Checks FASTPS_LIVENESS_TIMEOUT and FASTPS_SEND_QUEUE_BYTES (docs/configuration.md)."""
+    if not (c.liveness_timeout == 0 or 0.1 <= c.liveness_timeout <= 1e6):
+        raise InvalidArgumentError(
+            f"fastps: FASTPS_LIVENESS_TIMEOUT must be 0 (off) or between 0.1 and 1e6 seconds, got {c.liveness_timeout}")
+    if c.send_queue_bytes < 64 << 10:
+        raise InvalidArgumentError(
+            f"fastps: FASTPS_SEND_QUEUE_BYTES must be at least 65536, got {c.send_queue_bytes}")
 
 
 def advertised_host(cfg: ClusterConfig) -> str:
@@ -323,7 +338,9 @@ class Cluster:
             self.server = _C.PsServer(cfg.rank, cfg.world_size, num_shards=cfg.num_shards,
                                       staleness=cfg.staleness, host=cfg.bind, port=0,
                                       secret=self.secret, timeout_s=cfg.timeout,
-                                      transport=cfg.transport, shm_ring_bytes=cfg.shm_ring_bytes)
+                                      transport=cfg.transport, shm_ring_bytes=cfg.shm_ring_bytes,
+                                      liveness_timeout_s=cfg.liveness_timeout,
+                                      send_queue_bytes=cfg.send_queue_bytes)
             self.store.set(f"server/{cfg.rank}", f"{advertised_host(cfg)}:{self.server.port}")
         self.num_servers = (cfg.world_size if cfg.colocate else 0) + cfg.num_servers
         self.server_ids = (list(range(cfg.world_size)) if cfg.colocate else []) + \
@@ -336,7 +353,8 @@ class Cluster:
             addrs.append((host, int(port)))
         self.client = _C.PsClient(cfg.rank, secret=self.secret, timeout_s=cfg.timeout,
                                   chunk_bytes=cfg.chunk_bytes, connections_per_peer=cfg.connections,
-                                  transport=cfg.transport, shm_ring_bytes=cfg.shm_ring_bytes)
+                                  transport=cfg.transport, shm_ring_bytes=cfg.shm_ring_bytes,
+                                  liveness_timeout_s=cfg.liveness_timeout)
         self.client.connect(addrs)
         if self.server is not None:
             # The colocated server is reached without the socket (Note [Local requests]).

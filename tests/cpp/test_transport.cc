@@ -2,7 +2,9 @@
 // limits, and the TCP transport over loopback (echo, pipelining, several
 // connections per peer, and every misbehaving peer the protocol names), and
 // its shared-memory path (rings smaller than the frames, fallback, forced
-// mode, a blocked writer failed by a close). Clean under -fsanitize=thread.
+// mode, a blocked writer failed by a close), send queues (a peer that does
+// not read slows only itself) and liveness (heartbeats, silent peers
+// closed). Clean under -fsanitize=thread.
 //
 // Standalone: builds from csrc/ only (see tests/cpp/CMakeLists.txt), runs in a
 // few seconds, prints "N passed, M failed" and exits non-zero on failure. The
@@ -144,6 +146,23 @@ struct Inbox {
   std::string last_reason() {
     std::lock_guard<std::mutex> lock(mu);
     return disconnects.empty() ? std::string() : disconnects.back().second;
+  }
+  size_t disconnect_count() {
+    std::lock_guard<std::mutex> lock(mu);
+    return disconnects.size();
+  }
+  // The first disconnect reason containing `text`, once there is one.
+  std::string wait_reason(const std::string& text, Ms timeout = Ms(3000)) {
+    std::unique_lock<std::mutex> lock(mu);
+    std::string found;
+    cv.wait_for(lock, timeout, [&] {
+      for (auto& d : disconnects)
+        if (d.second.find(text) != std::string::npos) found = d.second;
+      return !found.empty();
+    });
+    if (found.empty())
+      for (auto& d : disconnects) std::fprintf(stderr, "  (disconnect: %s)\n", d.second.c_str());
+    return found;
   }
 };
 
@@ -442,7 +461,7 @@ TEST(header_layout_and_roundtrip) {
   encode_header(h, b);
   // Offsets of docs/protocol.md, little-endian.
   CHECK(std::memcmp(b, "FPS1", 4) == 0);
-  CHECK(b[4] == 1 && b[5] == 0);
+  CHECK(b[4] == kProtocolVersion && b[5] == 0);
   CHECK(b[6] == 19 && b[7] == 0);
   CHECK(load_le32(b + 8) == 0);
   CHECK(b[12] == 0x04 && b[15] == 0x01);
@@ -501,7 +520,7 @@ TEST(header_validation_limits) {
   h.magic = 0x12345678;
   rejects(h, "bad magic");
   h = ok;
-  h.version = 2;
+  h.version = kProtocolVersion + 1;
   rejects(h, "version");
   h = ok;
   h.op = static_cast<Op>(99);
@@ -827,9 +846,9 @@ TEST(wrong_version_gets_readable_error) {
   CHECK(fd >= 0);
   MessageHeader h;
   h.op = Op::kHello;
-  h.version = 2;
+  h.version = kProtocolVersion + 1;
   Hello hello;
-  hello.version = 2;
+  hello.version = kProtocolVersion + 1;
   std::vector<uint8_t> p(kHelloSize);
   encode_hello(hello, p.data());
   CHECK(raw_send_frame(fd, h, p));
@@ -837,7 +856,8 @@ TEST(wrong_version_gets_readable_error) {
   CHECK(raw_read_frame(fd, &reply));
   CHECK(reply.header.op == Op::kError && reply.header.status == static_cast<uint32_t>(Status::kVersion));
   std::string text = sanitize_error_text(reply.payload.data(), reply.payload.size());
-  CHECK(text.find("version 2") != std::string::npos && text.find("version 1") != std::string::npos);
+  CHECK(text.find("version " + std::to_string(kProtocolVersion + 1)) != std::string::npos &&
+        text.find("version " + std::to_string(kProtocolVersion)) != std::string::npos);
   CHECK(raw_wait_closed(fd));
   ::close(fd);
   CHECK(echo_roundtrip(server.port));
@@ -881,8 +901,10 @@ TEST(connect_errors_name_the_peer) {
 }
 
 TEST(server_closes_silent_unauthenticated_connection) {
+  // The handshake has its own short deadline, whatever the (long) request timeout.
   TransportOptions o = opts();
-  o.timeout = Ms(300);
+  o.timeout = Ms(600000);
+  o.handshake_timeout = Ms(300);
   EchoServer server(o);
   int fd = raw_connect(server.port);
   CHECK(fd >= 0);
@@ -1332,6 +1354,332 @@ TEST(shm_byref_send_that_times_out_unwritten_keeps_the_connection_usable) {
   while (got.load() < 18 && Clock::now() < deadline) std::this_thread::sleep_for(Ms(1));
   CHECK(got.load() == 18 && last_size.load() == big.size());
   CHECK(in.disconnects.empty());
+}
+
+// --- Note [Send queues]: a peer that does not read slows only itself -----------------------
+
+// A server whose replies come from one "shard" thread, as PsServer's do: the
+// loop thread hands each frame over, the shard echoes it (PONG for PING).
+struct ShardEchoServer {
+  std::unique_ptr<Transport> t;
+  uint16_t port = 0;
+  Inbox events;  // disconnects only
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<std::pair<ConnId, Message>> work;
+  bool stop = false;
+  std::thread shard;
+  std::atomic<int> send_errors{0};
+
+  explicit ShardEchoServer(const TransportOptions& o, const char* kind = "auto") {
+    t = Transport::create(kind, o);
+    t->set_handler([this](ConnId c, Message&& m) {
+      std::lock_guard<std::mutex> lock(mu);
+      work.emplace_back(c, std::move(m));
+      cv.notify_all();
+    });
+    t->set_disconnect_handler([this](ConnId c, const std::string& reason) {
+      std::lock_guard<std::mutex> lock(events.mu);
+      events.disconnects.emplace_back(c, reason);
+      events.cv.notify_all();
+    });
+    Transport* raw = t.get();
+    shard = std::thread([this, raw] {
+      for (;;) {
+        std::pair<ConnId, Message> item;
+        {
+          std::unique_lock<std::mutex> lock(mu);
+          cv.wait(lock, [&] { return stop || !work.empty(); });
+          if (stop) return;
+          item = std::move(work.front());
+          work.pop_front();
+        }
+        Message& m = item.second;
+        MessageHeader h = m.header;
+        h.op = m.header.op == Op::kPing ? Op::kPong : Op::kReply;
+        ConstBuffer seg{m.payload.data(), m.payload.size()};
+        try {
+          raw->send(item.first, h, &seg, m.payload.empty() ? 0 : 1);
+        } catch (const Error&) {
+          send_errors.fetch_add(1);
+        }
+      }
+    });
+    port = t->listen("127.0.0.1", 0);
+  }
+  ~ShardEchoServer() {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      stop = true;
+      cv.notify_all();
+    }
+    shard.join();
+    t.reset();
+  }
+};
+
+// Round trip of one PING of `bytes` bytes from a fresh client; milliseconds.
+double ping_ms(uint16_t port, const TransportOptions& o, const char* kind, size_t bytes) {
+  Inbox in;
+  auto c = Transport::create(kind, o);
+  in.attach(*c);
+  ConnId id = c->connect("127.0.0.1", port, 1);
+  std::vector<uint8_t> body(bytes, 7);
+  ConstBuffer seg{body.data(), body.size()};
+  MessageHeader h;
+  h.op = Op::kPing;
+  h.request_id = 5;
+  auto t0 = Clock::now();
+  c->send(id, h, &seg, bytes ? 1 : 0);
+  if (!in.wait_frames(1, Ms(20000))) return 1e9;
+  Message m = in.pop();
+  if (m.header.op != Op::kPong || m.payload.size() != bytes) return 1e9;
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+// A client by hand that sends `n` PINGs of 1 MiB and never reads; it stays
+// alive (heartbeats) until stop is set.
+struct NonReader {
+  int fd = -1;
+  int sent = 0;
+  std::atomic<bool> stop{false};
+  std::thread beats;
+  explicit NonReader(uint16_t port, int n) {
+    fd = raw_connect(port);
+    CHECK(fd >= 0 && raw_handshake(fd, "job-secret"));
+    int small = 64 << 10;
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+    std::vector<uint8_t> body(1 << 20, 3);
+    MessageHeader h;
+    h.op = Op::kPing;
+    h.version = kProtocolVersion;
+    for (int i = 0; i < n; ++i) {
+      h.request_id = i + 1;
+      if (!raw_send_frame(fd, h, body)) break;  // the server may close us before we are done
+      ++sent;
+    }
+    beats = std::thread([this] {
+      MessageHeader hb;
+      hb.op = Op::kHeartbeat;
+      while (!stop.load()) {
+        if (!raw_send_frame(fd, hb, {})) return;
+        std::this_thread::sleep_for(Ms(50));
+      }
+    });
+  }
+  ~NonReader() {
+    stop.store(true);
+    beats.join();
+    ::close(fd);
+  }
+};
+
+TransportOptions stall_opts(ShmMode shm) {
+  TransportOptions o = opts();
+  o.socket_buffer_bytes = 64 << 10;  // the kernel absorbs little: the queue shows
+  o.shm = shm;
+  o.shm_ring_bytes = 64 << 10;
+  return o;
+}
+
+// The case over TCP: 16 x 1 MiB PINGs from a peer that never reads.
+// Before Note [Send queues] the shard blocked on that peer until the send
+// deadline (5 s here), and every other client's request waited behind it.
+TEST(peer_that_does_not_read_does_not_stall_the_server_tcp) {
+  TransportOptions so = stall_opts(ShmMode::kOff);
+  so.liveness_timeout = Ms(1500);  // also the stall window of a queue
+  ShardEchoServer server(so, "tcp");
+  NonReader bad(server.port, 16);
+  // The shard has taken all 16 (its replies wait in a queue) ...
+  auto deadline = Clock::now() + Ms(3000);
+  while (server.t->stats().queued_bytes < (8u << 20) && Clock::now() < deadline) std::this_thread::sleep_for(Ms(5));
+  TransportStats st = server.t->stats();
+  CHECK(st.queued_bytes >= (8u << 20) && st.queued_peak <= 16 * ((1u << 20) + kHeaderSize));
+  CHECK(st.frames_queued >= 1);
+  // ... and another client is served at once, small and large.
+  CHECK(ping_ms(server.port, opts(), "tcp", 100) < 1000);
+  CHECK(ping_ms(server.port, opts(), "tcp", 1 << 20) < 1000);
+  // The peer stays alive (heartbeats) but takes nothing: closed after the window.
+  CHECK(!server.events.wait_reason("is not reading its replies", Ms(5000)).empty());
+  deadline = Clock::now() + Ms(2000);
+  while (server.t->stats().queued_bytes != 0 && Clock::now() < deadline) std::this_thread::sleep_for(Ms(5));
+  CHECK(server.t->stats().queued_bytes == 0);  // freed with the connection
+  CHECK(ping_ms(server.port, opts(), "tcp", 100) < 1000);
+}
+
+TEST(send_queue_limit_closes_a_peer_that_does_not_read) {
+  TransportOptions so = stall_opts(ShmMode::kOff);
+  so.send_queue_limit = 4 << 20;
+  ShardEchoServer server(so, "tcp");
+  NonReader bad(server.port, 16);
+  const std::string why = server.events.wait_reason("is not reading its replies");
+  CHECK(why.find("FASTPS_SEND_QUEUE_BYTES") != std::string::npos);
+  CHECK(server.t->stats().queued_peak <= (4u << 20));
+  CHECK(server.send_errors.load() >= 1);  // that peer's later replies fail; nobody waits
+  CHECK(ping_ms(server.port, opts(), "tcp", 1 << 20) < 1000);
+}
+
+// The same over shared memory: a client whose reader stops (its handler
+// blocks) after the first reply. By-reference replies (Note [Single copy])
+// used to hold the shard until the reader copied them.
+TEST(peer_that_does_not_read_does_not_stall_the_server_shm) {
+  TransportOptions so = stall_opts(ShmMode::kAuto);
+  so.liveness_timeout = Ms(1500);
+  ShardEchoServer server(so);
+  std::atomic<bool> release{false};
+  std::atomic<int> got{0};
+  Inbox bad_events;
+  auto bad = Transport::create("shm", stall_opts(ShmMode::kRequire));
+  bad->set_handler([&](ConnId, Message&&) {
+    got.fetch_add(1);
+    while (!release.load()) std::this_thread::sleep_for(Ms(2));
+  });
+  bad->set_disconnect_handler([&](ConnId c, const std::string& r) {
+    std::lock_guard<std::mutex> lock(bad_events.mu);
+    bad_events.disconnects.emplace_back(c, r);
+    bad_events.cv.notify_all();
+  });
+  ConnId bc = bad->connect("127.0.0.1", server.port, 7);
+  CHECK(bad->peer_info(bc).single_copy);
+  std::vector<uint8_t> body(1 << 20, 9);
+  ConstBuffer seg{body.data(), body.size()};
+  MessageHeader h;
+  h.op = Op::kPing;
+  for (int i = 0; i < 16; ++i) bad->send(bc, h, &seg, 1);
+  auto deadline = Clock::now() + Ms(3000);
+  while (server.t->stats().queued_bytes < (8u << 20) && Clock::now() < deadline) std::this_thread::sleep_for(Ms(5));
+  CHECK(server.t->stats().queued_bytes >= (8u << 20));
+  CHECK(ping_ms(server.port, shm_opts(ShmMode::kRequire), "shm", 100) < 1000);
+  // A live reader still gets its large replies by reference, never queued.
+  const uint64_t queued_before = server.t->stats().frames_queued;
+  CHECK(ping_ms(server.port, shm_opts(ShmMode::kRequire), "shm", 1 << 20) < 1000);
+  CHECK(server.t->stats().frames_queued == queued_before);
+  CHECK(ping_ms(server.port, opts(), "tcp", 1 << 20) < 1000);
+  // The stalled connection is closed once its queue has not moved for the window.
+  CHECK(!server.events.wait_reason("is not reading its replies", Ms(5000)).empty());
+  release.store(true);
+  CHECK(bad_events.wait_disconnects(1, Ms(3000)));
+  CHECK(got.load() >= 1);
+}
+
+// A reader that is slow but alive gets every reply, in order and intact,
+// whichever way each went (by reference, revoked and queued, or copied).
+TEST(slow_reader_gets_every_reply_intact_tcp_and_shm) {
+  for (const char* kind : {"tcp", "shm"}) {
+    TransportOptions so = stall_opts(ShmMode::kAuto);
+    ShardEchoServer server(so);
+    std::mutex mu;
+    std::vector<Message> replies;
+    auto c = Transport::create(kind, stall_opts(std::string(kind) == "shm" ? ShmMode::kRequire : ShmMode::kOff));
+    c->set_handler([&](ConnId, Message&& m) {
+      std::this_thread::sleep_for(Ms(replies.size() % 3 == 0 ? 15 : 0));  // past kByRefGrace now and then
+      std::lock_guard<std::mutex> lock(mu);
+      replies.push_back(std::move(m));
+    });
+    ConnId id = c->connect("127.0.0.1", server.port, 2);
+    std::mt19937 rng(3);
+    std::vector<std::vector<uint8_t>> bodies;
+    MessageHeader h;
+    h.op = Op::kPush;
+    for (int i = 0; i < 40; ++i) {
+      std::vector<uint8_t> b((i % 4 == 0 ? 300 << 10 : 70 << 10) + i);
+      for (auto& v : b) v = static_cast<uint8_t>(rng());
+      bodies.push_back(std::move(b));
+      ConstBuffer seg{bodies.back().data(), bodies.back().size()};
+      h.request_id = i;
+      c->send(id, h, &seg, 1);
+    }
+    auto deadline = Clock::now() + Ms(20000);
+    for (;;) {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (replies.size() == bodies.size() || Clock::now() > deadline) break;
+      }
+      std::this_thread::sleep_for(Ms(5));
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    CHECK(replies.size() == bodies.size());
+    for (size_t i = 0; i < replies.size() && i < bodies.size(); ++i) {
+      CHECK(replies[i].header.request_id == i);
+      CHECK(replies[i].payload.size() == bodies[i].size() &&
+            std::memcmp(replies[i].payload.data(), bodies[i].data(), bodies[i].size()) == 0);
+    }
+    CHECK(server.events.disconnect_count() == 0);
+  }
+}
+
+// --- Note [Liveness] --------------------------------------------------------------------------
+
+TEST(idle_connections_stay_open_on_heartbeats_tcp_and_shm) {
+  TransportOptions o = opts();
+  o.liveness_timeout = Ms(300);
+  for (ShmMode mode : {ShmMode::kOff, ShmMode::kRequire}) {
+    o.shm = mode;
+    ShardEchoServer server(o);
+    Inbox in;
+    auto c = Transport::create("tcp", o);
+    in.attach(*c);
+    ConnId id = c->connect("127.0.0.1", server.port, 1);
+    std::this_thread::sleep_for(Ms(1500));  // five windows with nothing but heartbeats
+    CHECK(in.disconnect_count() == 0 && server.events.disconnect_count() == 0);
+    MessageHeader h;
+    h.op = Op::kPing;
+    c->send(id, h);
+    CHECK(in.wait_frames(1));
+    CHECK(c->stats().messages_received == 1);  // heartbeats are not messages
+  }
+}
+
+TEST(server_closes_a_silent_peer_and_names_it) {
+  TransportOptions o = opts();
+  o.liveness_timeout = Ms(400);
+  ShardEchoServer server(o, "tcp");
+  int fd = raw_connect(server.port);
+  CHECK(fd >= 0 && raw_handshake(fd, "job-secret", 5));
+  // The server's heartbeats arrive while this side says nothing ...
+  Message m;
+  CHECK(raw_read_frame(fd, &m) && m.header.op == Op::kHeartbeat && m.header.payload_len == 0);
+  // ... and it gives up on this side after the window.
+  auto t0 = Clock::now();
+  CHECK(raw_wait_closed(fd, Ms(3000)));
+  CHECK(Clock::now() - t0 < Ms(1500));
+  CHECK(server.events.wait_disconnects(1));
+  const std::string why = server.events.last_reason();
+  CHECK(why.find("(rank 5) sent nothing for 0.4 s") != std::string::npos &&
+        why.find("FASTPS_LIVENESS_TIMEOUT") != std::string::npos);
+  ::close(fd);
+}
+
+TEST(client_closes_a_silent_server_and_names_it) {
+  RawServer raw;
+  std::atomic<int> accepted{-1};
+  std::thread th([&] {
+    int c = raw.accept_one();
+    RawServer::handshake(c, "job-secret");
+    accepted.store(c);
+  });
+  TransportOptions o = opts();
+  o.liveness_timeout = Ms(400);
+  Inbox in;
+  auto client = Transport::create("tcp", o);
+  in.attach(*client);
+  auto t0 = Clock::now();
+  client->connect("127.0.0.1", raw.port, 0);
+  th.join();
+  CHECK(in.wait_disconnects(1, Ms(3000)));
+  CHECK(Clock::now() - t0 < Ms(1500));
+  CHECK(in.last_reason().find("server 127.0.0.1:" + std::to_string(raw.port) + " sent nothing") != std::string::npos);
+  ::close(accepted.load());
+}
+
+TEST(liveness_off_keeps_a_silent_peer) {
+  TransportOptions o = opts();
+  o.liveness_timeout = Ms(0);
+  ShardEchoServer server(o, "tcp");
+  int fd = raw_connect(server.port);
+  CHECK(fd >= 0 && raw_handshake(fd, "job-secret", 5));
+  CHECK(!raw_wait_closed(fd, Ms(800)));
+  ::close(fd);
 }
 
 // ---------------------------------------------------------------------------------------
