@@ -1415,20 +1415,32 @@ class LegitClient {
 
 // --- Memory ---------------------------------------------------------------------------
 
-// Bytes the process holds: the allocator's count under a sanitizer (its
-// quarantine and shadow would swamp RSS), else resident memory after
-// returning free heap pages to the kernel (table rows live in mmap'd memory,
-// which the allocator does not count).
-uint64_t memory_in_use() {
+// What the process holds: `heap`, the bytes allocated and not freed (the
+// sanitizer's count under a sanitizer, else glibc's), which is exact; and
+// `resident`, its resident memory once free heap pages went back to the
+// kernel, which also sees the mmap'd table rows the allocator does not count
+// (0 under a sanitizer, whose shadow memory would swamp it).
+struct MemoryUse {
+  uint64_t heap = 0;
+  uint64_t resident = 0;
+};
+
+MemoryUse memory_in_use() {
+  MemoryUse m;
 #if FUZZ_SANITIZED
-  return __sanitizer_get_current_allocated_bytes();
+  m.heap = __sanitizer_get_current_allocated_bytes();
 #else
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
+  const struct mallinfo2 info = ::mallinfo2();
+  m.heap = info.uordblks + info.hblkhd;
+#endif
   ::malloc_trim(0);
   std::ifstream f("/proc/self/statm");
   uint64_t size = 0, resident = 0;
   f >> size >> resident;
-  return resident * uint64_t(::sysconf(_SC_PAGESIZE));
+  m.resident = resident * uint64_t(::sysconf(_SC_PAGESIZE));
 #endif
+  return m;
 }
 
 // --- Driver options and the target registry ---------------------------------------------
@@ -1759,6 +1771,8 @@ void server_connection(ServerFuzz& fz, Rng& r, int64_t iteration) {
 }
 
 bool run_server_phase(const ServerPhase& phase, int phase_index, const Budget& budget) {
+  // Everything a server allocates is freed when it is destroyed.
+  const uint64_t heap_before_server = memory_in_use().heap;
   PsServerOptions o;
   o.num_workers = phase.workers;
   o.num_shards = 2;
@@ -1798,7 +1812,7 @@ bool run_server_phase(const ServerPhase& phase, int phase_index, const Budget& b
     b.resize(20);
     stalled.send(b, stalled_at + Ms(5000));
   }
-  const uint64_t memory_before = memory_in_use();
+  const MemoryUse memory_before = memory_in_use();
 
   // Watches the stalled connection while the fuzz runs.
   std::thread stalled_thread([&] {
@@ -1839,19 +1853,25 @@ bool run_server_phase(const ServerPhase& phase, int phase_index, const Budget& b
   legit_thread.join();
 
   stalled_thread.join();
-  uint64_t memory_after = 0, allowance = 0;
+  MemoryUse memory_after;
+  const uint64_t state_allowance = 16 * fz.state_bytes.load();
   if (failure.empty()) {
     try {
       legit->drain_shards();
       memory_after = memory_in_use();
       // What peers may make a server keep (registered chunks with optimizer
-      // state, table rows; all bounded by the bytes that created them), plus
-      // a fixed allowance for the allocator and the transport's buffers.
-      allowance = (64u << 20) + 16 * fz.state_bytes.load();
-      FUZZ_CHECK(memory_after <= memory_before + allowance, "memory grew by ", (memory_after - memory_before) >> 20,
-                 " MiB after ", fz.connections.load(), " fuzz connections that sent ", fz.bytes_sent.load() >> 10,
-                 " KiB, ", fz.state_bytes.load() >> 10, " KiB of them in requests other than PING (allowed: ",
-                 allowance >> 20, " MiB)");
+      // state, tables and their rows; all bounded by the bytes that created
+      // them), plus a fixed allowance: 8 MiB of heap (allocator caches), 64
+      // MiB of resident memory (thread stacks, arenas, touched table pages).
+      auto check = [&](const char* what, uint64_t before, uint64_t after, uint64_t slack) {
+        FUZZ_CHECK(after <= before + slack + state_allowance, what, " grew by ", (after - before) >> 10, " KiB after ",
+                   fz.connections.load(), " fuzz connections that sent ", fz.bytes_sent.load() >> 10, " KiB, ",
+                   fz.state_bytes.load() >> 10, " KiB of them in requests other than PING (allowed: ",
+                   (slack + state_allowance) >> 10, " KiB)");
+      };
+      if (memory_before.heap > 0) check("heap memory", memory_before.heap, memory_after.heap, 8u << 20);
+      if (memory_before.resident > 0)
+        check("resident memory", memory_before.resident, memory_after.resident, 64u << 20);
     } catch (const std::exception& e) {
       fail(e.what());
     }
@@ -1865,17 +1885,24 @@ bool run_server_phase(const ServerPhase& phase, int phase_index, const Budget& b
   if (failure.empty() && rounds < 1) failure = "the well-behaved client completed no round";
   if (failure.empty() && stop_ms > 10000.0 * kSlow)
     failure = detail::concat("the server took ", stop_ms, " ms to stop");
+  const uint64_t heap_after_server = memory_in_use().heap;
+  if (failure.empty() && heap_after_server > heap_before_server + (1u << 20))
+    failure = detail::concat("the server leaked: ", (heap_after_server - heap_before_server) >> 10,
+                             " KiB of heap more than before it started are still allocated after it stopped");
 
   std::printf("  server/%s: %lld connections (%lld handshakes fuzzed, %lld probes answered, %lld closed by the "
-              "server), %llu KiB sent (%llu KiB not PING); legit: %d rounds, max latency %.0f ms; memory %+lld KiB (allowed %llu KiB); "
-              "stop %.0f ms\n",
+              "server), %llu KiB sent (%llu KiB not PING); legit: %d rounds, max latency %.0f ms; heap %+lld KiB, "
+              "resident %+lld KiB (allowed: 16 x the bytes not PING = %llu KiB, plus slack); stop %.0f ms, "
+              "heap after it %+lld KiB\n",
               phase.name, static_cast<long long>(fz.connections.load()),
               static_cast<long long>(fz.handshakes_fuzzed.load()), static_cast<long long>(fz.probes_answered.load()),
               static_cast<long long>(fz.closed_by_server.load()),
               static_cast<unsigned long long>(fz.bytes_sent.load() >> 10),
               static_cast<unsigned long long>(fz.state_bytes.load() >> 10), rounds, latency,
-              memory_after ? static_cast<long long>(memory_after - memory_before) / 1024 : 0LL,
-              static_cast<unsigned long long>(allowance >> 10), stop_ms);
+              memory_after.heap ? (static_cast<long long>(memory_after.heap) - static_cast<long long>(memory_before.heap)) / 1024 : 0LL,
+              memory_after.resident ? (static_cast<long long>(memory_after.resident) - static_cast<long long>(memory_before.resident)) / 1024 : 0LL,
+              static_cast<unsigned long long>(state_allowance >> 10), stop_ms,
+              (static_cast<long long>(heap_after_server) - static_cast<long long>(heap_before_server)) / 1024);
   if (fz.spec_lenient.load() > 0)
     std::printf("  note: %lld handshake frames with non-zero flags/reserved/status were accepted "
                 "(docs/protocol.md \"Limits\" says such frames close the connection)\n",
