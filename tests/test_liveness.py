@@ -71,7 +71,7 @@ def _sgd():
 def _timed_pull(client, tid: int, n: int) -> float:
     out = torch.empty(n)
     t0 = time.monotonic()
-    client.pull(tid, out.data_ptr(), 0).wait()
+    client.pull(tid, out.data_ptr(), n, 0).wait()
     return time.monotonic() - t0
 
 
@@ -84,7 +84,7 @@ def test_a_peer_that_sends_pings_and_never_reads_does_not_stall_a_pull():
     good = _C.PsClient(0, secret="s", timeout_s=10, chunk_bytes=1 << 20, transport="tcp")
     good.connect([("127.0.0.1", server.port)])
     init = torch.zeros(1000)
-    good.register_dense(1, 1000, False, _sgd(), init.data_ptr()).wait()
+    good.register_dense(1, 1000, False, _sgd(), init.data_ptr(), 1000).wait()
     bad = _authenticated_socket(server.port, "s", 1)
     try:
         body = b"\x01" * (1 << 20)
@@ -114,9 +114,9 @@ from fastps import _C
 port, transport, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 c = _C.PsClient(1, secret="s", timeout_s=30, chunk_bytes=64 << 20, transport=transport)
 c.connect([("127.0.0.1", port)])
-c.register_dense(1, n, False, _C.OptimHyper(), 0).wait()  # placement only
+c.register_dense(1, n, False, _C.OptimHyper(), 0, 0).wait()  # placement only
 dst = [torch.empty(n) for _ in range(16)]
-futures = [c.pull(1, d.data_ptr(), 0) for d in dst]
+futures = [c.pull(1, d.data_ptr(), n, 0) for d in dst]
 print(c.server_paths()[0], flush=True)
 os.kill(os.getpid(), signal.SIGSTOP)
 """
@@ -133,8 +133,8 @@ def test_a_stopped_worker_does_not_stall_the_server(transport):
     good = _C.PsClient(0, secret="s", timeout_s=10, chunk_bytes=64 << 20, transport="tcp")
     good.connect([("127.0.0.1", server.port)])
     big, small = torch.zeros(n), torch.zeros(1000)
-    good.register_dense(1, n, False, _sgd(), big.data_ptr()).wait()
-    good.register_dense(2, 1000, False, _sgd(), small.data_ptr()).wait()
+    good.register_dense(1, n, False, _sgd(), big.data_ptr(), n).wait()
+    good.register_dense(2, 1000, False, _sgd(), small.data_ptr(), 1000).wait()
     proc = subprocess.Popen([sys.executable, "-c", _STOPPED_PULLER, str(server.port), transport, str(n)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
