@@ -515,7 +515,8 @@ int64_t SparseTable::create_row(int64_t id, const SparseOptim& o) {
   RowHeader* h = header(row);
   *h = RowHeader{id, step_, 0, 0, 0};
   sparse_init_values(config_, id, weight(row));
-  std::memcpy(state(row), state_init_.data(), static_cast<size_t>(state_floats_) * sizeof(float));
+  if (state_floats_ > 0)  // SGD has no state: state_init_ is empty and its data() may be null
+    std::memcpy(state(row), state_init_.data(), static_cast<size_t>(state_floats_) * sizeof(float));
   ++counters_.admitted;
   return row;
 }
