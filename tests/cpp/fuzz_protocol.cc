@@ -312,10 +312,11 @@ void mutate_frame(Rng& r, Frame& f, size_t max_payload, const std::vector<Bytes>
 // target checks header_problem() against (written from the spec, not the code).
 bool spec_header_ok(const MessageHeader& h, uint64_t max_payload) {
   const uint8_t op = static_cast<uint8_t>(h.op);
-  const bool known = (op >= 1 && op <= 10) || (op >= 16 && op <= 24) || (op >= 32 && op <= 37);
+  // ops 1-11 (11: HEARTBEAT), 16-25 (25: APPLY), 32-37; flags 0x01-0x10 (docs/protocol.md, version 2)
+  const bool known = (op >= 1 && op <= 11) || (op >= 16 && op <= 25) || (op >= 32 && op <= 37);
   const bool handshake = op >= 1 && op <= 4;
   const uint64_t max_count = std::min<uint64_t>(max_payload / 4, 0xffffffffULL);
-  return h.magic == 0x31535046 && h.version == 1 && known && !handshake && (h.flags & ~0x07) == 0 &&
+  return h.magic == 0x31535046 && h.version == 2 && known && !handshake && (h.flags & ~0x1f) == 0 &&
          h.reserved == 0 && (op == 5 ? h.status != 0 : h.status == 0) && h.payload_len <= max_payload &&
          h.count <= max_count && (op != 5 || h.payload_len <= 4096);
 }
@@ -540,11 +541,12 @@ SparseOptim optim_for(SparseRule rule) {
 void check_sparse_config(const uint8_t* data, size_t size) {
   const bool framing_ok = size >= kSparseConfigSize && load_le32(data) == kSparseConfigSize &&
                           data[4] < kNumSparseRules && data[5] <= 2 && data[6] <= 3 && data[7] == 0 &&
-                          load_le32(data + 76) == 0;
+                          load_le16(data + 76) < load_le16(data + 78);  // the server's place in the job
   SparseTableConfig c;
+  SparseSpread spread;
   bool ok = true;
   try {
-    c = decode_sparse_config(data, size);
+    c = decode_sparse_config(data, size, &spread);
   } catch (const ProtocolError&) {
     FUZZ_CHECK(!framing_ok, "decode_sparse_config threw ProtocolError for a well-framed block");
     return;
@@ -556,10 +558,11 @@ void check_sparse_config(const uint8_t* data, size_t size) {
   FUZZ_CHECK(framing_ok, "decode_sparse_config accepted ", hex_prefix(data, size));
   sparse_config_validate(c);  // must not throw: the decoder validated it
   uint8_t again[kSparseConfigSize];
-  encode_sparse_config(c, again);
+  encode_sparse_config(c, spread, again);
   FUZZ_CHECK(std::memcmp(again, data, kSparseConfigSize) == 0, "encode(decode(b)) != b for ",
              hex_prefix(data, kSparseConfigSize));
-  FUZZ_CHECK(same_sparse_config(c, decode_sparse_config(again, kSparseConfigSize)) || c.init_a != c.init_a ||
+  SparseSpread spread_again;
+  FUZZ_CHECK(same_sparse_config(c, decode_sparse_config(again, kSparseConfigSize, &spread_again)) || c.init_a != c.init_a ||
                  c.init_b != c.init_b,
              "same_sparse_config(c, decode(encode(c))) is false");
   FUZZ_CHECK(!describe_sparse_config(c).empty(), "empty description");
@@ -567,7 +570,7 @@ void check_sparse_config(const uint8_t* data, size_t size) {
 
 Bytes gen_sparse_config(Rng& r) {
   Bytes b(kSparseConfigSize);
-  encode_sparse_config(random_sparse_config(r), b.data());
+  encode_sparse_config(random_sparse_config(r), SparseSpread{}, b.data());
   if (chance(r, 85)) mutate_bytes(r, b, 200);
   return b;
 }
@@ -916,9 +919,9 @@ class Peer {
     const std::string problem = header_problem(checked, max_payload);
     FUZZ_CHECK(problem.empty(), "the server sent an invalid frame: ", problem);
     FUZZ_CHECK(h.op == Op::kReply || h.op == Op::kError || h.op == Op::kPong || h.op == Op::kShmDecline ||
-                   h.op == Op::kShmAccept,
+                   h.op == Op::kShmAccept || h.op == Op::kHeartbeat,
                "the server sent ", op_name(h.op));
-    FUZZ_CHECK(h.request_id == 0 || h.op == Op::kShmDecline || h.op == Op::kShmAccept ||
+    FUZZ_CHECK(h.request_id == 0 || h.op == Op::kShmDecline || h.op == Op::kShmAccept || h.op == Op::kHeartbeat ||
                    sent_ids.count(h.request_id) == 1,
                "the server answered request id ", h.request_id, ", which this connection never sent (",
                op_name(h.op), ")");
@@ -1121,7 +1124,7 @@ Frame seed_request(Rng& r, uint64_t request_id, uint64_t max_payload) {
       f.h.key = table;
       f.h.aux = chance(r, 15) ? 1 : 0;
       f.payload.resize(kSparseConfigSize);
-      encode_sparse_config(fuzz_table_config(table, r), f.payload.data());
+      encode_sparse_config(fuzz_table_config(table, r), SparseSpread{}, f.payload.data());
       break;
     }
     case 9:
@@ -1168,7 +1171,7 @@ Frame seed_request(Rng& r, uint64_t request_id, uint64_t max_payload) {
       const uint64_t rows = below(r, 5), pending = below(r, 3);
       f.h.count = static_cast<uint32_t>(rows);
       f.payload.resize(kSparseConfigSize + 24);
-      encode_sparse_config(c, f.payload.data());
+      encode_sparse_config(c, SparseSpread{}, f.payload.data());
       store_le64(f.payload.data() + kSparseConfigSize, below(r, 5));
       store_le64(f.payload.data() + kSparseConfigSize + 8, rows);
       store_le64(f.payload.data() + kSparseConfigSize + 16, pending);
@@ -1259,7 +1262,7 @@ class LegitClient {
     c.rule = SparseRule::kSGD;
     c.init = SparseInit::kZeros;
     Bytes cb(kSparseConfigSize);
-    encode_sparse_config(c, cb.data());
+    encode_sparse_config(c, SparseSpread{}, cb.data());
     MessageHeader s;
     s.op = Op::kSparseCreate;
     s.key = kLegitTable;
@@ -1780,6 +1783,7 @@ bool run_server_phase(const ServerPhase& phase, int phase_index, const Budget& b
   o.transport.secret = kSecret;
   o.transport.max_payload = kServerMaxPayload;
   o.transport.timeout = kHandshakeTimeout;
+  o.transport.handshake_timeout = kHandshakeTimeout;  // its own setting (protocol version 2)
   o.transport.shm = phase.shm;
   auto server = std::make_unique<PsServer>(o);
   ServerFuzz fz;
