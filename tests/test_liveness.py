@@ -200,6 +200,7 @@ def test_a_frozen_worker_is_named_within_the_liveness_window(tmp_path):
     assert elapsed < 10.0, f"took {elapsed:.1f}s: {msg}"
 
 
+@pytest.mark.slow
 def test_a_frozen_server_is_named_within_the_liveness_window(tmp_path):
     """SIGSTOP a dedicated server: every worker raises ConnectionError naming it within a few
     seconds (the window is 2 s), as when it is killed."""
@@ -217,6 +218,7 @@ def test_a_frozen_server_is_named_within_the_liveness_window(tmp_path):
     assert elapsed < 12.0
 
 
+@pytest.mark.slow
 def test_a_busy_worker_is_not_declared_dead(tmp_path):
     """A worker that sleeps (GIL released) and then computes in Python (GIL held), each
     for 3x the 1 s window, is slow, not dead: both finish."""
