@@ -200,6 +200,25 @@ def test_a_frozen_worker_is_named_within_the_liveness_window(tmp_path):
     assert elapsed < 10.0, f"took {elapsed:.1f}s: {msg}"
 
 
+@pytest.mark.slow
+def test_a_frozen_server_is_named_within_the_liveness_window(tmp_path):
+    """SIGSTOP a dedicated server: every worker raises ConnectionError naming it within a few
+    seconds (the window is 2 s), as when it is killed."""
+    out = tmp_path / "res"
+    with Job(2, ["slow", str(out)], servers=2, env={"FASTPS_LIVENESS_TIMEOUT": "2"}, timeout=60) as job:
+        job.wait_ready(out)
+        t0 = time.monotonic()
+        os.kill(job.servers[0].pid, signal.SIGSTOP)
+        results = job.wait()
+        elapsed = time.monotonic() - t0
+    for r, res in enumerate(results):
+        assert res.returncode == 3, res.stderr[-3000:]
+        kind, delay, msg = Path(f"{out}.{r}").read_text().split("\n", 2)
+        assert kind == "ConnectionError" and "sent nothing for 2 s" in msg, msg
+    assert elapsed < 12.0
+
+
+@pytest.mark.slow
 def test_a_busy_worker_is_not_declared_dead(tmp_path):
     """A worker that sleeps (GIL released) and then computes in Python (GIL held), each
     for 3x the 1 s window, is slow, not dead: both finish."""

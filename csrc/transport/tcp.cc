@@ -1073,6 +1073,8 @@ std::string TcpTransport::describe(const Conn& conn) const {
 
 // --- Event loop ---------------------------------------------------------------
 
+namespace {
+
 // Note [Liveness]: a socket idle for this long carries a HEARTBEAT: a
 // quarter of the window, and at most a second whatever the window (or with
 // liveness off here), so that a peer with a shorter window hears us too.
@@ -1085,6 +1087,8 @@ std::chrono::milliseconds heartbeat_period(const TransportOptions& o) {
 std::chrono::milliseconds tick_period(const TransportOptions& o) {
   return std::max(std::chrono::milliseconds(10), heartbeat_period(o) / 2);
 }
+
+}  // namespace
 
 void TcpTransport::run_loop() {
   epoll_event events[kMaxEvents];
@@ -1252,7 +1256,8 @@ void TcpTransport::tick() {
       std::string reason = concat(conn->outgoing ? "server " : "peer ", conn->peer, rank,
                                   conn->outgoing ? " is not reading: " : " is not reading its replies: ", queued,
                                   " bytes have waited for it for ", seconds_text(std::chrono::duration_cast<std::chrono::milliseconds>(stall)),
-                                  " without any being taken (FASTPS_LIVENESS_TIMEOUT sets how long)");
+                                  " without any being taken (",
+                                  window.count() > 0 ? "FASTPS_LIVENESS_TIMEOUT" : "FASTPS_TIMEOUT", " sets how long)");
       transport_log(concat("closing ", describe(*conn), ": ", reason));
       request_close(conn, reason);
       continue;

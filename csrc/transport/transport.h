@@ -95,8 +95,9 @@ struct TransportOptions {
   std::chrono::milliseconds handshake_timeout{30000};
   // Liveness window (Note [Liveness] in transport/tcp.h): a connection on
   // which nothing at all arrived for this long is closed, naming the peer;
-  // a socket this side sent nothing on for a quarter of it carries a
-  // HEARTBEAT. 0 disables both.
+  // a socket this side sent nothing on for a quarter of it (at most a
+  // second) carries a HEARTBEAT. 0 turns the check off (heartbeats go on,
+  // once a second, for peers that check). 0 or at least 100 ms.
   std::chrono::milliseconds liveness_timeout{30000};
   // Most bytes of replies an accepted connection may hold for a peer that
   // does not read them (Note [Send queues] in transport/tcp.h); past it the
