@@ -195,8 +195,9 @@ def test_a_frozen_worker_is_named_within_the_liveness_window(tmp_path):
     kind, delay, msg = Path(f"{out}.0").read_text().split("\n", 2)
     assert kind in ("ConnectionError", "TimeoutError"), msg
     assert re.search(r"(rank|server) 1\b", msg), msg
-    # Its transport said why (the error itself may be the server's "worker rank 1 disconnected").
-    assert re.search(r"(rank 1\)|server \S+) sent nothing for 2 s", se), se[-3000:]
+    # The survivor's error says why: its own transport's or its server's ("worker rank 1
+    # (peer ... sent nothing for 2 s ...) disconnected").
+    assert "sent nothing for 2 s" in msg, msg
     assert elapsed < 10.0, f"took {elapsed:.1f}s: {msg}"
 
 

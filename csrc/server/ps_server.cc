@@ -265,6 +265,7 @@ struct PsServer::ShardState {
   std::unordered_map<uint64_t, PsChunk> chunks;
   std::unordered_map<uint64_t, PsSparse> sparse;  // table id -> this shard's slice
   std::vector<bool> dead;  // per worker
+  std::vector<std::string> dead_reason;  // per worker: why its connection ended (for the survivors' errors)
 };
 
 namespace {
@@ -370,9 +371,16 @@ class Handler {
     for (auto& kv : st_.sparse) take_waiting(kv.second, [&](const SparseWait& x) { return x.req->conn == conn; });
   }
 
+  // "worker rank 1 (peer ... sent nothing for 30 s ...)": the reason reaches the survivors.
+  std::string describe_dead(int worker) const {
+    const std::string& why = st_.dead_reason[worker];
+    return why.empty() ? detail::concat("worker rank ", worker) : detail::concat("worker rank ", worker, " (", why, ")");
+  }
+
   void worker_died(int worker, const std::string& reason) {
     if (worker < 0 || worker >= opt_.num_workers) return;
     st_.dead[worker] = true;
+    st_.dead_reason[worker] = reason;
     size_t failed = 0;
     for (auto& kv : st_.chunks) failed += fail_unreachable(kv.first, kv.second, reason);
     for (auto& kv : st_.sparse) failed += fail_unreachable_sparse(kv.second);
@@ -788,7 +796,7 @@ class Handler {
       drop_deferred(c);
     }
     const size_t before = c.waiting.size();
-    std::string who = detail::concat("worker rank ", dead[0]);
+    std::string who = describe_dead(dead[0]);
     auto keep = c.waiting.begin();
     for (auto it = c.waiting.begin(); it != c.waiting.end(); ++it) {
       bool blocked;
@@ -1179,7 +1187,7 @@ class Handler {
     });
     for (const SparseWait& w : failed)
       piece_failed(w.req, Status::kTimeout,
-                   detail::concat("server ", opt_.server_id, ": worker rank ", dead[0],
+                   detail::concat("server ", opt_.server_id, ": ", describe_dead(dead[0]),
                                   " disconnected; this step of sparse table ", w.req->header.key,
                                   " can never complete"));
     return failed.size();
@@ -1241,6 +1249,7 @@ PsServer::PsServer(const PsServerOptions& options)
   for (int i = 0; i < server_->num_shards(); ++i) {
     auto s = std::make_unique<ShardState>();
     s->dead.assign(options.num_workers, false);
+    s->dead_reason.assign(options.num_workers, std::string());
     shard_state_.push_back(std::move(s));
   }
   transport_ = Transport::create("tcp", options.transport);
