@@ -242,8 +242,7 @@ class DistState:
                 fut.wait()
         except BaseException as e:
             wait_all((f for f, _, _ in self.round.values()), list(self.round.values()), e)
-            self._clear_round()
-            self.clock += 1
+            self._clear_round()  # (its clock too)
             raise
         for key, (_, g, p) in self.round.items():
             if g is None:
