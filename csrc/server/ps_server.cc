@@ -371,10 +371,11 @@ class Handler {
     for (auto& kv : st_.sparse) take_waiting(kv.second, [&](const SparseWait& x) { return x.req->conn == conn; });
   }
 
-  // "worker rank 1 (peer ... sent nothing for 30 s ...)": the reason reaches the survivors.
+  // "worker rank 1 disconnected (peer ... sent nothing for 30 s ...)": the reason reaches the survivors.
   std::string describe_dead(int worker) const {
     const std::string& why = st_.dead_reason[worker];
-    return why.empty() ? detail::concat("worker rank ", worker) : detail::concat("worker rank ", worker, " (", why, ")");
+    return why.empty() ? detail::concat("worker rank ", worker, " disconnected")
+                       : detail::concat("worker rank ", worker, " disconnected (", why, ")");
   }
 
   void worker_died(int worker, const std::string& reason) {
@@ -809,7 +810,7 @@ class Handler {
       if (blocked) {
         error(it->conn, it->request_id, it->key, Status::kTimeout,
               detail::concat("server ", opt_.server_id, ": ", who,
-                             " disconnected; this round can never complete"));
+                             "; this round can never complete"));
       } else {
         if (keep != it) *keep = std::move(*it);
         ++keep;
@@ -1188,7 +1189,7 @@ class Handler {
     for (const SparseWait& w : failed)
       piece_failed(w.req, Status::kTimeout,
                    detail::concat("server ", opt_.server_id, ": ", describe_dead(dead[0]),
-                                  " disconnected; this step of sparse table ", w.req->header.key,
+                                  "; this step of sparse table ", w.req->header.key,
                                   " can never complete"));
     return failed.size();
   }
