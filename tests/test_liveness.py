@@ -75,6 +75,14 @@ def _timed_pull(client, tid: int, n: int) -> float:
     return time.monotonic() - t0
 
 
+def _wait_queues_freed(server, timeout: float = 10.0) -> None:
+    """Until the server holds no queued reply bytes (its non-reading peer was dropped)."""
+    deadline = time.monotonic() + timeout
+    while server.stats()["queued_bytes"] > 0:
+        assert time.monotonic() < deadline, server.stats()
+        time.sleep(0.05)
+
+
 def test_a_peer_that_sends_pings_and_never_reads_does_not_stall_a_pull():
     """The issue's repro: 16 x 1 MiB PINGs from an authenticated connection that never
     reads its PONGs made another client's 2 ms pull wait for the server's send deadline
@@ -99,10 +107,7 @@ def test_a_peer_that_sends_pings_and_never_reads_does_not_stall_a_pull():
         stats = server.stats()
         assert stats["queued_peak"] <= 16 * ((1 << 20) + 48), stats
         # Alive (it could send) but not reading: dropped once nothing moved for the window.
-        deadline = time.monotonic() + 10
-        while server.stats()["queued_bytes"] > 0:
-            assert time.monotonic() < deadline, server.stats()
-            time.sleep(0.05)
+        _wait_queues_freed(server)
         assert _timed_pull(good, 1, 1000) < 1.0
     finally:
         bad.close()
@@ -152,10 +157,7 @@ def test_a_stopped_worker_does_not_stall_the_server(transport):
             assert _timed_pull(good, 2, 1000) < 1.0
         assert server.stats()["queued_peak"] <= 16 * ((4 << 20) + 48), server.stats()
         # Silent (stopped): dropped after 2 s; what was held for it is freed.
-        deadline = time.monotonic() + 10
-        while server.stats()["queued_bytes"] > 0:
-            assert time.monotonic() < deadline, server.stats()
-            time.sleep(0.05)
+        _wait_queues_freed(server)
         assert _timed_pull(good, 2, 1000) < 1.0
     finally:
         proc.kill()

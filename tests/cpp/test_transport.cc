@@ -353,6 +353,16 @@ struct RawServer {
   }
 };
 
+// Accepts one connection on `raw` and completes the server side of the
+// handshake on a thread of its own, then publishes the socket in `accepted`.
+std::thread accept_and_authenticate(RawServer& raw, std::atomic<int>& accepted) {
+  return std::thread([&raw, &accepted] {
+    int c = raw.accept_one();
+    RawServer::handshake(c, "job-secret");
+    accepted.store(c);
+  });
+}
+
 void close_with_reset(int fd) {
   linger l{1, 0};
   setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
@@ -1148,11 +1158,7 @@ struct BlockedSender {
 TEST(blocked_send_fails_when_peer_dies) {
   RawServer raw;
   std::atomic<int> accepted{-1};
-  std::thread th([&] {
-    int c = raw.accept_one();
-    RawServer::handshake(c, "job-secret");
-    accepted.store(c);
-  });
+  std::thread th = accept_and_authenticate(raw, accepted);
   Inbox in;
   auto client = Transport::create("tcp", opts());
   in.attach(*client);
@@ -1174,11 +1180,7 @@ TEST(blocked_send_fails_when_peer_dies) {
 TEST(send_deadline_then_connection_closed) {
   RawServer raw;
   std::atomic<int> accepted{-1};
-  std::thread th([&] {
-    int c = raw.accept_one();
-    RawServer::handshake(c, "job-secret");
-    accepted.store(c);
-  });
+  std::thread th = accept_and_authenticate(raw, accepted);
   TransportOptions o = opts();
   o.timeout = Ms(300);
   Inbox in;
@@ -1653,11 +1655,7 @@ TEST(server_closes_a_silent_peer_and_names_it) {
 TEST(client_closes_a_silent_server_and_names_it) {
   RawServer raw;
   std::atomic<int> accepted{-1};
-  std::thread th([&] {
-    int c = raw.accept_one();
-    RawServer::handshake(c, "job-secret");
-    accepted.store(c);
-  });
+  std::thread th = accept_and_authenticate(raw, accepted);
   TransportOptions o = opts();
   o.liveness_timeout = Ms(400);
   Inbox in;
