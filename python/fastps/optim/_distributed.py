@@ -238,21 +238,22 @@ class DistState:
                 else:
                     self._send_skip(p)
         try:
-            for fut, _, _ in self.round.values():
+            # Each mean is snapshotted (and copied) as soon as it lands, while the
+            # later ones are still on their way.
+            for key, (fut, g, p) in self.round.items():
                 fut.wait()
+                if g is None:
+                    continue
+                self.landed[key] = grad_snapshot(p)
+                if self.keep_means:
+                    m = self.means.get(key)
+                    if m is None or m.shape != g.shape:
+                        self.means[key] = m = torch.empty_like(g)
+                    m.copy_(g)
         except BaseException as e:
             wait_all((f for f, _, _ in self.round.values()), list(self.round.values()), e)
             self._clear_round()  # (its clock too)
             raise
-        for key, (_, g, p) in self.round.items():
-            if g is None:
-                continue
-            self.landed[key] = grad_snapshot(p)
-            if self.keep_means:
-                m = self.means.get(key)
-                if m is None or m.shape != g.shape:
-                    self.means[key] = m = torch.empty_like(g)
-                m.copy_(g)
         self.round_landed = True
 
     def _send_skip(self, p: torch.Tensor) -> None:
