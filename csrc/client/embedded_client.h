@@ -20,6 +20,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "protocol/keys.h"
 #include "server/server.h"
 #include "table/optimizer.h"
 
@@ -29,12 +30,6 @@ struct ClientOptions {
   int64_t chunk_bytes = 4 << 20;                 // a few MiB, as BytePS partitions
   std::chrono::milliseconds timeout{300000};     // every wait's deadline
 };
-
-// Chunk key of chunk `index` of tensor `tensor_id`. See DESIGN.md "Keys".
-constexpr int kChunkIndexBits = 16;
-inline uint64_t chunk_key(uint32_t tensor_id, uint32_t index) {
-  return (static_cast<uint64_t>(tensor_id) << kChunkIndexBits) | index;
-}
 
 struct UpdateItem {
   uint32_t tensor_id = 0;

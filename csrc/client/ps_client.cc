@@ -4,9 +4,9 @@
 #include <array>
 #include <cstring>
 
-#include "client/embedded_client.h"  // chunk_key
+#include "protocol/keys.h"
 #include "common/error.h"
-#include "server/sparse_wire.h"
+#include "protocol/sparse_wire.h"
 
 namespace fastps {
 

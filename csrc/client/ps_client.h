@@ -27,7 +27,7 @@
 
 #include "common/completion.h"
 #include "server/ps_server.h"
-#include "server/sparse_wire.h"
+#include "protocol/sparse_wire.h"
 #include "table/optimizer.h"
 #include "table/sparse_optim.h"
 #include "table/sparse_table.h"
@@ -135,7 +135,7 @@ class PsClient {
 
   // --- Sparse tables (docs/protocol.md "Sparse tables", docs/sparse.md) ---
   // Ids are split over the servers (Note [Sparse id routing] in
-  // server/sparse_wire.h), one frame per server; rows come back in the
+  // protocol/sparse_wire.h), one frame per server; rows come back in the
   // caller's order. `config` is the whole table's (this client gives each
   // server its share of max_rows and max_pending). Buffers passed to the
   // async calls must stay valid until the future is done (pull's `out`);

@@ -6,7 +6,7 @@
 #include <functional>
 
 #include "common/error.h"
-#include "server/sparse_wire.h"
+#include "protocol/sparse_wire.h"
 #include "table/optimizer.h"
 #include "table/sparse_table.h"
 
@@ -176,7 +176,7 @@ struct MessageTask : Task {
 // Note [Sparse tables on the network server]
 // A sparse table exists on every shard of every server (SPARSE_CREATE reaches
 // them all); each shard owns one SparseTable with the ids routed to it (Note
-// [Sparse id routing] in server/sparse_wire.h) and, like a chunk, is touched
+// [Sparse id routing] in protocol/sparse_wire.h) and, like a chunk, is touched
 // only by its shard's thread. A request is split on the thread that received
 // it into one piece per shard involved (index lists into the request's
 // payload, which the pieces share); each shard does its part and whichever

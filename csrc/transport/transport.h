@@ -46,7 +46,7 @@
 #include <memory>
 #include <string>
 
-#include "transport/message.h"
+#include "protocol/message.h"
 #include "transport/shm.h"  // kShm*RingBytes
 
 namespace fastps {

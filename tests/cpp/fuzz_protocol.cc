@@ -3,7 +3,7 @@
 //
 // Targets, each checked against invariants (an oracle), not only "no crash":
 //  * header, hello, error_text, optim_config, sparse_config, sparse_optim:
-//    the pure codecs of transport/message.h and server/sparse_wire.h, fed
+//    the pure codecs of protocol/message.h and protocol/sparse_wire.h, fed
 //    mutated bytes; each result is compared with a restatement of
 //    docs/protocol.md and must round-trip through its encoder.
 //  * table_file: ShardedSparseTable::load() of mutated table files; a load
@@ -83,9 +83,9 @@ extern "C" void __sanitizer_set_death_callback(void (*callback)());
 #include "common/sha256.h"
 #include "server/ps_server.h"
 #include "server/server.h"
-#include "server/sparse_wire.h"
+#include "protocol/sparse_wire.h"
 #include "table/sparse_table.h"
-#include "transport/message.h"
+#include "protocol/message.h"
 #include "transport/transport.h"
 
 using namespace fastps;

@@ -36,7 +36,7 @@
 
 #include "common/error.h"
 #include "common/sha256.h"
-#include "transport/message.h"
+#include "protocol/message.h"
 #include "transport/transport.h"
 
 using namespace fastps;

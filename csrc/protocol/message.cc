@@ -1,4 +1,4 @@
-#include "transport/message.h"
+#include "protocol/message.h"
 
 #include <cstring>
 

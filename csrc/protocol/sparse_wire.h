@@ -1,7 +1,7 @@
 // Payload codecs of the sparse table ops (SPARSE_CREATE ... SPARSE_LOAD) and
 // the id -> server routing that workers and servers share. docs/protocol.md,
 // "Sparse tables", is the specification; this file is its code. Like
-// transport/message.h, everything is encoded byte by byte (little-endian).
+// protocol/message.h, everything is encoded byte by byte (little-endian).
 //
 // Thread safety: pure functions.
 #pragma once

@@ -1,9 +1,9 @@
-#include "server/sparse_wire.h"
+#include "protocol/sparse_wire.h"
 
 #include <cstring>
 
 #include "common/error.h"
-#include "transport/message.h"
+#include "protocol/message.h"
 
 namespace fastps {
 
