@@ -4,9 +4,10 @@
 #include <array>
 #include <cstring>
 
-#include "protocol/keys.h"
 #include "common/error.h"
+#include "protocol/keys.h"
 #include "protocol/sparse_wire.h"
+#include "table/table_file.h"
 
 namespace fastps {
 

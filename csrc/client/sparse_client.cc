@@ -6,6 +6,7 @@
 
 #include "common/completion.h"
 #include "common/error.h"
+#include "table/table_file.h"
 
 namespace fastps {
 

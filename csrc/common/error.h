@@ -44,6 +44,19 @@ class ProtocolError : public Error {
   using Error::Error;
 };
 
+// A push needs a row but the table is at max_rows and eviction is off.
+class CapacityError : public Error {
+ public:
+  using Error::Error;
+};
+
+// A table file is corrupt, truncated or not a table file, or could not be
+// read or written (the message names the file and the OS error).
+class CheckpointError : public Error {
+ public:
+  using Error::Error;
+};
+
 namespace detail {
 template <typename... Args>
 std::string concat(Args&&... args) {

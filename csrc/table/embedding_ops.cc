@@ -6,6 +6,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/cpu.h"
 #include "common/error.h"
 #include "common/hash.h"
 #include "common/prefetch.h"
@@ -152,11 +153,6 @@ __attribute__((target("avx2"))) void add_rows_avx2(const float* grads, const int
                                                    int64_t dim, float* out) {
   add_rows(grads, inverse, n, dim, out);
 }
-
-bool has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-}
 #endif
 
 }  // namespace
@@ -165,7 +161,7 @@ void segment_sum(const float* grads, const int64_t* inverse, int64_t n, int64_t 
                  float* out) {
   std::memset(out, 0, static_cast<size_t>(n_unique) * dim * sizeof(float));
 #if defined(__x86_64__)
-  if (has_avx2()) return add_rows_avx2(grads, inverse, n, dim, out);
+  if (cpu_has_avx2()) return add_rows_avx2(grads, inverse, n, dim, out);
 #endif
   add_rows_generic(grads, inverse, n, dim, out);
 }

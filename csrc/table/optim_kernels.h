@@ -1,6 +1,6 @@
 // Internal: the per-ISA kernel entry points and the float scalars they use.
-// optim_kernels.cc is compiled once per ISA into a namespace named by
-// FASTPS_KERNEL_NS; optimizer.cc picks one at run time.
+// optim_kernels.cc defines them once per instruction set (Note [CPU-specific
+// kernels] in common/cpu.h); optimizer.cc picks one at run time.
 #pragma once
 
 #include <cstdint>

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "common/cpu.h"
 #include "common/error.h"
 #include "table/optim_kernels.h"
 
@@ -72,15 +73,6 @@ AdagradScalars adagrad_scalars(const OptimHyper& h, double step) {
   s.eps = static_cast<float>(h.eps);
   s.neg_clr = static_cast<float>(-(h.lr / (1.0 + (step - 1.0) * h.lr_decay)));
   return s;
-}
-
-bool cpu_has_avx2_fma() {
-#if defined(__x86_64__) || defined(__i386__)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
 }
 
 template <typename Sgd, typename Adam, typename Adagrad>

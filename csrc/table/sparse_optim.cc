@@ -13,6 +13,7 @@
 
 #include <cmath>
 
+#include "common/cpu.h"
 #include "common/error.h"
 #include "common/prefetch.h"
 
@@ -265,13 +266,6 @@ __attribute__((target("avx2,fma"))) void apply_avx2(const SparseOptim& o, int64_
                                                      int64_t dim) {
   apply_all(o, step, rows, n, dim);
 }
-
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-#else
-bool cpu_has_avx2_fma() { return false; }
 #endif
 
 }  // namespace
