@@ -51,7 +51,8 @@ PYBIND11_MODULE(_C, m) {
   // Bounds of FASTPS_SHM_RING_BYTES, checked in Python before the rendezvous.
   m.attr("SHM_MIN_RING_BYTES") = kShmMinRingBytes;
   m.attr("SHM_MAX_RING_BYTES") = kShmMaxRingBytes;
-  m.attr("PROTOCOL_VERSION") = kProtocolVersion;  // docs/protocol.md (for tests that speak it by hand)
+  m.attr("PROTOCOL_VERSION") = kProtocolVersion;
+  m.attr("STEP_COUNTER_BUFFER") = kStepCounterBuffer;  // STATE_GET/STATE_SET buffer of the step counter  // docs/protocol.md (for tests that speak it by hand)
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {

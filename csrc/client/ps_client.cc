@@ -289,21 +289,21 @@ FuturePtr PsClient::apply(uint32_t tensor_id, const OptimHyper& hyper, float* ds
 
 namespace {
 void check_state_buffer(const char* op, uint32_t tensor_id, int buffer) {
-  FASTPS_CHECK((buffer >= 0 && buffer <= kMaxStateBuffers) || buffer == 255, "fastps: ", op, " of tensor ",
-               tensor_id, ": buffer ", buffer, " does not exist (0: parameter, 1..", kMaxStateBuffers,
-               ": optimizer state, 255: step counter)");
+  FASTPS_CHECK((buffer >= 0 && buffer <= kMaxStateBuffers) || buffer == int(kStepCounterBuffer), "fastps: ", op,
+               " of tensor ", tensor_id, ": buffer ", buffer, " does not exist (0: parameter, 1..", kMaxStateBuffers,
+               ": optimizer state, ", kStepCounterBuffer, ": step counter)");
 }
 }  // namespace
 
 FuturePtr PsClient::state_get(uint32_t tensor_id, int buffer, float* dst, int64_t dst_numel) {
   check_state_buffer("STATE_GET", tensor_id, buffer);
-  check_buffer("STATE_GET", tensor_id, buffer == 255 ? "step counter" : "destination", dst, dst_numel,
-               buffer == 255 ? 1 : registered_numel(tensor_id));
-  if (buffer == 255) {
+  check_buffer("STATE_GET", tensor_id, buffer == int(kStepCounterBuffer) ? "step counter" : "destination", dst, dst_numel,
+               buffer == int(kStepCounterBuffer) ? 1 : registered_numel(tensor_id));
+  if (buffer == int(kStepCounterBuffer)) {
     // One float per chunk; the caller reads the first chunk's (all agree).
     return request(
         tensor_id, Op::kStateGet, dst, false, 1,
-        [&](MessageHeader& h, std::vector<ConstBuffer>&, int64_t, int64_t) { h.aux = 255; },
+        [&](MessageHeader& h, std::vector<ConstBuffer>&, int64_t, int64_t) { h.aux = kStepCounterBuffer; },
         "STATE_GET");
   }
   return request(
@@ -314,13 +314,13 @@ FuturePtr PsClient::state_get(uint32_t tensor_id, int buffer, float* dst, int64_
 
 FuturePtr PsClient::state_set(uint32_t tensor_id, int buffer, const float* src, int64_t src_numel) {
   check_state_buffer("STATE_SET", tensor_id, buffer);
-  check_buffer("STATE_SET", tensor_id, buffer == 255 ? "step counter" : "source", src, src_numel,
-               buffer == 255 ? 1 : registered_numel(tensor_id));
+  check_buffer("STATE_SET", tensor_id, buffer == int(kStepCounterBuffer) ? "step counter" : "source", src, src_numel,
+               buffer == int(kStepCounterBuffer) ? 1 : registered_numel(tensor_id));
   return request(
       tensor_id, Op::kStateSet, nullptr, false, 0,
       [&](MessageHeader& h, std::vector<ConstBuffer>& segs, int64_t begin, int64_t n) {
         h.aux = uint32_t(buffer);
-        if (buffer == 255) {
+        if (buffer == int(kStepCounterBuffer)) {
           segs.push_back({src, 4});
         } else {
           segs.push_back({src + begin, size_t(n) * 4});

@@ -80,6 +80,11 @@ constexpr uint8_t kFlagDeferred = 0x08;  // PUSH_PULL: reply with the round's me
 constexpr uint8_t kFlagScale = 0x10;     // APPLY: the contribution is one float32 scale of the mean
 constexpr uint8_t kKnownFlags = kFlagConfig | kFlagSkip | kFlagSum | kFlagDeferred | kFlagScale;
 
+// STATE_GET / STATE_SET: `aux` names the buffer: 0 the parameter,
+// 1..kMaxStateBuffers the optimizer state, kStepCounterBuffer the chunk's
+// step counter (one float). Python reads it as fastps._C.STEP_COUNTER_BUFFER.
+constexpr uint32_t kStepCounterBuffer = 255;
+
 // Status codes of ERROR frames (0 everywhere else).
 enum class Status : uint32_t {
   kOk = 0,

@@ -5,6 +5,7 @@ from typing import Dict, List, Tuple
 SHM_MIN_RING_BYTES: int
 SHM_MAX_RING_BYTES: int
 PROTOCOL_VERSION: int
+STEP_COUNTER_BUFFER: int
 
 class OptimKind:
     SGD: "OptimKind"
