@@ -220,3 +220,25 @@ def test_save_and_load_over_two_servers_round_trip(tmp_path):
     id_tensor = torch.tensor(ids)  # alive while the native call reads it
     t.pull(id_tensor.data_ptr(), 40, out.data_ptr(), out.numel())
     assert torch.equal(out, before) and t.step == 1
+
+
+def test_load_of_a_mismatched_or_corrupt_file_over_the_network_changes_nothing(tmp_path):
+    """The network client checks a file as the embedded table does (one check_file_fits):
+    a field that would change the values of absent ids is named; corruption is told apart."""
+    _, (c,) = _job(servers=2)
+    cfg = _C.SparseTableConfig(3, rule=_C.SparseRule.ADAGRAD)
+    c.sparse_create(4, cfg).wait()
+    ids = list(range(10))
+    _push(c, 4, ids, torch.randn(10, 3), 1, _C.SparseOptim(_C.SparseRule.ADAGRAD, lr=0.1)).wait()
+    path = tmp_path / "t.fpst"
+    c.sparse_save(4, cfg, 1, str(path))
+    before = _pull(c, 4, ids, 3, 1)
+    other = _C.SparseTableConfig(3, rule=_C.SparseRule.ADAGRAD, seed=cfg.seed + 1)
+    with pytest.raises(fastps.errors.InvalidArgumentError, match=r"sparse table 4: the file has seed = "):
+        c.sparse_load(4, other, str(path))
+    data = bytearray(path.read_bytes())
+    data[56] ^= 0x01  # inside the seed field: the digest no longer matches
+    path.write_bytes(bytes(data))
+    with pytest.raises(fastps.FastPSError, match="corrupt"):
+        c.sparse_load(4, cfg, str(path))
+    assert torch.equal(_pull(c, 4, ids, 3, 1), before)

@@ -644,11 +644,7 @@ int64_t PsClient::sparse_load(uint64_t table, const SparseTableConfig& config, c
   FASTPS_CHECK(servers > 0, "PsClient is not connected");
   SparseFileReader reader(path);
   const SparseFileHeader h = read_sparse_header(reader);
-  const SparseTableConfig& f = h.config;
-  FASTPS_CHECK(f.dim == config.dim && f.rule == config.rule && f.init == config.init && f.seed == config.seed &&
-                   (f.init == SparseInit::kZeros || (f.init_a == config.init_a && f.init_b == config.init_b)),
-               "fastps: cannot load ", path, " into sparse table ", table, ": the file has ",
-               describe_sparse_config(f), ", the table has ", describe_sparse_config(config));
+  check_file_fits(h, config, path, detail::concat("sparse table ", table), reader);
   const size_t record = size_t(h.record_bytes);
   std::vector<std::vector<uint8_t>> rows(static_cast<size_t>(servers)), pending(static_cast<size_t>(servers));
   std::vector<uint64_t> nrows(static_cast<size_t>(servers), 0), npending(static_cast<size_t>(servers), 0);

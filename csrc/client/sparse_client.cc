@@ -18,16 +18,6 @@ struct SparseTask : Task {
   void run(Shard&) override { fn(*table); }
 };
 
-// The file's config must produce the same values for ids it does not hold.
-void check_same(bool same, const std::string& path, const char* field, const std::string& file,
-                const std::string& live, SparseFileReader& reader) {
-  if (same) return;
-  FASTPS_CHECK_TYPED(CheckpointError, reader.digest_ok(), "fastps: ", path,
-                     " is corrupt (SHA-256 checksum mismatch)");
-  throw InvalidArgument(detail::concat("fastps: cannot load ", path, " into this sparse table: the file has ",
-                                       field, " = ", file, ", the table has ", live));
-}
-
 }  // namespace
 
 ShardedSparseTable::ShardedSparseTable(Server& server, const SparseTableConfig& config,
@@ -197,17 +187,7 @@ void ShardedSparseTable::load(const std::string& path) {
   std::lock_guard<std::mutex> lock(write_mu_);
   SparseFileReader reader(path);
   const SparseFileHeader h = read_sparse_header(reader);
-  const SparseTableConfig& f = h.config;
-  auto str = [](auto v) { return detail::concat(v); };
-  check_same(f.dim == config_.dim, path, "dim", str(f.dim), str(config_.dim), reader);
-  check_same(f.rule == config_.rule, path, "rule", sparse_rule_name(f.rule), sparse_rule_name(config_.rule),
-             reader);
-  check_same(f.init == config_.init, path, "init", sparse_init_name(f.init), sparse_init_name(config_.init),
-             reader);
-  check_same(f.init == SparseInit::kZeros || (f.init_a == config_.init_a && f.init_b == config_.init_b), path,
-             "init parameters", str(f.init_a) + ", " + str(f.init_b),
-             str(config_.init_a) + ", " + str(config_.init_b), reader);
-  check_same(f.seed == config_.seed, path, "seed", str(f.seed), str(config_.seed), reader);
+  check_file_fits(h, config_, path, "this sparse table", reader);
 
   const size_t shards = tables_.size();
   std::vector<std::shared_ptr<SparseTable>> fresh;

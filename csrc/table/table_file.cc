@@ -226,4 +226,27 @@ SparseFileHeader read_sparse_header(SparseFileReader& r) {
   return h;
 }
 
+namespace {
+void check_same(bool same, const std::string& path, const std::string& what, const char* field,
+                const std::string& file, const std::string& live, SparseFileReader& reader) {
+  if (same) return;
+  FASTPS_CHECK_TYPED(CheckpointError, reader.digest_ok(), "fastps: ", path, " is corrupt (SHA-256 checksum mismatch)");
+  throw InvalidArgument(detail::concat("fastps: cannot load ", path, " into ", what, ": the file has ", field, " = ",
+                                       file, ", the table has ", live));
+}
+}  // namespace
+
+void check_file_fits(const SparseFileHeader& h, const SparseTableConfig& live, const std::string& path,
+                     const std::string& what, SparseFileReader& reader) {
+  const SparseTableConfig& f = h.config;
+  auto str = [](auto v) { return detail::concat(v); };
+  check_same(f.dim == live.dim, path, what, "dim", str(f.dim), str(live.dim), reader);
+  check_same(f.rule == live.rule, path, what, "rule", sparse_rule_name(f.rule), sparse_rule_name(live.rule), reader);
+  check_same(f.init == live.init, path, what, "init", sparse_init_name(f.init), sparse_init_name(live.init), reader);
+  check_same(f.init == SparseInit::kZeros || (f.init_a == live.init_a && f.init_b == live.init_b), path, what,
+             "init parameters", str(f.init_a) + ", " + str(f.init_b), str(live.init_a) + ", " + str(live.init_b),
+             reader);
+  check_same(f.seed == live.seed, path, what, "seed", str(f.seed), str(live.seed), reader);
+}
+
 }  // namespace fastps

@@ -84,6 +84,17 @@ void write_sparse_header(SparseFileWriter& w, const SparseTableConfig& c, int64_
                          uint32_t num_sections);
 SparseFileHeader read_sparse_header(SparseFileReader& r);
 
+// Throws unless a file with header `h` can load into a table configured as
+// `live`: the values of ids the file does not hold must come out the same, so
+// dim, rule, initialiser (and its parameters) and seed must match. A mismatch
+// is first told apart from corruption (the rest of the file is hashed:
+// CheckpointError if the digest is wrong), then reported as InvalidArgument
+// naming the field ("cannot load <path> into <what>: the file has dim = 8,
+// the table has 16"). Caps, eviction and admission may differ. Used by every
+// loader (the embedded table and the network client).
+void check_file_fits(const SparseFileHeader& h, const SparseTableConfig& live, const std::string& path,
+                     const std::string& what, SparseFileReader& reader);
+
 // Reads the sections that follow the header: on_row(const uint8_t* record)
 // for each row record (h.record_bytes bytes, RowHeader first) and
 // on_pending(int64_t id, uint64_t count) for each admission count. Throws
