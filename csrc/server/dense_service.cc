@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "common/error.h"
+#include "protocol/keys.h"
 #include "table/sparse_table.h"  // CapacityError
 
 namespace fastps {
@@ -108,7 +109,8 @@ size_t DenseService::fail_unreachable() {
 PsChunk& DenseService::chunk(uint64_t key) {
   auto it = chunks_.find(key);
   FASTPS_CHECK(it != chunks_.end(), "server ", out_.server_id(), " has no chunk with key ", key, " (tensor ",
-               key >> 16, " chunk ", key & 0xffff, "); was it registered?");
+               key >> kChunkIndexBits, " chunk ", key & ((uint64_t{1} << kChunkIndexBits) - 1),
+               "); was it registered?");
   return it->second;
 }
 
