@@ -31,6 +31,7 @@ FAST_BINARIES = {
     "test_shard": [],
     "test_mapped_buffer": [],
     "test_transport": [],
+    "test_consistency": [],
     # Seeded (--seed 1 by default), so a failure here reproduces with the same command.
     "fuzz_protocol": ["--seconds", "3"],
 }

@@ -118,7 +118,7 @@ class PsClient {
   // `src` null (and `src_numel` 0) = a skip. deferred: a fastps.optim chunk
   // under BSP answers with the round's mean gradient and applies nothing
   // until every worker's apply() (Note [Deferred apply] in
-  // server/ps_server.cc); a deferred skip may pass no dst (null, 0).
+  // server/dense_service.cc); a deferred skip may pass no dst (null, 0).
   FuturePtr push_pull(uint32_t tensor_id, const float* src, int64_t src_numel, float* dst,
                       int64_t dst_numel, uint32_t clock, bool deferred = false);
   // This worker's contribution to the step of a deferred round (or of a round

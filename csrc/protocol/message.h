@@ -62,7 +62,7 @@ enum class Op : uint8_t {
   kShutdown = 22,
   kStateGet = 23,
   kStateSet = 24,
-  kApply = 25,      // the step of a deferred round (Note [Deferred apply] in server/ps_server.cc)
+  kApply = 25,      // the step of a deferred round (Note [Deferred apply] in server/dense_service.cc)
   // Sparse tables (32-63; see docs/protocol.md "Sparse tables").
   kSparseCreate = 32,
   kSparsePull = 33,

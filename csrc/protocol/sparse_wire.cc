@@ -111,4 +111,64 @@ SparseOptim decode_sparse_optim(const uint8_t* in, size_t len) {
   return o;
 }
 
+SparseCreateRequest decode_sparse_create(const MessageHeader& h, const uint8_t* p, size_t len) {
+  FASTPS_CHECK(len == kSparseConfigSize, "SPARSE_CREATE payload of ", len, " bytes, expected ", kSparseConfigSize);
+  SparseCreateRequest r;
+  r.config = decode_sparse_config(p, len, &r.spread);
+  r.replace = h.aux == kSparseCreateReplace;
+  return r;
+}
+
+SparsePullRequest decode_sparse_pull(const MessageHeader& h, const uint8_t* p, size_t len) {
+  SparsePullRequest r;
+  r.ids = SparseIds{p, int64_t(h.count)};
+  FASTPS_CHECK(len == size_t(r.ids.n) * 8, "SPARSE_PULL payload of ", len, " bytes for ", r.ids.n, " ids");
+  r.step = h.aux;
+  return r;
+}
+
+SparsePushRequest decode_sparse_push(const MessageHeader& h, const uint8_t* p, size_t len) {
+  FASTPS_CHECK(len >= kSparseOptimSize, "SPARSE_PUSH payload of ", len, " bytes has no optimizer block");
+  SparsePushRequest r;
+  r.optim = decode_sparse_optim(p, len);
+  const int64_t n = h.count;
+  const uint64_t rest = len - kSparseOptimSize;
+  FASTPS_CHECK(rest >= uint64_t(n) * 8, "SPARSE_PUSH payload too short for ", n, " ids");
+  r.ids = SparseIds{p + kSparseOptimSize, n};
+  r.grads = r.ids.data + size_t(n) * 8;
+  r.grad_bytes = rest - uint64_t(n) * 8;
+  r.step = h.aux;
+  return r;
+}
+
+uint32_t decode_sparse_stats(const MessageHeader& h, size_t len) {
+  FASTPS_CHECK(len == 0, "SPARSE_STATS carries no payload");
+  return h.aux;
+}
+
+uint32_t decode_sparse_export(const MessageHeader& h, size_t len) {
+  FASTPS_CHECK(len == 0, "SPARSE_EXPORT carries no payload");
+  return h.aux;
+}
+
+SparseLoadRequest decode_sparse_load(const MessageHeader&, const uint8_t* p, size_t len) {
+  FASTPS_CHECK(len >= kSparseLoadHeadSize, "SPARSE_LOAD payload of ", len, " bytes is too short");
+  SparseLoadRequest r;
+  r.config = decode_sparse_config(p, kSparseConfigSize, &r.spread);
+  r.step = int64_t(load_le64(p + kSparseConfigSize));
+  r.rows = load_le64(p + kSparseConfigSize + 8);
+  r.pending_ids = load_le64(p + kSparseConfigSize + 16);
+  FASTPS_CHECK(r.step >= 0, "SPARSE_LOAD with a negative step");
+  r.record_bytes =
+      int64_t(sizeof(RowHeader)) + 4 * (r.config.dim + sparse_state_floats(r.config.rule, r.config.dim));
+  const uint64_t body = len - kSparseLoadHeadSize;
+  FASTPS_CHECK(r.rows <= body / uint64_t(r.record_bytes) && r.pending_ids <= body / 16 &&
+                   r.rows * uint64_t(r.record_bytes) + r.pending_ids * 16 == body,
+               "SPARSE_LOAD payload of ", len, " bytes does not hold ", r.rows, " rows and ", r.pending_ids,
+               " pending ids");
+  r.records = p + kSparseLoadHeadSize;
+  r.pending = r.records + r.rows * uint64_t(r.record_bytes);
+  return r;
+}
+
 }  // namespace fastps

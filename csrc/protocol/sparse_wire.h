@@ -8,8 +8,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "common/hash.h"
+#include "protocol/message.h"
 #include "table/sparse_optim.h"
 #include "table/sparse_table.h"
 
@@ -18,6 +20,13 @@ namespace fastps {
 constexpr size_t kSparseConfigSize = 80;  // SPARSE_CREATE / SPARSE_LOAD
 constexpr size_t kSparseOptimSize = 80;   // SPARSE_PUSH
 constexpr uint32_t kSparseStatsCount = 8;  // i64 values in a SPARSE_STATS reply
+// SPARSE_LOAD: the config block, then u64 step, u64 rows, u64 pending ids.
+constexpr size_t kSparseLoadHeadSize = kSparseConfigSize + 24;
+// SPARSE_CREATE `aux`: replace a table of another spec (any other value: do not).
+constexpr uint32_t kSparseCreateReplace = 1;
+
+// Op codes 32-63 belong to the sparse tables.
+inline bool is_sparse_op(Op op) { return uint8_t(op) >= 32 && uint8_t(op) <= 63; }
 
 // Note [Sparse id routing]
 // Id i lives on server mix64(i ^ kSparseServerSalt) % S and, inside it, on
@@ -69,5 +78,61 @@ void encode_sparse_optim(const SparseOptim& o, uint8_t out[kSparseOptimSize]);
 // Throws ProtocolError for a short block or an unknown rule, InvalidArgument
 // for a hyperparameter the rule cannot use.
 SparseOptim decode_sparse_optim(const uint8_t* in, size_t len);
+
+// --- Request frames, decoded ---
+// Views into the payload they were decoded from, valid while it lives. A
+// decoder checks what the frame alone decides (sizes, enums, its config or
+// optimizer block) and throws ProtocolError or InvalidArgument; what needs
+// the table (its dim, the server's shards) is the server's to check.
+
+// n int64 ids read in place (possibly unaligned: each is copied out).
+struct SparseIds {
+  const uint8_t* data = nullptr;
+  int64_t n = 0;
+  int64_t operator[](int64_t k) const {
+    int64_t v;
+    std::memcpy(&v, data + 8 * k, 8);
+    return v;
+  }
+};
+
+struct SparseCreateRequest {
+  SparseTableConfig config;
+  SparseSpread spread;
+  bool replace = false;  // aux == kSparseCreateReplace
+};
+SparseCreateRequest decode_sparse_create(const MessageHeader& h, const uint8_t* p, size_t len);
+
+struct SparsePullRequest {
+  SparseIds ids;
+  uint32_t step = 0;  // aux: the table step the rows must reflect
+};
+SparsePullRequest decode_sparse_pull(const MessageHeader& h, const uint8_t* p, size_t len);
+
+struct SparsePushRequest {
+  SparseOptim optim;
+  SparseIds ids;
+  const uint8_t* grads = nullptr;  // float32 rows after the ids (possibly unaligned)
+  uint64_t grad_bytes = 0;         // n x dim x 4 for a table of dim `dim`: the server checks
+  int64_t step = 0;                // aux: the step of this push
+};
+SparsePushRequest decode_sparse_push(const MessageHeader& h, const uint8_t* p, size_t len);
+
+// SPARSE_STATS: aux, the table step to wait for.
+uint32_t decode_sparse_stats(const MessageHeader& h, size_t len);
+// SPARSE_EXPORT: aux, the index of the shard to export.
+uint32_t decode_sparse_export(const MessageHeader& h, size_t len);
+
+struct SparseLoadRequest {
+  SparseTableConfig config;
+  SparseSpread spread;
+  int64_t step = 0;                  // the table step after the load
+  int64_t record_bytes = 0;          // a RowHeader and the row's values
+  const uint8_t* records = nullptr;  // `rows` records, each starting with its id
+  uint64_t rows = 0;
+  const uint8_t* pending = nullptr;  // `pending_ids` (id, count) pairs of 16 bytes
+  uint64_t pending_ids = 0;
+};
+SparseLoadRequest decode_sparse_load(const MessageHeader& h, const uint8_t* p, size_t len);
 
 }  // namespace fastps

@@ -7,29 +7,24 @@
 // [Send queues] in transport/tcp.h: a worker that stops reading slows only
 // itself).
 //
-// Note [Consistency]
-// staleness == 0 (BSP): a chunk sums the pushes of one round; when all
-// num_workers workers pushed (a push may be a "skip": no gradient), the mean
-// gradient (sum / num_workers) goes through the optimizer once and the chunk's
-// version increments. A PULL with aux = v is answered once version >= v. The
-// result equals single-process training on the concatenated global batch.
-// staleness k > 0 (SSP) or -1 (ASP): each push is applied at once (gradient /
-// num_workers, so one round of W pushes moves an SGD model as far as BSP). A
-// PULL from a worker at clock c is answered once every worker has pushed at
-// least c - k times (never waits under ASP).
-// Aggregation-only chunks (REGISTER with kFlagSum) answer each PUSH_PULL of a
-// round with the plain sum of that round, for DistributedOptimizer.
-//
-// Sparse tables (ops SPARSE_*): see Note [Sparse tables on the network
-// server] in ps_server.cc.
-//
-// A worker whose connection drops is marked dead: every request that would
-// wait for it fails at once with an ERROR frame naming it, so survivors raise
-// instead of hanging.
+// The rules of rounds and staleness, and what happens when a worker dies, are
+// Note [Consistency] in server/consistency.h. Dense chunks are served by
+// server/dense_service.h, sparse tables (ops SPARSE_*) by
+// server/sparse_service.h (Note [Sparse tables on the network server]).
 //
 // What a peer can make the server hold while its requests wait is bounded by
 // what it sent, capped per connection, and freed when the connection closes:
-// see Note [Parked requests] in ps_server.cc.
+// see Note [Parked requests] in server/park.h.
+//
+// Note [Local requests]
+// A colocated worker and its server live in one process; sending their frames
+// through the loopback socket would copy every byte twice through the kernel.
+// The worker's client hands such frames to submit_local() instead, and the
+// shard replies through the LocalSink, which copies the values straight into
+// the destination tensor. A pushed gradient is not copied either: the shard
+// reads it in the worker's tensor (Message::in_place; a leading optimizer
+// config block is the one part copied). Everything else (routing to the
+// owning shard, rounds, errors) is the same code as for a remote worker.
 #pragma once
 
 #include <cstdint>
@@ -44,6 +39,11 @@
 #include "transport/transport.h"
 
 namespace fastps {
+
+class ParkBudget;  // server/park.h
+struct ParkCounters;
+class Responder;     // server/responder.h
+class SparseRouter;  // server/sparse_service.h
 
 // Limits on what one connection may park (Note [Parked requests]; docs/protocol.md, "Limits").
 constexpr int64_t kDefaultMaxParkedRequests = int64_t{1} << 16;
@@ -100,11 +100,9 @@ class PsServer {
   // Any thread. Serves `message` as if it came from the local worker.
   void submit_local(Message&& message);
 
-  struct ShardState;  // per-shard chunk table; defined in ps_server.cc
-  class ParkBudget;   // one connection's parked requests; defined in ps_server.cc
-  struct ParkCounters;
-
  private:
+  struct ShardState;  // one shard's chunks, tables and dead workers; defined in ps_server.cc
+
   void on_message(ConnId conn, Message&& message);
   void on_disconnect(ConnId conn, const std::string& reason);
   std::shared_ptr<ParkBudget> make_budget() const;
@@ -114,6 +112,7 @@ class PsServer {
   std::unique_ptr<Server> server_;
   std::vector<std::unique_ptr<ShardState>> shard_state_;  // index = shard
   std::unique_ptr<Transport> transport_;
+  std::unique_ptr<Responder> out_;  // replies through transport_ or local_sink_
   uint16_t port_ = 0;
   // Under submit_mu_: each connection's worker rank and parking budget.
   struct Conn {
@@ -127,9 +126,9 @@ class PsServer {
   LocalSink local_sink_;
   std::shared_ptr<ParkBudget> local_budget_;  // the local worker's (kLocalConn)
 
-  // Loop thread (or a local submitter), under submit_mu_: which dim each
-  // sparse table has, so a pull's reply buffer is sized before the shards run.
-  std::unordered_map<uint64_t, int64_t> sparse_dim_;
+  // Loop thread (or a local submitter), under submit_mu_: the sparse tables
+  // this server holds, and the split of their requests over the shards.
+  std::unique_ptr<SparseRouter> sparse_router_;
 
   void dispatch(ConnId conn, int worker, const std::shared_ptr<ParkBudget>& budget, Message&& message);
   void dispatch_sparse(ConnId conn, int worker, const std::shared_ptr<ParkBudget>& budget, Message&& message);

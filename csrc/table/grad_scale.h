@@ -1,5 +1,5 @@
 // Recognises a gradient edit that is one uniform scale (Note [Deferred apply]
-// in server/ps_server.cc): after backward a worker's .grad holds the round's
+// in server/dense_service.cc): after backward a worker's .grad holds the round's
 // mean; clip_grad_norm_ and GradScaler.unscale_ multiply it by one float32
 // factor, which the worker then sends instead of the whole gradient.
 #pragma once

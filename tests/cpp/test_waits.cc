@@ -20,18 +20,12 @@
 
 #include "client/ps_client.h"
 #include "common/error.h"
+#include "report.h"
 
 using namespace fastps;
+using namespace fastps_test;
 
 namespace {
-
-int passed = 0;
-int failed = 0;
-
-void report(bool ok, const char* name, const std::string& detail = "") {
-  std::printf("%s %s%s%s\n", ok ? "[  OK  ]" : "[ FAIL ]", name, detail.empty() ? "" : ": ", detail.c_str());
-  (ok ? passed : failed) += 1;
-}
 
 // Spins (no sleep: the kernel's timer slack would blur the boundary) until `t`.
 void spin_until(Clock::time_point t) {
@@ -108,6 +102,5 @@ int main() {
     report(interrupted, "future_wait_ends_when_between_throws");
     completion->done();
   }
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed == 0 ? 0 : 1;
+  return summary();
 }

@@ -5,7 +5,7 @@ optimizer state lives only on the servers. Gradients are pushed from
 ``Tensor.register_post_accumulate_grad_hook`` while backward still runs.
 
 Under BSP (the default) a round is deferred (Note [Deferred apply] in
-csrc/server/ps_server.cc): the servers send the mean of all ranks' gradients
+csrc/server/dense_service.cc): the servers send the mean of all ranks' gradients
 back into each rank's ``.grad`` before ``backward()`` returns, as DDP's
 all-reduce does, so a script may clip, unscale or log them; ``step()`` then
 sends one contribution per tensor (nothing, one scale factor such as
