@@ -297,9 +297,10 @@ void check_state_buffer(const char* op, uint32_t tensor_id, int buffer) {
 
 FuturePtr PsClient::state_get(uint32_t tensor_id, int buffer, float* dst, int64_t dst_numel) {
   check_state_buffer("STATE_GET", tensor_id, buffer);
-  check_buffer("STATE_GET", tensor_id, buffer == int(kStepCounterBuffer) ? "step counter" : "destination", dst, dst_numel,
-               buffer == int(kStepCounterBuffer) ? 1 : registered_numel(tensor_id));
-  if (buffer == int(kStepCounterBuffer)) {
+  const bool step_counter = buffer == int(kStepCounterBuffer);
+  check_buffer("STATE_GET", tensor_id, step_counter ? "step counter" : "destination", dst, dst_numel,
+               step_counter ? 1 : registered_numel(tensor_id));
+  if (step_counter) {
     // One float per chunk; the caller reads the first chunk's (all agree).
     return request(
         tensor_id, Op::kStateGet, dst, false, 1,
@@ -454,7 +455,7 @@ FuturePtr PsClient::sparse_create(uint64_t table, const SparseTableConfig& confi
     f.server = s;
     f.header.op = Op::kSparseCreate;
     f.header.key = table;
-    f.header.aux = replace ? 1 : 0;
+    f.header.aux = replace ? kSparseCreateReplace : 0;
     f.segs.push_back({blocks[size_t(s)].data(), kSparseConfigSize});
   }
   return submit(frames, detail::concat("SPARSE_CREATE of sparse table ", table));

@@ -4,14 +4,10 @@
 
 #include "common/error.h"
 #include "protocol/keys.h"
-#include "table/sparse_table.h"  // CapacityError
 
 namespace fastps {
 
 namespace {
-
-// STATE_GET / STATE_SET `aux`: the step counter rather than a buffer (docs/protocol.md).
-constexpr uint32_t kStepCounterBuffer = 255;
 
 // A frame's payload: its own buffer, or (a local request, Note [Local
 // requests] in server/ps_server.h) the worker's memory, valid until the

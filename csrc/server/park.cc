@@ -1,7 +1,6 @@
 #include "server/park.h"
 
 #include "common/error.h"
-#include "table/sparse_table.h"  // CapacityError
 
 namespace fastps {
 
