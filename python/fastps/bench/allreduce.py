@@ -43,7 +43,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .. import _cluster
+from .. import _cluster, _config
 from ._common import (format_size, launch_workers, new_parser, parse_size, positive_int, pyplot,
                       size_sweep, transport_in_use, write_json)
 
@@ -404,7 +404,7 @@ def worker(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
-    timeout = float(os.environ.get("FASTPS_TIMEOUT", "120"))
+    timeout = _config.resolve("timeout")
     names = args.systems
     os.environ["FASTPS_TRANSPORT"] = args.transport  # read when the client connects
     # fastps first: on rank 0 (outside torchrun) it hosts the multi-tenant
