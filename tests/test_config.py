@@ -72,19 +72,19 @@ def test_keyword_beats_environment_beats_default(monkeypatch, name, env_value, p
 def test_bad_environment_values_name_the_variable_and_what_is_allowed(monkeypatch, name, bad):
     s = _config.SETTINGS[name]
     monkeypatch.setenv(s.env, bad)
-    with pytest.raises(fastps.InvalidArgumentError, match=re.escape(f"environment variable {s.env} must be "
-                                                                    f"{s.allowed}, got {bad!r}")):
+    with pytest.raises(fastps.InvalidArgumentError, match=re.escape(f"environment variable {s.env}={bad!r} is not "
+                                                                    f"allowed: it must be {s.allowed}")):
         _config.resolve(name)
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(num_shards=-1), "num_shards must be an integer >= 0"),
-    (dict(num_shards=1.5), "num_shards must be"),
-    (dict(staleness="1"), "staleness must be"),
-    (dict(colocate=1), "colocate must be"),
-    (dict(transport="udp"), "transport must be auto"),
+    (dict(num_shards=-1), "num_shards=-1 is not allowed: it must be an integer >= 0"),
+    (dict(num_shards=1.5), "num_shards=1.5 is not allowed"),
+    (dict(staleness="1"), "staleness='1' is not allowed"),
+    (dict(colocate=1), "colocate=1 is not allowed: it must be True or False"),
+    (dict(transport="udp"), "transport='udp' is not allowed: it must be auto"),
     (dict(shm_ring_bytes=1), f"between {_C.SHM_MIN_RING_BYTES}"),
-    (dict(liveness_timeout=-1), "liveness_timeout must be 0"),
+    (dict(liveness_timeout=-1), "liveness_timeout=-1 is not allowed: it must be 0"),
 ])
 def test_bad_keywords_name_the_keyword(monkeypatch, kwargs, match):
     with pytest.raises(fastps.InvalidArgumentError, match=match):

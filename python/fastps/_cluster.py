@@ -28,15 +28,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 from . import _C, _config
-from ._config import TRANSPORTS  # noqa: F401 - bench/allreduce.py checks against it
 from ._runtime import Config
 from .errors import ConnectionError as FastPSConnectionError
 from .errors import InvalidArgumentError, TimeoutError as FastPSTimeoutError
-
-
-def transport_from_env() -> str:
-    """The transport setting (``FASTPS_TRANSPORT``, default ``auto``), checked."""
-    return _config.resolve("transport")
 
 
 # Requests still unfinished when an error path stopped waiting for them, with

@@ -145,8 +145,11 @@ def resolve(name: str, value: Any = None, *, environ: Optional[Mapping[str, str]
     """
     s = SETTINGS[name]
     env = os.environ if environ is None else environ
+    allowed = s.allowed
     if value is not None:
-        where, shown = s.keyword or s.env, repr(value)
+        given = f"{s.keyword or s.env}={value!r}"
+        if s.kind is bool:
+            allowed = "True or False"
         try:
             out = _convert(s, value)
         except (TypeError, ValueError):
@@ -155,13 +158,13 @@ def resolve(name: str, value: Any = None, *, environ: Optional[Mapping[str, str]
         raw = env.get(s.env)
         if raw is None or raw.strip() == "":
             return s.default
-        where, shown = f"environment variable {s.env}", repr(raw)
+        given = f"environment variable {s.env}={raw!r}"
         try:
             out = _parse(s, raw)
         except ValueError:
             out = None
     if out is None or not s.check(out):
-        raise InvalidArgumentError(f"fastps: {where} must be {s.allowed}, got {shown}")
+        raise InvalidArgumentError(f"fastps: {given} is not allowed: it must be {allowed}")
     return out
 
 
