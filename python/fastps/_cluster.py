@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 from . import _C, _config
+from ._config import TRANSPORTS  # noqa: F401 - demo/launch.py imports it from here
 from ._runtime import Config
 from .errors import ConnectionError as FastPSConnectionError
 from .errors import InvalidArgumentError, TimeoutError as FastPSTimeoutError
