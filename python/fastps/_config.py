@@ -175,6 +175,12 @@ def set_keywords(keywords: Mapping[str, Any]) -> None:
     if unknown:
         raise InvalidArgumentError(f"fastps: unknown setting(s) {', '.join(unknown)}; "
                                    f"the settings are {', '.join(KEYWORDS)}")
+    if not native_takes_settings():
+        given = [k for k in NATIVE_SETTINGS if keywords.get(k) is not None]
+        if given:
+            raise InvalidArgumentError(
+                f"fastps: this build's native core reads {', '.join(SETTINGS[k].env for k in given)} from the "
+                f"environment only; set the variable instead of the keyword {', '.join(given)}")
     _keywords.clear()
     _keywords.update({k: v for k, v in keywords.items() if v is not None})
 
@@ -203,16 +209,25 @@ def is_distributed() -> bool:
 # place that passes them. Until the native module takes them (it exposes
 # _C.set_huge_pages and keyword arguments shm_spin_us/shm_yield_us wherever it
 # takes transport=), the core still reads FASTPS_SHM_SPIN_US, FASTPS_SHM_YIELD_US
-# and FASTPS_HUGE_PAGES itself, with the same meaning.
+# and FASTPS_HUGE_PAGES itself, with the same meaning, and set_keywords refuses
+# them as keywords (they would have no effect).
+NATIVE_SETTINGS = ("huge_pages", "shm_spin_us", "shm_yield_us")
+
+
+def native_takes_settings() -> bool:
+    """Whether the native core takes NATIVE_SETTINGS from here (see the Note above)."""
+    return hasattr(_C, "set_huge_pages")
+
+
 def apply_process_settings(cfg: Any) -> None:
     """Hand the process-wide native settings (``huge_pages``) of ``cfg`` to the core."""
-    if hasattr(_C, "set_huge_pages"):
+    if native_takes_settings():
         _C.set_huge_pages(bool(cfg.huge_pages))
 
 
 def transport_kwargs(cfg: Any) -> Dict[str, Any]:
     """Keyword arguments of ``_C.PsServer``/``_C.PsClient`` for ``cfg``'s transport settings."""
     kw: Dict[str, Any] = dict(transport=cfg.transport, shm_ring_bytes=cfg.shm_ring_bytes)
-    if hasattr(_C, "set_huge_pages"):  # the native core that takes these (Note above)
+    if native_takes_settings():
         kw.update(shm_spin_us=cfg.shm_spin_us, shm_yield_us=cfg.shm_yield_us)
     return kw
