@@ -86,7 +86,8 @@ def test_allreduce_refuses_an_unknown_transport_from_the_environment(monkeypatch
     with pytest.raises(SystemExit) as e:
         fastps_main(["bench", "allreduce"])
     assert e.value.code == 2
-    assert "FASTPS_TRANSPORT='udp': use one of auto, tcp, shm" in capsys.readouterr().err
+    assert "FASTPS_TRANSPORT='udp' is not allowed: it must be auto (shared memory between processes of one " \
+        "host, TCP between hosts), tcp or shm" in capsys.readouterr().err
 
 
 def test_allreduce_nccl_needs_gpus(capsys):

@@ -18,7 +18,7 @@ import pytest
 import torch.distributed as dist
 
 import fastps
-from fastps import _cluster
+from fastps import _cluster, _config
 from fastps._local_job import job_env, rank_env, stop_sessions
 
 WORKER = str(Path(__file__).with_name("lifecycle_worker.py"))
@@ -218,8 +218,9 @@ def test_rank0_warns_when_it_publishes_the_secret_beyond_loopback(monkeypatch, s
     else:
         monkeypatch.setenv("FASTPS_SECRET", secret)
     addr = _this_hosts_address()
+    # the settings as the distributed mode resolves them (FASTPS_SECRET included)
     cfg = _cluster.ClusterConfig(rank=0, world_size=1, master_addr=addr, master_port=_cluster.free_port(),
-                                 timeout=10.0)
+                                 **_config.resolve_all(overrides=dict(timeout=10.0)))
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         cl = _cluster.Cluster(cfg)

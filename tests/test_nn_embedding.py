@@ -540,7 +540,7 @@ def test_misuse_and_rule_errors_are_clear():
 
 
 def test_explicit_sparse_optim_and_ftrl_group_keys():
-    rule = _C.SparseOptim(_C.SparseRule.SGD, lr=1.0)
+    rule = fastps.nn.SparseOptim(fastps.nn.SparseRule.SGD, lr=1.0)  # public, as docs/sparse.md shows
     emb = fastps.nn.Embedding(2, optimizer=rule, init="zeros")
     opt = fastps.optim.Adam(emb.parameters(), lr=123.0, weight_decay=0.1)  # group ignored
     emb(torch.tensor([4])).backward(torch.tensor([[1.0, -1.0]]))
@@ -552,6 +552,16 @@ def test_explicit_sparse_optim_and_ftrl_group_keys():
     opt.step()
     assert torch.equal(ftrl.lookup(torch.tensor([4])), torch.zeros(1, 2))  # |z| <= l1: exactly zero
     assert ftrl.rule == "FTRL"
+
+
+def test_a_sparse_gradient_points_at_fastps_nn():
+    emb = torch.nn.Embedding(4, 2, sparse=True)
+    opt = fastps.optim.Adam(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1])).sum().backward()
+    with pytest.raises(TypeError, match="sparse gradient.*fastps.nn.Embedding") as e:
+        opt.step()
+    assert "torch.optim.SparseAdam" not in str(e.value)
+    assert "DistributedNotSupportedError" not in dir(fastps.nn)
 
 
 def test_frozen_embedding_and_no_grad_forward():

@@ -18,32 +18,32 @@ from typing import List, Optional
 
 
 def _server(args: argparse.Namespace) -> int:
-    from . import _C, _cluster
+    from . import _C, _cluster, _config
 
-    addr = args.master_addr or os.environ.get("MASTER_ADDR")
-    port = args.master_port or int(os.environ.get("MASTER_PORT", "0"))
-    workers = args.workers or int(os.environ.get("WORLD_SIZE", "0"))
+    addr = args.master_addr or _config.resolve("MASTER_ADDR")
+    port = args.master_port or _config.resolve("MASTER_PORT")
+    workers = args.workers or (_config.resolve("WORLD_SIZE") if os.environ.get("WORLD_SIZE") else 0)
     if not addr or not port or workers < 1:
         print("fastps server: need --master-addr, --master-port and --workers (or MASTER_ADDR, "
               "MASTER_PORT, WORLD_SIZE): the job's rendezvous store and its number of workers",
               file=sys.stderr)
         return 2
+    # The flags are the keyword arguments; the rest comes from FASTPS_* or the defaults.
     cfg = _cluster.ClusterConfig(rank=0, world_size=workers, master_addr=addr, master_port=port,
-                                 staleness=args.staleness, bind=args.bind, advertise=args.advertise,
-                                 timeout=args.timeout, num_shards=args.shards,
-                                 liveness_timeout=_cluster._env("FASTPS_LIVENESS_TIMEOUT", float, 30.0),
-                                 send_queue_bytes=_cluster._env("FASTPS_SEND_QUEUE_BYTES", int, 4 << 30))
-    _cluster.validate_liveness(cfg)
+                                 **_config.resolve_all(overrides=dict(
+                                     staleness=args.staleness, bind=args.bind, advertise=args.advertise,
+                                     timeout=args.timeout, num_shards=args.shards)))
+    _config.apply_process_settings(cfg)
     store, _raw = _cluster.open_store(cfg, host_store=False)
-    secret = os.environ.get("FASTPS_SECRET") or _cluster.store_get(
+    secret = cfg.secret or _cluster.store_get(
         store, "secret", cfg.timeout, "rank 0 to publish the job secret", where=f"{addr}:{port}").decode()
     sid = workers + int(store.add("dedicated_servers", 1)) - 1
-    server = _C.PsServer(sid, workers, num_shards=args.shards, staleness=args.staleness,
-                         host=args.bind, port=args.port, secret=secret, timeout_s=cfg.timeout,
-                         transport=_cluster.transport_from_env(), liveness_timeout_s=cfg.liveness_timeout,
+    server = _C.PsServer(sid, workers, num_shards=cfg.num_shards, staleness=cfg.staleness,
+                         host=cfg.bind, port=args.port, secret=secret, timeout_s=cfg.timeout,
+                         **_config.transport_kwargs(cfg), liveness_timeout_s=cfg.liveness_timeout,
                          send_queue_bytes=cfg.send_queue_bytes)
     store.set(f"server/{sid}", f"{_cluster.advertised_host(cfg)}:{server.port}")
-    print(f"fastps server {sid} listening on {args.bind}:{server.port} for {workers} workers", flush=True)
+    print(f"fastps server {sid} listening on {cfg.bind}:{server.port} for {workers} workers", flush=True)
     # Serve until every worker has left the job, one failed (or the process is killed).
     while True:
         try:
@@ -77,17 +77,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     sp.add_argument("--master-addr", help="rendezvous store host (default: $MASTER_ADDR)")
     sp.add_argument("--master-port", type=int, help="rendezvous store port (default: $MASTER_PORT)")
     sp.add_argument("--workers", type=int, help="number of workers in the job (default: $WORLD_SIZE)")
-    sp.add_argument("--bind", default=os.environ.get("FASTPS_BIND", "127.0.0.1"),
-                    help="address to listen on (default 127.0.0.1; 0.0.0.0 for all interfaces)")
-    sp.add_argument("--advertise", default=os.environ.get("FASTPS_ADVERTISE"),
-                    help="address workers use to reach this server (default: --bind, or the hostname)")
+    sp.add_argument("--bind", help="address to listen on (default: $FASTPS_BIND or 127.0.0.1; 0.0.0.0 for all "
+                                   "interfaces)")
+    sp.add_argument("--advertise", help="address workers use to reach this server (default: $FASTPS_ADVERTISE, "
+                                        "else --bind, or the hostname)")
     sp.add_argument("--port", type=int, default=0, help="port (default: ephemeral)")
-    sp.add_argument("--staleness", type=int, default=int(os.environ.get("FASTPS_STALENESS", "0")),
-                    help="0 BSP (default), k SSP, -1 ASP; must match the workers")
-    sp.add_argument("--shards", type=int, default=int(os.environ.get("FASTPS_NUM_SHARDS", "0")),
-                    help="shard threads (default: one per core, at most 8)")
-    sp.add_argument("--timeout", type=float, default=float(os.environ.get("FASTPS_TIMEOUT", "300")),
-                    help="seconds to wait for the job to start")
+    sp.add_argument("--staleness", type=int,
+                    help="0 BSP, k SSP, -1 ASP (default: $FASTPS_STALENESS or 0); must match the workers")
+    sp.add_argument("--shards", type=int,
+                    help="shard threads (default: $FASTPS_NUM_SHARDS, else one per core, at most 8)")
+    sp.add_argument("--timeout", type=float,
+                    help="seconds to wait for the job to start (default: $FASTPS_TIMEOUT or 300)")
     dp = sub.add_parser("demo", help="train a small GPT on the stdlib's source through fastps (local job)",
                         description="Train a byte-level GPT on Python's standard library source, "
                                     "data-parallel through fastps, with progress, TensorBoard logs, "

@@ -14,6 +14,7 @@ every server. All settings are in docs/configuration.md.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import datetime
 import ipaddress
 import os
@@ -26,18 +27,11 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
-from . import _C
+from . import _C, _config
+from ._config import TRANSPORTS  # noqa: F401 - demo/launch.py imports it from here
+from ._runtime import Config
 from .errors import ConnectionError as FastPSConnectionError
 from .errors import InvalidArgumentError, TimeoutError as FastPSTimeoutError
-
-
-# FASTPS_TRANSPORT's values (docs/configuration.md).
-TRANSPORTS = ("auto", "tcp", "shm")
-
-
-def transport_from_env() -> str:
-    """FASTPS_TRANSPORT, normalised (default ``auto``); not validated here."""
-    return os.environ.get("FASTPS_TRANSPORT", "auto").strip().lower() or "auto"
 
 
 # Requests still unfinished when an error path stopped waiting for them, with
@@ -57,7 +51,7 @@ def wait_all(futures, keep: Any, error: BaseException) -> None:
         timeout = 0.0  # Ctrl-C: leave at once
     else:
         cl = cluster()
-        timeout = cl.config.timeout if cl is not None else ClusterConfig.timeout
+        timeout = cl.config.timeout if cl is not None else _config.resolve("timeout")
     deadline = time.monotonic() + timeout
     left = []
     for f in futures:
@@ -80,99 +74,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@dataclass(frozen=True)
-class ClusterConfig:
-    """Settings of the distributed mode (keyword > ``FASTPS_*`` > default)."""
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig(Config):
+    """The job (from torchrun's variables) and every setting (fastps/_config.py)."""
 
     rank: int
     world_size: int
     master_addr: str
     master_port: int
-    staleness: int = 0              # FASTPS_STALENESS: 0 BSP, k SSP, -1 ASP
-    num_servers: int = 0            # FASTPS_NUM_SERVERS: dedicated server processes
-    colocate: bool = True           # FASTPS_COLOCATE: each rank hosts a server
-    bind: str = "127.0.0.1"         # FASTPS_BIND: address servers listen on
-    advertise: Optional[str] = None # FASTPS_ADVERTISE: address others use (default: bind, or hostname)
-    timeout: float = 300.0          # FASTPS_TIMEOUT: every wait's deadline, seconds
-    chunk_bytes: int = 4 << 20      # FASTPS_CHUNK_BYTES
-    connections: int = 1            # FASTPS_CONNECTIONS: TCP connections per server
-    num_shards: int = 0             # FASTPS_NUM_SHARDS: shard threads per server
-    transport: str = "auto"         # FASTPS_TRANSPORT: auto (shm on this host, else tcp), tcp, shm
-    shm_ring_bytes: int = 4 << 20   # FASTPS_SHM_RING_BYTES: each shared-memory ring
-    liveness_timeout: float = 30.0  # FASTPS_LIVENESS_TIMEOUT: a peer silent this long is dead (0: off)
-    send_queue_bytes: int = 4 << 30 # FASTPS_SEND_QUEUE_BYTES: replies a server holds for a worker
-
-
-def _env(name: str, kind, default):
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        if kind is bool:
-            return raw.lower() in ("1", "true", "yes", "on")
-        return kind(raw)
-    except ValueError:
-        raise InvalidArgumentError(f"fastps: environment variable {name}={raw!r} is not a {kind.__name__}") from None
 
 
 def is_distributed_env() -> bool:
     """True when this process was launched as one rank of several (torchrun)."""
-    return _env("WORLD_SIZE", int, 1) > 1
+    return _config.is_distributed()
 
 
 def config_from_env(**overrides) -> ClusterConfig:
-    world = _env("WORLD_SIZE", int, 1)
-    rank = _env("RANK", int, 0)
-    addr = os.environ.get("MASTER_ADDR")
-    port = _env("MASTER_PORT", int, 0)
+    """The distributed mode's configuration: ``overrides`` (None: not given), then the
+    keywords of :func:`fastps.init`, then ``FASTPS_*`` variables, then the defaults."""
+    addr = _config.resolve("MASTER_ADDR")
+    port = _config.resolve("MASTER_PORT")
     if not addr or not port:
         raise InvalidArgumentError(
             "fastps: WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set; launch with torchrun "
             "or set them to the rendezvous store's address")
-    cfg = dict(
-        rank=rank, world_size=world, master_addr=addr, master_port=port,
-        staleness=_env("FASTPS_STALENESS", int, 0),
-        num_servers=_env("FASTPS_NUM_SERVERS", int, 0),
-        colocate=_env("FASTPS_COLOCATE", bool, True),
-        bind=os.environ.get("FASTPS_BIND", "127.0.0.1"),
-        advertise=os.environ.get("FASTPS_ADVERTISE") or None,
-        timeout=_env("FASTPS_TIMEOUT", float, 300.0),
-        chunk_bytes=_env("FASTPS_CHUNK_BYTES", int, 4 << 20),
-        connections=_env("FASTPS_CONNECTIONS", int, 1),
-        num_shards=_env("FASTPS_NUM_SHARDS", int, 0),
-        transport=transport_from_env(),
-        shm_ring_bytes=_env("FASTPS_SHM_RING_BYTES", int, 4 << 20),
-        liveness_timeout=_env("FASTPS_LIVENESS_TIMEOUT", float, 30.0),
-        send_queue_bytes=_env("FASTPS_SEND_QUEUE_BYTES", int, 4 << 30),
-    )
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
-    c = ClusterConfig(**cfg)
+    c = ClusterConfig(rank=_config.resolve("RANK"), world_size=_config.resolve("WORLD_SIZE"),
+                      master_addr=addr, master_port=port, **_config.resolve_all(overrides=overrides))
     if not 0 <= c.rank < c.world_size:
         raise InvalidArgumentError(f"fastps: RANK={c.rank} is outside WORLD_SIZE={c.world_size}")
-    if c.staleness < -1:
-        raise InvalidArgumentError(f"fastps: staleness must be -1 (ASP), 0 (BSP) or k > 0 (SSP), got {c.staleness}")
-    if c.transport not in TRANSPORTS:
-        raise InvalidArgumentError(
-            f"fastps: FASTPS_TRANSPORT must be auto (shared memory between processes of one host, TCP "
-            f"between hosts), tcp or shm, got {c.transport!r}")
-    if not _C.SHM_MIN_RING_BYTES <= c.shm_ring_bytes <= _C.SHM_MAX_RING_BYTES:
-        raise InvalidArgumentError(
-            f"fastps: FASTPS_SHM_RING_BYTES must be between {_C.SHM_MIN_RING_BYTES} and {_C.SHM_MAX_RING_BYTES}, "
-            f"got {c.shm_ring_bytes}")
-    validate_liveness(c)
     if not c.colocate and c.num_servers < 1:
         raise InvalidArgumentError("fastps: FASTPS_COLOCATE=0 needs FASTPS_NUM_SERVERS >= 1 dedicated servers")
     return c
 
 
-def validate_liveness(c: ClusterConfig) -> None:
-    """Checks FASTPS_LIVENESS_TIMEOUT and FASTPS_SEND_QUEUE_BYTES (docs/configuration.md)."""
-    if not (c.liveness_timeout == 0 or 0.1 <= c.liveness_timeout <= 1e6):
+def check_settings_unchanged(cfg: Config) -> None:
+    """Raise if the distributed mode started with other settings than ``cfg`` (a
+    :func:`fastps.init` called after the job's connections were made)."""
+    cl = _cluster
+    if cl is None:
+        return
+    changed = [f.name for f in dataclasses.fields(Config) if getattr(cfg, f.name) != getattr(cl.config, f.name)]
+    if changed:
         raise InvalidArgumentError(
-            f"fastps: FASTPS_LIVENESS_TIMEOUT must be 0 (off) or between 0.1 and 1e6 seconds, got {c.liveness_timeout}")
-    if c.send_queue_bytes < 64 << 10:
-        raise InvalidArgumentError(
-            f"fastps: FASTPS_SEND_QUEUE_BYTES must be at least 65536, got {c.send_queue_bytes}")
+            f"fastps: init() changes {', '.join(changed)} after the distributed job started (the first "
+            "optimizer, embedding or Client connected this rank); call fastps.init(...) before creating them")
 
 
 def advertised_host(cfg: ClusterConfig) -> str:
@@ -328,6 +273,7 @@ class Cluster:
 
     def __init__(self, cfg: ClusterConfig) -> None:
         self.config = cfg
+        _config.apply_process_settings(cfg)
         self.rank = cfg.rank
         self.world_size = cfg.world_size
         self.store, self._raw_store = open_store(cfg)
@@ -338,8 +284,7 @@ class Cluster:
             self.server = _C.PsServer(cfg.rank, cfg.world_size, num_shards=cfg.num_shards,
                                       staleness=cfg.staleness, host=cfg.bind, port=0,
                                       secret=self.secret, timeout_s=cfg.timeout,
-                                      transport=cfg.transport, shm_ring_bytes=cfg.shm_ring_bytes,
-                                      liveness_timeout_s=cfg.liveness_timeout,
+                                      **_config.transport_kwargs(cfg), liveness_timeout_s=cfg.liveness_timeout,
                                       send_queue_bytes=cfg.send_queue_bytes)
             self.store.set(f"server/{cfg.rank}", f"{advertised_host(cfg)}:{self.server.port}")
         self.num_servers = (cfg.world_size if cfg.colocate else 0) + cfg.num_servers
@@ -353,8 +298,7 @@ class Cluster:
             addrs.append((host, int(port)))
         self.client = _C.PsClient(cfg.rank, secret=self.secret, timeout_s=cfg.timeout,
                                   chunk_bytes=cfg.chunk_bytes, connections_per_peer=cfg.connections,
-                                  transport=cfg.transport, shm_ring_bytes=cfg.shm_ring_bytes,
-                                  liveness_timeout_s=cfg.liveness_timeout)
+                                  **_config.transport_kwargs(cfg), liveness_timeout_s=cfg.liveness_timeout)
         self.client.connect(addrs)
         if self.server is not None:
             # The colocated server is reached without the socket (Note [Local requests]).
@@ -366,7 +310,7 @@ class Cluster:
         atexit.register(self._at_exit)
 
     def _exchange_secret(self) -> str:
-        s = os.environ.get("FASTPS_SECRET")
+        s = self.config.secret
         if s:
             return s
         if self.rank == 0:

@@ -38,8 +38,9 @@ def check_grad(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Return a contiguous float32 view of ``g`` matching ``p``, or raise TypeError."""
     if g.is_sparse or g.layout != torch.strided:
         raise TypeError(
-            f"fastps: got a sparse gradient; fastps.optim supports dense {SUPPORTED}. "
-            "Use torch.optim.SparseAdam for sparse embedding gradients"
+            f"fastps: got a sparse gradient (torch.nn.Embedding(sparse=True)?); fastps.optim supports dense "
+            f"{SUPPORTED}. For sparse embeddings use fastps.nn.Embedding or fastps.nn.EmbeddingBag: their rows "
+            "live on the parameter servers and the same fastps.optim optimizer trains them (docs/sparse.md)"
         )
     if g.device.type != "cpu" or g.dtype != torch.float32:
         raise TypeError(

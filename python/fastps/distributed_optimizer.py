@@ -45,12 +45,13 @@ Note [An Optimizer that aliases the wrapped one]
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 from . import _C, _cluster
-from ._tensor import GradSnapshot, check_grad, check_param, grad_changed, grad_snapshot
+from ._sender import GradientSender, Sent
+from ._tensor import check_grad, check_param, grad_snapshot
 from .errors import FastPSError
 
 
@@ -110,15 +111,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         torch.optim.Optimizer.__setstate__(self, {})
         self._cluster = _cluster.cluster()
         self._overlap = overlap
-        self._ids: Dict[int, int] = {}
         self._numel: Dict[int, int] = {}  # id(p) -> numel registered
-        # id(p) -> (push_pull future, the gradient, the parameter, its grad_snapshot() when sent)
-        self._inflight: Dict[int, Tuple[Any, torch.Tensor, torch.Tensor, GradSnapshot]] = {}
-        self._clock = 0
-        self._sync = True
         self._synchronized = False  # the gradients hold a completed round's average
-        self._backward_queued = False  # a callback waits for the end of the running backward
-        self._hooks: List[Any] = []
+        self._sender: Optional[GradientSender] = None
         if self._cluster is None:
             return
         # Each trainable parameter once (torch allows one twice in a group, with a
@@ -132,34 +127,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     params.append(p)
         for p in params:
             check_param(p)
-        client = self._cluster.client
-        h = _C.OptimHyper()
-        futures = []
-        for p in params:
-            tid = self._cluster.next_tensor_id()
-            self._ids[id(p)] = tid
             self._numel[id(p)] = p.numel()
-            if self._cluster.rank == 0:
-                # A non-contiguous parameter (a strided view) travels through a contiguous copy.
-                init = p.detach().contiguous()
-                futures.append((client.register_dense(tid, p.numel(), True, h, init.data_ptr(), init.numel()),
-                                init))
-            else:
-                futures.append((client.register_dense(tid, p.numel(), True, h, 0, 0), None))
-        for f, _ in futures:
-            f.wait()
-        if params:
-            self._cluster.barrier(f"register/{self._ids[id(params[0])]}", "every rank to register")
-            # An aggregation key holds rank 0's initial values until its first round.
-            dsts = [p.detach() if p.is_contiguous() else torch.empty(p.shape, dtype=p.dtype) for p in params]
-            for f in [client.pull(self._ids[id(p)], d.data_ptr(), d.numel(), 0) for p, d in zip(params, dsts)]:
-                f.wait()
-            with torch.no_grad():
-                for p, d in zip(params, dsts):
-                    if not p.is_contiguous():
-                        p.copy_(d)
-        for p in params:
-            self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
+        self._sender = GradientSender(self._cluster)
+        # An aggregation key holds rank 0's initial values until its first round.
+        self._sender.register(params, True, [_C.OptimHyper()] * len(params))
+        self._sender.add_hooks(params, self._hook)
 
     # -- the wrapped optimizer's attributes: one copy, read and written through --------
     @property  # type: ignore[override]
@@ -237,27 +209,21 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return f"DistributedOptimizer({self.optimizer!r})"
 
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        """Backward passes inside accumulate locally without communication."""
-        old, self._sync = self._sync, False
-        try:
-            yield
-        finally:
-            self._sync = old
+    def no_sync(self) -> Any:
+        """Backward passes inside accumulate locally without communication (a context manager)."""
+        if self._sender is None:
+            return contextlib.nullcontext()
+        return self._sender.no_sync()
 
     # -- averaging -------------------------------------------------------------------
     def _hook(self, p: torch.Tensor) -> None:
-        if not self._sync:
-            return
-        if not self._backward_queued:
+        sender = self._sender
+        if sender.at_end_of_backward(self._end_of_backward):
             # See Note [Averaged at the end of backward].
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-            self._backward_queued = True
             self._synchronized = False  # new gradients: the next round is theirs
         if not self._overlap:
             return
-        if id(p) in self._inflight:
+        if id(p) in sender.inflight:
             raise FastPSError(
                 "fastps: a parameter's gradient arrived twice before the end of the backward that sent it "
                 "first (that backward was interrupted). Call optimizer.synchronize() (or step()) after an "
@@ -278,9 +244,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         g = check_grad(p, p.grad)  # the parameter's shape, contiguous
         if g is not p.grad:
             p.grad = g
-        fut = self._cluster.client.push_pull(self._ids[id(p)], g.data_ptr(), g.numel(), g.data_ptr(), g.numel(),
-                                             self._clock + 1)
-        self._inflight[id(p)] = (fut, g, p, grad_snapshot(p))
+        sender = self._sender
+        fut = sender.client.push_pull(sender.ids[id(p)], g.data_ptr(), g.numel(), g.data_ptr(), g.numel(),
+                                      sender.clock + 1)
+        sender.track(p, (fut,), g, grad_snapshot(p))
 
     def synchronize(self) -> None:
         """Average the gradients now unless the last backward (or ``synchronize()``) did.
@@ -298,10 +265,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def _round(self) -> None:
         """Send every gradient not yet sent, wait for the sums, divide by the world size."""
-        self._backward_queued = False
+        sender = self._sender
+        sender.backward_queued = False
         for g in self.optimizer.param_groups:
             for p in g["params"]:
-                if id(p) not in self._ids:
+                if id(p) not in sender.ids:
                     if p.requires_grad and p.numel() > 0:
                         raise FastPSError(
                             "fastps: DistributedOptimizer has a trainable parameter it did not register (a "
@@ -309,25 +277,18 @@ class DistributedOptimizer(torch.optim.Optimizer):
                             "construction); its gradient would not be averaged. Build the DistributedOptimizer "
                             "after the wrapped optimizer has all its groups and trainable parameters")
                     continue
-                if id(p) not in self._inflight:
+                if id(p) not in sender.inflight:
                     self._send(p)
-        try:
-            for fut, *_ in self._inflight.values():
-                fut.wait()
-            if any(grad_changed(p, snapshot) for _, _, p, snapshot in self._inflight.values()):
-                raise FastPSError(
-                    "fastps: a gradient was changed while it was being averaged across workers (between "
-                    "its accumulation hook and the end of backward, or by a gradient hook). Edit gradients "
-                    "after backward returns: they hold the average then")
-            for _, g, *_ in self._inflight.values():
-                g.div_(self._cluster.world_size)
-        except BaseException as e:
-            _cluster.wait_all((fut for fut, *_ in self._inflight.values()),  # sums may still be landing
-                              list(self._inflight.values()), e)
-            raise
-        finally:
-            self._inflight.clear()
-            self._clock += 1  # this round was sent, whatever happened to it
+        world = self._cluster.world_size
+
+        def average(sent: List[Sent]) -> None:
+            for s in sent:
+                s.keep.div_(world)
+
+        sender.complete_round(
+            "fastps: a gradient was changed while it was being averaged across workers (between "
+            "its accumulation hook and the end of backward, or by a gradient hook). Edit gradients "
+            "after backward returns: they hold the average then", average)
         self._synchronized = True
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:

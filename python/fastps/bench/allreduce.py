@@ -43,7 +43,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .. import _cluster
+from .. import _config
+from ..errors import InvalidArgumentError
 from ._common import (format_size, launch_workers, new_parser, parse_size, positive_int, pyplot,
                       size_sweep, transport_in_use, write_json)
 
@@ -92,7 +93,7 @@ def parse_args(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> 
                           "and nccl where CUDA and 2 GPUs are present)")
     job.add_argument("-np", "--nproc", type=int, default=2, metavar="N",
                      help="workers to start when not under torchrun (2)")
-    job.add_argument("--transport", choices=_cluster.TRANSPORTS, default=None,
+    job.add_argument("--transport", choices=_config.TRANSPORTS, default=None,
                      help="fastps's transport, set as FASTPS_TRANSPORT for the workers "
                           "(default: $FASTPS_TRANSPORT, else auto)")
     job.add_argument("--threads", type=positive_int, default=1, metavar="N",
@@ -126,9 +127,10 @@ def parse_args(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> 
         if "tcp-raw" in args.systems and world != 2:
             ap.error(f"--systems tcp-raw needs exactly 2 workers (-np 2), got {world}")
     if args.transport is None:
-        args.transport = _cluster.transport_from_env()
-        if args.transport not in _cluster.TRANSPORTS:
-            ap.error(f"FASTPS_TRANSPORT={args.transport!r}: use one of {', '.join(_cluster.TRANSPORTS)}")
+        try:
+            args.transport = _config.resolve("transport")
+        except InvalidArgumentError as e:
+            ap.error(str(e))
     return args
 
 
@@ -404,7 +406,7 @@ def worker(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
-    timeout = float(os.environ.get("FASTPS_TIMEOUT", "120"))
+    timeout = _config.resolve("timeout")
     names = args.systems
     os.environ["FASTPS_TRANSPORT"] = args.transport  # read when the client connects
     # fastps first: on rank 0 (outside torchrun) it hosts the multi-tenant

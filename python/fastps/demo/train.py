@@ -41,6 +41,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 import fastps
+from fastps import _config
 from fastps.demo.data import Corpus, load_corpus, train_batch, val_batch, val_windows
 from fastps.demo.model import GPT, GPTConfig
 
@@ -385,7 +386,7 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
 
 def _train(args: argparse.Namespace, rank: int, world: int, closing: contextlib.ExitStack) -> int:
     backend = args.backend
-    staleness = int(os.environ.get("FASTPS_STALENESS", "0")) if backend == "fastps" else 0
+    staleness = _config.resolve("staleness") if backend == "fastps" else 0
     mode = {0: "bsp", -1: "asp"}.get(staleness, f"ssp(k={staleness})") if world > 1 else "single"
     clip = args.clip
     if clip > 0 and world > 1 and staleness != 0:
@@ -468,8 +469,7 @@ def _train(args: argparse.Namespace, rank: int, world: int, closing: contextlib.
     if rank == 0:
         servers = 0
         if backend == "fastps" and world > 1:
-            colocated = os.environ.get("FASTPS_COLOCATE", "1").lower() not in ("0", "false", "no", "off")
-            servers = (world if colocated else 0) + int(os.environ.get("FASTPS_NUM_SERVERS", "0") or 0)
+            servers = (world if _config.resolve("colocate") else 0) + _config.resolve("num_servers")
         info = {
             "backend": backend, "mode": mode, "workers": world, "staleness": staleness, "clip": clip,
             "servers": servers,

@@ -22,22 +22,15 @@ from typing import Any, Dict, List, Optional, Protocol
 import torch
 
 from .. import _C, _cluster, _runtime
-from ..errors import FastPSError
 
 __all__ = [
-    "DistributedNotSupportedError",
     "TableSpec",
     "SparseBackend",
     "EmbeddedTable",
     "RemoteTable",
     "make_backend",
-    "check_supported",
     "read_file_header",
 ]
-
-
-class DistributedNotSupportedError(FastPSError, NotImplementedError):
-    """Kept for compatibility: raised by nothing since the distributed mode has :class:`RemoteTable`."""
 
 
 @dataclass(frozen=True)
@@ -268,10 +261,6 @@ class RemoteTable:
         s = dict(self._client.sparse_stats(self._id, self._step))
         s.pop("step", None)
         return s
-
-
-def check_supported() -> None:
-    """Kept for compatibility: every mode has a backend now (this never raises)."""
 
 
 def make_backend(spec: TableSpec, *, replaces: Optional[SparseBackend] = None) -> SparseBackend:

@@ -11,7 +11,7 @@ that holds its handle parameter:
   ``lr_decay``, ``initial_accumulator_value``, ``maximize``, ``l1``, ``l2``,
   ``ftrl_beta`` the group holds (extra keys of a param group are allowed), the
   rule's defaults for the rest.
-* ``optimizer=_C.SparseOptim(...)``: exactly that rule and those
+* ``optimizer=fastps.nn.SparseOptim(...)``: exactly that rule and those
   hyperparameters; the group only decides when the rows step (so LR schedulers
   do not apply).
 
@@ -60,9 +60,9 @@ def resolve_optimizer_arg(optimizer: Union[None, str, Any]) -> Explicit:
         if rule is None:
             raise InvalidArgumentError(
                 f"fastps.nn: unknown sparse optimizer {optimizer!r}; choose one of {sorted(RULE_NAMES)} "
-                "or pass a fastps._C.SparseOptim")
+                "or pass a fastps.nn.SparseOptim")
         return rule
-    raise TypeError(f"fastps.nn: optimizer must be None, a name or a _C.SparseOptim, got {type(optimizer).__name__}")
+    raise TypeError(f"fastps.nn: optimizer must be None, a name or a fastps.nn.SparseOptim, got {type(optimizer).__name__}")
 
 
 def implied_rule(optimizer: torch.optim.Optimizer) -> Any:

@@ -548,7 +548,7 @@ class Embedding(_SparseEmbedding):
         num_embeddings: None (any int64 id) or the id bound.
         optimizer: None (the sparse counterpart of the stepping optimizer), a rule
             name (``'sgd'``, ``'adagrad'``, ``'rowwise_adagrad'``, ``'adam'``,
-            ``'row_adam'``, ``'ftrl'``) or a ``fastps._C.SparseOptim``.
+            ``'row_adam'``, ``'ftrl'``) or a ``fastps.nn.SparseOptim``.
         init: ``'uniform'`` (``init_range`` r or (low, high), default 0.05),
             ``'normal'`` (``mean``, ``std``; default N(0, 1) as torch) or ``'zeros'``.
         seed: seed of the initial values (give tables that share ids different seeds).

@@ -86,7 +86,7 @@ class ServerOptimizerMixin:
         self._fastps_dist: Optional[DistState] = None
         cl = _cluster.cluster()
         if cl is not None:
-            self._fastps_dist = DistState(self, cl, overlap=_cluster._env("FASTPS_OVERLAP", bool, True))
+            self._fastps_dist = DistState(self, cl, overlap=cl.config.overlap)
             self._fastps_dist.register_groups(self.param_groups)  # type: ignore[attr-defined]
         # GradScaler must unscale grads itself and then call step(): our step has
         # no grad_scale/found_inf arguments (torch sets this for fused=True).

@@ -35,6 +35,7 @@ import torch
 from .. import _C
 from ..errors import FastPSError
 from .._cluster import wait_all
+from .._sender import STEP_BUFFER, GradientSender, Sent
 from .._tensor import GradSnapshot, check_grad, check_param, grad_changed, grad_snapshot
 
 
@@ -61,29 +62,26 @@ class DistState:
         self.opt = opt
         self.cluster = cluster
         self.client = cluster.client
-        self.ids: Dict[int, int] = {}
+        # Registration, hooks, no_sync, the in-flight map ((push, pull) per parameter, the
+        # gradient sent kept alive, its snapshot: a later edit is detected at step()) and the
+        # round clock.
+        self.sender = GradientSender(cluster)
+        self.ids = self.sender.ids
         # Index of each parameter's group: torch's load_state_dict replaces the
         # group dicts, so the live dict is looked up at every push.
         self.group_index: Dict[int, int] = {}
-        self.clock = 0
-        # id(p) -> (push, pull, the gradient sent (kept alive), the parameter, the
-        # grad_snapshot() taken when sent: a later edit is detected at step())
-        self.inflight: Dict[int, Tuple[Any, Any, Any, Any, GradSnapshot]] = {}
         # id(p) -> (numel registered, this optimizer's clock at registration): a
         # chunk's rounds count from its registration (add_param_group after
         # training started), and the pointers handed to the servers must still
         # describe that many float32 values.
         self.registered: Dict[int, Tuple[int, int]] = {}
-        self.sync = True
         self.overlap = overlap
-        self.hooks: List[Any] = []
         # Note [Deferred apply]: BSP with the pushes in backward.
         self.deferred = overlap and cluster.config.staleness == 0
         self.ddp: Optional[bool] = None  # a DDP wrapper averages the gradients (decided once)
         # id(p) -> (mean future, the gradient the mean lands in or None, the parameter)
         self.round: Dict[int, Tuple[Any, Optional[torch.Tensor], torch.Tensor]] = {}
         self.round_landed = False  # the round's means are in .grad; step() not yet called
-        self.backward_open = False  # an end-of-backward callback is queued
         # id(p) -> .grad as the mean left it (to tell an edit from none)
         self.landed: Dict[int, GradSnapshot] = {}
         # Copies of the means, kept once a step saw an edit: a uniform scale
@@ -95,56 +93,48 @@ class DistState:
     def register_groups(self, groups: List[Dict[str, Any]]) -> None:
         """Create the chunks (rank 0's values), then every rank pulls them."""
         params = []
-        futures = []
+        hypers = []
+        seen = set()
         for group in groups:
             gi = next(i for i, g in enumerate(self.opt.param_groups) if g is group)
             hyper = self.opt._hyper(group)
             for p in group["params"]:
-                if p.numel() == 0 or id(p) in self.ids:
+                if p.numel() == 0 or id(p) in self.ids or id(p) in seen:
                     continue
                 if not p.is_contiguous():
                     raise TypeError(
                         "fastps: a parameter is not contiguous (a transposed or sliced view); the "
                         "distributed mode reads and writes parameters in place. Make it contiguous "
                         "before building the optimizer (p.data = p.data.contiguous())")
-                tid = self.cluster.next_tensor_id()
                 self.registered[id(p)] = (p.numel(), self.clock)
-                self.ids[id(p)] = tid
                 self.group_index[id(p)] = gi
-                data = p.detach()
-                init, init_numel = (data.data_ptr(), data.numel()) if self.cluster.rank == 0 else (0, 0)
-                futures.append((self.client.register_dense(tid, p.numel(), False, hyper, init, init_numel), data))
+                seen.add(id(p))
                 params.append(p)
-        for f, _ in futures:
-            f.wait()
-        if not params:
-            return
-        first = self.ids[id(params[0])]
-        self.cluster.barrier(f"register/{first}", "every rank to register its parameters")
-        pulls = [self.client.pull(self.ids[id(p)], p.detach().data_ptr(), p.numel(), 0) for p in params]
-        for f in pulls:
-            f.wait()  # every rank now starts from rank 0's parameters, as DDP does
+                hypers.append(hyper)
+        self.sender.register(params, False, hypers)
         if self.overlap:
-            for p in params:
-                if p.requires_grad:
-                    self.hooks.append(p.register_post_accumulate_grad_hook(self._hook))
+            self.sender.add_hooks([p for p in params if p.requires_grad], self._hook)
+
+    @property
+    def clock(self) -> int:
+        """Rounds sent (completed or failed) by this optimizer."""
+        return self.sender.clock
+
+    @property
+    def inflight(self) -> Dict[int, Sent]:
+        return self.sender.inflight
 
     # -- the step ----------------------------------------------------------------
     def _hook(self, p: torch.Tensor) -> None:
-        if not self.sync:
-            return
         if self._in_ddp():
             return  # DDP averages the gradients; step() sends them (Note [Deferred apply])
         if self.deferred:
-            if not self.backward_open:
-                self.backward_open = True
-                if self.round_landed:
-                    # Another backward before step() (GradScaler skipped it, or
-                    # accumulation without no_sync()): the servers drop the
-                    # unapplied round when this one's first push arrives, and
-                    # .grad (mean + this backward's) is averaged again, as DDP does.
-                    self._clear_round()
-                torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+            if self.sender.at_end_of_backward(self._finish_round) and self.round_landed:
+                # Another backward before step() (GradScaler skipped it, or
+                # accumulation without no_sync()): the servers drop the
+                # unapplied round when this one's first push arrives, and
+                # .grad (mean + this backward's) is averaged again, as DDP does.
+                self._clear_round()
             self._send_mean(p)
             return
         if id(p) in self.inflight:
@@ -189,7 +179,7 @@ class DistState:
         else:
             push = self.client.push(tid, g.data_ptr(), g.numel(), hyper, clock)
         pull = self.client.pull(tid, p.detach().data_ptr(), numel, clock)
-        self.inflight[id(p)] = (push, pull, g, p, snapshot)
+        self.sender.track(p, (push, pull), g, snapshot)
 
     # -- deferred rounds (Note [Deferred apply]) ----------------------------------
     def _in_ddp(self) -> bool:
@@ -225,12 +215,9 @@ class DistState:
         fut = self.client.push_pull(tid, ptr, n, ptr, n, self.clock + 1, deferred=True)
         self.round[id(p)] = (fut, g, p)
 
-    def _backward_done(self) -> None:
-        """End of a backward that pushed: the other parameters' skips, then every mean."""
-        self.backward_open = False
-        self._finish_round()
-
     def _finish_round(self) -> None:
+        """End of a backward that pushed (or a step() without one): the other parameters'
+        skips, then every mean."""
         for p, _group, _tid, _names in self._registered():
             if id(p) not in self.round:
                 if p.grad is not None:
@@ -264,7 +251,7 @@ class DistState:
         self.round.clear()
         self.landed.clear()
         self.round_landed = False
-        self.clock += 1
+        self.sender.clock += 1
 
     def _contribution(self, key: int, p: torch.Tensor) -> Tuple[int, float, bool, Optional[torch.Tensor]]:
         """(gradient address or 0, scale, skip, tensor to keep alive) for p's APPLY."""
@@ -326,7 +313,7 @@ class DistState:
             wait_all(futures, keep, e)
             raise
         finally:
-            self.clock += 1
+            self.sender.clock += 1
 
     def step(self) -> None:
         if self._in_ddp():
@@ -339,45 +326,18 @@ class DistState:
                     continue
                 if id(p) not in self.inflight:
                     self._send(p)
-        try:
-            for push, pull, *_ in self.inflight.values():
-                push.wait()
-                pull.wait()
-            self._check_unchanged()
-        except BaseException as e:
-            wait_all((f for push, pull, *_ in self.inflight.values() for f in (push, pull)),
-                     list(self.inflight.values()), e)
-            raise
-        finally:
-            self.inflight.clear()
-            self.clock += 1  # this round was sent, whatever happened to it
+        self.sender.complete_round(
+            "fastps: a parameter's gradient was changed after backward pushed it to the parameter "
+            "servers (clip_grad_norm_, GradScaler.unscale_ or another edit between backward and "
+            "optimizer.step()); this step used the gradients as backward produced them. Under "
+            "SSP/ASP (FASTPS_STALENESS != 0) each gradient is applied as it arrives during "
+            "backward: use BSP (FASTPS_STALENESS=0, the default), which honours such edits, or "
+            "set FASTPS_OVERLAP=0 to push in step(), after the edits (each worker then edits its "
+            "own local gradient, e.g. clips by its local norm), or drop the edit")
 
-    def _check_unchanged(self) -> None:
-        """Raise if a gradient was replaced or edited in place after it was pushed.
-
-        With overlap on, a gradient leaves during backward; clip_grad_norm_,
-        GradScaler.unscale_ or any other edit between backward and step() would
-        be silently ignored. Checked after the step completed, so every rank
-        applied the same (unedited) gradients and stays consistent.
-        """
-        for _, _, _, p, snapshot in self.inflight.values():
-            if grad_changed(p, snapshot):
-                raise FastPSError(
-                    "fastps: a parameter's gradient was changed after backward pushed it to the parameter "
-                    "servers (clip_grad_norm_, GradScaler.unscale_ or another edit between backward and "
-                    "optimizer.step()); this step used the gradients as backward produced them. Under "
-                    "SSP/ASP (FASTPS_STALENESS != 0) each gradient is applied as it arrives during "
-                    "backward: use BSP (FASTPS_STALENESS=0, the default), which honours such edits, or "
-                    "set FASTPS_OVERLAP=0 to push in step(), after the edits (each worker then edits its "
-                    "own local gradient, e.g. clips by its local norm), or drop the edit")
-
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        old, self.sync = self.sync, False
-        try:
-            yield
-        finally:
-            self.sync = old
+    def no_sync(self) -> Any:
+        """Backward passes inside send nothing (a context manager)."""
+        return self.sender.no_sync()
 
     # -- state -------------------------------------------------------------------
     def _registered(self) -> Iterator[Tuple[torch.Tensor, Dict[str, Any], int, Tuple[str, ...]]]:
@@ -413,7 +373,7 @@ class DistState:
                         # the server sends one float32 (a loaded state dict may hold a float64 or a number)
                         state["step"] = step = torch.tensor(float(step), dtype=torch.float32)
                     keep.append(step)
-                    futures.append(self.client.state_get(tid, 255, step.data_ptr(), 1))
+                    futures.append(self.client.state_get(tid, STEP_BUFFER, step.data_ptr(), 1))
 
     def push_state(self) -> None:
         """Send loaded optimizer state and this rank's parameters to the servers.
@@ -439,4 +399,4 @@ class DistState:
                 if self.opt._has_step() and "step" in state:
                     s = torch.tensor([float(state["step"])], dtype=torch.float32)
                     keep.append(s)
-                    futures.append(self.client.state_set(tid, 255, s.data_ptr(), 1))
+                    futures.append(self.client.state_set(tid, STEP_BUFFER, s.data_ptr(), 1))
