@@ -19,14 +19,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
+from . import _C
 from ._cluster import wait_all
 from ._tensor import GradSnapshot, grad_changed
 from .errors import FastPSError
 
 # Buffer number of a tensor's step counter in STATE_GET/STATE_SET (docs/protocol.md,
-# ops 23-24). The native core has no named constant for it yet: the literal 255 in
-# csrc/client/ps_client.cc (PsClient::state_get/state_set) and csrc/server/ps_server.cc.
-STEP_BUFFER = 255
+# ops 23-24): the native core's kStepCounterBuffer (csrc/protocol/message.h).
+STEP_BUFFER = _C.STEP_COUNTER_BUFFER
 
 
 @dataclass
