@@ -207,7 +207,7 @@ PYBIND11_MODULE(_C, m) {
              o.transport.secret = secret;
              o.transport.timeout = std::chrono::milliseconds(int64_t(timeout_s * 1000));
              o.transport.max_payload = static_cast<size_t>(max_payload);
-             o.transport.shm = bind::shm_mode(transport);
+             o.transport_name = transport;
              o.transport.shm_ring_bytes = static_cast<uint64_t>(shm_ring_bytes);
              o.max_parked_requests = max_parked_requests;
              o.max_parked_bytes = max_parked_bytes;
@@ -251,10 +251,9 @@ PYBIND11_MODULE(_C, m) {
              o.secret = secret;
              o.timeout = std::chrono::milliseconds(int64_t(timeout_s * 1000));
              o.connections_per_peer = connections_per_peer;
-             o.shm = bind::shm_mode(transport);
              o.shm_ring_bytes = static_cast<uint64_t>(shm_ring_bytes);
              o.liveness_timeout = bind::liveness(liveness_timeout_s);
-             return std::make_unique<PsClient>(rank, o, chunk_bytes);
+             return std::make_unique<PsClient>(rank, o, chunk_bytes, transport);
            }),
            py::arg("rank"), py::arg("secret") = "", py::arg("timeout_s") = 30.0,
            py::arg("chunk_bytes") = int64_t(4 << 20), py::arg("connections_per_peer") = 1,

@@ -89,6 +89,8 @@ def test_forced_shm_that_the_server_declines_is_a_connection_error():
 def test_unknown_transport_names_are_rejected(monkeypatch):
     with pytest.raises(fastps.InvalidArgumentError, match="'auto'.*'tcp'.*'shm'"):
         _C.PsClient(0, transport="udp")
+    with pytest.raises(fastps.InvalidArgumentError, match="'auto'.*'tcp'.*'shm'"):
+        _C.PsServer(0, 1, transport="udp")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "1")

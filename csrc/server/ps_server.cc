@@ -1253,7 +1253,7 @@ PsServer::PsServer(const PsServerOptions& options)
     s->dead_reason.assign(options.num_workers, std::string());
     shard_state_.push_back(std::move(s));
   }
-  transport_ = Transport::create("tcp", options.transport);
+  transport_ = Transport::create(options.transport_name, options.transport);
   transport_->set_handler([this](ConnId c, Message&& m) { on_message(c, std::move(m)); });
   transport_->set_disconnect_handler(
       [this](ConnId c, const std::string& why) { on_disconnect(c, why); });
