@@ -621,6 +621,17 @@ TEST(factory_and_options) {
   CHECK_THROWS(InvalidArgument, "unknown transport", Transport::create("carrier-pigeon", opts()));
   CHECK_THROWS(InvalidArgument, "'auto' (shared memory", Transport::create("carrier-pigeon", opts()));
   for (const char* kind : {"tcp", "shm", "auto"}) CHECK(Transport::create(kind, opts())->kind() == kind);
+  // The shared-memory waits (Note [Shm rings]): -1 picks the default, larger values are checked.
+  const ShmWait def = shm_wait(-1, -1);
+  CHECK(def.spin.count() == (std::thread::hardware_concurrency() > 4 ? 20 : 0) && def.yield.count() == 0);
+  const ShmWait set = shm_wait(5, 7);
+  CHECK(set.spin.count() == 5 && set.yield.count() == 7);
+  TransportOptions w = opts();
+  w.shm_spin_us = -2;
+  CHECK_THROWS(InvalidArgument, "shm_spin_us", Transport::create("shm", w));
+  w = opts();
+  w.shm_yield_us = kShmMaxWaitUs + 1;
+  CHECK_THROWS(InvalidArgument, "shm_yield_us", Transport::create("auto", w));
   TransportOptions o = opts();
   o.connections_per_peer = 0;
   CHECK_THROWS(InvalidArgument, "connections_per_peer", Transport::create("tcp", o));
@@ -1256,6 +1267,31 @@ TEST(shm_echo_small_and_larger_than_the_ring) {
   CHECK(st.messages_sent == 20 && st.bytes_received == st.bytes_sent);
   server.t.reset();  // the server goes away: the client hears it through the socket
   CHECK(in.wait_disconnects(1));
+}
+
+// Non-default waits (TransportOptions::shm_spin_us / shm_yield_us): spinning
+// and yielding before the futex sleep changes timing, never the frames.
+TEST(shm_echo_with_spin_and_yield_set) {
+  TransportOptions o = shm_opts();
+  o.shm_spin_us = 50;
+  o.shm_yield_us = 100;
+  EchoServer server(o, "auto");
+  Inbox in;
+  auto client = Transport::create("shm", o);
+  in.attach(*client);
+  ConnId c = client->connect("127.0.0.1", server.port, 0);
+  CHECK(client->peer_info(c).shared_memory);
+  std::vector<uint8_t> body(200 << 10, 3);
+  ConstBuffer seg{body.data(), body.size()};
+  MessageHeader h;
+  h.op = Op::kPush;
+  for (int round = 0; round < 10; ++round) {
+    h.request_id = round;
+    client->send(c, h, &seg, round % 2 ? 1 : 0);
+    CHECK(in.wait_frames(1, Ms(10000)));
+    Message r = in.pop();
+    CHECK(r.header.request_id == static_cast<uint64_t>(round) && r.payload.size() == (round % 2 ? body.size() : 0));
+  }
 }
 
 TEST(shm_handler_exception_closes_connection_only) {
