@@ -199,9 +199,7 @@ void ShmTransport::wake_channel(Conn& conn) {
   if (!conn.use_shm.load(std::memory_order_acquire)) return;
   conn.shm->seg->rx().wake_all();
   conn.shm->seg->tx().wake_all();
-  // The queue's writer sleeps on this condition under send_mu (in 100 ms
-  // slices: a sender holding the lock right now must not hold this up).
-  std::unique_lock<std::timed_mutex> lock(conn.shm->send_mu, std::try_to_lock);
+  // No lock here: a sender that holds send_mu may be the one closing.
   conn.shm->queue_cv.notify_all();
 }
 
@@ -209,6 +207,13 @@ void ShmTransport::wake_channel(Conn& conn) {
 // own connections down earlier (they cannot join themselves; they have
 // returned, or are about to, once their teardown finished).
 void ShmTransport::release_channel(const ConnPtr& conn) {
+  if (conn->use_shm.load(std::memory_order_acquire)) {
+    // The queue's writer sleeps on this condition under send_mu; notified
+    // under the lock it cannot miss it (a try: a sender holding the lock
+    // right now must not hold this up, the writer's 100 ms slice covers it).
+    std::unique_lock<std::timed_mutex> lock(conn->shm->send_mu, std::try_to_lock);
+    conn->shm->queue_cv.notify_all();
+  }
   std::vector<std::thread> done;
   {
     std::lock_guard<std::mutex> lock(threads_mu_);
