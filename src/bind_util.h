@@ -37,15 +37,6 @@ inline void check_indices(const char* call, const char* what, const int64_t* v, 
                  ", outside [", lo, ", ", hi, ")");
 }
 
-// FASTPS_TRANSPORT's values -> the shared-memory mode of the socket transport.
-inline ShmMode shm_mode(const std::string& transport) {
-  if (transport == "auto") return ShmMode::kAuto;
-  if (transport == "tcp") return ShmMode::kOff;
-  if (transport == "shm") return ShmMode::kRequire;
-  throw InvalidArgument("fastps: transport must be 'auto' (shared memory with processes on this host, "
-                        "TCP otherwise), 'tcp' or 'shm', got '" + transport + "'");
-}
-
 inline pybind11::dict stats_dict(const TransportStats& t) {
   namespace py = pybind11;
   return py::dict(py::arg("bytes_sent") = t.bytes_sent, py::arg("bytes_received") = t.bytes_received,

@@ -142,13 +142,16 @@ def test_init_after_the_job_started_must_not_change_settings(monkeypatch):
         fastps.init(staleness=3)
 
 
-def test_the_native_transport_settings_are_passed_when_the_core_takes_them(monkeypatch):
+def test_the_native_settings_reach_the_core(monkeypatch):
+    """The core reads no environment: what the resolver decides is what it uses."""
     cfg = _runtime.resolve(shm_spin_us=5)
     kw = _config.transport_kwargs(cfg)
     assert kw["transport"] == "auto" and kw["shm_ring_bytes"] == cfg.shm_ring_bytes
-    assert ("shm_spin_us" in kw) == _config.native_takes_settings()
-    if _config.native_takes_settings():
-        assert kw["shm_spin_us"] == 5 and fastps.init(huge_pages=False).huge_pages is False
-    else:  # a keyword the core would ignore is refused, naming the variable that works
-        with pytest.raises(fastps.InvalidArgumentError, match="reads FASTPS_HUGE_PAGES from the environment"):
-            fastps.init(huge_pages=False)
+    assert kw["shm_spin_us"] == 5 and kw["shm_yield_us"] == -1
+    try:
+        assert fastps.init(huge_pages=False).huge_pages is False
+        assert _C.huge_pages() is False
+        monkeypatch.setenv("FASTPS_HUGE_PAGES", "1")
+        assert fastps.init().huge_pages is True and _C.huge_pages() is True
+    finally:
+        fastps.init()

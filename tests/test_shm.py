@@ -57,6 +57,22 @@ def test_same_host_connection_uses_shared_memory_and_leaves_no_names():
     del client, server
 
 
+def test_spin_and_yield_are_options_of_both_ends():
+    # FASTPS_SHM_SPIN_US / FASTPS_SHM_YIELD_US reach the core as these keywords
+    # (-1: the default); the core reads no environment variable itself.
+    server = _C.PsServer(0, 1, secret="s", transport="auto", shm_spin_us=30, shm_yield_us=10)
+    client = _C.PsClient(0, secret="s", timeout_s=10, chunk_bytes=4096, transport="shm",
+                         shm_spin_us=0, shm_yield_us=50)
+    client.connect([("127.0.0.1", server.port)])
+    assert client.server_paths() == ["shm"]
+    _sgd_roundtrip(client, 3000)
+    del client, server
+    with pytest.raises(fastps.InvalidArgumentError, match="shm_spin_us"):
+        _C.PsClient(0, transport="shm", shm_spin_us=-5)
+    with pytest.raises(fastps.InvalidArgumentError, match="shm_yield_us"):
+        _C.PsServer(0, 1, transport="auto", shm_yield_us=10**9)
+
+
 def test_frames_larger_than_the_ring_stream_through_it():
     # 64 KiB rings, 4 MiB chunks: every frame wraps around the ring many times.
     server, client = _pair(ring=64 << 10, chunk=4 << 20)
@@ -89,6 +105,8 @@ def test_forced_shm_that_the_server_declines_is_a_connection_error():
 def test_unknown_transport_names_are_rejected(monkeypatch):
     with pytest.raises(fastps.InvalidArgumentError, match="'auto'.*'tcp'.*'shm'"):
         _C.PsClient(0, transport="udp")
+    with pytest.raises(fastps.InvalidArgumentError, match="'auto'.*'tcp'.*'shm'"):
+        _C.PsServer(0, 1, transport="udp")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "1")

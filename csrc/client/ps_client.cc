@@ -71,10 +71,10 @@ void Future::wait(double timeout_s, const std::function<void()>& between,
   }
 }
 
-PsClient::PsClient(int rank, const TransportOptions& options, int64_t chunk_bytes)
+PsClient::PsClient(int rank, const TransportOptions& options, int64_t chunk_bytes, const std::string& transport)
     : rank_(rank), chunk_elems_(chunk_bytes / 4), timeout_(options.timeout) {
   FASTPS_CHECK(chunk_bytes >= 4096, "chunk_bytes must be at least 4096, got ", chunk_bytes);
-  transport_ = Transport::create("tcp", options);
+  transport_ = Transport::create(transport, options);
   transport_->set_handler([this](ConnId c, Message&& m) { on_message(c, std::move(m)); });
   transport_->set_disconnect_handler(
       [this](ConnId c, const std::string& why) { on_disconnect(c, why); });

@@ -89,7 +89,8 @@ struct ServerAddress {
 
 class PsClient {
  public:
-  PsClient(int rank, const TransportOptions& options, int64_t chunk_bytes);
+  // `transport` names the transport (Transport::create(): "tcp", "shm", "auto").
+  PsClient(int rank, const TransportOptions& options, int64_t chunk_bytes, const std::string& transport = "tcp");
   ~PsClient();
 
   // Connects to every server (index = server id). Blocking, with the deadline.

@@ -31,15 +31,10 @@ size_t page_size() {
   return page;
 }
 size_t page_round(size_t bytes) { return (bytes + page_size() - 1) / page_size() * page_size(); }
-bool env_on(const char* name) {
-  const char* v = std::getenv(name);
-  return v == nullptr || std::strcmp(v, "0") != 0;
-}
-// FASTPS_HUGE_PAGES=0 turns the advice off (docs/configuration.md).
-bool huge_pages_enabled() {
-  static const bool on = env_on("FASTPS_HUGE_PAGES");
-  return on;
-}
+// set_huge_pages() and set_populate_ahead(): on unless the configuration
+// (FASTPS_HUGE_PAGES, FASTPS_PREFAULT, resolved in Python) turns them off.
+std::atomic<bool> g_huge_pages{true};
+std::atomic<bool> g_populate_ahead{true};
 // Cleared for good when the kernel turns MADV_POPULATE_WRITE down.
 std::atomic<bool> g_populate_supported{true};
 }  // namespace
@@ -188,9 +183,12 @@ class Populator {
 
 }  // namespace
 
+void set_huge_pages(bool on) { g_huge_pages.store(on, std::memory_order_relaxed); }
+bool huge_pages() { return g_huge_pages.load(std::memory_order_relaxed); }
+void set_populate_ahead(bool on) { g_populate_ahead.store(on, std::memory_order_relaxed); }
+
 bool populate_ahead_enabled() {
-  static const bool on = env_on("FASTPS_PREFAULT");
-  return on && g_populate_supported.load(std::memory_order_relaxed);
+  return g_populate_ahead.load(std::memory_order_relaxed) && g_populate_supported.load(std::memory_order_relaxed);
 }
 
 void populate_ahead_drain() { Populator::get().drain(); }
@@ -273,7 +271,7 @@ void MappedBuffer::publish() {
 
 void MappedBuffer::advise() {
 #ifdef MADV_HUGEPAGE
-  if (huge_pages_enabled() && size_ >= kHugePageFrom) ::madvise(data_, size_, MADV_HUGEPAGE);  // a hint: failure changes nothing
+  if (huge_pages() && size_ >= kHugePageFrom) ::madvise(data_, size_, MADV_HUGEPAGE);  // a hint: failure changes nothing
 #endif
 }
 

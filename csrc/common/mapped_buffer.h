@@ -15,7 +15,7 @@
 //    entry per 2 MiB). Smaller buffers keep 4 KiB pages: a table of a few
 //    rows must not cost 2 MiB of resident memory. The advice is a hint; where
 //    transparent huge pages are off, nothing changes but speed.
-//    FASTPS_HUGE_PAGES=0 turns the advice off. Measured (bench/README.md):
+//    set_huge_pages(false) (FASTPS_HUGE_PAGES=0) turns the advice off. Measured (bench/README.md):
 //    rows of a warm 1M-row table are pulled and pushed ~15% faster, while
 //    creating rows costs ~15% more (a fault clears 2 MiB at once).
 //
@@ -82,7 +82,15 @@ class MappedBuffer {
   std::shared_ptr<Shared> shared_;  // created by the first populate_async()
 };
 
-// Whether populate_async() does anything here (FASTPS_PREFAULT and the
+// Process-wide settings, on by default; the Python configuration resolver
+// sets them from FASTPS_HUGE_PAGES and FASTPS_PREFAULT. Any thread; they
+// apply to mappings made or grown afterwards (huge pages) and to the next
+// populate_async() (populating ahead).
+void set_huge_pages(bool on);
+bool huge_pages();
+void set_populate_ahead(bool on);
+
+// Whether populate_async() does anything here (set_populate_ahead() and the
 // kernel's support, as far as known so far).
 bool populate_ahead_enabled();
 

@@ -47,7 +47,7 @@ PsServer::PsServer(const PsServerOptions& options)
   for (int i = 0; i < server_->num_shards(); ++i) shard_state_.push_back(std::make_unique<ShardState>(options_));
   sparse_router_ = std::make_unique<SparseRouter>(options.server_id, server_->num_shards(),
                                                   options.transport.max_payload);
-  transport_ = Transport::create("tcp", options.transport);
+  transport_ = Transport::create(options.transport_name, options.transport);
   out_ = std::make_unique<Responder>(options_, *transport_, local_sink_);
   transport_->set_handler([this](ConnId c, Message&& m) { on_message(c, std::move(m)); });
   transport_->set_disconnect_handler(

@@ -57,6 +57,8 @@ struct PsServerOptions {
   int staleness = 0;  // 0 BSP, k > 0 SSP, -1 ASP
   std::string host = "127.0.0.1";
   uint16_t port = 0;
+  // The transport by name (Transport::create(): "tcp", "shm", "auto") and its options.
+  std::string transport_name = "tcp";
   TransportOptions transport;
   // Per connection: the most requests that may wait for a later round or
   // step, and the most payload bytes they may hold (0: twice

@@ -40,22 +40,12 @@ constexpr size_t kDataOffset = 2 * kPage;  // ring 0 data, then ring 1 data
 constexpr size_t kPublishChunk = 256 << 10;
 // Waiting: spin (each probe is a few ns), then yield the core to other
 // runnable threads (on a machine with few cores the peer we wait for may need
-// this one), then sleep on the futex.
-// FASTPS_SHM_SPIN_US / FASTPS_SHM_YIELD_US (read once) tune the first two
-// phases. Spinning only pays when a core is free for the thread being waited
-// for: measured on 2 cores (bench/README.md), a 1 KiB round trip took 21 us
-// with neither phase, 38 us spinning 5 us and 68 us with 20 + 180 us, so
-// small machines go to sleep at once and larger ones spin a little.
-std::chrono::microseconds env_us(const char* name, long fallback) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return std::chrono::microseconds(fallback);
-  char* end = nullptr;
-  long x = std::strtol(v, &end, 10);
-  return std::chrono::microseconds(end != v && x >= 0 ? x : fallback);
-}
-const std::chrono::microseconds kSpinFor =
-    env_us("FASTPS_SHM_SPIN_US", std::thread::hardware_concurrency() > 4 ? 20 : 0);
-const std::chrono::microseconds kYieldFor = kSpinFor + env_us("FASTPS_SHM_YIELD_US", 0);
+// this one), then sleep on the futex. ShmWait (TransportOptions::shm_spin_us,
+// shm_yield_us) sets the first two phases. Spinning only pays when a core is
+// free for the thread being waited for: measured on 2 cores
+// (bench/README.md), a 1 KiB round trip took 21 us with neither phase, 38 us
+// spinning 5 us and 68 us with 20 + 180 us, so by default small machines go
+// to sleep at once and larger ones spin a little.
 constexpr auto kWriterSlice = std::chrono::milliseconds(50);
 
 struct SegmentHeader {
@@ -82,8 +72,10 @@ size_t segment_size(uint64_t ring_bytes) { return kDataOffset + 2 * ring_bytes; 
 // Waits in the escalating way described above until ready() holds, stop is
 // set, or `limit` passes; `sleep_word` is the futex this side sleeps on.
 template <typename Ready>
-bool spin_yield_sleep(Ready ready, const std::atomic<bool>& stop, std::atomic<uint32_t>* sleep_word,
-                      Clock::time_point limit) {
+bool spin_yield_sleep(Ready ready, const ShmWait& wait, const std::atomic<bool>& stop,
+                      std::atomic<uint32_t>* sleep_word, Clock::time_point limit) {
+  const std::chrono::microseconds spin_for = wait.spin;
+  const std::chrono::microseconds yield_for = wait.spin + wait.yield;
   const Clock::time_point start = Clock::now();
   for (uint32_t i = 0;; ++i) {
     if (ready()) return true;
@@ -94,8 +86,8 @@ bool spin_yield_sleep(Ready ready, const std::atomic<bool>& stop, std::atomic<ui
     }
     const Clock::time_point now = Clock::now();
     if (now >= limit) return ready();
-    if (now - start < kSpinFor) continue;
-    if (now - start < kYieldFor) {
+    if (now - start < spin_for) continue;
+    if (now - start < yield_for) {
       sched_yield();
       continue;
     }
@@ -137,7 +129,7 @@ bool ShmRing::write(const void* src, size_t len, const std::atomic<bool>& stop,
       unpublished = 0;
       const Clock::time_point limit = std::min(deadline, Clock::now() + kWriterSlice);
       bool space = spin_yield_sleep(
-          [&] { return wtail_ - ctl_->head.load(std::memory_order_seq_cst) < cap_; }, stop,
+          [&] { return wtail_ - ctl_->head.load(std::memory_order_seq_cst) < cap_; }, wait_, stop,
           &ctl_->writer_sleeping, limit);
       if (!space && (stop.load(std::memory_order_acquire) || Clock::now() >= deadline)) return false;
       continue;
@@ -190,13 +182,13 @@ bool ShmRing::wait_space(uint64_t want, const std::atomic<bool>& stop, Clock::ti
         const uint64_t tail = wtail_init_ ? wtail_ : ctl_->tail.load(std::memory_order_relaxed);
         return cap_ - (tail - ctl_->head.load(std::memory_order_seq_cst)) >= want;
       },
-      stop, &ctl_->writer_sleeping, limit);
+      wait_, stop, &ctl_->writer_sleeping, limit);
 }
 
 bool ShmRing::wait_byref(uint64_t seq, const std::atomic<bool>& stop, Clock::time_point deadline) {
   for (;;) {
     const Clock::time_point limit = std::min(deadline, Clock::now() + kWriterSlice);
-    if (spin_yield_sleep([&] { return ctl_->byref_done.load(std::memory_order_seq_cst) >= seq; }, stop,
+    if (spin_yield_sleep([&] { return ctl_->byref_done.load(std::memory_order_seq_cst) >= seq; }, wait_, stop,
                          &ctl_->byref_sleeping, limit)) {
       return true;
     }
@@ -270,7 +262,7 @@ bool ShmRing::wait_readable(const std::atomic<bool>& stop, std::chrono::microsec
       [&] {
         return ctl_->tail.load(std::memory_order_seq_cst) != ctl_->head.load(std::memory_order_relaxed);
       },
-      stop, &ctl_->reader_sleeping, Clock::now() + slice);
+      wait_, stop, &ctl_->reader_sleeping, Clock::now() + slice);
 }
 
 void ShmRing::wake_all() {
@@ -295,6 +287,18 @@ void sweep_stale_segments() {
     ::shm_unlink(concat("/", ent->d_name).c_str());
   }
   closedir(dir);
+}
+
+ShmWait shm_wait(int64_t spin_us, int64_t yield_us) {
+  ShmWait w;
+  w.spin = std::chrono::microseconds(spin_us >= 0 ? spin_us : std::thread::hardware_concurrency() > 4 ? 20 : 0);
+  w.yield = std::chrono::microseconds(yield_us >= 0 ? yield_us : 0);
+  return w;
+}
+
+void ShmSegment::set_wait(const ShmWait& wait) {
+  tx_.set_wait(wait);
+  rx_.set_wait(wait);
 }
 
 std::unique_ptr<ShmSegment> ShmSegment::create(uint64_t ring_bytes) {

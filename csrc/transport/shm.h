@@ -43,6 +43,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -58,6 +59,18 @@ constexpr size_t kShmTokenSize = 32;
 constexpr uint64_t kShmMinRingBytes = 64 << 10;
 constexpr uint64_t kShmMaxRingBytes = uint64_t{1} << 30;
 constexpr uint64_t kShmDefaultRingBytes = 4 << 20;
+constexpr int64_t kShmMaxWaitUs = 1000000;  // bound of shm_spin_us / shm_yield_us
+
+// How a waiting ring side spins, then yields its core, before it sleeps on
+// the futex (Note [Shm rings]).
+struct ShmWait {
+  std::chrono::microseconds spin{0};
+  std::chrono::microseconds yield{0};  // after the spin
+};
+// TransportOptions::shm_spin_us / shm_yield_us as a ShmWait; -1 picks the
+// default: spin 20 us on machines with more than 4 hardware threads, else
+// not at once; do not yield.
+ShmWait shm_wait(int64_t spin_us, int64_t yield_us);
 
 // The control words of one ring, each on its own cache line so that the
 // reader and the writer do not false-share.
@@ -135,6 +148,9 @@ class ShmRing {
   // Wakes both sides' sleepers (used on close so nobody waits out a slice).
   void wake_all();
 
+  // How this side waits (before the ring is used).
+  void set_wait(const ShmWait& wait) { wait_ = wait; }
+
  private:
   ShmRingCtl* ctl_ = nullptr;
   uint8_t* data_ = nullptr;
@@ -144,6 +160,7 @@ class ShmRing {
   bool wtail_init_ = false;
   uint64_t byref_sent_ = 0;  // writer side
   uint64_t byref_read_ = 0;  // reader side
+  ShmWait wait_;
 };
 
 // A mapped segment: a header, two ring control blocks and two data areas.
@@ -166,6 +183,8 @@ class ShmSegment {
   uint64_t ring_bytes() const { return ring_bytes_; }
   // Removes the name from /dev/shm (idempotent; the mapping stays valid).
   void unlink();
+  // How this side's ring ends wait (before the rings are used).
+  void set_wait(const ShmWait& wait);
 
   // The ring this side writes into, and the one it reads from.
   ShmRing& tx() { return tx_; }

@@ -29,12 +29,16 @@
 //    torn down on the loop thread, which calls the disconnect handler once.
 //    File descriptors are closed when the last reference to the socket goes
 //    away, so a sender never writes to a reused descriptor.
-//  * Shared memory (ShmMode kAuto/kRequire; transport/shm.h): right after the
-//    handshake the client offers a segment on its first socket; if the server
-//    maps it, frames travel through its rings from then on, in both
-//    directions. Such a connection has one socket, kept only as the liveness
-//    channel, and a reader thread of its own that parses the ring with the
-//    same code as the loop parses sockets and delivers the frames.
+//  * Shared memory is a subclass (ShmTransport, transport/shm_transport.h):
+//    this class offers it the hooks below (upgrade an outgoing connection
+//    after its handshake, answer an SHM_OFFER, send over the connection's
+//    rings, wake and stop its threads), and keeps the sockets, the handshake,
+//    liveness and closing for both.
+//  * Files: tcp.cc (setup, listen/accept, connect, sending, closing),
+//    tcp_loop.cc (the event loop: reading, framing, handshake frames,
+//    liveness, teardown), tcp_conn.h (the Socket and Conn records),
+//    socket.h (descriptor helpers), handshake.h (HELLO/AUTH, shared by
+//    every transport).
 //
 // Note [Send queues]
 // A server's shard threads (and the loop thread, which may run small
@@ -107,30 +111,28 @@
 #include <unordered_map>
 #include <vector>
 
+#include <sys/uio.h>
+
 #include "common/futex.h"
+#include "transport/handshake.h"
 #include "transport/transport.h"
 
 namespace fastps {
 
-class TcpTransport final : public Transport {
+struct OutBytes;
+struct ShmChannel;
+
+class TcpTransport : public Transport {
  public:
   // Creates the epoll instance and starts the loop thread. Throws Error if the
-  // kernel refuses (out of file descriptors).
-  // `kind` is what kind() reports ("tcp", "shm" or "auto").
+  // kernel refuses (out of file descriptors). `kind` is what kind() reports.
   TcpTransport(std::string kind, const TransportOptions& options);
   // Stops and joins the loop thread and closes every socket; no disconnect
   // handler calls. See the threading contract in transport.h.
   ~TcpTransport() override;
 
  protected:
-  uint16_t do_listen(const std::string& host, uint16_t port) override;
-  ConnId do_connect(const std::string& host, uint16_t port, int rank) override;
-  void do_send(ConnId conn, const uint8_t* header, const ConstBuffer* segments, size_t nsegments,
-               uint64_t payload_len) override;
-  void do_close(ConnId conn, const std::string& reason) override;
-  PeerInfo do_peer_info(ConnId conn) const override;
-
- private:
+  friend struct ShmChannel;  // holds a Socket: its ring's parse state
   struct Socket;
   struct Conn;
   using SocketPtr = std::shared_ptr<Socket>;
@@ -140,52 +142,79 @@ class TcpTransport final : public Transport {
     ConnPtr conn;
   };
 
+  uint16_t do_listen(const std::string& host, uint16_t port) override;
+  ConnId do_connect(const std::string& host, uint16_t port, int rank) override;
+  void do_send(ConnId conn, const uint8_t* header, const ConstBuffer* segments, size_t nsegments,
+               uint64_t payload_len) override;
+  void do_close(ConnId conn, const std::string& reason) override;
+  PeerInfo do_peer_info(ConnId conn) const override;
+
+  // --- Hooks of the shared-memory subclass (no-ops here) ---
+  // Client, caller's thread, after the handshake of an outgoing connection's
+  // first socket: true if the connection's frames travel elsewhere from now
+  // on (conn.shm and conn.use_shm set; no more sockets are opened).
+  virtual bool upgrade_outgoing(Conn& conn, BlockingStream& stream);
+  // Server, loop thread: a well-formed SHM_OFFER arrived. Returns true after
+  // setting conn.shm and conn.use_shm, else false with the reason to decline.
+  virtual bool accept_offer(Conn& conn, const Payload& offer, std::string* why);
+  // A connection with conn.use_shm set is registered: start its threads.
+  virtual void start_channel(const ConnPtr& conn);
+  // Sends one frame; this class writes to the connection's sockets.
+  virtual void send_frame(const ConnPtr& conn, const uint8_t* header, const ConstBuffer* segments,
+                          size_t nsegments, uint64_t payload_len, Clock::time_point deadline);
+  // Any thread: the connection is closing; nobody may sleep on its channel.
+  virtual void wake_channel(Conn& conn);
+  // In teardown, before the disconnect handler: the channel's threads end.
+  virtual void release_channel(const ConnPtr& conn);
+
+  // --- For the subclass ---
+  // Stops the loop and closes every connection (idempotent); a subclass's
+  // destructor calls it first, then joins its own threads.
+  void close_all();
+  bool stopping() const { return stopping_.load(std::memory_order_acquire); }
+  // Receive path, on the thread that owns the entry's parse state.
+  bool consume(const Entry& e, const uint8_t* data, size_t len);
+  bool start_payload(const Entry& e);
+  bool finish_frame_if_complete(const Entry& e);
+  bool on_frame(const Entry& e, Message&& frame);
+  void fail(const Entry& e, Status status, const std::string& reason);
+  void teardown(const ConnPtr& conn, const std::string& reason);
+  // Note [Send queues]: a copy of the `rest` bytes of iov that follow its
+  // first `skip`, counted as queued on `conn`. Closes the connection instead
+  // (ConnectionError) if its queue would pass the limit.
+  OutBytes copy_out(const ConnPtr& conn, const std::vector<iovec>& iov, uint64_t skip, uint64_t rest);
+  void request_close(const ConnPtr& conn, const std::string& reason);
+  ConnPtr find_established(ConnId id) const;
+  std::string describe(const Conn& conn) const;
+
+ private:
   // Loop thread.
   void run_loop();
   void accept_ready();
   void on_readable(const Entry& e);
   void on_writable(const Entry& e);
   void tick();
-  bool consume(const Entry& e, const uint8_t* data, size_t len);
-  bool start_payload(const Entry& e);
-  bool finish_frame_if_complete(const Entry& e);
-  bool on_frame(const Entry& e, Message&& frame);
-  bool on_hello(const Entry& e, Message&& frame);
-  bool on_auth(const Entry& e, Message&& frame);
+  void beat(const ConnPtr& conn, Socket& s, int64_t now);
+  bool on_handshake_frame(const Entry& e, Message&& frame);
   void on_eof(const Entry& e);
-  void fail(const Entry& e, Status status, const std::string& reason);
-  void teardown(const ConnPtr& conn, const std::string& reason);
   void expire_handshakes();
   void drain_close_queue();
+  void resume_accept();
   bool on_transport_op(const Entry& e, Message&& frame);
 
-  // Shared-memory connections.
-  void start_shm_reader(const ConnPtr& conn);
-  void shm_reader(const Entry& e);
-  bool shm_take_byref(const Entry& e);
-  void shm_send(const ConnPtr& conn, const uint8_t* header, const ConstBuffer* segments,
-                size_t nsegments, uint64_t payload_len, Clock::time_point deadline);
-  void shm_post(const ConnPtr& conn, const uint8_t* header, const ConstBuffer* segments,
-                size_t nsegments, uint64_t payload_len);
-  void shm_writer(const ConnPtr& conn);
-
   // Sending (Note [Send queues]).
+  Socket* pick_socket(Conn& conn, std::unique_lock<std::timed_mutex>* lock, const Clock::time_point* deadline);
   void send_blocking(const ConnPtr& conn, const uint8_t* header, const ConstBuffer* segments,
                      size_t nsegments, uint64_t payload_len, Clock::time_point deadline);
   void post(const ConnPtr& conn, const uint8_t* header, const ConstBuffer* segments, size_t nsegments,
             uint64_t payload_len);
   bool flush_queue(const ConnPtr& conn, Socket& s, Clock::time_point grace);
-  uint64_t write_now(const ConnPtr& conn, Socket& s, std::vector<iovec>& iov, uint64_t total,
-                     Clock::time_point grace);
-  void enqueue(const ConnPtr& conn, Socket* s, const std::vector<iovec>& iov, uint64_t skip, uint64_t rest);
+  uint64_t write_until(const ConnPtr& conn, Socket& s, std::vector<iovec>& iov, size_t& first, uint64_t total,
+                       Clock::time_point until);
+  void enqueue(const ConnPtr& conn, Socket& s, const std::vector<iovec>& iov, uint64_t skip, uint64_t rest);
   void set_want_out(Socket& s, bool on);
-  static void wake_shm(const Conn& conn);
 
-  // Any thread.
-  void request_close(const ConnPtr& conn, const std::string& reason);
-  ConnPtr find_established(ConnId id) const;
   Entry find_entry(uint64_t token) const;
-  std::string describe(const Conn& conn) const;
 
   int epoll_fd_ = -1;
   int wake_fd_ = -1;  // eventfd: wakes the loop for shutdown and close requests
@@ -196,15 +225,9 @@ class TcpTransport final : public Transport {
   std::unordered_map<ConnId, ConnPtr> conns_;
   std::unordered_map<uint64_t, Entry> sockets_;  // epoll token -> socket
   std::vector<ConnPtr> close_queue_;
-  struct Reader {
-    std::thread thread;
-    std::shared_ptr<std::atomic<bool>> finished;  // set as the thread's last act
-    std::thread writer;  // accepted connections: writes the send queue into the ring
-  };
-  std::unordered_map<ConnId, Reader> readers_;  // shared-memory reader threads
-  std::vector<Reader> retired_readers_;  // readers that tore their own connection down, to join
   ConnId next_conn_ = 1;
   uint64_t next_token_ = 16;  // tokens below are reserved for the wake and listen fds
+  std::unordered_map<ConnId, ConnPtr> closed_;  // close_all(): kept until the destructor ends
 
   // Loop thread only.
   std::vector<ConnPtr> pending_;  // accepted connections still in the handshake

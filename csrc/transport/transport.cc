@@ -5,6 +5,7 @@
 
 #include "common/error.h"
 #include "transport/shm.h"
+#include "transport/shm_transport.h"
 #include "transport/tcp.h"
 
 namespace fastps {
@@ -31,6 +32,10 @@ void validate_options(const TransportOptions& o) {
   FASTPS_CHECK(o.shm_ring_bytes >= kShmMinRingBytes && o.shm_ring_bytes <= kShmMaxRingBytes,
                "fastps: shm_ring_bytes must be in [", kShmMinRingBytes, ", ", kShmMaxRingBytes,
                "], got ", o.shm_ring_bytes);
+  FASTPS_CHECK(o.shm_spin_us >= -1 && o.shm_spin_us <= kShmMaxWaitUs, "fastps: shm_spin_us must be -1 (default) or in [0, ",
+               kShmMaxWaitUs, "] microseconds, got ", o.shm_spin_us);
+  FASTPS_CHECK(o.shm_yield_us >= -1 && o.shm_yield_us <= kShmMaxWaitUs, "fastps: shm_yield_us must be -1 (default) or in [0, ",
+               kShmMaxWaitUs, "] microseconds, got ", o.shm_yield_us);
 }
 
 }  // namespace
@@ -45,17 +50,13 @@ std::unique_ptr<Transport> Transport::create(const std::string& kind,
                                              const TransportOptions& options) {
   validate_options(options);
   if (kind == "tcp") return std::make_unique<TcpTransport>("tcp", options);
-  TransportOptions o = options;
-  if (kind == "shm") {
-    o.shm = ShmMode::kRequire;
-    return std::make_unique<TcpTransport>("shm", o);
-  }
-  if (kind == "auto") {
-    o.shm = ShmMode::kAuto;
-    return std::make_unique<TcpTransport>("auto", o);
-  }
+  // Both accept shared-memory offers as servers; as clients "shm" insists
+  // on shared memory, "auto" falls back to TCP for peers on other hosts.
+  if (kind == "shm") return std::make_unique<ShmTransport>("shm", options, true);
+  if (kind == "auto") return std::make_unique<ShmTransport>("auto", options, false);
   throw InvalidArgument(detail::concat("fastps: unknown transport '", kind,
-                                       "' (available: tcp, shm, auto)"));
+                                       "': it must be 'auto' (shared memory with processes on this host, TCP "
+                                       "otherwise), 'tcp' or 'shm'"));
 }
 
 Transport::Transport(std::string kind, const TransportOptions& options)

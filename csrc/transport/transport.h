@@ -1,9 +1,10 @@
 // Transport: authenticated, framed, bidirectional connections between fastps
 // processes (docs/protocol.md). One interface, several implementations chosen
-// by name through Transport::create(): "tcp" (sockets), "shm" and "auto" (the
-// same transport, whose connections between processes of one host switch to
-// shared-memory rings after the handshake; transport/shm.h). "ucx" is planned
-// behind the same interface.
+// by name through Transport::create(), the one place that maps names to
+// implementations: "tcp" (sockets; transport/tcp.h), "shm" and "auto"
+// (connections between processes of one host switch to shared-memory rings
+// after the handshake; transport/shm_transport.h). "ucx" is planned behind the
+// same interface and will reuse the handshake (transport/handshake.h).
 //
 // Design note (the ps-lite Van pattern): the public methods are non-virtual;
 // they validate arguments, enforce the frame limits and keep the byte/message
@@ -68,13 +69,6 @@ using PayloadTarget = std::function<uint8_t*(ConnId conn, const MessageHeader& h
 // protocol violation, send failure, or a local close()), with a short reason.
 using DisconnectHandler = std::function<void(ConnId conn, const std::string& reason)>;
 
-// Whether a "tcp" transport moves same-host connections to shared memory.
-enum class ShmMode {
-  kOff,      // sockets only
-  kAuto,     // shared memory when the peer can map it (same host), else TCP
-  kRequire,  // shared memory or a ConnectionError at connect()
-};
-
 constexpr uint64_t kDefaultSendQueueLimit = uint64_t{4} << 30;  // 4 GiB
 constexpr uint64_t kMinSendQueueLimit = 64 << 10;
 
@@ -105,11 +99,13 @@ struct TransportOptions {
   uint64_t send_queue_limit = kDefaultSendQueueLimit;
   // SO_SNDBUF / SO_RCVBUF of every socket; 0 keeps the system default.
   int socket_buffer_bytes = 4 << 20;
-  // Shared memory (client side decides by offering; a kOff server declines).
-  // create("shm") and create("auto") override this field.
-  ShmMode shm = ShmMode::kOff;
-  // Bytes of each of a shared-memory connection's two rings.
+  // Bytes of each of a shared-memory connection's two rings ("shm", "auto").
   uint64_t shm_ring_bytes = kShmDefaultRingBytes;
+  // Microseconds a shared-memory waiter spins, then yields its core, before
+  // it sleeps (Note [Shm rings] in transport/shm.h). -1 picks the default
+  // (shm_wait(): spin 20 us with more than 4 hardware threads, else 0; yield 0).
+  int64_t shm_spin_us = -1;
+  int64_t shm_yield_us = -1;
 };
 
 struct PeerInfo {
@@ -118,7 +114,7 @@ struct PeerInfo {
   bool outgoing = false;  // true if this side called connect()
   bool shared_memory = false;  // frames travel through shared-memory rings
   // ... and large payloads are copied once, straight between the processes,
-  // in both directions (transport/shm.h, Note [Single copy]).
+  // in both directions (Note [Single copy] in transport/shm.h).
   bool single_copy = false;
   uint64_t max_payload = 0;  // the largest payload the peer accepts (announced in the handshake)
 };
@@ -140,8 +136,12 @@ struct TransportStats {
 
 class Transport {
  public:
-  // Builds a transport by name ("tcp", "shm", "auto"). Throws InvalidArgument for an unknown
-  // name or invalid options. The event loop starts here.
+  // Builds a transport by name: "tcp" (sockets only; as a server it
+  // declines shared memory), "shm" (a client connects through shared memory
+  // or fails with ConnectionError) or "auto" (shared memory with peers on
+  // this host, TCP otherwise); as servers "shm" and "auto" both accept
+  // shared memory from clients that offer it. Throws InvalidArgument for an
+  // unknown name or invalid options. The event loop starts here.
   static std::unique_ptr<Transport> create(const std::string& kind,
                                            const TransportOptions& options = TransportOptions());
 

@@ -62,6 +62,7 @@ def _settings() -> Dict[str, Setting]:
         Setting("chunk_bytes", "FASTPS_CHUNK_BYTES", int, 4 << 20, "an integer >= 4096", lambda v: v >= 4096),
         Setting("timeout", "FASTPS_TIMEOUT", float, 300.0, "a number of seconds > 0", lambda v: v > 0),
         Setting("huge_pages", "FASTPS_HUGE_PAGES", bool, True, "1/true/yes/on or 0/false/no/off"),
+        Setting("prefault", "FASTPS_PREFAULT", bool, True, "1/true/yes/on or 0/false/no/off"),
         # distributed mode
         Setting("staleness", "FASTPS_STALENESS", int, 0, "-1 (ASP), 0 (BSP) or k > 0 (SSP)", lambda v: v >= -1),
         Setting("num_servers", "FASTPS_NUM_SERVERS", int, 0, "an integer >= 0", lambda v: v >= 0),
@@ -175,12 +176,6 @@ def set_keywords(keywords: Mapping[str, Any]) -> None:
     if unknown:
         raise InvalidArgumentError(f"fastps: unknown setting(s) {', '.join(unknown)}; "
                                    f"the settings are {', '.join(KEYWORDS)}")
-    if not native_takes_settings():
-        given = [k for k in NATIVE_SETTINGS if keywords.get(k) is not None]
-        if given:
-            raise InvalidArgumentError(
-                f"fastps: this build's native core reads {', '.join(SETTINGS[k].env for k in given)} from the "
-                f"environment only; set the variable instead of the keyword {', '.join(given)}")
     _keywords.clear()
     _keywords.update({k: v for k, v in keywords.items() if v is not None})
 
@@ -204,30 +199,20 @@ def is_distributed() -> bool:
 
 
 # Note [Settings the native core takes]
-# shm_spin_us, shm_yield_us and huge_pages are resolved here like every other
-# setting; the native core receives them from the two functions below, the only
-# place that passes them. Until the native module takes them (it exposes
-# _C.set_huge_pages and keyword arguments shm_spin_us/shm_yield_us wherever it
-# takes transport=), the core still reads FASTPS_SHM_SPIN_US, FASTPS_SHM_YIELD_US
-# and FASTPS_HUGE_PAGES itself, with the same meaning, and set_keywords refuses
-# them as keywords (they would have no effect).
-NATIVE_SETTINGS = ("huge_pages", "shm_spin_us", "shm_yield_us")
-
-
-def native_takes_settings() -> bool:
-    """Whether the native core takes NATIVE_SETTINGS from here (see the Note above)."""
-    return hasattr(_C, "set_huge_pages")
+# The native core reads no environment variable: huge_pages, prefault,
+# shm_spin_us and shm_yield_us are resolved here like every other setting, and
+# the two functions below are the only places that hand them to it
+# (_C.set_huge_pages / _C.set_populate_ahead for the process, keyword
+# arguments shm_spin_us / shm_yield_us wherever a transport is made).
 
 
 def apply_process_settings(cfg: Any) -> None:
-    """Hand the process-wide native settings (``huge_pages``) of ``cfg`` to the core."""
-    if native_takes_settings():
-        _C.set_huge_pages(bool(cfg.huge_pages))
+    """Hand the process-wide native settings (``huge_pages``, ``prefault``) of ``cfg`` to the core."""
+    _C.set_huge_pages(bool(cfg.huge_pages))
+    _C.set_populate_ahead(bool(cfg.prefault))
 
 
 def transport_kwargs(cfg: Any) -> Dict[str, Any]:
     """Keyword arguments of ``_C.PsServer``/``_C.PsClient`` for ``cfg``'s transport settings."""
-    kw: Dict[str, Any] = dict(transport=cfg.transport, shm_ring_bytes=cfg.shm_ring_bytes)
-    if native_takes_settings():
-        kw.update(shm_spin_us=cfg.shm_spin_us, shm_yield_us=cfg.shm_yield_us)
-    return kw
+    return dict(transport=cfg.transport, shm_ring_bytes=cfg.shm_ring_bytes, shm_spin_us=cfg.shm_spin_us,
+                shm_yield_us=cfg.shm_yield_us)

@@ -30,6 +30,7 @@ class Config:
     chunk_bytes: int = _default("chunk_bytes")            # dense tensors are split into chunks of this size
     timeout: float = _default("timeout")                  # seconds; every wait's deadline
     huge_pages: bool = _default("huge_pages")             # large sparse tables ask for transparent huge pages
+    prefault: bool = _default("prefault")                 # back a sparse table's next rows with memory ahead
     # distributed mode
     staleness: int = _default("staleness")                # 0 BSP, k SSP, -1 ASP
     num_servers: int = _default("num_servers")            # dedicated server processes
@@ -67,7 +68,7 @@ def resolve(**keywords: Any) -> Config:
 
 def init(*, num_shards: Optional[int] = None, chunk_bytes: Optional[int] = None,
          timeout: Optional[float] = None, huge_pages: Optional[bool] = None,
-         staleness: Optional[int] = None, num_servers: Optional[int] = None,
+         prefault: Optional[bool] = None, staleness: Optional[int] = None, num_servers: Optional[int] = None,
          colocate: Optional[bool] = None, bind: Optional[str] = None, advertise: Optional[str] = None,
          secret: Optional[str] = None, connections: Optional[int] = None, transport: Optional[str] = None,
          shm_ring_bytes: Optional[int] = None, shm_spin_us: Optional[int] = None,
@@ -89,6 +90,9 @@ def init(*, num_shards: Optional[int] = None, chunk_bytes: Optional[int] = None,
             Default: ``FASTPS_TIMEOUT`` or 300.
         huge_pages: large sparse tables ask for transparent huge pages.
             Default: ``FASTPS_HUGE_PAGES`` or True.
+        prefault: a background thread backs the pages of a large sparse table's
+            next rows with memory ahead of the pushes that create them.
+            Default: ``FASTPS_PREFAULT`` or True.
         staleness: distributed mode: 0 BSP, k > 0 SSP, -1 ASP. Default: ``FASTPS_STALENESS`` or 0.
         num_servers: dedicated ``fastps server`` processes. Default: ``FASTPS_NUM_SERVERS`` or 0.
         colocate: each rank hosts a server. Default: ``FASTPS_COLOCATE`` or True.

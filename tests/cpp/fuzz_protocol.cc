@@ -1582,7 +1582,7 @@ struct ServerPhase {
   const char* name;
   int workers;
   int staleness;
-  ShmMode shm;
+  const char* transport;  // Transport::create() name of the server
 };
 
 struct ServerFuzz {
@@ -1784,7 +1784,7 @@ bool run_server_phase(const ServerPhase& phase, int phase_index, const Budget& b
   o.transport.max_payload = kServerMaxPayload;
   o.transport.timeout = kHandshakeTimeout;
   o.transport.handshake_timeout = kHandshakeTimeout;  // its own setting (protocol version 2)
-  o.transport.shm = phase.shm;
+  o.transport_name = phase.transport;
   auto server = std::make_unique<PsServer>(o);
   ServerFuzz fz;
   fz.port = server->port();
@@ -1921,7 +1921,7 @@ bool run_server_phase(const ServerPhase& phase, int phase_index, const Budget& b
 }
 
 bool run_server_target(const Budget& budget) {
-  const ServerPhase phases[] = {{"bsp", 1, 0, ShmMode::kOff}, {"asp-2-workers-shm", 2, -1, ShmMode::kAuto}};
+  const ServerPhase phases[] = {{"bsp", 1, 0, "tcp"}, {"asp-2-workers-shm", 2, -1, "auto"}};
   const auto now = Clock::now();
   bool ok = true;
   for (int i = 0; i < 2 && ok; ++i) {

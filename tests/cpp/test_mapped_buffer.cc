@@ -139,9 +139,48 @@ void test_forked_child_can_populate(bool busy) {
   populate_ahead_drain();
 }
 
+// Whether the kernel recorded MADV_HUGEPAGE ("hg" in VmFlags of
+// /proc/self/smaps) for the mapping that starts at p.
+bool advised_huge(const unsigned char* p) {
+  FILE* f = std::fopen("/proc/self/smaps", "r");
+  if (f == nullptr) return false;
+  char line[512];
+  bool in = false, hg = false;
+  while (std::fgets(line, sizeof(line), f) != nullptr) {
+    unsigned long from = 0, to = 0;
+    if (std::sscanf(line, "%lx-%lx ", &from, &to) == 2) {
+      in = from == reinterpret_cast<unsigned long>(p);
+    } else if (in && std::strncmp(line, "VmFlags:", 8) == 0) {
+      hg = std::strstr(line, " hg") != nullptr;
+      break;
+    }
+  }
+  std::fclose(f);
+  return hg;
+}
+
+// set_huge_pages() (FASTPS_HUGE_PAGES, resolved in Python) decides the advice
+// of mappings made afterwards; on by default.
+void test_huge_pages_setting() {
+  const size_t bytes = MappedBuffer::kHugePageFrom;
+  check(huge_pages(), "huge pages on by default");
+  {
+    MappedBuffer on(bytes);
+    check(advised_huge(on.data()), "a 4 MiB mapping is advised MADV_HUGEPAGE");
+  }
+  set_huge_pages(false);
+  {
+    MappedBuffer off(bytes);
+    check(!huge_pages() && !advised_huge(off.data()), "set_huge_pages(false): no advice");
+  }
+  set_huge_pages(true);
+  check(huge_pages(), "set_huge_pages(true) restores the default");
+}
+
 }  // namespace
 
 int main() {
+  test_huge_pages_setting();
   test_populates_without_changing_contents();
   test_owner_grows_and_destroys_during_population();
   test_populates_after_grow();

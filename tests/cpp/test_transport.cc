@@ -177,8 +177,8 @@ struct EchoServer {
   // The transport goes first: its loop thread uses the members below.
   ~EchoServer() { t.reset(); }
 
-  explicit EchoServer(const TransportOptions& o = opts()) {
-    t = Transport::create("tcp", o);
+  explicit EchoServer(const TransportOptions& o = opts(), const char* kind = "tcp") {
+    t = Transport::create(kind, o);
     // The handler uses a pointer that never changes: `t` itself is written
     // by reset() while the handler threads may still run.
     Transport* raw = t.get();
@@ -619,6 +619,19 @@ TEST(payload_codecs) {
 
 TEST(factory_and_options) {
   CHECK_THROWS(InvalidArgument, "unknown transport", Transport::create("carrier-pigeon", opts()));
+  CHECK_THROWS(InvalidArgument, "'auto' (shared memory", Transport::create("carrier-pigeon", opts()));
+  for (const char* kind : {"tcp", "shm", "auto"}) CHECK(Transport::create(kind, opts())->kind() == kind);
+  // The shared-memory waits (Note [Shm rings]): -1 picks the default, larger values are checked.
+  const ShmWait def = shm_wait(-1, -1);
+  CHECK(def.spin.count() == (std::thread::hardware_concurrency() > 4 ? 20 : 0) && def.yield.count() == 0);
+  const ShmWait set = shm_wait(5, 7);
+  CHECK(set.spin.count() == 5 && set.yield.count() == 7);
+  TransportOptions w = opts();
+  w.shm_spin_us = -2;
+  CHECK_THROWS(InvalidArgument, "shm_spin_us", Transport::create("shm", w));
+  w = opts();
+  w.shm_yield_us = kShmMaxWaitUs + 1;
+  CHECK_THROWS(InvalidArgument, "shm_yield_us", Transport::create("auto", w));
   TransportOptions o = opts();
   o.connections_per_peer = 0;
   CHECK_THROWS(InvalidArgument, "connections_per_peer", Transport::create("tcp", o));
@@ -1214,17 +1227,16 @@ std::vector<std::string> shm_names_of_this_process() {
   return names;
 }
 
-TransportOptions shm_opts(ShmMode mode, uint64_t ring = 64 << 10) {
+TransportOptions shm_opts(uint64_t ring = 64 << 10) {
   TransportOptions o = opts();
-  o.shm = mode;
   o.shm_ring_bytes = ring;
   return o;
 }
 
 TEST(shm_echo_small_and_larger_than_the_ring) {
-  EchoServer server(shm_opts(ShmMode::kAuto));
+  EchoServer server(shm_opts(), "auto");
   Inbox in;
-  auto client = Transport::create("shm", shm_opts(ShmMode::kOff));  // "shm" forces kRequire
+  auto client = Transport::create("shm", shm_opts());
   CHECK(client->kind() == "shm");
   in.attach(*client);
   ConnId c = client->connect("127.0.0.1", server.port, 0);
@@ -1258,11 +1270,11 @@ TEST(shm_echo_small_and_larger_than_the_ring) {
 }
 
 TEST(shm_handler_exception_closes_connection_only) {
-  check_handler_exception_closes_connection_only("shm", shm_opts(ShmMode::kRequire), 4);
+  check_handler_exception_closes_connection_only("shm", shm_opts(), 4);
 }
 
 TEST(shm_declined_falls_back_to_tcp_or_fails_when_required) {
-  EchoServer server(shm_opts(ShmMode::kOff));
+  EchoServer server(shm_opts(), "tcp");
   {
     Inbox in;
     auto client = Transport::create("auto", opts());
@@ -1296,7 +1308,7 @@ TEST(shm_blocked_send_fails_when_peer_closes) {
   });
   uint16_t port = server->listen();
   Inbox in;
-  auto client = Transport::create("shm", shm_opts(ShmMode::kRequire));
+  auto client = Transport::create("shm", shm_opts());
   in.attach(*client);
   ConnId c = client->connect("127.0.0.1", port, 0);
   BlockedSender sender(*client, c, 8 << 20);
@@ -1329,7 +1341,7 @@ TEST(shm_byref_send_that_times_out_unwritten_keeps_the_connection_usable) {
       while (!release.load()) std::this_thread::sleep_for(Ms(5));
   });
   uint16_t port = server->listen();
-  TransportOptions co = shm_opts(ShmMode::kRequire, 64 << 10);
+  TransportOptions co = shm_opts(64 << 10);
   co.timeout = Ms(500);
   Inbox in;
   auto client = Transport::create("shm", co);
@@ -1439,6 +1451,17 @@ double ping_ms(uint16_t port, const TransportOptions& o, const char* kind, size_
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
 }
 
+// Non-default waits (TransportOptions::shm_spin_us / shm_yield_us): spinning
+// and yielding before the futex sleep changes timing, never the frames
+// ("shm" connects over shared memory or throws).
+TEST(shm_echo_with_spin_and_yield_set) {
+  TransportOptions o = shm_opts();
+  o.shm_spin_us = 50;
+  o.shm_yield_us = 100;
+  EchoServer server(o, "auto");
+  for (size_t bytes : {size_t{0}, size_t{100}, size_t{200} << 10}) CHECK(ping_ms(server.port, o, "shm", bytes) < 10000);
+}
+
 // A client by hand that sends `n` PINGs of 1 MiB and never reads; it stays
 // alive (heartbeats) until stop is set.
 struct NonReader {
@@ -1476,10 +1499,9 @@ struct NonReader {
   }
 };
 
-TransportOptions stall_opts(ShmMode shm) {
+TransportOptions stall_opts() {
   TransportOptions o = opts();
   o.socket_buffer_bytes = 64 << 10;  // the kernel absorbs little: the queue shows
-  o.shm = shm;
   o.shm_ring_bytes = 64 << 10;
   return o;
 }
@@ -1488,7 +1510,7 @@ TransportOptions stall_opts(ShmMode shm) {
 // Before Note [Send queues] the shard blocked on that peer until the send
 // deadline (5 s here), and every other client's request waited behind it.
 TEST(peer_that_does_not_read_does_not_stall_the_server_tcp) {
-  TransportOptions so = stall_opts(ShmMode::kOff);
+  TransportOptions so = stall_opts();
   so.liveness_timeout = Ms(1500);  // also the stall window of a queue
   ShardEchoServer server(so, "tcp");
   NonReader bad(server.port, 16);
@@ -1510,7 +1532,7 @@ TEST(peer_that_does_not_read_does_not_stall_the_server_tcp) {
 }
 
 TEST(send_queue_limit_closes_a_peer_that_does_not_read) {
-  TransportOptions so = stall_opts(ShmMode::kOff);
+  TransportOptions so = stall_opts();
   so.send_queue_limit = 4 << 20;
   ShardEchoServer server(so, "tcp");
   NonReader bad(server.port, 16);
@@ -1525,13 +1547,13 @@ TEST(send_queue_limit_closes_a_peer_that_does_not_read) {
 // blocks) after the first reply. By-reference replies (Note [Single copy])
 // used to hold the shard until the reader copied them.
 TEST(peer_that_does_not_read_does_not_stall_the_server_shm) {
-  TransportOptions so = stall_opts(ShmMode::kAuto);
+  TransportOptions so = stall_opts();
   so.liveness_timeout = Ms(1500);
   ShardEchoServer server(so);
   std::atomic<bool> release{false};
   std::atomic<int> got{0};
   Inbox bad_events;
-  auto bad = Transport::create("shm", stall_opts(ShmMode::kRequire));
+  auto bad = Transport::create("shm", stall_opts());
   bad->set_handler([&](ConnId, Message&&) {
     got.fetch_add(1);
     while (!release.load()) std::this_thread::sleep_for(Ms(2));
@@ -1551,10 +1573,10 @@ TEST(peer_that_does_not_read_does_not_stall_the_server_shm) {
   auto deadline = Clock::now() + Ms(3000);
   while (server.t->stats().queued_bytes < (8u << 20) && Clock::now() < deadline) std::this_thread::sleep_for(Ms(5));
   CHECK(server.t->stats().queued_bytes >= (8u << 20));
-  CHECK(ping_ms(server.port, shm_opts(ShmMode::kRequire), "shm", 100) < 1000);
+  CHECK(ping_ms(server.port, shm_opts(), "shm", 100) < 1000);
   // A live reader still gets its large replies by reference, never queued.
   const uint64_t queued_before = server.t->stats().frames_queued;
-  CHECK(ping_ms(server.port, shm_opts(ShmMode::kRequire), "shm", 1 << 20) < 1000);
+  CHECK(ping_ms(server.port, shm_opts(), "shm", 1 << 20) < 1000);
   CHECK(server.t->stats().frames_queued == queued_before);
   CHECK(ping_ms(server.port, opts(), "tcp", 1 << 20) < 1000);
   // The stalled connection is closed once its queue has not moved for the window.
@@ -1568,11 +1590,11 @@ TEST(peer_that_does_not_read_does_not_stall_the_server_shm) {
 // whichever way each went (by reference, revoked and queued, or copied).
 TEST(slow_reader_gets_every_reply_intact_tcp_and_shm) {
   for (const char* kind : {"tcp", "shm"}) {
-    TransportOptions so = stall_opts(ShmMode::kAuto);
+    TransportOptions so = stall_opts();
     ShardEchoServer server(so);
     std::mutex mu;
     std::vector<Message> replies;
-    auto c = Transport::create(kind, stall_opts(std::string(kind) == "shm" ? ShmMode::kRequire : ShmMode::kOff));
+    auto c = Transport::create(kind, stall_opts());
     c->set_handler([&](ConnId, Message&& m) {
       std::this_thread::sleep_for(Ms(replies.size() % 3 == 0 ? 15 : 0));  // past kByRefGrace now and then
       std::lock_guard<std::mutex> lock(mu);
@@ -1615,11 +1637,10 @@ TEST(slow_reader_gets_every_reply_intact_tcp_and_shm) {
 TEST(idle_connections_stay_open_on_heartbeats_tcp_and_shm) {
   TransportOptions o = opts();
   o.liveness_timeout = Ms(300);
-  for (ShmMode mode : {ShmMode::kOff, ShmMode::kRequire}) {
-    o.shm = mode;
+  for (const char* kind : {"tcp", "shm"}) {
     ShardEchoServer server(o);
     Inbox in;
-    auto c = Transport::create("tcp", o);
+    auto c = Transport::create(kind, o);
     in.attach(*c);
     ConnId id = c->connect("127.0.0.1", server.port, 1);
     std::this_thread::sleep_for(Ms(1500));  // five windows with nothing but heartbeats
