@@ -193,11 +193,12 @@ def test_a_frozen_worker_is_named_within_the_liveness_window(tmp_path):
         t0 = time.monotonic()
         os.kill(job.workers[1].pid, signal.SIGSTOP)
         try:
-            so, se = job.workers[0].communicate(timeout=20)
+            job.workers[0].wait(timeout=20)
         except subprocess.TimeoutExpired:
             raise AssertionError("the survivor did not notice the frozen worker within 20 s") from None
         elapsed = time.monotonic() - t0
-        assert job.workers[0].returncode == 3, se[-3000:]
+        survivor = job.result(job.workers[0])
+        assert survivor.returncode == 3, survivor.stderr[-3000:]
     kind, delay, msg = Path(f"{out}.0").read_text().split("\n", 2)
     assert kind in ("ConnectionError", "TimeoutError"), msg
     assert re.search(r"(rank|server) 1\b", msg), msg
