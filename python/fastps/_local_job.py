@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from ._cluster import free_port
+from .errors import TimeoutError as FastPSTimeoutError
 
 # start()'s output destinations besides a file name.
 INHERIT = None        # this process's own stdout/stderr (the terminal)
@@ -107,6 +108,30 @@ def describe_status(code: int) -> str:
         except ValueError:
             return f"was killed by signal {-code}"
     return f"exited with code {code}"
+
+
+def poll_until(ready: Callable[[], bool], timeout: float, what: str, *,
+               state: Optional[Callable[[], str]] = None, check: Optional[Callable[[], None]] = None,
+               interval: float = 0.01) -> None:
+    """Wait until ``ready()`` is true, polling every ``interval`` s, at most ``timeout`` s.
+
+    ``check()``, called between polls, may raise to stop the wait early (a process
+    died). After the deadline ``ready()`` is asked once more, then
+    :class:`fastps.TimeoutError` says ``what`` did not happen, with ``state()`` (what
+    was seen instead) when given. For tests and launchers: a wait on real state in
+    place of a fixed sleep.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        expired = time.monotonic() >= deadline  # decided before looking: the last look is after it
+        if ready():
+            return
+        if check is not None:
+            check()
+        if expired:
+            seen = f" (seen: {state()})" if state is not None else ""
+            raise FastPSTimeoutError(f"timed out after {timeout:g} s waiting for {what}{seen}")
+        time.sleep(interval)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -287,21 +312,18 @@ class LocalJob:
     def wait_for(self, ready: Callable[[], bool], timeout: float, what: str, *, tail_lines: int = 40) -> None:
         """Poll ``ready()`` until it is true; raise :class:`JobFailed` as soon as a process
         exits before (any status: the job is not meant to end yet), :class:`JobTimedOut`
-        naming ``what`` after ``timeout`` seconds. ``ready`` is asked once more after the
-        deadline."""
-        deadline = time.monotonic() + timeout
-        while True:
-            expired = time.monotonic() >= deadline
-            if ready():
-                return
+        naming ``what`` after ``timeout`` seconds (:func:`poll_until`)."""
+        def no_exit() -> None:
             for p in self._procs:
                 code = p.popen.poll()
                 if code is not None:
                     raise JobFailed(f"{p.name} {describe_status(code)} before {what}", p.name, code, p.log,
                                     p.tail(tail_lines), p.rank)
-            if expired:
-                raise JobTimedOut(f"no {what} within {timeout:.0f} s", "", None, None, "")
-            time.sleep(0.05)
+
+        try:
+            poll_until(ready, timeout, what, check=no_exit, interval=0.05)
+        except FastPSTimeoutError as e:
+            raise JobTimedOut(str(e), "", None, None, "") from None
 
     def wait(self, timeout: float, *, until: Optional[Sequence[subprocess.Popen]] = None,
              fail_fast: bool = True, linger: float = 0.0, tail_lines: int = 40) -> List[ProcessResult]:
