@@ -17,6 +17,7 @@ from fastps import _C
 from fastps._local_job import poll_until
 
 from _launch import Job, check
+from _wait import wait_parked
 
 
 def _reference(name: str, steps: int):
@@ -228,7 +229,7 @@ def test_a_dead_worker_fails_the_round_and_the_server_survives(transport):
         c.register_dense(1, 1000, True, h, init.data_ptr(), init.numel()).wait()
     g0, out0 = torch.ones(1000), torch.empty(1000)
     parked = clients[0].push_pull(1, g0.data_ptr(), g0.numel(), out0.data_ptr(), out0.numel(), 1)
-    _wait_parked(server, 1, "rank 0's push_pull")  # then rank 2 leaves: the round is doomed
+    wait_parked(server, 1, "rank 0's push_pull")  # then rank 2 leaves: the round is doomed
     del c, clients[2]  # the last reference to rank 2's client (the loop's c was one): it disconnects
     with pytest.raises(fastps.ConnectionError, match="worker rank 2 disconnected"):
         parked.wait()
@@ -325,18 +326,12 @@ def _two_workers_one_sum_key():
     return server, a, b, h, z
 
 
-def _wait_parked(server, n: int, what: str) -> None:
-    """Wait until ``server`` holds ``n`` parked requests (``what``: which, for the message)."""
-    poll_until(lambda: server.parked()["requests"] >= n, 10, f"{what} to be parked on the server",
-               state=lambda: f"{server.parked()['requests']} parked")
-
-
 def test_re_register_fails_waiting_requests():
     server, a, b, h, z = _two_workers_one_sum_key()
     # A request parked on a chunk that is registered again gets an error, not silence.
     g, out = torch.ones(4), torch.empty(4)
     parked = a.push_pull(1, g.data_ptr(), g.numel(), out.data_ptr(), out.numel(), 1)  # waits for rank 1's push
-    _wait_parked(server, 1, "rank 0's push_pull")  # else the registration could come first
+    wait_parked(server, 1, "rank 0's push_pull")  # else the registration could come first
     b.register_dense(1, 4, True, h, z.data_ptr(), z.numel()).wait()
     with pytest.raises(fastps.InvalidArgumentError, match="registered again"):
         parked.wait()
@@ -405,10 +400,9 @@ def test_a_second_connection_of_a_live_rank_closing_does_not_kill_the_rank():
     # stray's connection: its disappearance shows the server has seen the disconnect.
     never = torch.empty(4)
     stray.pull(2, never.data_ptr(), never.numel(), 1)
-    _wait_parked(server, 1, "the stray connection's pull")
+    wait_parked(server, 1, "the stray connection's pull")
     del stray
-    poll_until(lambda: server.parked()["requests"] == 0, 10, "the server to drop the stray connection's "
-               "parked pull (to see the disconnect)", state=lambda: f"{server.parked()['requests']} parked")
+    wait_parked(server, 0, "the stray's pull, dropped with its connection")
     ga, gb, oa, ob = torch.ones(4), torch.full((4,), 2.0), torch.empty(4), torch.empty(4)
     fa = a.push_pull(1, ga.data_ptr(), ga.numel(), oa.data_ptr(), oa.numel(), 1)
     fb = b.push_pull(1, gb.data_ptr(), gb.numel(), ob.data_ptr(), ob.numel(), 1)
