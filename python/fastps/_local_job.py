@@ -240,6 +240,9 @@ class LocalJob:
         log_dir: where output files go (default: a temporary directory removed on stop).
         grace: seconds between SIGTERM and SIGKILL when stopping (0: SIGKILL at once).
         die_with_launcher: children get SIGTERM when the launcher dies (Linux).
+        host_store: the launcher hosts the rendezvous store (default); False: rank 0 hosts
+            it, on a port free when the job was made (the mode of a job launched by hand,
+            for tests of it; the port can be taken before rank 0 binds it).
 
     Example::
 
@@ -250,7 +253,8 @@ class LocalJob:
     """
 
     def __init__(self, world_size: int, *, env: Optional[Mapping[str, str]] = None,
-                 log_dir: Optional[Path] = None, grace: float = 0.0, die_with_launcher: bool = False) -> None:
+                 log_dir: Optional[Path] = None, grace: float = 0.0, die_with_launcher: bool = False,
+                 host_store: bool = True) -> None:
         import torch.distributed as dist
 
         self.grace = grace
@@ -260,12 +264,14 @@ class LocalJob:
         self._tmp = None if log_dir is not None else tempfile.TemporaryDirectory(prefix="fastps-job-")
         self.log_dir = Path(log_dir) if log_dir is not None else Path(self._tmp.name)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        # See Note [Local job's rendezvous port].
-        self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                                    timeout=datetime.timedelta(seconds=30))
-        self.port: int = self._store.port
-        self.env = job_env(world_size, port=self.port)
-        self.env["TORCHELASTIC_USE_AGENT_STORE"] = "True"
+        self._store = None
+        if host_store:  # See Note [Local job's rendezvous port].
+            self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                        timeout=datetime.timedelta(seconds=30))
+        self.env = job_env(world_size, port=self._store.port if host_store else None)
+        self.port = int(self.env["MASTER_PORT"])
+        if host_store:
+            self.env["TORCHELASTIC_USE_AGENT_STORE"] = "True"
         self.env.update(env or {})
 
     def start(self, name: str, cmd: Sequence[str], *, rank: Optional[int] = None,
@@ -317,8 +323,10 @@ class LocalJob:
             for p in self._procs:
                 code = p.popen.poll()
                 if code is not None:
-                    raise JobFailed(f"{p.name} {describe_status(code)} before {what}", p.name, code, p.log,
-                                    p.tail(tail_lines), p.rank)
+                    tail = p.tail(tail_lines)
+                    raise JobFailed(f"{p.name} {describe_status(code)} before {what}"
+                                    + (f"; the end of its output:\n{tail}" if tail else ""),
+                                    p.name, code, p.log, tail, p.rank)
 
         try:
             poll_until(ready, timeout, what, check=no_exit, interval=0.05)
