@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from ._cluster import free_port
+from .errors import FastPSError
 from .errors import TimeoutError as FastPSTimeoutError
 
 # start()'s output destinations besides a file name.
@@ -168,13 +169,14 @@ class ProcessResult:
     stderr: str
 
 
-class JobFailed(RuntimeError):
+class JobFailed(FastPSError):
     """A process of a :class:`LocalJob` failed, or the job outlived its deadline.
 
     Attributes: ``name`` (the process's, e.g. ``'worker 1'``; for a deadline the
-    first one still running), ``rank`` (its rank, None for a process that is not one), ``returncode`` (None at a deadline), ``log`` (the file
-    holding its error output; None when it went to the terminal) and ``tail`` (the
-    last lines of that file).
+    first one still running), ``rank`` (its rank; None for a process that is not a
+    rank), ``returncode`` (None at a deadline), ``log`` (the file holding its error
+    output; None when it went to the terminal) and ``tail`` (the last lines of that
+    file).
     """
 
     def __init__(self, message: str, name: str, returncode: Optional[int], log: Optional[Path], tail: str,
@@ -237,7 +239,7 @@ class LocalJob:
     Args:
         world_size: the number of ranks (``WORLD_SIZE``).
         env: variables added to this process's environment for every process.
-        log_dir: where output files go (default: a temporary directory removed on stop).
+        log_dir: where output files go (default: a temporary directory, removed by close).
         grace: seconds between SIGTERM and SIGKILL when stopping (0: SIGKILL at once).
         die_with_launcher: children get SIGTERM when the launcher dies (Linux).
         host_store: the launcher hosts the rendezvous store (default); False: rank 0 hosts
@@ -354,7 +356,7 @@ class LocalJob:
             if all(p.popen.poll() is not None for p in procs):
                 break
             if time.monotonic() > deadline:
-                late = next(p for p in procs if p.popen.poll() is None)
+                late = next((p for p in procs if p.popen.poll() is None), procs[0])
                 self.stop()
                 raise JobTimedOut(f"the job did not finish within {timeout:.0f} s", late.name, None, late.log,
                                   late.tail(tail_lines), late.rank)
@@ -363,8 +365,6 @@ class LocalJob:
         while time.monotonic() < end and any(p.popen.poll() is None for p in self._procs):
             time.sleep(0.05)
         self.stop()
-        for f in self._files:
-            f.flush()
         return [p.result() for p in self._procs]
 
     def _find(self, popen: subprocess.Popen) -> _Proc:
