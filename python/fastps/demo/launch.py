@@ -3,7 +3,8 @@
 Spawns ``--workers`` processes of :mod:`fastps.demo.train` with the environment
 torchrun would give them (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR=127.0.0.1``, ``MASTER_PORT``; the launcher hosts the rendezvous
-store, as torchrun's agent does: see fastps/_local_job.py), plus ``--servers`` dedicated ``python -m fastps server`` processes.
+store, as torchrun's agent does: see fastps/_local_job.py), plus ``--servers``
+dedicated ``python -m fastps server`` processes.
 With ``--compare ddp`` the same training runs again as a torch DDP job. Then it
 prints the summary table, the agreement of the two loss curves, and a sample
 of generated code, and writes the loss plot.
