@@ -14,9 +14,10 @@ from torch import nn
 
 import fastps
 from fastps import _C
+from fastps._local_job import poll_until
 
 from _launch import Job, check
-
+from _wait import wait_parked
 
 
 def _reference(name: str, steps: int):
@@ -226,12 +227,15 @@ def test_a_dead_worker_fails_the_round_and_the_server_survives(transport):
     for c in clients:
         c.connect(addr)
         c.register_dense(1, 1000, True, h, init.data_ptr(), init.numel()).wait()
-    del clients[2]
-    time.sleep(0.3)  # the server notices the disconnect
-    for c in clients:
-        g, out = torch.ones(1000), torch.empty(1000)
-        with pytest.raises(fastps.ConnectionError, match="worker rank 2 disconnected"):
-            c.push_pull(1, g.data_ptr(), g.numel(), out.data_ptr(), out.numel(), 1).wait()
+    g0, out0 = torch.ones(1000), torch.empty(1000)
+    parked = clients[0].push_pull(1, g0.data_ptr(), g0.numel(), out0.data_ptr(), out0.numel(), 1)
+    wait_parked(server, 1, "rank 0's push_pull")  # then rank 2 leaves: the round is doomed
+    del c, clients[2]  # the last reference to rank 2's client (the loop's c was one): it disconnects
+    with pytest.raises(fastps.ConnectionError, match="worker rank 2 disconnected"):
+        parked.wait()
+    g1, out1 = torch.ones(1000), torch.empty(1000)
+    with pytest.raises(fastps.ConnectionError, match="worker rank 2 disconnected"):
+        clients[1].push_pull(1, g1.data_ptr(), g1.numel(), out1.data_ptr(), out1.numel(), 1).wait()
     # The server still serves: a fresh key for the two survivors cannot
     # complete either (3 workers), but a plain registration and pull work.
     clients[0].register_dense(2, 10, False, h, init[:10].data_ptr(), 10).wait()
@@ -327,7 +331,7 @@ def test_re_register_fails_waiting_requests():
     # A request parked on a chunk that is registered again gets an error, not silence.
     g, out = torch.ones(4), torch.empty(4)
     parked = a.push_pull(1, g.data_ptr(), g.numel(), out.data_ptr(), out.numel(), 1)  # waits for rank 1's push
-    time.sleep(0.2)
+    wait_parked(server, 1, "rank 0's push_pull")  # else the registration could come first
     b.register_dense(1, 4, True, h, z.data_ptr(), z.numel()).wait()
     with pytest.raises(fastps.InvalidArgumentError, match="registered again"):
         parked.wait()
@@ -351,9 +355,11 @@ def test_a_reply_after_the_deadline_never_writes_into_the_callers_buffer():
         pull.wait()
     g = torch.ones(3, 4)
     sgd = _C.SparseOptim(_C.SparseRule.SGD, lr=1.0)
+    received = a.stats()["messages_received"]
     for f in [c.sparse_push(1, ids.data_ptr(), 3, 4, g.data_ptr(), g.numel(), sgd, 1) for c in (a, b)]:
         f.wait()  # step 1 completes: the parked pull is answered now
-    time.sleep(0.3)
+    poll_until(lambda: a.stats()["messages_received"] >= received + 2, 10, "the late pull reply (and the "
+               "push's) to reach rank 0", state=lambda: f"{a.stats()['messages_received'] - received} replies")
     assert torch.equal(out, torch.full((3, 4), 7.0))  # the late reply was dropped
     fresh = torch.empty(3, 4)
     a.sparse_pull(1, ids.data_ptr(), 3, 4, fresh.data_ptr(), fresh.numel(), 1).wait()  # the client still works
@@ -390,8 +396,13 @@ def test_a_second_connection_of_a_live_rank_closing_does_not_kill_the_rank():
     stray = _C.PsClient(0, secret="s", timeout_s=5)  # claims rank 0 too (a tool, a restarted process)
     stray.connect([("127.0.0.1", server.port)])
     stray.register_dense(2, 4, False, h, z.data_ptr(), z.numel()).wait()  # talks to the server as rank 0
+    # A pull of a version that never comes stays parked until the server drops the
+    # stray's connection: its disappearance shows the server has seen the disconnect.
+    never = torch.empty(4)
+    stray.pull(2, never.data_ptr(), never.numel(), 1)
+    wait_parked(server, 1, "the stray connection's pull")
     del stray
-    time.sleep(0.3)  # the server sees the disconnect
+    wait_parked(server, 0, "the stray's pull, dropped with its connection")
     ga, gb, oa, ob = torch.ones(4), torch.full((4,), 2.0), torch.empty(4), torch.empty(4)
     fa = a.push_pull(1, ga.data_ptr(), ga.numel(), oa.data_ptr(), oa.numel(), 1)
     fb = b.push_pull(1, gb.data_ptr(), gb.numel(), ob.data_ptr(), ob.numel(), 1)
@@ -445,9 +456,9 @@ def test_ctrl_c_interrupts_a_wait_long_before_its_deadline(tmp_path):
         "z, g, out = torch.zeros(4), torch.ones(4), torch.empty(4)\n"
         "c.register_dense(1, 4, True, h, z.data_ptr(), z.numel()).wait()\n"
         "f = c.push_pull(1, g.data_ptr(), g.numel(), out.data_ptr(), out.numel(), 1)  # rank 1 never pushes\n"
-        "threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
         "t = time.monotonic()\n"
-        "try:\n"
+        "try:  # the Ctrl-C is caught wherever it lands, also before f.wait() on a loaded machine\n"
+        "    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
         "    f.wait()\n"
         "except KeyboardInterrupt:\n"
         "    print('interrupted after %.2f s' % (time.monotonic() - t))\n")

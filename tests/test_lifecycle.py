@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 import fastps
 from fastps import _cluster, _config
-from fastps._local_job import job_env, rank_env, stop_sessions
+from fastps._local_job import LocalJob, stop_sessions
 
 WORKER = str(Path(__file__).with_name("lifecycle_worker.py"))
 
@@ -33,29 +33,21 @@ def test_survivor_of_a_killed_rank_raises_a_typed_error_and_exits_promptly(tmp_p
     step() and its process is gone within a few seconds of the kill, not after a shutdown
     barrier's deadline (FASTPS_TIMEOUT is 30 s here; the barrier used to wait that long)."""
     out = tmp_path / "res"
-    env = job_env(2)
-    env.update({"FASTPS_TIMEOUT": "30", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    procs = [subprocess.Popen([sys.executable, WORKER, str(out)], env=rank_env(env, r), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True) for r in range(2)]
-    try:
-        deadline = time.monotonic() + 60
-        while not all(Path(f"{out}.ready.{r}").exists() for r in range(2)):
-            for p in procs:
-                assert p.poll() is None, f"a worker exited before training:\n{p.communicate()[1][-3000:]}"
-            assert time.monotonic() < deadline, "training did not start within 60 s"
-            time.sleep(0.05)
+    env = {"FASTPS_TIMEOUT": "30", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with LocalJob(2, env=env, host_store=False) as job:  # rank 0 hosts the store: the case under test
+        procs = [job.start(f"worker {r}", [sys.executable, WORKER, str(out)], rank=r,
+                           stdout=f"{r}.out", stderr=f"{r}.err")
+                 for r in range(2)]
+        job.wait_for(lambda: all(Path(f"{out}.ready.{r}").exists() for r in range(2)), 60, "start of training")
         t0 = time.monotonic()
         os.kill(procs[killed].pid, signal.SIGKILL)
         survivor = procs[1 - killed]
         try:
-            _, err = survivor.communicate(timeout=25)
+            survivor.wait(timeout=25)
         except subprocess.TimeoutExpired:
             raise AssertionError("the survivor was still running 25 s after its peer was killed") from None
         elapsed = time.monotonic() - t0
-    finally:
-        stop_sessions(procs)
-        for p in procs:
-            p.communicate()
+        err = job.result(survivor).stderr
     assert survivor.returncode == 1, err[-3000:]
     assert "fastps.errors.ConnectionError" in err, err[-3000:]
     assert elapsed < 10.0, f"the survivor exited {elapsed:.1f} s after the kill:\n{err[-3000:]}"
@@ -112,16 +104,15 @@ def test_store_get_stops_when_another_rank_published_its_failure():
 
 
 def test_store_get_raises_connection_error_at_once_when_the_store_host_dies():
-    port = _cluster.free_port()
     host = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time, torch.distributed as d\n"
-         f"s = d.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False, multi_tenant=True)\n"
-         "print('up', flush=True)\n"
+         "s = d.TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False, multi_tenant=True)\n"
+         "print(s.port, flush=True)\n"  # a port the OS chose and the store holds
          "time.sleep(60)\n"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
-        assert host.stdout.readline().strip() == "up"
+        port = int(host.stdout.readline())
         client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=10))
         store = dist.PrefixStore("fastps/0/", client)
         threading.Timer(0.3, host.kill).start()
@@ -138,8 +129,8 @@ def test_the_store_host_stays_until_every_rank_saw_the_shutdown_barrier_end(monk
     """Rank 0 hosts the store (no torchrun agent): after the shutdown barrier it must not take
     the store away before the other ranks, polling, have seen the barrier end."""
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
-    port = _cluster.free_port()
-    host = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, multi_tenant=True)
+    host = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, multi_tenant=True)
+    port = host.port
     peer = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=10))
 
     class Rank:

@@ -20,8 +20,10 @@ import torch
 
 import fastps
 from fastps import _C
+from fastps._local_job import poll_until
 
 from _launch import Job, check
+from _wait import wait_queues_freed
 
 _HEADER = struct.Struct("<IHBBIIQQQII")  # docs/protocol.md, "Frame header"
 _MAGIC = 0x31535046
@@ -75,14 +77,6 @@ def _timed_pull(client, tid: int, n: int) -> float:
     return time.monotonic() - t0
 
 
-def _wait_queues_freed(server, timeout: float = 10.0) -> None:
-    """Until the server holds no queued reply bytes (its non-reading peer was dropped)."""
-    deadline = time.monotonic() + timeout
-    while server.stats()["queued_bytes"] > 0:
-        assert time.monotonic() < deadline, server.stats()
-        time.sleep(0.05)
-
-
 def test_a_peer_that_sends_pings_and_never_reads_does_not_stall_a_pull():
     """The issue's repro: 16 x 1 MiB PINGs from an authenticated connection that never
     reads its PONGs made another client's 2 ms pull wait for the server's send deadline
@@ -98,16 +92,14 @@ def test_a_peer_that_sends_pings_and_never_reads_does_not_stall_a_pull():
         body = b"\x01" * (1 << 20)
         for i in range(16):
             bad.sendall(_frame(_PING, body, request_id=i + 1))
-        deadline = time.monotonic() + 5
-        while server.stats()["messages_sent"] < 1 + 16:  # the shard has answered them all
-            assert time.monotonic() < deadline, server.stats()
-            time.sleep(0.01)
+        poll_until(lambda: server.stats()["messages_sent"] >= 1 + 16, 10, "the shard to answer every PING",
+                   state=lambda: str(server.stats()))
         assert server.stats()["queued_bytes"] > 0  # more than the sockets hold
         assert _timed_pull(good, 1, 1000) < 1.0
         stats = server.stats()
         assert stats["queued_peak"] <= 16 * ((1 << 20) + 48), stats
         # Alive (it could send) but not reading: dropped once nothing moved for the window.
-        _wait_queues_freed(server)
+        wait_queues_freed(server)
         assert _timed_pull(good, 1, 1000) < 1.0
     finally:
         bad.close()
@@ -149,15 +141,13 @@ def test_a_stopped_worker_does_not_stall_the_server(transport):
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:
         assert proc.stdout.readline().strip() == transport, proc.stderr.read() if proc.poll() is not None else ""
-        deadline = time.monotonic() + 10
-        while not Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1].startswith("T"):
-            assert time.monotonic() < deadline, "the puller did not stop"
-            time.sleep(0.01)
+        poll_until(lambda: Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1].startswith("T"), 10,
+                   "the puller to stop itself (SIGSTOP)")
         for _ in range(5):
             assert _timed_pull(good, 2, 1000) < 1.0
         assert server.stats()["queued_peak"] <= 16 * ((4 << 20) + 48), server.stats()
         # Silent (stopped): dropped after 2 s; what was held for it is freed.
-        _wait_queues_freed(server)
+        wait_queues_freed(server)
         assert _timed_pull(good, 2, 1000) < 1.0
     finally:
         proc.kill()
@@ -193,11 +183,12 @@ def test_a_frozen_worker_is_named_within_the_liveness_window(tmp_path):
         t0 = time.monotonic()
         os.kill(job.workers[1].pid, signal.SIGSTOP)
         try:
-            so, se = job.workers[0].communicate(timeout=20)
+            job.workers[0].wait(timeout=20)
         except subprocess.TimeoutExpired:
             raise AssertionError("the survivor did not notice the frozen worker within 20 s") from None
         elapsed = time.monotonic() - t0
-        assert job.workers[0].returncode == 3, se[-3000:]
+        survivor = job.result(job.workers[0])
+        assert survivor.returncode == 3, survivor.stderr[-3000:]
     kind, delay, msg = Path(f"{out}.0").read_text().split("\n", 2)
     assert kind in ("ConnectionError", "TimeoutError"), msg
     assert re.search(r"(rank|server) 1\b", msg), msg

@@ -14,6 +14,7 @@ from torch import nn
 
 import fastps
 from fastps import _C
+from fastps._local_job import poll_until
 
 from _launch import Job, check
 
@@ -125,7 +126,7 @@ def _push(c, table, ids, grads, step, optim=None):
 
 
 def test_bsp_push_is_the_mean_of_the_workers_rows_and_pulls_wait_for_the_round():
-    _, (a, b) = _job(workers=2, servers=2)
+    servers, (a, b) = _job(workers=2, servers=2)
     cfg = _C.SparseTableConfig(2, init=_C.SparseInit.ZEROS)
     a.sparse_create(1, cfg).wait()
     b.sparse_create(1, cfg).wait()  # idempotent
@@ -134,7 +135,11 @@ def test_bsp_push_is_the_mean_of_the_workers_rows_and_pulls_wait_for_the_round()
     ids = torch.tensor([7, 5, 9, 7], dtype=torch.int64)
     out = torch.empty(4, 2)
     f = pull(1, ids.data_ptr(), 4, 2, out.data_ptr(), out.numel(), 1)
-    time.sleep(0.1)
+    # Both requests reached the servers and wait there: ids 5, 7 and 9 have rows on both
+    # servers (the id hash is fixed), so each server holds a part of the push and of the pull.
+    poll_until(lambda: sum(s.parked()["requests"] for s in servers) == 4, 10,
+               "the push and the pull to be parked on both servers",
+               state=lambda: f"parked per server: {[s.parked()['requests'] for s in servers]}")
     assert not f.done() and not fa.done()
     _push(b, 1, [5], [[6.0, 0.0]], 1).wait()
     f.wait()

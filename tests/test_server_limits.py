@@ -6,13 +6,14 @@ standing in for workers (every frame below is one a misbehaving peer can send)."
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
 
 import fastps
 from fastps import _C
+
+from _wait import wait_parked
 
 FAR = 1_000_000  # a step / version no round will reach in these tests
 
@@ -37,15 +38,6 @@ def _sgd():
     return h
 
 
-def _wait_parked(server, requests, timeout=5.0):
-    """Polls the server's parked-request counters until they read `requests`."""
-    deadline = time.monotonic() + timeout
-    while server.parked()["requests"] != requests:
-        assert time.monotonic() < deadline, f"parked: {server.parked()}, expected {requests} requests"
-        time.sleep(0.01)
-    return server.parked()
-
-
 def test_far_future_pulls_of_a_wide_table_hold_no_reply_memory():
     # 16 pulls of one id of dim 2^22 for a step no one will push: 16 x 56 bytes on
     # the wire. The server held (and zeroed) a 16 MiB reply buffer for each, from
@@ -65,7 +57,7 @@ def test_far_future_pulls_of_a_wide_table_hold_no_reply_memory():
     assert not any(f.done() for f in futures)
     assert server.parked() == {"requests": 16, "bytes": 16 * 8}
     del c  # the connection closes: its parked requests go
-    _wait_parked(server, 0)
+    wait_parked(server, 0)
     assert server.parked()["bytes"] == 0
 
 
@@ -84,9 +76,9 @@ def test_a_closed_connection_frees_its_parked_requests_while_its_rank_lives():
         stray.pull(1, out.data_ptr(), 4, FAR + k)  # a dense pull of a far-future version
         stray.sparse_pull(2, ids.data_ptr(), 3, 4, out.data_ptr(), 12, FAR + k)
     stray.sparse_stats(2, 0)
-    assert _wait_parked(server, 10)["bytes"] == 5 * 3 * 8  # the sparse pulls' ids
+    assert wait_parked(server, 10)["bytes"] == 5 * 3 * 8  # the sparse pulls' ids
     del stray
-    _wait_parked(server, 0)
+    wait_parked(server, 0)
     # The rank's live connection was not touched: its rounds still complete.
     live.push(1, ones.data_ptr(), 4, _sgd(), 1).wait()
     got = torch.empty(4)
@@ -103,14 +95,14 @@ def test_parked_requests_per_connection_are_capped_with_a_clear_error():
     ids, out, dense_out = torch.arange(8), torch.empty(8 * 2), torch.empty(4)
     parked = [c.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), 16, 1) for _ in range(3)]
     parked.append(c.pull(2, dense_out.data_ptr(), 4, 1))
-    _wait_parked(server, 4)
+    wait_parked(server, 4)
     with pytest.raises(fastps.FastPSError, match=r"4 requests waiting.*the most one connection may park"):
         c.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), 16, 1).wait()
     with pytest.raises(fastps.FastPSError, match="4 requests waiting"):
         c.pull(2, dense_out.data_ptr(), 4, 1).wait()
     other = _client(server)  # the cap is per connection
     late = other.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), 16, 1)
-    _wait_parked(server, 5)
+    wait_parked(server, 5)
     # The refused requests changed nothing; completing the rounds answers the parked ones.
     g = torch.ones(8, 2)
     c.sparse_push(1, ids.data_ptr(), 8, 2, g.data_ptr(), 16, _C.SparseOptim(_C.SparseRule.SGD, lr=1.0), 1).wait()
@@ -118,7 +110,7 @@ def test_parked_requests_per_connection_are_capped_with_a_clear_error():
     for f in parked + [late]:
         f.wait()
     assert torch.equal(out, torch.full((16,), -1.0)) and torch.equal(dense_out, torch.full((4,), -0.5))
-    _wait_parked(server, 0)
+    wait_parked(server, 0)
     c.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), 16, 1).wait()  # the connection still serves
 
 
@@ -128,11 +120,11 @@ def test_parked_bytes_per_connection_are_capped():
     c.sparse_create(1, _C.SparseTableConfig(2)).wait()
     ids, out = torch.arange(16), torch.empty(16 * 2)
     first = c.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), 16, FAR)  # 64 bytes of ids
-    _wait_parked(server, 1)
+    wait_parked(server, 1)
     with pytest.raises(fastps.FastPSError, match=r"hold 64 bytes.*\(64 bytes\).*100 bytes"):
         c.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), 16, FAR).wait()
     c.sparse_pull(1, ids.data_ptr(), 4, 2, out.data_ptr(), 8, FAR)  # 32 more fit
-    assert _wait_parked(server, 2)["bytes"] == 96
+    assert wait_parked(server, 2)["bytes"] == 96
     assert not first.done()
 
 
@@ -151,7 +143,7 @@ def test_pushes_that_join_a_round_are_counted_but_never_refused():
     oa1, oa2, ob1, ob2 = (torch.empty(4) for _ in range(4))
     fa1 = a.push_pull(1, ga.data_ptr(), 4, oa1.data_ptr(), 4, 1)
     fa2 = a.push_pull(2, ga.data_ptr(), 4, oa2.data_ptr(), 4, 1)
-    _wait_parked(server, 2)  # past the cap of 1: both wait for b
+    wait_parked(server, 2)  # past the cap of 1: both wait for b
     with pytest.raises(fastps.FastPSError, match="2 requests waiting"):
         a.pull(1, oa2.data_ptr(), 4, 1).wait()
     for f in [b.push_pull(1, gb.data_ptr(), 4, ob1.data_ptr(), 4, 1), b.push_pull(2, gb.data_ptr(), 4, ob2.data_ptr(), 4, 1)]:
@@ -160,7 +152,7 @@ def test_pushes_that_join_a_round_are_counted_but_never_refused():
     fa2.wait()
     for o in (oa1, oa2, ob1, ob2):
         assert torch.equal(o, torch.full((4,), 3.0))
-    _wait_parked(server, 0)
+    wait_parked(server, 0)
 
 
 def test_limits_are_validated():

@@ -12,11 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from .. import _local_job
@@ -129,14 +125,6 @@ def transport_in_use(client) -> str:
     return "+".join(sorted(set(client._client.server_paths()) - {"local"})) or "local"
 
 
-def _tail(path: str, lines: int) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""
-
-
 def _report(message: str, tail: str, intro: str) -> None:
     print(message + (f" {intro}\n{tail.rstrip()}" if tail.strip() else ""), file=sys.stderr)
 
@@ -146,53 +134,30 @@ def launch_workers(name: str, cmd: Sequence[str], nproc: int, *, timeout: float,
     """Run `nproc` copies of `cmd` as ranks of one local job; return 0, or 1 if one failed or timed out.
 
     Each worker gets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR
-    (127.0.0.1) and a free MASTER_PORT, plus `env`; FASTPS_TIMEOUT defaults to
-    120 s so that no wait in a worker outlives a dead peer for long. Every
-    worker runs in its own session and is killed (SIGKILL, with its children)
-    when this function returns, on Ctrl-C and on SIGTERM.
+    (127.0.0.1) and MASTER_PORT (the launcher hosts the store: fastps/_local_job.py),
+    plus `env`; FASTPS_TIMEOUT defaults to 120 s so that no wait in a worker outlives
+    a dead peer for long. Every worker runs in its own session and is killed (SIGKILL,
+    with its children) when this function returns, on Ctrl-C and on SIGTERM (which
+    exit with 128 + the signal's number).
     """
-    base = _local_job.job_env(nproc)
-    base.setdefault("FASTPS_TIMEOUT", "120")
-    base.update(env or {})
-    procs: List[subprocess.Popen] = []
-    logs = tempfile.TemporaryDirectory(prefix="fastps-bench-")
-    errs = [os.path.join(logs.name, f"rank{r}.stderr") for r in range(nproc)]
-
-    def kill_all() -> None:
-        _local_job.stop_sessions(procs)
-
-    def on_signal(signum, _frame):
-        kill_all()
-        sys.exit(128 + signum)
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    job_env = {"FASTPS_TIMEOUT": os.environ.get("FASTPS_TIMEOUT", "120")}
+    job_env.update(env or {})
     try:
-        for rank in range(nproc):
-            with open(errs[rank], "w") as err:
-                procs.append(subprocess.Popen(list(cmd), env=_local_job.rank_env(base, rank), stderr=err,
-                                              start_new_session=True))
-        deadline = time.monotonic() + timeout
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                r, c = failed[0]
-                kill_all()
-                _report(f"{name}: worker rank {r} exited with code {c}; stopped the other workers.",
-                        _tail(errs[r], tail_lines), f"Rank {r}'s last error output:")
-                return 1
-            if all(c == 0 for c in codes):
-                for path in errs:  # warnings and the like: shown, as if the workers had printed them
-                    sys.stderr.write(_tail(path, 10 ** 6))
-                return 0
-            if time.monotonic() > deadline:
-                kill_all()
+        with _local_job.interrupt_on_signals(), _local_job.LocalJob(nproc, env=job_env) as job:
+            ranks = [job.start(f"worker rank {r}", list(cmd), rank=r, stderr=f"rank{r}.stderr")
+                     for r in range(nproc)]
+            try:
+                results = job.wait(timeout, tail_lines=tail_lines)
+            except _local_job.JobTimedOut:
                 _report(f"{name}: workers still running after {timeout:.0f} s (--timeout); killed them.",
-                        _tail(errs[0], tail_lines), "Rank 0's last error output:")
+                        job.tail(ranks[0], tail_lines), "Rank 0's last error output:")
                 return 1
-            time.sleep(0.05)
-    finally:
-        kill_all()
-        for s, h in old.items():
-            signal.signal(s, h)
-        logs.cleanup()
+            except _local_job.JobFailed as e:
+                _report(f"{name}: worker rank {e.rank} exited with code {e.returncode}; stopped the other workers.",
+                        e.tail, f"Rank {e.rank}'s last error output:")
+                return 1
+            for res in results:  # warnings and the like: shown, as if the workers had printed them
+                sys.stderr.write(res.stderr)
+            return 0
+    except _local_job.Interrupted as e:
+        sys.exit(128 + e.signum)

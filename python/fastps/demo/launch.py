@@ -2,8 +2,9 @@
 
 Spawns ``--workers`` processes of :mod:`fastps.demo.train` with the environment
 torchrun would give them (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_ADDR=127.0.0.1``, a free ``MASTER_PORT``; rank 0 hosts the rendezvous
-store), plus ``--servers`` dedicated ``python -m fastps server`` processes.
+``MASTER_ADDR=127.0.0.1``, ``MASTER_PORT``; the launcher hosts the rendezvous
+store, as torchrun's agent does: see fastps/_local_job.py), plus ``--servers``
+dedicated ``python -m fastps server`` processes.
 With ``--compare ddp`` the same training runs again as a torch DDP job. Then it
 prints the summary table, the agreement of the two loss curves, and a sample
 of generated code, and writes the loss plot.
@@ -17,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from .._cluster import TRANSPORTS
-from .._local_job import job_env, rank_env, stop_sessions
+from .._local_job import INHERIT, STDOUT, JobFailed, JobTimedOut, LocalJob, interrupt_on_signals
 from .train import add_training_arguments, build_parser, default_logdir, find_resume_logdir
 
 MODES = {"bsp": 0, "ssp": 2, "asp": -1}
@@ -56,16 +55,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_training_arguments(p)
 
 
-def _set_pdeathsig() -> None:
-    """In the child: get SIGTERM when the launcher dies (Linux), so no orphan keeps running."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - not Linux: the launcher's own cleanup still applies
-        pass
-
-
 def training_argv(args: argparse.Namespace, backend: str, logdir: str) -> List[str]:
     """The training script's command line for ``backend``, from the demo's parsed flags."""
     out = ["--backend", backend, "--logdir", logdir, "--no-report"]
@@ -81,88 +70,55 @@ def training_argv(args: argparse.Namespace, backend: str, logdir: str) -> List[s
     return out
 
 
-def _tail(path: Path, n: int = 40) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join(lines[-n:])
-
-
 class Job:
-    """One local job: workers (rank 0 on this terminal, the others logging to files) and servers."""
+    """One local job: workers (rank 0 on this terminal, the others logging to files) and servers,
+    run by the shared launcher (:class:`fastps._local_job.LocalJob`)."""
 
     def __init__(self, args: argparse.Namespace, backend: str, logdir: str) -> None:
-        self.procs: List[subprocess.Popen] = []
-        self.names: List[str] = []
-        self.logs: List[Optional[Path]] = []
-        self.files = []
-        self.run_dir = Path(logdir) / backend
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = Path(logdir) / backend
         workers = args.workers
-        env = job_env(workers)
         threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
-        env.update({
+        env = {
             "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
             "FASTPS_STALENESS": str(MODES[args.mode]), "FASTPS_TRANSPORT": args.transport,
-        })
+        }
         servers = args.servers if backend == "fastps" and workers > 1 else 0
-        if servers:
-            env.update({"FASTPS_COLOCATE": "0", "FASTPS_NUM_SERVERS": str(servers)})
-        else:
-            env.pop("FASTPS_NUM_SERVERS", None)
-            env.pop("FASTPS_COLOCATE", None)
-        argv = training_argv(args, backend, logdir)
+        self.job = LocalJob(workers, env=env, log_dir=run_dir, grace=5.0, die_with_launcher=True)
         try:
+            if servers:
+                self.job.env.update({"FASTPS_COLOCATE": "0", "FASTPS_NUM_SERVERS": str(servers)})
+            else:
+                self.job.env.pop("FASTPS_NUM_SERVERS", None)
+                self.job.env.pop("FASTPS_COLOCATE", None)
+            argv = training_argv(args, backend, logdir)
+            self.workers = []
             for r in range(workers):
-                log = None if r == 0 else self.run_dir / f"worker{r}.log"
-                self._spawn(f"{backend} worker {r}", [sys.executable, "-m", "fastps.demo.train"] + argv,
-                            rank_env(env, r), log)
+                log = INHERIT if r == 0 else f"worker{r}.log"
+                self.workers.append(self.job.start(
+                    f"{backend} worker {r}", [sys.executable, "-m", "fastps.demo.train"] + argv, rank=r,
+                    stdout=log, stderr=STDOUT if log else INHERIT))
             for i in range(servers):
-                self._spawn(f"fastps server {i}", [sys.executable, "-m", "fastps", "server"], env,
-                            self.run_dir / f"server{i}.log")
+                self.job.start(f"fastps server {i}", [sys.executable, "-m", "fastps", "server"],
+                               stdout=f"server{i}.log", stderr=STDOUT)
         except BaseException:
-            self.kill()
+            self.job.close()
             raise
-
-    def _spawn(self, name: str, cmd: List[str], env: Dict[str, str], log: Optional[Path]) -> None:
-        out = None
-        if log is not None:
-            out = open(log, "w")
-            self.files.append(out)
-        self.procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                           stdin=subprocess.DEVNULL, start_new_session=True,
-                                           preexec_fn=_set_pdeathsig))
-        self.names.append(name)
-        self.logs.append(log)
 
     def wait(self, timeout: float) -> None:
         """Wait for every worker to exit 0 (servers then leave by themselves); raise DemoError
         naming the first process that failed, or on timeout."""
-        deadline = time.monotonic() + timeout
-        nworkers = sum(1 for n in self.names if "worker" in n)
-        while True:
-            codes = [p.poll() for p in self.procs]
-            for name, code, log in zip(self.names, codes, self.logs):
-                if code not in (None, 0):
-                    where = f"; its log ({log}):\n{_tail(log)}" if log else " (its output is above)"
-                    raise DemoError(f"{name} exited with status {code}{where}")
-            if all(c == 0 for c in codes[:nworkers]):
-                break
-            if time.monotonic() > deadline:
-                raise DemoError(f"the job did not finish within --timeout {timeout:.0f}s")
-            time.sleep(0.1)
-        # Dedicated servers exit once every worker has left; give them a moment.
-        end = time.monotonic() + 15
-        while time.monotonic() < end and any(p.poll() is None for p in self.procs):
-            time.sleep(0.1)
+        try:
+            # Dedicated servers exit once every worker has left; give them a moment.
+            self.job.wait(timeout, until=self.workers, linger=15.0)
+        except JobTimedOut:
+            raise DemoError(f"the job did not finish within --timeout {timeout:.0f}s") from None
+        except JobFailed as e:
+            where = f"; its log ({e.log}):\n{e.tail}" if e.log else " (its output is above)"
+            raise DemoError(f"{e.name} exited with status {e.returncode}{where}") from None
 
     def kill(self) -> None:
         """Stop every process still running: SIGTERM to its session, then SIGKILL after 5 s."""
-        stop_sessions(self.procs, grace=5.0)
-        for f in self.files:
-            f.close()
-        self.files = []
+        self.job.close()
 
     def __enter__(self) -> "Job":
         return self
@@ -212,24 +168,19 @@ def run(args: argparse.Namespace) -> int:
              if resuming else ""), flush=True)
     t0 = time.perf_counter()
 
-    def _terminated(signum, frame):  # SIGTERM: leave through the same cleanup as Ctrl-C
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, _terminated)
     try:
-        for backend in backends:
-            t = time.perf_counter()
-            with Job(args, backend, logdir) as job:
-                job.wait(args.timeout)
-            print(f"[{backend}] job finished in {time.perf_counter() - t:.1f} s", flush=True)
+        with interrupt_on_signals():  # SIGTERM: leave through the same cleanup as Ctrl-C
+            for backend in backends:
+                t = time.perf_counter()
+                with Job(args, backend, logdir) as job:
+                    job.wait(args.timeout)
+                print(f"[{backend}] job finished in {time.perf_counter() - t:.1f} s", flush=True)
     except KeyboardInterrupt:
         print("\nfastps demo: interrupted; every process was stopped", file=sys.stderr)
         return 130
     except DemoError as e:
         print(f"fastps demo: {e}", file=sys.stderr)
         return 1
-    finally:
-        signal.signal(signal.SIGTERM, old)
     if args.stop_after is not None and args.stop_after < args.steps:
         how = (f"continue with `fastps demo --logdir {logdir}` and the same flags (it resumes from the "
                "checkpoint)" if args.save_every else "no checkpoint was written (--save-every)")
