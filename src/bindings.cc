@@ -47,37 +47,10 @@ void raise_as(const char* name, const std::exception& e) {
 void bind_sparse(pybind11::module_& m);
 void bind_sparse_client(pybind11::class_<PsClient>& cls);
 
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "fastps native core (private; use the fastps package)";
-  // Bounds of FASTPS_SHM_RING_BYTES, checked in Python before the rendezvous.
-  m.attr("SHM_MIN_RING_BYTES") = kShmMinRingBytes;
-  m.attr("SHM_MAX_RING_BYTES") = kShmMaxRingBytes;
-  m.attr("PROTOCOL_VERSION") = kProtocolVersion;  // docs/protocol.md (for tests that speak it by hand)
-  m.attr("STEP_COUNTER_BUFFER") = kStepCounterBuffer;  // STATE_GET/STATE_SET's step-counter buffer
-  // Process-wide settings of the sparse tables' memory (Note [Mapped table
-  // memory], Note [Populating ahead]); the configuration resolver sets them.
-  m.def("set_huge_pages", &set_huge_pages, py::arg("on"),
-        "Whether sparse tables of 4 MiB and more ask for transparent huge pages (FASTPS_HUGE_PAGES).");
-  m.def("huge_pages", &huge_pages, "The current set_huge_pages() setting.");
-  m.def("set_populate_ahead", &set_populate_ahead, py::arg("on"),
-        "Whether a background thread backs a sparse table's next rows with memory ahead (FASTPS_PREFAULT).");
+namespace {
 
-  py::register_exception_translator([](std::exception_ptr p) {
-    try {
-      if (p) std::rethrow_exception(p);
-    } catch (const fastps::TimeoutError& e) {
-      raise_as("TimeoutError", e);
-    } catch (const fastps::ConnectionError& e) {
-      raise_as("ConnectionError", e);
-    } catch (const fastps::ProtocolError& e) {
-      raise_as("ProtocolError", e);
-    } catch (const fastps::InvalidArgument& e) {
-      raise_as("InvalidArgumentError", e);
-    } catch (const fastps::Error& e) {
-      raise_as("FastPSError", e);
-    }
-  });
-
+// The dense optimizer, the embedded server and its client.
+void bind_embedded(py::module_& m) {
   py::enum_<OptimKind>(m, "OptimKind")
       .value("SGD", OptimKind::kSGD)
       .value("ADAM", OptimKind::kAdam)
@@ -182,6 +155,21 @@ PYBIND11_MODULE(_C, m) {
           py::arg("hypers"),
           "One optimizer step for each (tensor id, gradient address, gradient numel, group index).");
 
+  m.def(
+      "uniform_scale",
+      [](uintptr_t edited, int64_t edited_numel, uintptr_t mean, int64_t mean_numel) {
+        FASTPS_CHECK(edited_numel >= 0 && edited_numel == mean_numel, "fastps: uniform_scale of ", edited_numel,
+                     " floats against a mean of ", mean_numel);
+        FASTPS_CHECK(edited_numel == 0 || (edited != 0 && mean != 0), "fastps: uniform_scale got a null pointer");
+        py::gil_scoped_release release;
+        return uniform_scale(as_ptr<const float>(edited), as_ptr<const float>(mean), edited_numel);
+      },
+      py::arg("edited"), py::arg("edited_numel"), py::arg("mean"), py::arg("mean_numel"),
+      "The float32 factor s with edited == mean * s (exactly, else within 2 ulps), or NaN.");
+}
+
+// Futures and the network server.
+void bind_network(py::module_& m) {
   py::class_<Future, std::shared_ptr<Future>>(m, "Future")
       .def("done", &Future::done, "True once every chunk of the request completed (or failed).")
       .def(
@@ -256,6 +244,10 @@ PYBIND11_MODULE(_C, m) {
           },
           "Requests waiting for a later round or step, over all connections, and the payload bytes they hold.");
 
+}
+
+// The network client (its sparse-table methods: bindings_sparse.cc).
+py::class_<PsClient> bind_client(py::module_& m) {
   py::class_<PsClient> ps_client(m, "PsClient");
   ps_client
       .def(py::init([](int rank, const std::string& secret, double timeout_s, int64_t chunk_bytes,
@@ -367,19 +359,47 @@ PYBIND11_MODULE(_C, m) {
       .def("stats", [](const PsClient& c) { return bind::stats_dict(c.stats()); },
            "Bytes and messages this client sent and received over the transport (local "
            "requests to the colocated server are not counted).");
+  return ps_client;
+}
 
-  m.def(
-      "uniform_scale",
-      [](uintptr_t edited, int64_t edited_numel, uintptr_t mean, int64_t mean_numel) {
-        FASTPS_CHECK(edited_numel >= 0 && edited_numel == mean_numel, "fastps: uniform_scale of ", edited_numel,
-                     " floats against a mean of ", mean_numel);
-        FASTPS_CHECK(edited_numel == 0 || (edited != 0 && mean != 0), "fastps: uniform_scale got a null pointer");
-        py::gil_scoped_release release;
-        return uniform_scale(as_ptr<const float>(edited), as_ptr<const float>(mean), edited_numel);
-      },
-      py::arg("edited"), py::arg("edited_numel"), py::arg("mean"), py::arg("mean_numel"),
-      "The float32 factor s with edited == mean * s (exactly, else within 2 ulps), or NaN.");
+}  // namespace
 
+// A flat list of declarations, split by area into the functions above.
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastps native core (private; use the fastps package)";
+  // Bounds of FASTPS_SHM_RING_BYTES, checked in Python before the rendezvous.
+  m.attr("SHM_MIN_RING_BYTES") = kShmMinRingBytes;
+  m.attr("SHM_MAX_RING_BYTES") = kShmMaxRingBytes;
+  m.attr("PROTOCOL_VERSION") = kProtocolVersion;  // docs/protocol.md (for tests that speak it by hand)
+  m.attr("STEP_COUNTER_BUFFER") = kStepCounterBuffer;  // STATE_GET/STATE_SET's step-counter buffer
+  // Process-wide settings of the sparse tables' memory (Note [Mapped table
+  // memory], Note [Populating ahead]); the configuration resolver sets them.
+  m.def("set_huge_pages", &set_huge_pages, py::arg("on"),
+        "Whether sparse tables of 4 MiB and more ask for transparent huge pages (FASTPS_HUGE_PAGES).");
+  m.def("huge_pages", &huge_pages, "The current set_huge_pages() setting.");
+  m.def("set_populate_ahead", &set_populate_ahead, py::arg("on"),
+        "Whether a background thread backs a sparse table's next rows with memory ahead (FASTPS_PREFAULT).");
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const fastps::TimeoutError& e) {
+      raise_as("TimeoutError", e);
+    } catch (const fastps::ConnectionError& e) {
+      raise_as("ConnectionError", e);
+    } catch (const fastps::ProtocolError& e) {
+      raise_as("ProtocolError", e);
+    } catch (const fastps::InvalidArgument& e) {
+      raise_as("InvalidArgumentError", e);
+    } catch (const fastps::Error& e) {
+      raise_as("FastPSError", e);
+    }
+  });
+
+  bind_embedded(m);
+  bind_network(m);
+  py::class_<PsClient> ps_client = bind_client(m);
   bind_sparse(m);
   bind_sparse_client(ps_client);
 }
+

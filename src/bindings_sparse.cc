@@ -130,7 +130,10 @@ void bind_sparse_client(py::class_<PsClient>& cls) {
           "Replace the table's rows on every server with the file's; returns the file's step.");
 }
 
-void bind_sparse(py::module_& m) {
+namespace {
+
+// The sparse rules, initialisers, eviction policies and table settings.
+void bind_sparse_types(py::module_& m) {
   py::enum_<SparseRule>(m, "SparseRule")
       .value("SGD", SparseRule::kSGD)
       .value("ADAGRAD", SparseRule::kAdagrad)
@@ -196,7 +199,10 @@ void bind_sparse(py::module_& m) {
       .def_readonly("rule", &SparseTableConfig::rule)
       .def_readonly("seed", &SparseTableConfig::seed)
       .def_readonly("max_rows", &SparseTableConfig::max_rows);
+}
 
+// fastps.nn's worker-side ops and the sparse kernels' entry points.
+void bind_sparse_ops(py::module_& m) {
   // fastps.nn's worker-side ops (Note [Worker-side embedding ops]); the
   // Python side (fastps/nn/embedding.py) allocates and checks the tensors.
   m.def(
@@ -280,7 +286,10 @@ void bind_sparse(py::module_& m) {
       py::arg("rule"), py::arg("step"), py::arg("row_step"), py::arg("weight"), py::arg("state"),
       py::arg("grad"), py::arg("dim"), py::arg("generic") = false,
       "One fused sparse update of one row on raw float32 buffers (tests and benchmarks).");
+}
 
+// The embedded sharded table.
+void bind_sparse_table(py::module_& m) {
   py::class_<ShardedSparseTable>(m, "SparseTable")
       .def(py::init([](Server& server, int64_t dim, uint64_t seed, SparseInit init, double init_a,
                        double init_b, SparseRule rule, int64_t max_rows, Eviction eviction,
@@ -383,4 +392,12 @@ void bind_sparse(py::module_& m) {
           py::arg("path"))
       .def_property_readonly("step", &ShardedSparseTable::step)
       .def("set_step", &ShardedSparseTable::set_step, py::arg("step"));
+}
+
+}  // namespace
+
+void bind_sparse(py::module_& m) {
+  bind_sparse_types(m);
+  bind_sparse_ops(m);
+  bind_sparse_table(m);
 }
