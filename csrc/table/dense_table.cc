@@ -7,7 +7,6 @@ namespace fastps {
 void DenseTable::bind(uint64_t key, float* param, int64_t numel, float* const* state, int num_state) {
   FASTPS_CHECK(num_state >= 0 && num_state <= kMaxStateBuffers, "bad state buffer count ", num_state);
   DenseChunk& c = chunks_[key];
-  c.owned.clear();
   c.param = param;
   c.numel = numel;
   c.num_state = num_state;

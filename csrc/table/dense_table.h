@@ -1,18 +1,18 @@
 // The dense parameter table of one shard: chunk key -> chunk.
 //
-// A registered tensor is split into chunks (client/chunking.h); each chunk lives
-// on exactly one shard and is touched only by that shard's thread, so the table
-// needs no locks (see Note [Shard ownership] in server/shard.h).
+// A registered tensor is split into chunks (EmbeddedClient, keys from
+// protocol/keys.h); each chunk lives on exactly one shard and is touched only
+// by that shard's thread, so the table needs no locks (see Note [Shard
+// ownership] in server/shard.h).
 //
-// A chunk either borrows its memory (the embedded server updates the user's
-// parameter and the optimizer-state tensors in place, zero-copy) or owns it
-// (a remote server keeps its own copy). Both look the same to the optimizer.
+// The embedded server's chunks borrow their memory: the shard updates the
+// user's parameter and optimizer-state tensors in place, zero-copy. (The
+// network server keeps its own copies in PsChunk, server/dense_service.h; both
+// apply through optim_update.)
 #pragma once
 
 #include <cstdint>
-#include <memory>
 #include <unordered_map>
-#include <vector>
 
 #include "table/optimizer.h"
 
@@ -25,7 +25,6 @@ struct DenseChunk {
   int64_t numel = 0;
   float* state[kMaxStateBuffers] = {nullptr, nullptr, nullptr};
   int num_state = 0;
-  std::vector<std::unique_ptr<float[]>> owned;  // empty when borrowed
 };
 
 class DenseTable {
