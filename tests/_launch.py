@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from fastps._local_job import JobFailed, LocalJob
+from fastps._local_job import JobFailed, JobHandle, LocalJob
 
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
 
 
-class Job:
+class Job(JobHandle):
     """A running job. Use as a context manager: every process is killed on exit.
 
     ``workers`` and ``servers`` are the processes (``subprocess.Popen``); their
@@ -74,14 +74,6 @@ class Job:
         r = self.job.result(proc)
         return subprocess.CompletedProcess(r.args, r.returncode, r.stdout, r.stderr)
 
-    def kill(self) -> None:
-        self.job.close()
-
-    def __enter__(self) -> "Job":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.kill()
 
 
 def check(results: List[subprocess.CompletedProcess]) -> None:

@@ -400,3 +400,20 @@ class LocalJob:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class JobHandle:
+    """Base of a caller's own job object that owns a :class:`LocalJob` as ``self.job``:
+    a context manager that stops every process of the job when it leaves (``kill``)."""
+
+    job: LocalJob
+
+    def kill(self) -> None:
+        """Stop every process still running, with its children (``LocalJob.close``)."""
+        self.job.close()
+
+    def __enter__(self) -> "JobHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .._cluster import TRANSPORTS
-from .._local_job import INHERIT, STDOUT, JobFailed, JobTimedOut, LocalJob, interrupt_on_signals
+from .._local_job import INHERIT, STDOUT, JobFailed, JobHandle, JobTimedOut, LocalJob, interrupt_on_signals
 from .train import add_training_arguments, build_parser, default_logdir, find_resume_logdir
 
 MODES = {"bsp": 0, "ssp": 2, "asp": -1}
@@ -70,7 +70,7 @@ def training_argv(args: argparse.Namespace, backend: str, logdir: str) -> List[s
     return out
 
 
-class Job:
+class Job(JobHandle):
     """One local job: workers (rank 0 on this terminal, the others logging to files) and servers,
     run by the shared launcher (:class:`fastps._local_job.LocalJob`)."""
 
@@ -116,15 +116,6 @@ class Job:
             where = f"; its log ({e.log}):\n{e.tail}" if e.log else " (its output is above)"
             raise DemoError(f"{e.name} exited with status {e.returncode}{where}") from None
 
-    def kill(self) -> None:
-        """Stop every process still running: SIGTERM to its session, then SIGKILL after 5 s."""
-        self.job.close()
-
-    def __enter__(self) -> "Job":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.kill()
 
 
 def check(args: argparse.Namespace) -> Optional[str]:
