@@ -391,6 +391,10 @@ PYBIND11_MODULE(_C, m) {
       raise_as("ProtocolError", e);
     } catch (const fastps::InvalidArgument& e) {
       raise_as("InvalidArgumentError", e);
+    } catch (const fastps::CapacityError& e) {
+      raise_as("CapacityError", e);
+    } catch (const fastps::CheckpointError& e) {
+      raise_as("CheckpointError", e);
     } catch (const fastps::Error& e) {
       raise_as("FastPSError", e);
     }

@@ -4,8 +4,8 @@
 // float32 values), device and contiguity; where the core function trusts its
 // pointers, every count, and every index that addresses another buffer, is
 // checked here before the pointers are used (bind::check_count, check_indices). Errors are translated by the
-// translator registered in bindings.cc (CapacityError and CheckpointError are
-// fastps::Error subclasses and surface as fastps.errors.FastPSError).
+// translator registered in bindings.cc (CapacityError and CheckpointError
+// surface as fastps.CapacityError and fastps.CheckpointError).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 

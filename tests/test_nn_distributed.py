@@ -175,7 +175,7 @@ def test_sparse_requests_raise_typed_errors():
 def test_capacity_error_is_typed_and_the_table_keeps_working():
     _, (c,) = _job()
     c.sparse_create(4, _C.SparseTableConfig(2, max_rows=2)).wait()
-    with pytest.raises(fastps.FastPSError, match="max_rows"):
+    with pytest.raises(fastps.CapacityError, match="max_rows"):
         _push(c, 4, [1, 2, 3, 4, 5, 6], [[1.0, 1.0]] * 6, 1).wait()
     _push(c, 4, [], torch.empty(0, 2), 2).wait()
 
@@ -184,7 +184,7 @@ def test_capacity_error_names_the_max_rows_the_user_set():
     # max_rows=4 over 2 servers: each holds 2, but the message names the user's 4.
     _, (c,) = _job(servers=2)
     c.sparse_create(4, _C.SparseTableConfig(2, max_rows=4)).wait()
-    with pytest.raises(fastps.FastPSError, match="max_rows=4") as e:
+    with pytest.raises(fastps.CapacityError, match="max_rows=4") as e:
         _push(c, 4, list(range(12)), [[1.0, 1.0]] * 12, 1).wait()
     assert "max_rows=2" not in str(e.value)
     share = r"max_rows=3 over 2 server\(s\) gives server 1 a share of 1 row.*shards \(2\)"
@@ -244,6 +244,6 @@ def test_load_of_a_mismatched_or_corrupt_file_over_the_network_changes_nothing(t
     data = bytearray(path.read_bytes())
     data[56] ^= 0x01  # inside the seed field: the digest no longer matches
     path.write_bytes(bytes(data))
-    with pytest.raises(fastps.FastPSError, match="corrupt"):
+    with pytest.raises(fastps.CheckpointError, match="corrupt"):
         c.sparse_load(4, cfg, str(path))
     assert torch.equal(_pull(c, 4, ids, 3, 1), before)

@@ -401,7 +401,7 @@ def test_full_table_without_eviction_raises_and_stays_usable():
     emb = fastps.nn.Embedding(4, max_rows=8)
     opt = fastps.optim.SGD(emb.parameters(), lr=0.1)
     emb(torch.arange(20)).sum().backward()
-    with pytest.raises(FastPSError, match="max_rows"):
+    with pytest.raises(fastps.CapacityError, match="max_rows"):
         opt.step()
     assert emb.num_rows == 0
     emb.discard_pending_grads()
@@ -487,7 +487,7 @@ def test_save_load_file_api_and_errors(tmp_path):
     bad = tmp_path / "bad.fpst"
     bad.write_bytes(bytes(data))
     before = b.lookup(ids)
-    with pytest.raises(FastPSError, match="corrupt"):
+    with pytest.raises(fastps.CheckpointError, match="corrupt"):
         b.load(bad)
     (tmp_path / "junk").write_bytes(b"not a table")
     with pytest.raises(FastPSError):

@@ -96,9 +96,9 @@ def test_parked_requests_per_connection_are_capped_with_a_clear_error():
     parked = [c.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), 16, 1) for _ in range(3)]
     parked.append(c.pull(2, dense_out.data_ptr(), 4, 1))
     wait_parked(server, 4)
-    with pytest.raises(fastps.FastPSError, match=r"4 requests waiting.*the most one connection may park"):
+    with pytest.raises(fastps.CapacityError, match=r"4 requests waiting.*the most one connection may park"):
         c.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), 16, 1).wait()
-    with pytest.raises(fastps.FastPSError, match="4 requests waiting"):
+    with pytest.raises(fastps.CapacityError, match="4 requests waiting"):
         c.pull(2, dense_out.data_ptr(), 4, 1).wait()
     other = _client(server)  # the cap is per connection
     late = other.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), 16, 1)
@@ -121,7 +121,7 @@ def test_parked_bytes_per_connection_are_capped():
     ids, out = torch.arange(16), torch.empty(16 * 2)
     first = c.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), 16, FAR)  # 64 bytes of ids
     wait_parked(server, 1)
-    with pytest.raises(fastps.FastPSError, match=r"hold 64 bytes.*\(64 bytes\).*100 bytes"):
+    with pytest.raises(fastps.CapacityError, match=r"hold 64 bytes.*\(64 bytes\).*100 bytes"):
         c.sparse_pull(1, ids.data_ptr(), 8, 2, out.data_ptr(), 16, FAR).wait()
     c.sparse_pull(1, ids.data_ptr(), 4, 2, out.data_ptr(), 8, FAR)  # 32 more fit
     assert wait_parked(server, 2)["bytes"] == 96
@@ -144,7 +144,7 @@ def test_pushes_that_join_a_round_are_counted_but_never_refused():
     fa1 = a.push_pull(1, ga.data_ptr(), 4, oa1.data_ptr(), 4, 1)
     fa2 = a.push_pull(2, ga.data_ptr(), 4, oa2.data_ptr(), 4, 1)
     wait_parked(server, 2)  # past the cap of 1: both wait for b
-    with pytest.raises(fastps.FastPSError, match="2 requests waiting"):
+    with pytest.raises(fastps.CapacityError, match="2 requests waiting"):
         a.pull(1, oa2.data_ptr(), 4, 1).wait()
     for f in [b.push_pull(1, gb.data_ptr(), 4, ob1.data_ptr(), 4, 1), b.push_pull(2, gb.data_ptr(), 4, ob2.data_ptr(), 4, 1)]:
         f.wait()
@@ -190,6 +190,6 @@ def test_sparse_tables_per_server_are_capped():
     futures = [c.sparse_create(t, cfg) for t in range(4096)]
     for f in futures:
         f.wait()
-    with pytest.raises(fastps.FastPSError, match="4096 sparse tables, the most one server may hold"):
+    with pytest.raises(fastps.CapacityError, match="4096 sparse tables, the most one server may hold"):
         c.sparse_create(4096, cfg).wait()
     c.sparse_create(17, cfg).wait()  # an existing table is still created again (idempotent)

@@ -482,13 +482,13 @@ def test_full_table_without_eviction_raises_and_stays_usable():
     for i in range(100):
         by_shard[t.shard_of(i)].append(i)
     ids = by_shard[0][:2] + by_shard[1][:2]
-    with pytest.raises(fastps.errors.FastPSError, match="max_rows.*eviction"):
+    with pytest.raises(fastps.CapacityError, match="max_rows.*eviction"):
         push(t, by_shard[0][:3] + by_shard[1][:1], torch.ones(4, 4), sgd, 1)
     assert len(t) == 0  # nothing changed, on either shard
     push(t, ids, torch.ones(4, 4), sgd, 1)
     assert len(t) == 4
     before = pull(t, ids)
-    with pytest.raises(fastps.errors.FastPSError, match="Raise max_rows"):
+    with pytest.raises(fastps.CapacityError, match="Raise max_rows"):
         push(t, [ids[0], by_shard[1][2]], torch.ones(2, 4), sgd, 2)
     assert len(t) == 4 and torch.equal(pull(t, ids), before)  # the fitting row was not updated either
     push(t, ids, torch.ones(4, 4), sgd, 2)  # existing rows still train
@@ -538,7 +538,7 @@ def test_load_rejects_corrupt_truncated_and_mismatched_files(tmp_path):
     ids = torch.arange(200) * 7919 - 500_000
     before, size_before, step_before = pull(live, ids), len(live), live.step
 
-    def rejected(blob: bytes, err=fastps.errors.FastPSError, match=None):
+    def rejected(blob: bytes, err=fastps.CheckpointError, match=None):
         bad = tmp_path / "bad.fps"
         bad.write_bytes(blob)
         with pytest.raises(err, match=match):
@@ -557,7 +557,7 @@ def test_load_rejects_corrupt_truncated_and_mismatched_files(tmp_path):
     rejected(data[:20], match="truncated")
     rejected(b"x" * len(data), match="not a fastps")
     rejected(data + b"\0", match="corrupt")
-    with pytest.raises(fastps.errors.FastPSError, match="cannot open"):
+    with pytest.raises(fastps.CheckpointError, match="cannot open"):
         live.load(str(tmp_path / "missing.fps"))
 
     for other in (make(2, dim=4, seed=4, rule=R.SPARSE_ADAM), make(2, dim=8, seed=5, rule=R.SPARSE_ADAM),
@@ -575,7 +575,7 @@ def test_load_larger_than_cap_raises(tmp_path):
     push(src, range(50), torch.ones(50, 2), _C.SparseOptim(R.SGD), 1)
     src.save(str(tmp_path / "t.fps"))
     small = make(2, dim=2, max_rows=10)
-    with pytest.raises(fastps.errors.FastPSError, match="larger max_rows"):
+    with pytest.raises(fastps.CapacityError, match="larger max_rows"):
         small.load(str(tmp_path / "t.fps"))
     assert len(small) == 0
 

@@ -12,6 +12,8 @@ from ._runtime import Config, init
 from .client import Client, Future
 from .distributed_optimizer import DistributedOptimizer
 from .errors import (
+    CapacityError,
+    CheckpointError,
     ConnectionError,
     FastPSError,
     InvalidArgumentError,
@@ -34,4 +36,6 @@ __all__ = [
     "TimeoutError",
     "ConnectionError",
     "ProtocolError",
+    "CapacityError",
+    "CheckpointError",
 ]

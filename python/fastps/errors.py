@@ -14,6 +14,8 @@ __all__ = [
     "TimeoutError",
     "ConnectionError",
     "ProtocolError",
+    "CapacityError",
+    "CheckpointError",
 ]
 
 
@@ -35,3 +37,14 @@ class ConnectionError(FastPSError, builtins.ConnectionError):  # noqa: A001
 
 class ProtocolError(FastPSError):
     """A peer sent bytes that break the fastps wire protocol."""
+
+
+class CapacityError(FastPSError):
+    """A limit was reached: a sparse table at its ``max_rows`` with eviction off (raise
+    ``max_rows`` or choose an eviction policy), or a server's per-connection limits on
+    waiting requests (docs/protocol.md, "Limits"). Nothing was changed."""
+
+
+class CheckpointError(FastPSError):
+    """A table file is corrupt, truncated or not a fastps table file, or could not be read
+    or written (the message names the file and the OS error). The live table is unchanged."""
