@@ -13,9 +13,13 @@ back the scale off on every rank. SYSTEM:
     fastps         fastps.DistributedOptimizer(torch.optim.AdamW), default settings
     fastps-sync    the same with overlap=False and an explicit synchronize() after
                    backward (the API before backward averaged by itself)
+    fastps-ddp     the model kept in DistributedDataParallel and
+                   fastps.DistributedOptimizer(torch.optim.AdamW): DDP averages, fastps
+                   must send nothing (Note [DistributedOptimizer under DDP])
 
 Saves (torch.save) to OUT.RANK: the parameters, and per step the local loss,
-the norm clip_grad_norm_ returned, the scale after update() and the lr.
+the norm clip_grad_norm_ returned, the scale after update() and the lr; for
+the fastps systems also the bytes this rank's client sent while training.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ MAX_NORM = 0.05
 
 def main() -> int:
     system, steps, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    ddp = system == "ddp"
+    ddp = system in ("ddp", "fastps-ddp")  # the model is wrapped in DDP
     if ddp:
         import torch.distributed as dist
         dist.init_process_group("gloo")
@@ -45,9 +49,12 @@ def main() -> int:
     torch.manual_seed(100 + (0 if ddp else RANK))
     model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
     inner = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.1)
-    if ddp:
+    if system == "ddp":
         net = nn.parallel.DistributedDataParallel(model)
         opt = inner
+    elif system == "fastps-ddp":
+        net = nn.parallel.DistributedDataParallel(model)
+        opt = fastps.DistributedOptimizer(inner)
     else:
         net = model
         opt = fastps.DistributedOptimizer(inner, overlap=system != "fastps-sync")
@@ -55,6 +62,8 @@ def main() -> int:
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)
     gen = torch.Generator().manual_seed(7)
     rec = {"loss": [], "norm": [], "scale": [], "lr": []}
+    client = opt._sender.client if isinstance(opt, fastps.DistributedOptimizer) else None
+    sent_before = client.stats()["bytes_sent"] if client is not None else 0
     for step in range(steps):
         x = torch.randn(2, 32, 8, generator=gen)  # two micro-batches of the global batch
         y = torch.randn(2, 32, 1, generator=gen)
@@ -82,6 +91,7 @@ def main() -> int:
         rec["scale"].append(scaler.get_scale())
         rec["lr"].append(opt.param_groups[0]["lr"])
     rec["params"] = [p.detach() for p in model.parameters()]
+    rec["bytes_sent"] = client.stats()["bytes_sent"] - sent_before if client is not None else 0
     rec["isinstance"] = isinstance(opt, torch.optim.Optimizer)
     torch.save(rec, f"{out}.{RANK}")
     if ddp:

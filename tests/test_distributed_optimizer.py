@@ -127,7 +127,7 @@ def ddp_run(tmp_path_factory):
     return _run(tmp_path_factory.mktemp("ddp"), "ddp", STEPS)
 
 
-@pytest.mark.parametrize("system", ["fastps", pytest.param("fastps-sync", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("system", ["fastps", "fastps-ddp", pytest.param("fastps-sync", marks=pytest.mark.slow)])
 def test_two_ranks_match_ddp_with_clipping_grad_scaler_scheduler_and_accumulation(tmp_path, ddp_run, system):
     """Backward leaves each rank's .grad holding the mean, as DDP does: clip_grad_norm_
     clips by the global norm, GradScaler's inf check agrees across ranks (an inf on rank
@@ -148,5 +148,9 @@ def test_two_ranks_match_ddp_with_clipping_grad_scaler_scheduler_and_accumulatio
         torch.testing.assert_close(torch.tensor(ours[r]["norm"]), torch.tensor(ddp[0]["norm"]),
                                    rtol=1e-5, atol=1e-6, equal_nan=True)
     assert ddp[0]["scale"][inf_step] == ddp[0]["scale"][inf_step - 1] / 2  # the inf step was skipped
+    if system == "fastps-ddp":  # DDP averaged: fastps sent nothing while training
+        assert [ours[r]["bytes_sent"] for r in range(2)] == [0, 0]
+    else:
+        assert all(ours[r]["bytes_sent"] > 0 for r in range(2))
     for p, q in zip(ours[0]["params"], ours[1]["params"]):
         assert torch.equal(p, q)  # every rank holds the same parameters

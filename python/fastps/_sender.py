@@ -14,6 +14,7 @@ what each mode sends and when stays in its own module.
 from __future__ import annotations
 
 import contextlib
+import gc
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -57,6 +58,18 @@ class GradientSender:
         self.hooks: List[Any] = []
         self.inflight: Dict[int, Sent] = {}  # id(p) -> what was sent this round
         self.backward_queued = False  # an end-of-backward callback is queued
+        self._ddp: Optional[bool] = None  # wrapped_in_ddp(), looked up once
+
+    def wrapped_in_ddp(self) -> bool:
+        """Whether a ``DistributedDataParallel`` module holds any registered parameter: its
+        all-reduce then averages the gradients already. Looked up once (the first backward
+        or step), among the live objects."""
+        if self._ddp is None:
+            ddp_type = torch.nn.parallel.DistributedDataParallel
+            ours = set(self.ids)
+            self._ddp = any(isinstance(obj, ddp_type) and any(id(q) in ours for q in obj.module.parameters())
+                            for obj in gc.get_objects())
+        return self._ddp
 
     # -- registration --------------------------------------------------------------
     def register(self, params: Sequence[torch.Tensor], aggregate: bool,

@@ -216,8 +216,17 @@ class DistributedOptimizer(torch.optim.Optimizer):
         return self._sender.no_sync()
 
     # -- averaging -------------------------------------------------------------------
+    def _in_ddp(self) -> bool:
+        """Note [DistributedOptimizer under DDP]: a model still wrapped in
+        DistributedDataParallel has its gradients averaged by DDP's all-reduce, so
+        this optimizer averages nothing (no traffic; the result is DDP's) and only
+        steps the wrapped optimizer."""
+        return self._sender is not None and self._sender.wrapped_in_ddp()
+
     def _hook(self, p: torch.Tensor) -> None:
         sender = self._sender
+        if self._in_ddp():
+            return
         if sender.at_end_of_backward(self._end_of_backward):
             # See Note [Averaged at the end of backward].
             self._synchronized = False  # new gradients: the next round is theirs
@@ -260,7 +269,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             fastps.FastPSError: a gradient was replaced or edited in place while
                 it was being averaged.
         """
-        if self._cluster is not None and not self._synchronized:
+        if self._cluster is not None and not self._synchronized and not self._in_ddp():
             self._round()
 
     def _round(self) -> None:
@@ -298,7 +307,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._cluster is not None and not self._synchronized:
+        if self._cluster is not None and not self._synchronized and not self._in_ddp():
             self._round()
         self._synchronized = False
         self.optimizer.step()

@@ -26,7 +26,6 @@ Parameters are overwritten in place by the pulled values as replies arrive.
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -184,24 +183,13 @@ class DistState:
     # -- deferred rounds (Note [Deferred apply]) ----------------------------------
     def _in_ddp(self) -> bool:
         if self.ddp is None:
-            self.ddp = self._wrapped_in_ddp()
+            self.ddp = self.sender.wrapped_in_ddp()
             if self.ddp and self.cluster.config.staleness != 0:
                 raise FastPSError(
                     "fastps: the model is wrapped in DistributedDataParallel, whose all-reduce already "
                     "averages the gradients synchronously; fastps then applies them under BSP only. Use "
                     "FASTPS_STALENESS=0 (the default), or drop the DDP wrapper for SSP/ASP")
         return self.ddp
-
-    def _wrapped_in_ddp(self) -> bool:
-        """Whether a DistributedDataParallel module holds any of these parameters.
-
-        Looked up once (the first backward or step), among the live objects."""
-        ddp_type = torch.nn.parallel.DistributedDataParallel
-        ours = set(self.ids)
-        for obj in gc.get_objects():
-            if isinstance(obj, ddp_type) and any(id(q) in ours for q in obj.module.parameters()):
-                return True
-        return False
 
     def _send_mean(self, p: torch.Tensor) -> None:
         """Push p's gradient; the round's mean lands back in p.grad."""
