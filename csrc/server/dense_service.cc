@@ -42,27 +42,9 @@ size_t read_config(const Message& m, OptimHyper* hyper) {
   return used;
 }
 
-void ensure_state(PsChunk& c) {
-  const int need = optim_state_count(c.hyper);
-  for (int i = 0; i < need; ++i) {
-    if (c.state[i].size() == size_t(c.numel)) continue;
-    const float init = c.hyper.kind == OptimKind::kAdagrad ? float(c.hyper.initial_accumulator_value) : 0.0f;
-    c.state[i].assign(c.numel, init);
-  }
-}
-
 void drop_deferred(PsChunk& c) {
   c.deferred = nullptr;
   c.deferred_owner = Payload();
-}
-
-// State buffer `buf` of `c` (0: the parameters), made if the optimizer does
-// not use it yet.
-std::vector<float>& buffer(PsChunk& c, uint32_t buf) {
-  if (buf == 0) return c.param;
-  FASTPS_CHECK(buf <= kMaxStateBuffers, "state buffer ", buf, " does not exist");
-  if (c.state[buf - 1].size() != size_t(c.numel)) c.state[buf - 1].assign(c.numel, 0.0f);
-  return c.state[buf - 1];
 }
 
 }  // namespace
@@ -137,7 +119,7 @@ void DenseService::do_register(ConnId conn, Message& m) {
   c.hyper = hyper;
   c.param.assign(init, init + n);
   c.clock.assign(cons_.num_workers(), 0);
-  if (!c.sum_only) ensure_state(c);
+  if (!c.sum_only) c.ensure_state(c.hyper);
   out_.reply(conn, m.header, Op::kReply, nullptr, 0, 0);
 }
 
@@ -176,7 +158,7 @@ void DenseService::do_push(ConnId conn, int worker, const ParkBudgetPtr& budget,
     std::vector<float> mean(g, g + c.numel);
     const float w = float(cons_.num_workers());
     for (float& x : mean) x /= w;
-    apply(c, mean.data());
+    c.apply(c.hyper, mean.data());
   }
   c.version += 1;
   out_.reply(conn, m.header, Op::kReply, nullptr, 0, 0);
@@ -249,7 +231,7 @@ void DenseService::complete_round(PsChunk& c) {
   } else if (c.contributors > 0) {
     const float w = float(cons_.num_workers());
     for (float& x : c.accum) x /= w;
-    apply(c, c.accum.data());
+    c.apply(c.hyper, c.accum.data());
   }
   c.round.close();
   c.version += 1;
@@ -346,7 +328,7 @@ void DenseService::finish_apply(PsChunk& c) {
       }
       grad = a;
     }
-    apply(c, grad);
+    c.apply(c.hyper, grad);
   }
   c.version += 1;
   c.apply_open = false;
@@ -372,18 +354,6 @@ void DenseService::close_unapplied_round(PsChunk& c, int worker) {
        take_waiting(c.waiting, [](const DenseWaiting& w) { return w.answer == DenseAnswer::kApply; }))
     out_.error(w.conn, w.request_id, w.key, Status::kInvalidArgument, msg);
   throw InvalidArgument(msg);
-}
-
-void DenseService::apply(PsChunk& c, const float* grad) {
-  ensure_state(c);
-  float* st[kMaxStateBuffers] = {c.state[0].data(), c.state[1].data(), c.state[2].data()};
-  double step = 1.0;
-  if (c.hyper.kind != OptimKind::kSGD) {
-    c.step += 1.0f;
-    step = c.step;
-  }
-  optim_update(c.hyper, step, c.fresh, c.param.data(), grad, st, c.numel);
-  c.fresh = false;
 }
 
 void DenseService::do_pull(ConnId conn, int worker, const ParkBudgetPtr& budget, Message& m) {
@@ -465,7 +435,7 @@ void DenseService::do_state_set(ConnId conn, Message& m) {
     c.step = *floats(m, 0, 1);
   } else {
     const float* v = floats(m, 0, c.numel);
-    std::vector<float>& dst = buffer(c, buf);
+    std::vector<float>& dst = c.buffer(buf);
     std::copy(v, v + c.numel, dst.begin());
     if (buf == 1 && c.hyper.kind == OptimKind::kSGD) c.fresh = false;
   }

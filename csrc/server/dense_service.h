@@ -15,6 +15,7 @@
 #include "server/consistency.h"
 #include "server/park.h"
 #include "server/responder.h"
+#include "table/dense_table.h"
 #include "table/optimizer.h"
 
 namespace fastps {
@@ -36,13 +37,11 @@ struct DenseWaiting {
   Parked parked;
 };
 
-struct PsChunk {
+// A chunk the network server owns (OwnedDenseChunk: parameters, or the last
+// round's sum for sum-only chunks; optimizer state; step counter) and its
+// rounds.
+struct PsChunk : OwnedDenseChunk {
   bool sum_only = false;
-  int64_t numel = 0;
-  std::vector<float> param;  // parameters, or the last round's sum for sum-only chunks
-  std::vector<float> state[kMaxStateBuffers];
-  float step = 0.0f;          // torch's float32 state['step']
-  bool fresh = true;          // SGD: momentum buffer not yet initialised
   OptimHyper hyper;
   std::vector<float> accum;   // BSP round sum
   // The round's first gradient, not yet copied (Note [Deferred first gradient]).
@@ -93,7 +92,6 @@ class DenseService {
   void do_apply(ConnId conn, int worker, const ParkBudgetPtr& budget, Message& m);
   void finish_apply(PsChunk& c);
   void close_unapplied_round(PsChunk& c, int worker);
-  void apply(PsChunk& c, const float* grad);
   void do_pull(ConnId conn, int worker, const ParkBudgetPtr& budget, Message& m);
   void do_state_get(ConnId conn, Message& m);
   void do_state_set(ConnId conn, Message& m);

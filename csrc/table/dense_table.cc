@@ -29,4 +29,32 @@ void DenseTable::update(uint64_t key, const float* grad, int64_t numel, const Op
   optim_update(hyper, step, first_step, c.param, grad, c.state, numel);
 }
 
+void OwnedDenseChunk::ensure_state(const OptimHyper& h) {
+  const int need = optim_state_count(h);
+  for (int i = 0; i < need; ++i) {
+    if (state[i].size() == size_t(numel)) continue;
+    const float init = h.kind == OptimKind::kAdagrad ? float(h.initial_accumulator_value) : 0.0f;
+    state[i].assign(size_t(numel), init);
+  }
+}
+
+std::vector<float>& OwnedDenseChunk::buffer(uint32_t buf) {
+  if (buf == 0) return param;
+  FASTPS_CHECK(buf <= kMaxStateBuffers, "state buffer ", buf, " does not exist");
+  if (state[buf - 1].size() != size_t(numel)) state[buf - 1].assign(size_t(numel), 0.0f);
+  return state[buf - 1];
+}
+
+void OwnedDenseChunk::apply(const OptimHyper& h, const float* grad) {
+  ensure_state(h);
+  float* st[kMaxStateBuffers] = {state[0].data(), state[1].data(), state[2].data()};
+  double s = 1.0;
+  if (h.kind != OptimKind::kSGD) {
+    step += 1.0f;
+    s = step;
+  }
+  optim_update(h, s, fresh, param.data(), grad, st, numel);
+  fresh = false;
+}
+
 }  // namespace fastps

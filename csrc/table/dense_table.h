@@ -5,14 +5,17 @@
 // by that shard's thread, so the table needs no locks (see Note [Shard
 // ownership] in server/shard.h).
 //
-// The embedded server's chunks borrow their memory: the shard updates the
-// user's parameter and optimizer-state tensors in place, zero-copy. (The
-// network server keeps its own copies in PsChunk, server/dense_service.h; both
-// apply through optim_update.)
+// The embedded server's chunks borrow their memory (DenseChunk): the shard
+// updates the user's parameter and optimizer-state tensors in place,
+// zero-copy, and the caller keeps torch's step counter with the tensors. The
+// network server's chunks own theirs (OwnedDenseChunk, the base of PsChunk in
+// server/dense_service.h), with the step counter and the state created as
+// torch creates it. Both apply through optim_update.
 #pragma once
 
 #include <cstdint>
 #include <unordered_map>
+#include <vector>
 
 #include "table/optimizer.h"
 
@@ -25,6 +28,26 @@ struct DenseChunk {
   int64_t numel = 0;
   float* state[kMaxStateBuffers] = {nullptr, nullptr, nullptr};
   int num_state = 0;
+};
+
+// A chunk that owns its memory: parameters, the optimizer state torch keeps
+// for them, and torch's float32 state['step'].
+struct OwnedDenseChunk {
+  int64_t numel = 0;
+  std::vector<float> param;
+  std::vector<float> state[kMaxStateBuffers];
+  float step = 0.0f;   // torch's float32 state['step'] (Adam, Adagrad)
+  bool fresh = true;   // SGD: momentum buffer not yet initialised (torch clones the first gradient)
+
+  // Makes the state buffers optimizer `h` uses, as torch does: zeros, or
+  // Adagrad's initial_accumulator_value. Buffers already there are kept.
+  void ensure_state(const OptimHyper& h);
+  // Buffer `buf` (0: the parameters, 1..kMaxStateBuffers: state), made (zeros)
+  // if the optimizer does not use it yet. InvalidArgument past the last.
+  std::vector<float>& buffer(uint32_t buf);
+  // One optimizer step with `grad` (numel floats): the step counter advances
+  // as torch's does, then the fused kernel runs.
+  void apply(const OptimHyper& h, const float* grad);
 };
 
 class DenseTable {
