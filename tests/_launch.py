@@ -9,10 +9,12 @@ the OS picked, so no port can be taken between choosing and binding it).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from fastps._local_job import JobFailed, JobHandle, LocalJob
 
@@ -69,11 +71,33 @@ class Job(JobHandle):
         self.wait_for(lambda: all(Path(f"{out}.ready.{r}").exists() for r in range(n)), "start of training",
                       timeout)
 
+    def signal_server_once_training(self, out, index: int, signum: int
+                                    ) -> Tuple[List[subprocess.CompletedProcess], float]:
+        """Once every worker trains (``wait_ready``), send ``signum`` to server ``index``
+        (SIGKILL: a dead peer; SIGSTOP: a frozen one); return the workers' results and the
+        seconds from the signal until the last worker exited."""
+        self.wait_ready(out)
+        t0 = time.monotonic()
+        os.kill(self.servers[index].pid, signum)
+        results = self.wait()
+        return results, time.monotonic() - t0
+
     def result(self, proc: subprocess.Popen) -> subprocess.CompletedProcess:
         """The result of one process that has exited (its output files as they are now)."""
         r = self.job.result(proc)
         return subprocess.CompletedProcess(r.args, r.returncode, r.stdout, r.stderr)
 
+
+
+def failures(out, results: List[subprocess.CompletedProcess]) -> List[Tuple[str, float, str]]:
+    """(exception type, seconds until it was raised, message) per worker of a
+    dist_worker ``slow`` run whose workers all failed (exit code 3, as written to OUT.RANK)."""
+    records = []
+    for r, res in enumerate(results):
+        assert res.returncode == 3, res.stderr[-3000:]
+        kind, delay, msg = Path(f"{out}.{r}").read_text().split("\n", 2)
+        records.append((kind, float(delay), msg))
+    return records
 
 
 def check(results: List[subprocess.CompletedProcess]) -> None:

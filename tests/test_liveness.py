@@ -22,7 +22,7 @@ import fastps
 from fastps import _C
 from fastps._local_job import poll_until
 
-from _launch import Job, check
+from _launch import Job, check, failures
 from _wait import wait_queues_freed
 
 _HEADER = struct.Struct("<IHBBIIQQQII")  # docs/protocol.md, "Frame header"
@@ -204,14 +204,8 @@ def test_a_frozen_server_is_named_within_the_liveness_window(tmp_path):
     seconds (the window is 2 s), as when it is killed."""
     out = tmp_path / "res"
     with Job(2, ["slow", str(out)], servers=2, env={"FASTPS_LIVENESS_TIMEOUT": "2"}, timeout=60) as job:
-        job.wait_ready(out)
-        t0 = time.monotonic()
-        os.kill(job.servers[0].pid, signal.SIGSTOP)
-        results = job.wait()
-        elapsed = time.monotonic() - t0
-    for r, res in enumerate(results):
-        assert res.returncode == 3, res.stderr[-3000:]
-        kind, delay, msg = Path(f"{out}.{r}").read_text().split("\n", 2)
+        results, elapsed = job.signal_server_once_training(out, 0, signal.SIGSTOP)
+    for kind, _delay, msg in failures(out, results):
         assert kind == "ConnectionError" and "sent nothing for 2 s" in msg, msg
     assert elapsed < 12.0
 
