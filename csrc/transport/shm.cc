@@ -198,7 +198,11 @@ bool ShmRing::wait_byref(uint64_t seq, const std::atomic<bool>& stop, Clock::tim
 
 // byref_state holds 2 * n + bit for the last frame n whose fate is decided
 // (bit 1: revoked by the writer, 0: claimed by the reader). Frame n is
-// decided by whichever side first moves it on from frame n - 1's value.
+// decided by whichever side first moves it on from frame n - 1's value, so
+// frames are decided in order. The writer may decide several frames before
+// the reader reaches the first of them (a reader stalled in a handler while
+// revoked payloads drain into a roomy ring and the next descriptors follow):
+// a state past frame n then means the writer revoked n too.
 bool ShmRing::revoke_byref(uint64_t seq) {
   uint64_t v = ctl_->byref_state.load(std::memory_order_seq_cst);
   while (v >> 1 == seq - 1) {
@@ -213,7 +217,11 @@ ShmRing::Claim ShmRing::claim_byref() {
   while (v >> 1 == seq - 1) {
     if (ctl_->byref_state.compare_exchange_weak(v, 2 * seq, std::memory_order_seq_cst)) return Claim::kClaimed;
   }
-  return v == 2 * seq + 1 ? Claim::kRevoked : Claim::kBroken;
+  // Decided without us: only the writer decides a frame the reader has not
+  // reached, and only by revoking it. Anything else (our frame marked claimed,
+  // or a frame skipped) is a peer out of step.
+  if (v == 2 * seq + 1 || v >> 1 > seq) return Claim::kRevoked;
+  return Claim::kBroken;
 }
 
 void ShmRing::byref_copied() {

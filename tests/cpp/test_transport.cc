@@ -1590,50 +1590,75 @@ TEST(peer_that_does_not_read_does_not_stall_the_server_shm) {
   CHECK(got.load() >= 1);
 }
 
+// Sends 40 PUSHes of 70-300 KiB to an echo server over `kind`; the client's
+// handler (its reader thread) sleeps `stall(i)` on reply i. Every reply must
+// arrive, in order and intact, and the server must close nothing.
+void check_slow_reader_gets_every_reply(const char* kind, const TransportOptions& o,
+                                        const std::function<Ms(size_t)>& stall) {
+  ShardEchoServer server(o);
+  std::mutex mu;
+  std::vector<Message> replies;
+  auto c = Transport::create(kind, o);
+  c->set_handler([&](ConnId, Message&& m) {
+    size_t i;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      i = replies.size();
+    }
+    std::this_thread::sleep_for(stall(i));
+    std::lock_guard<std::mutex> lock(mu);
+    replies.push_back(std::move(m));
+  });
+  ConnId id = c->connect("127.0.0.1", server.port, 2);
+  std::mt19937 rng(3);
+  std::vector<std::vector<uint8_t>> bodies;
+  MessageHeader h;
+  h.op = Op::kPush;
+  for (int i = 0; i < 40; ++i) {
+    std::vector<uint8_t> b((i % 4 == 0 ? 300 << 10 : 70 << 10) + i);
+    for (auto& v : b) v = static_cast<uint8_t>(rng());
+    bodies.push_back(std::move(b));
+    ConstBuffer seg{bodies.back().data(), bodies.back().size()};
+    h.request_id = i;
+    c->send(id, h, &seg, 1);
+  }
+  auto deadline = Clock::now() + Ms(20000);
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (replies.size() == bodies.size() || Clock::now() > deadline) break;
+    }
+    std::this_thread::sleep_for(Ms(5));
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  if (replies.size() != bodies.size())
+    std::fprintf(stderr, "  %s: %zu of %zu replies arrived\n", kind, replies.size(), bodies.size());
+  CHECK(replies.size() == bodies.size());
+  for (size_t i = 0; i < replies.size() && i < bodies.size(); ++i) {
+    CHECK(replies[i].header.request_id == i);
+    CHECK(replies[i].payload.size() == bodies[i].size() &&
+          std::memcmp(replies[i].payload.data(), bodies[i].data(), bodies[i].size()) == 0);
+  }
+  CHECK(server.events.disconnect_count() == 0);
+}
+
 // A reader that is slow but alive gets every reply, in order and intact,
 // whichever way each went (by reference, revoked and queued, or copied).
 TEST(slow_reader_gets_every_reply_intact_tcp_and_shm) {
   for (const char* kind : {"tcp", "shm"}) {
-    TransportOptions so = stall_opts();
-    ShardEchoServer server(so);
-    std::mutex mu;
-    std::vector<Message> replies;
-    auto c = Transport::create(kind, stall_opts());
-    c->set_handler([&](ConnId, Message&& m) {
-      std::this_thread::sleep_for(Ms(replies.size() % 3 == 0 ? 15 : 0));  // past kByRefGrace now and then
-      std::lock_guard<std::mutex> lock(mu);
-      replies.push_back(std::move(m));
-    });
-    ConnId id = c->connect("127.0.0.1", server.port, 2);
-    std::mt19937 rng(3);
-    std::vector<std::vector<uint8_t>> bodies;
-    MessageHeader h;
-    h.op = Op::kPush;
-    for (int i = 0; i < 40; ++i) {
-      std::vector<uint8_t> b((i % 4 == 0 ? 300 << 10 : 70 << 10) + i);
-      for (auto& v : b) v = static_cast<uint8_t>(rng());
-      bodies.push_back(std::move(b));
-      ConstBuffer seg{bodies.back().data(), bodies.back().size()};
-      h.request_id = i;
-      c->send(id, h, &seg, 1);
-    }
-    auto deadline = Clock::now() + Ms(20000);
-    for (;;) {
-      {
-        std::lock_guard<std::mutex> lock(mu);
-        if (replies.size() == bodies.size() || Clock::now() > deadline) break;
-      }
-      std::this_thread::sleep_for(Ms(5));
-    }
-    std::lock_guard<std::mutex> lock(mu);
-    CHECK(replies.size() == bodies.size());
-    for (size_t i = 0; i < replies.size() && i < bodies.size(); ++i) {
-      CHECK(replies[i].header.request_id == i);
-      CHECK(replies[i].payload.size() == bodies[i].size() &&
-            std::memcmp(replies[i].payload.data(), bodies[i].data(), bodies[i].size()) == 0);
-    }
-    CHECK(server.events.disconnect_count() == 0);
+    // Past kByRefGrace now and then.
+    check_slow_reader_gets_every_reply(kind, stall_opts(), [](size_t i) { return Ms(i % 3 == 0 ? 15 : 0); });
   }
+}
+
+// The demo's failure: with a ring roomy enough for a revoked payload to drain
+// into while the reader sleeps, the server revokes the next by-reference reply
+// too, before the reader reaches the first. The reader must take both as
+// revoked (it closed the connection as "out of step" before the fix).
+TEST(shm_reader_stalled_past_two_revoked_replies_gets_them_all) {
+  TransportOptions o = opts();
+  o.shm_ring_bytes = 8 << 20;
+  check_slow_reader_gets_every_reply("shm", o, [](size_t i) { return Ms(i % 8 == 0 ? 60 : 0); });
 }
 
 // --- Note [Liveness] --------------------------------------------------------------------------
