@@ -84,3 +84,27 @@ def test_one_end_of_backward_callback_per_backward():
     assert queued == [True, False] and ends == [1] and not s.backward_queued
     (a * b).sum().backward()
     assert queued == [True, False, True, False] and ends == [1, 1]
+
+
+def test_looking_for_a_ddp_wrapper_touches_no_deprecated_torch_object():
+    """wrapped_in_ddp() scans the live objects; isinstance() on each ran DDP's ABC check,
+    which reads ``__class__`` and so fired torch.distributed.reduce_op's FutureWarning in
+    every distributed job's log (an error here: pytest turns warnings into errors)."""
+    import torch.distributed  # noqa: F401  (creates the deprecated reduce_op object)
+
+    s = GradientSender(_Cluster())
+    p = _param()
+    s.ids[id(p)] = 1
+    assert s.wrapped_in_ddp() is False
+    s._ddp = None
+
+    class Wrapper(torch.nn.parallel.DistributedDataParallel):
+        def __init__(self, module):  # no process group needed to be recognised
+            torch.nn.Module.__init__(self)
+            self.module = module
+
+    m = torch.nn.Linear(2, 2)
+    s.ids = {id(q): i for i, q in enumerate(m.parameters())}
+    w = Wrapper(m)
+    assert s.wrapped_in_ddp() is True
+    del w

@@ -67,7 +67,9 @@ class GradientSender:
         if self._ddp is None:
             ddp_type = torch.nn.parallel.DistributedDataParallel
             ours = set(self.ids)
-            self._ddp = any(isinstance(obj, ddp_type) and any(id(q) in ours for q in obj.module.parameters())
+            # issubclass(type(obj)), not isinstance: DDP's ABC check reads obj.__class__,
+            # which fires torch.distributed.reduce_op's deprecation warning.
+            self._ddp = any(issubclass(type(obj), ddp_type) and any(id(q) in ours for q in obj.module.parameters())
                             for obj in gc.get_objects())
         return self._ddp
 
