@@ -282,6 +282,8 @@ OptimHyper decode_optim_config(const uint8_t* in, size_t len, size_t* block_size
                      "unknown optimizer kind ", static_cast<unsigned>(in[4]));
   FASTPS_CHECK_TYPED(ProtocolError, (in[5] & ~kOptimKnownFlags) == 0,
                      "undefined optimizer flag bits 0x", to_hex(in + 5, 1));
+  FASTPS_CHECK_TYPED(ProtocolError, in[6] == 0 && in[7] == 0, "non-zero reserved bytes 0x", to_hex(in + 6, 2),
+                     " in an optimizer config block");
   OptimHyper h;
   h.kind = static_cast<OptimKind>(in[4]);
   h.maximize = (in[5] & kOptimMaximize) != 0;
