@@ -31,7 +31,7 @@ namespace {
 using detail::concat;
 
 constexpr uint64_t kSegmentMagic = 0x314d485353504621ULL;  // "!FPSSHM1"
-constexpr uint32_t kSegmentVersion = 2;  // 2: revocable by-reference frames
+constexpr uint32_t kSegmentVersion = 3;  // 2: revocable by-reference frames; 3: also once claimed
 constexpr size_t kPage = 4096;
 constexpr size_t kCtlOffset = kPage;       // two ShmRingCtl blocks
 constexpr size_t kDataOffset = 2 * kPage;  // ring 0 data, then ring 1 data
@@ -196,37 +196,55 @@ bool ShmRing::wait_byref(uint64_t seq, const std::atomic<bool>& stop, Clock::tim
   }
 }
 
-// byref_state holds 2 * n + bit for the last frame n whose fate is decided
-// (bit 1: revoked by the writer, 0: claimed by the reader). Frame n is
-// decided by whichever side first moves it on from frame n - 1's value, so
-// frames are decided in order. The writer may decide several frames before
-// the reader reaches the first of them (a reader stalled in a handler while
-// revoked payloads drain into a roomy ring and the next descriptors follow):
-// a state past frame n then means the writer revoked n too.
-bool ShmRing::revoke_byref(uint64_t seq) {
+// Note [By-reference frame states]
+// byref_state holds 4 * n + k for the last frame n whose fate is decided or
+// under way: k = 0 copied (the reader finished and keeps the copy), 1 revoked
+// (the writer gave up on it; its payload follows the descriptor as plain
+// bytes), 2 claimed (the reader is copying it). 0 (frame 0 copied) is the
+// start. Frames are decided in order: frame n is claimed or revoked only
+// from frame n - 1's final value (k 0 or 1), and a claimed frame ends as
+// copied (the reader, once its copy is complete) or revoked (the writer,
+// which stopped waiting for a copy under way: the reader then drops its copy,
+// which may be torn, and parses the plain payload). Whichever side moves the
+// state first wins; the other sees it moved. The writer may decide several
+// frames before the reader reaches the first of them (a reader stalled in a
+// handler while revoked payloads drain into a roomy ring and the next
+// descriptors follow): a state past frame n therefore means n was revoked.
+namespace {
+constexpr uint64_t kByRefCopied = 0, kByRefRevoked = 1, kByRefClaimed = 2;
+uint64_t byref_value(uint64_t seq, uint64_t k) { return 4 * seq + k; }
+bool byref_final(uint64_t v, uint64_t seq) { return v >> 2 == seq && (v & 3) != kByRefClaimed; }
+}  // namespace
+
+bool ShmRing::revoke_byref(uint64_t seq, bool even_claimed) {
   uint64_t v = ctl_->byref_state.load(std::memory_order_seq_cst);
-  while (v >> 1 == seq - 1) {
-    if (ctl_->byref_state.compare_exchange_weak(v, 2 * seq + 1, std::memory_order_seq_cst)) return true;
+  while (byref_final(v, seq - 1) || (even_claimed && v == byref_value(seq, kByRefClaimed))) {
+    if (ctl_->byref_state.compare_exchange_weak(v, byref_value(seq, kByRefRevoked), std::memory_order_seq_cst))
+      return true;
   }
-  return false;  // the reader claimed it
+  return false;  // the reader claimed it (and, if even_claimed, copied it)
 }
 
 ShmRing::Claim ShmRing::claim_byref() {
   const uint64_t seq = ++byref_read_;
   uint64_t v = ctl_->byref_state.load(std::memory_order_seq_cst);
-  while (v >> 1 == seq - 1) {
-    if (ctl_->byref_state.compare_exchange_weak(v, 2 * seq, std::memory_order_seq_cst)) return Claim::kClaimed;
+  while (byref_final(v, seq - 1)) {
+    if (ctl_->byref_state.compare_exchange_weak(v, byref_value(seq, kByRefClaimed), std::memory_order_seq_cst))
+      return Claim::kClaimed;
   }
   // Decided without us: only the writer decides a frame the reader has not
-  // reached, and only by revoking it. Anything else (our frame marked claimed,
-  // or a frame skipped) is a peer out of step.
-  if (v == 2 * seq + 1 || v >> 1 > seq) return Claim::kRevoked;
+  // reached, and only by revoking it. Anything else is a peer out of step.
+  if (v == byref_value(seq, kByRefRevoked) || v >> 2 > seq) return Claim::kRevoked;
   return Claim::kBroken;
 }
 
-void ShmRing::byref_copied() {
+bool ShmRing::byref_copied() {
+  uint64_t v = byref_value(byref_read_, kByRefClaimed);
+  const bool kept =
+      ctl_->byref_state.compare_exchange_strong(v, byref_value(byref_read_, kByRefCopied), std::memory_order_seq_cst);
   ctl_->byref_done.store(byref_read_, std::memory_order_seq_cst);
   wake(&ctl_->byref_sleeping);
+  return kept;
 }
 
 bool ShmRing::read_exact(uint8_t* out, size_t n, const std::atomic<bool>& stop) {

@@ -26,13 +26,14 @@
 //    of the sender's buffers; the reader copies the bytes straight from them
 //    into the destination and publishes the frame's number in `byref_done`,
 //    which the sender waits for before its send() returns (its buffers must
-//    stay valid until then). The reader claims a frame before copying it; a
-//    sender that stops waiting may revoke only an unclaimed one (one
-//    compare-and-swap decides who was first), so no torn copy is delivered.
-//    A revoked frame's payload follows its descriptor in the ring as plain
-//    bytes: a server that will not wait for a stopped reader copies the
-//    payload into the connection's send queue instead (Note [Send queues] in
-//    transport/tcp.h). Each side finds out at setup whether it can read the
+//    stay valid until then). The reader claims a frame before copying it and
+//    keeps the copy only if it then marks it copied; a sender that stops
+//    waiting revokes the frame, claimed or not (one compare-and-swap on each
+//    step decides who was first), so no torn copy is delivered and no sender
+//    waits for a reader stopped in the middle of a copy. A revoked frame's
+//    payload follows its descriptor in the ring as plain bytes: a server that
+//    will not wait for a stopped reader copies the payload into the
+//    connection's send queue instead (Note [Send queues] in transport/tcp.h). Each side finds out at setup whether it can read the
 //    other by reading back the peer's copy of the segment header (a probe),
 //    so a failure is never discovered on a real frame.
 //  * Segments are unlinked from /dev/shm as soon as the server has mapped
@@ -80,8 +81,8 @@ struct ShmRingCtl {
   alignas(64) std::atomic<uint32_t> reader_sleeping;
   alignas(64) std::atomic<uint32_t> writer_sleeping;
   // Payloads by reference (Note [Single copy]): the number of the last
-  // frame the reader copied, and the fate of the last frame decided:
-  // 2 * number + (1 if the sender revoked it, 0 if the reader claimed it).
+  // frame the reader finished with, and the state of the last frame decided
+  // or under way (Note [By-reference frame states] in transport/shm.cc).
   alignas(64) std::atomic<uint64_t> byref_done;
   std::atomic<uint64_t> byref_state;
   std::atomic<uint32_t> byref_sleeping;
@@ -120,11 +121,13 @@ class ShmRing {
   // has copied frame `seq` (false if `stop` was set or `deadline` passed).
   uint64_t next_byref_seq() { return ++byref_sent_; }
   bool wait_byref(uint64_t seq, const std::atomic<bool>& stop, Clock::time_point deadline);
-  // A writer giving up on frame `seq`: true if the reader had not claimed it
-  // (it never will; the payload must follow the descriptor as plain bytes, or
-  // the connection close), false if the reader is copying it (wait for
-  // byref_done, which the reader reaches in the time of one copy).
-  bool revoke_byref(uint64_t seq);
+  // A writer giving up on frame `seq` before the reader claimed it, or (with
+  // `even_claimed`) also while the reader copies it: true if the frame is
+  // revoked (the reader never keeps a copy of it: the payload must follow the
+  // descriptor as plain bytes, or the connection close; the buffers are the
+  // writer's again), false if the reader claimed it (or, even_claimed, had
+  // already finished its copy).
+  bool revoke_byref(uint64_t seq, bool even_claimed);
   // Reader: claims the next by-reference frame before copying it.
   enum class Claim { kClaimed, kRevoked, kBroken };
   Claim claim_byref();
@@ -138,8 +141,10 @@ class ShmRing {
   // Copies exactly n bytes out and consumes them, waiting while fewer are
   // there. False if `stop` was set first.
   bool read_exact(uint8_t* out, size_t n, const std::atomic<bool>& stop);
-  // Reader: the by-reference frame it claimed last is copied (or failed).
-  void byref_copied();
+  // Reader: the by-reference frame it claimed last is copied (or failed);
+  // frees the writer's buffers. False if the writer revoked the frame during
+  // the copy: the copy must be dropped, the payload follows as plain bytes.
+  bool byref_copied();
   // Waits until something is readable, `stop` is set, or the spin + sleep
   // budget of one call (at most `slice`) is used up. Returns true if data is
   // readable.

@@ -33,9 +33,10 @@ constexpr size_t kByRefDescMax = kHeaderSize + 8 + kByRefMaxSegments * 16;
 constexpr size_t kHeaderReservedOffset = 44;
 constexpr auto kShmReaderSlice = std::chrono::milliseconds(100);
 // Note [Send queues]: how long a send on an accepted connection waits for a
-// reader to claim a by-reference frame, and at most for a claimed copy to end.
+// reader to claim a by-reference frame, and for a claimed copy to end (plus
+// 1 ms per MiB), before it revokes the frame and queues the payload.
 constexpr auto kByRefGrace = std::chrono::milliseconds(10);
-constexpr auto kByRefCopyLimit = std::chrono::seconds(5);
+constexpr auto kByRefCopyGrace = std::chrono::milliseconds(50);
 
 // Note [Single copy]: the ring form of a by-reference frame (the header,
 // marked, and where the payload's bytes are) in `out`; returns its length, or
@@ -323,13 +324,15 @@ bool ShmTransport::take_byref(const Entry& e) {
     fail(e, Status::kProtocol, problem);
     return false;
   }
-  const ShmRing::Claim claim = rx.claim_byref();
-  if (claim == ShmRing::Claim::kRevoked) {
-    // Note [Send queues]: the sender did not wait for us; the payload follows
-    // in the ring as plain bytes, parsed like any frame's.
+  // Note [Send queues]: a sender that did not wait for us revokes the frame;
+  // its payload then follows in the ring as plain bytes, parsed like any
+  // frame's.
+  auto take_plain_payload = [&] {
     encode_header(h, s.header_bytes);
     return start_payload(e) && finish_frame_if_complete(e);
-  }
+  };
+  const ShmRing::Claim claim = rx.claim_byref();
+  if (claim == ShmRing::Claim::kRevoked) return take_plain_payload();
   if (claim == ShmRing::Claim::kBroken) {
     fail(e, Status::kProtocol, "by-reference frames out of step with the peer's");
     return false;
@@ -351,7 +354,10 @@ bool ShmTransport::take_byref(const Entry& e) {
     copied = false;
     why = concat("cannot allocate a ", h.payload_len, "-byte payload");
   }
-  rx.byref_copied();  // the sender's buffers are free again, whatever happened
+  // The sender's buffers are free again, whatever happened. Revoked during
+  // the copy (we were too slow: stopped, say): the copy may be torn and is
+  // dropped (bytes landed in place are overwritten by the plain payload).
+  if (!rx.byref_copied()) return take_plain_payload();
   if (!copied) {
     fail(e, Status::kInternal, why);
     return false;
@@ -382,17 +388,13 @@ void ShmTransport::ring_send(const ConnPtr& conn, const uint8_t* header, const C
       tx.flush();
       // The reader copies from our buffers: they must outlive this wait.
       if (tx.wait_byref(seq, conn->closing, deadline)) return;
-      // Giving up is only allowed before the reader claims the frame (the
-      // payload would then have to follow as plain bytes: the connection
-      // closes instead); once it copies, wait for it to finish (milliseconds
-      // for a live peer), however the connection is doing, so that no torn
-      // copy is ever delivered.
-      if (!tx.revoke_byref(seq)) {
-        const std::atomic<bool> never{false};
-        const auto limit = Clock::now() + std::min<Clock::duration>(options().timeout, std::chrono::seconds(5));
-        if (tx.wait_byref(seq, never, limit) && !conn->closing.load(std::memory_order_acquire)) return;
-      }
-      written = 1;  // the frame is half sent either way: the connection must close
+      // Giving up revokes the frame, claimed or not (the reader then drops
+      // any copy it made: Note [By-reference frame states] in shm.cc), so
+      // the buffers are the caller's again at once. The payload would then
+      // have to follow as plain bytes: the connection closes instead. Only a
+      // copy the reader finished just now is a frame sent.
+      if (!tx.revoke_byref(seq, true) && !conn->closing.load(std::memory_order_acquire)) return;
+      written = 1;  // the frame is half sent: the connection must close
     }
   } else {
     ok = tx.write(header, kHeaderSize, conn->closing, deadline, &written);
@@ -461,9 +463,10 @@ void ShmTransport::ring_post(const ConnPtr& conn, const uint8_t* header, const C
 }
 
 // Note [Single copy] on the accepted side: puts the descriptor `desc` in the
-// ring if it fits within `grace` and waits at most kByRefGrace for the reader
-// to copy the payload; past that, revokes the frame and queues a copy of the
-// payload (iov: the frame's header and segments). False, having done
+// ring if it fits within `grace` and waits for the reader to copy the payload
+// (kByRefGrace to claim it, kByRefCopyGrace and 1 ms per MiB to copy it); past
+// that, revokes the frame and queues a copy of the payload (iov: the frame's
+// header and segments). False, having done
 // nothing, if the descriptor did not fit. send_mu is held.
 bool ShmTransport::post_byref(const ConnPtr& conn, const uint8_t* desc, size_t at, uint64_t payload_len,
                               std::vector<iovec>& iov, Clock::time_point grace) {
@@ -473,26 +476,22 @@ bool ShmTransport::post_byref(const ConnPtr& conn, const uint8_t* desc, size_t a
   FASTPS_ASSERT(put == at);
   tx.flush();
   const uint64_t seq = tx.next_byref_seq();
-  if (tx.wait_byref(seq, conn->closing, Clock::now() + kByRefGrace)) return true;
-  if (tx.revoke_byref(seq)) {
-    // The reader has not started: our buffers are ours again, and a copy
-    // of the payload follows the descriptor.
-    iov.erase(iov.begin());
-    queue_rest(conn, iov, payload_len);
-    return true;
+  // The reader has kByRefGrace to claim the frame, and once it copies, the
+  // time a live reader needs for the copy; past either, the frame is revoked
+  // (a claimed one too: the reader drops its copy) and a copy of the payload
+  // follows the descriptor. So a reader stopped in the middle of a copy holds
+  // this shard up no longer than a slow one.
+  bool done = tx.wait_byref(seq, conn->closing, Clock::now() + kByRefGrace);
+  if (!done && !tx.revoke_byref(seq, false)) {
+    const auto copy_time = kByRefCopyGrace + std::chrono::microseconds(payload_len >> 10);  // 1 ms per MiB
+    done = tx.wait_byref(seq, conn->closing, Clock::now() + copy_time) || !tx.revoke_byref(seq, true);
   }
-  // Claimed: the reader is copying out of our buffers right now. Wait for
-  // it (the time of one copy), or no torn copy could be ruled out.
-  const std::atomic<bool> never{false};
-  const bool copied = tx.wait_byref(seq, never, Clock::now() + kByRefCopyLimit);
   FASTPS_CHECK_TYPED(ConnectionError, !conn->closing.load(std::memory_order_acquire), "fastps: connection to ",
                      conn->peer, " was closed while sending");
-  if (copied) return true;
-  const std::string reason = concat("peer ", conn->peer, " did not finish copying a ", payload_len,
-                                    "-byte reply within ", seconds_text(kByRefCopyLimit), " (frozen?)");
-  transport_log(concat("closing ", describe(*conn), ": ", reason));
-  request_close(conn, reason);
-  throw ConnectionError(concat("fastps: ", reason));
+  if (done) return true;
+  iov.erase(iov.begin());  // our buffers are ours again: their bytes follow as plain ones
+  queue_rest(conn, iov, payload_len);
+  return true;
 }
 
 // Note [Send queues]: a copy of the `rest` bytes of iov joins the

@@ -37,6 +37,7 @@
 #include "common/error.h"
 #include "common/sha256.h"
 #include "protocol/message.h"
+#include "transport/shm.h"
 #include "transport/transport.h"
 
 using namespace fastps;
@@ -1659,6 +1660,46 @@ TEST(shm_reader_stalled_past_two_revoked_replies_gets_them_all) {
   TransportOptions o = opts();
   o.shm_ring_bytes = 8 << 20;
   check_slow_reader_gets_every_reply("shm", o, [](size_t i) { return Ms(i % 8 == 0 ? 60 : 0); });
+}
+
+// Note [By-reference frame states], on one segment mapped twice in this
+// process: every way a frame can end, decided by whichever side moves first.
+TEST(shm_byref_frames_end_copied_or_revoked_claimed_or_not) {
+  std::unique_ptr<ShmSegment> client = ShmSegment::create(kShmMinRingBytes);
+  std::string why;
+  std::unique_ptr<ShmSegment> server = ShmSegment::open(client->name(), client->token(), client->ring_bytes(), &why);
+  CHECK(server != nullptr);
+  if (!server) return;
+  ShmRing& tx = server->tx();  // server -> client
+  ShmRing& rx = client->rx();
+  // 1: copied; a late revoke finds it so.
+  uint64_t seq = tx.next_byref_seq();
+  CHECK(rx.claim_byref() == ShmRing::Claim::kClaimed);
+  CHECK(!tx.revoke_byref(seq, false));
+  CHECK(rx.byref_copied());
+  CHECK(!tx.revoke_byref(seq, true));
+  // 2: revoked while the reader copies (a stopped reader): its copy is dropped.
+  seq = tx.next_byref_seq();
+  CHECK(rx.claim_byref() == ShmRing::Claim::kClaimed);
+  CHECK(!tx.revoke_byref(seq, false));
+  CHECK(tx.revoke_byref(seq, true));
+  CHECK(!rx.byref_copied());
+  // 3 and 4: revoked before the reader reached either; both read as revoked.
+  seq = tx.next_byref_seq();
+  CHECK(tx.revoke_byref(seq, false));
+  seq = tx.next_byref_seq();
+  CHECK(tx.revoke_byref(seq, false));
+  CHECK(rx.claim_byref() == ShmRing::Claim::kRevoked);
+  CHECK(rx.claim_byref() == ShmRing::Claim::kRevoked);
+  // 5: claimed and copied as usual afterwards.
+  seq = tx.next_byref_seq();
+  CHECK(rx.claim_byref() == ShmRing::Claim::kClaimed);
+  CHECK(rx.byref_copied());
+  const std::atomic<bool> never{false};
+  CHECK(tx.wait_byref(seq, never, Clock::now() + Ms(100)));
+  // A reader claiming a frame the writer never announced is out of step.
+  CHECK(rx.claim_byref() == ShmRing::Claim::kClaimed);  // (frame 6: claimable from 5's final state)
+  CHECK(rx.claim_byref() == ShmRing::Claim::kBroken);   // frame 7 while 6 is claimed
 }
 
 // --- Note [Liveness] --------------------------------------------------------------------------
