@@ -28,6 +28,7 @@
 #include "common/completion.h"
 #include "server/ps_server.h"
 #include "protocol/sparse_wire.h"
+#include "table/dense_table.h"
 #include "table/optimizer.h"
 #include "table/sparse_optim.h"
 #include "table/sparse_table.h"

@@ -3,9 +3,13 @@
 #include <algorithm>
 
 #include "common/error.h"
+#include "server/shard_state.h"
 #include "protocol/keys.h"
 
 namespace fastps {
+
+DenseService::DenseService(const Responder& out, ShardState& shard)
+    : out_(out), cons_(shard.consistency), chunks_(shard.owned) {}
 
 namespace {
 

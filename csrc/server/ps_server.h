@@ -2,7 +2,8 @@
 //
 // Frames arrive on the transport's event-loop thread; each is handed, as a
 // Task, to the shard that owns its chunk (mix64(key) % shards), so all state of
-// a chunk is touched by one thread (Note [Shard ownership]). Replies are sent
+// a chunk is touched by one thread (Note [Shard ownership]; the shard keeps it
+// in its ShardState, Note [One shard state]). Replies are sent
 // from the shard thread, which never waits for a worker to read them (Note
 // [Send queues] in transport/tcp.h: a worker that stops reading slows only
 // itself).
@@ -35,6 +36,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "server/ps_options.h"
 #include "server/server.h"
 #include "transport/transport.h"
 
@@ -44,43 +46,6 @@ class ParkBudget;  // server/park.h
 struct ParkCounters;
 class Responder;     // server/responder.h
 class SparseRouter;  // server/sparse_service.h
-
-// Limits on what one connection may park (Note [Parked requests]; docs/protocol.md, "Limits").
-constexpr int64_t kDefaultMaxParkedRequests = int64_t{1} << 16;
-// The sparse tables one server holds (each costs memory on every shard however small its frame).
-constexpr size_t kMaxSparseTables = 4096;
-
-struct PsServerOptions {
-  int server_id = 0;
-  int num_workers = 1;
-  int num_shards = 0;
-  int staleness = 0;  // 0 BSP, k > 0 SSP, -1 ASP
-  std::string host = "127.0.0.1";
-  uint16_t port = 0;
-  // The transport by name (Transport::create(): "tcp", "shm", "auto") and its options.
-  std::string transport_name = "tcp";
-  TransportOptions transport;
-  // Per connection: the most requests that may wait for a later round or
-  // step, and the most payload bytes they may hold (0: twice
-  // transport.max_payload). A read past either is answered ERROR(LIMIT).
-  int64_t max_parked_requests = kDefaultMaxParkedRequests;
-  int64_t max_parked_bytes = 0;
-};
-
-// Requests waiting for a later round or step on one server, over all its
-// connections, and the payload bytes they hold.
-struct ParkedStats {
-  int64_t requests = 0;
-  int64_t bytes = 0;
-};
-
-// A reply to an in-process requester: header (op REPLY or ERROR, request id,
-// key, status, count) and payload, valid only during the call. Called on a
-// shard thread.
-using LocalSink = std::function<void(const MessageHeader& header, const void* data, size_t bytes)>;
-
-// The connection id under which in-process requests are served.
-constexpr ConnId kLocalConn = ~ConnId{0};
 
 class PsServer {
  public:
@@ -103,8 +68,6 @@ class PsServer {
   void submit_local(Message&& message);
 
  private:
-  struct ShardState;  // one shard's chunks, tables and dead workers; defined in ps_server.cc
-
   void on_message(ConnId conn, Message&& message);
   void on_disconnect(ConnId conn, const std::string& reason);
   std::shared_ptr<ParkBudget> make_budget() const;
@@ -112,7 +75,6 @@ class PsServer {
   PsServerOptions options_;
   std::shared_ptr<ParkCounters> parked_;  // the whole server's (every budget adds to it)
   std::unique_ptr<Server> server_;
-  std::vector<std::unique_ptr<ShardState>> shard_state_;  // index = shard
   std::unique_ptr<Transport> transport_;
   std::unique_ptr<Responder> out_;  // replies through transport_ or local_sink_
   uint16_t port_ = 0;

@@ -11,7 +11,7 @@
 #include <exception>
 #include <string>
 
-#include "server/ps_server.h"
+#include "server/ps_options.h"
 
 namespace fastps {
 
