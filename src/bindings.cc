@@ -286,9 +286,9 @@ py::class_<PsClient> bind_client(py::module_& m) {
       .def("server_paths", &PsClient::server_paths,
            "How each server is reached: 'local' (in-process), 'shm' or 'tcp'.")
       .def("attach_local", [](PsClient& c, PsServer& s, int index) { c.attach_local(&s, index); },
-           py::arg("server"), py::arg("index"), py::keep_alive<2, 1>(),
-           "Serve requests for server `index` in-process (the colocated server); the server "
-           "keeps this client alive, so it is destroyed first.")
+           py::arg("server"), py::arg("index"), py::keep_alive<1, 2>(),
+           "Serve requests for server `index` in-process (the colocated server); this client "
+           "keeps the server alive (the server holds nothing of the client's).")
       .def(
           "register_dense",
           [](PsClient& c, uint32_t tid, int64_t numel, bool sum_only, const OptimHyper& h,

@@ -7,15 +7,17 @@
 // tensors in the same order (they run the same script).
 //
 // Every request returns a Future; a request spanning several chunks completes
-// when every chunk's reply arrived. Replies are matched by request id and
-// copied into the destination buffer on the transport's loop thread. When a
-// server's connection drops, every request outstanding on it fails with
-// ConnectionError naming the server; every wait has a deadline.
+// when every chunk's reply arrived. Each server is reached through an
+// endpoint (Note [Endpoints] in protocol/local_endpoint.h): a remote server's
+// replies are matched by request id and copied into the destination buffer
+// on the transport's loop thread; the colocated server's shard writes them
+// there itself. When a server's connection drops, every request outstanding
+// on it fails with ConnectionError naming the server; every wait has a
+// deadline.
 //
 // Thread safety: all methods may be called from any thread.
 #pragma once
 
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -26,7 +28,8 @@
 #include <vector>
 
 #include "common/completion.h"
-#include "server/ps_server.h"
+#include "protocol/local_endpoint.h"
+#include "protocol/reply.h"
 #include "protocol/sparse_wire.h"
 #include "table/dense_table.h"
 #include "table/optimizer.h"
@@ -35,28 +38,6 @@
 #include "transport/transport.h"
 
 namespace fastps {
-
-// Shared by a request's Future and its pending replies. Once a wait has
-// timed out the caller may free the buffers the replies were to fill, so a
-// timed-out wait closes the gate: later replies are dropped, and a delivery
-// already under way (a payload being received in place, a copy) is waited
-// out first. Never takes the client's lock (the client takes this one inside
-// its own).
-class DeliveryGate {
- public:
-  // Before writing into the caller's buffers; false once closed.
-  bool enter();
-  void leave();
-  // Closes the gate and returns once no delivery is under way.
-  void close();
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool closed_ = false;
-  int active_ = 0;
-};
-using DeliveryGatePtr = std::shared_ptr<DeliveryGate>;
 
 class Future {
  public:
@@ -98,9 +79,10 @@ class PsClient {
   void connect(const std::vector<ServerAddress>& servers);
   int num_servers() const { return static_cast<int>(servers_.size()); }
   // Serve requests for server `index` through `server` in this process,
-  // without the transport (See Note [Local requests] in server/ps_server.h).
-  // `server` must outlive this client's requests; call after connect().
-  void attach_local(PsServer* server, int index);
+  // without the transport (See Note [Local requests] in
+  // protocol/local_endpoint.h). `server` must outlive this client's
+  // requests; call after connect().
+  void attach_local(LocalEndpoint* server, int index);
   int rank() const { return rank_; }
 
   // Every buffer of the dense calls comes with the number of floats it holds
@@ -177,29 +159,21 @@ class PsClient {
     int64_t chunk_elems = 0;   // elements per chunk (the last may be shorter)
     std::vector<int> servers;  // per chunk
   };
-  // Receives a reply's payload instead of a plain copy (sparse requests).
-  // Runs on the transport's loop thread or a local shard thread; may throw.
-  using Sink = std::function<void(const MessageHeader& h, const void* data, size_t bytes)>;
+  // A request to a remote server, waiting for its reply.
   struct Pending {
-    CompletionPtr completion;
-    DeliveryGatePtr gate;
-    float* dst = nullptr;
-    int64_t count = 0;  // floats expected in the reply (0: ack only)
-    int server = -1;
-    Sink sink;
-    bool receiving = false;  // the transport is reading the reply into dst (gate entered)
+    ReplyTo to;
+    bool receiving = false;  // the transport is reading the reply into to.target.dst (gate entered)
   };
   struct OutFrame {
     int server = -1;
     MessageHeader header;
     std::vector<ConstBuffer> segs;
-    float* dst = nullptr;  // as Pending
-    int64_t count = 0;
-    Sink sink;
+    ReplyTarget target;  // where the reply goes
   };
   // Registers and sends frames (request ids assigned here); one future for all.
   FuturePtr submit(std::vector<OutFrame>& frames, const std::string& what);
-  void send_frame(int server, const MessageHeader& header, const std::vector<ConstBuffer>& segs);
+  // Hands a frame to the local endpoint (Note [Local requests]).
+  void submit_local(const MessageHeader& header, const std::vector<ConstBuffer>& segs, ReplyTo to);
   // Where server `server` stands among this job's servers (the config block of SPARSE_CREATE / SPARSE_LOAD).
   SparseSpread sparse_spread(int server) const;
   using FrameFn = std::function<void(MessageHeader& h, std::vector<ConstBuffer>& segs, int64_t begin,
@@ -221,6 +195,7 @@ class PsClient {
   std::chrono::milliseconds timeout_;
   std::unique_ptr<Transport> transport_;
   std::vector<ServerAddress> servers_;
+  std::vector<std::shared_ptr<const std::string>> peers_;  // "parameter server 0 (host:port)"
   std::vector<ConnId> conns_;
   std::vector<int64_t> server_bytes_;
   std::mutex mu_;  // guards entries_, pending_, next_id_, conn_server_
@@ -228,7 +203,7 @@ class PsClient {
   std::unordered_map<uint64_t, Pending> pending_;
   std::unordered_map<ConnId, int> conn_server_;
   uint64_t next_id_ = 1;
-  PsServer* local_server_ = nullptr;
+  LocalEndpoint* local_server_ = nullptr;
   int local_index_ = -1;
 };
 

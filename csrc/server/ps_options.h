@@ -4,7 +4,6 @@
 #pragma once
 
 #include <cstdint>
-#include <functional>
 #include <string>
 
 #include "protocol/message.h"
@@ -41,12 +40,8 @@ struct ParkedStats {
   int64_t bytes = 0;
 };
 
-// A reply to an in-process requester: header (op REPLY or ERROR, request id,
-// key, status, count) and payload, valid only during the call. Called on a
-// shard thread.
-using LocalSink = std::function<void(const MessageHeader& header, const void* data, size_t bytes)>;
-
-// The connection id under which in-process requests are served.
+// The connection id under which in-process requests are served (Note [Local
+// requests] in protocol/local_endpoint.h).
 constexpr ConnId kLocalConn = ~ConnId{0};
 
 }  // namespace fastps

@@ -42,7 +42,7 @@ PsServer::PsServer(const PsServerOptions& options)
   sparse_router_ = std::make_unique<SparseRouter>(options.server_id, server_->num_shards(),
                                                   options.transport.max_payload);
   transport_ = Transport::create(options.transport_name, options.transport);
-  out_ = std::make_unique<Responder>(options_, *transport_, local_sink_);
+  out_ = std::make_unique<Responder>(options_, *transport_, local_replies_);
   transport_->set_handler([this](ConnId c, Message&& m) { on_message(c, std::move(m)); });
   transport_->set_disconnect_handler(
       [this](ConnId c, const std::string& why) { on_disconnect(c, why); });
@@ -77,19 +77,13 @@ void PsServer::on_message(ConnId conn, Message&& message) {
   dispatch(conn, it->second.rank, it->second.budget, std::move(message));
 }
 
-void PsServer::set_local_sink(int worker, LocalSink sink) {
+void PsServer::submit(int worker, Message&& message, ReplyTo reply) {
   FASTPS_CHECK(worker >= 0 && worker < options_.num_workers, "local worker rank ", worker,
                " outside the job's ", options_.num_workers, " workers");
   std::lock_guard<std::mutex> lock(submit_mu_);
-  local_worker_ = worker;
-  local_sink_ = std::move(sink);
-}
-
-void PsServer::submit_local(Message&& message) {
-  std::lock_guard<std::mutex> lock(submit_mu_);
-  FASTPS_CHECK(local_sink_ != nullptr, "PsServer::submit_local before set_local_sink");
   FASTPS_CHECK_TYPED(ConnectionError, !stopping_, "fastps: the local parameter server is stopping");
-  dispatch(kLocalConn, local_worker_, local_budget_, std::move(message));
+  message.header.request_id = local_replies_.add(std::move(reply));
+  dispatch(kLocalConn, worker, local_budget_, std::move(message));
 }
 
 void PsServer::dispatch(ConnId conn, int worker, const std::shared_ptr<ParkBudget>& budget, Message&& message) {

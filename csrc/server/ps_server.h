@@ -17,15 +17,8 @@
 // what it sent, capped per connection, and freed when the connection closes:
 // see Note [Parked requests] in server/park.h.
 //
-// Note [Local requests]
-// A colocated worker and its server live in one process; sending their frames
-// through the loopback socket would copy every byte twice through the kernel.
-// The worker's client hands such frames to submit_local() instead, and the
-// shard replies through the LocalSink, which copies the values straight into
-// the destination tensor. A pushed gradient is not copied either: the shard
-// reads it in the worker's tensor (Message::in_place; a leading optimizer
-// config block is the one part copied). Everything else (routing to the
-// owning shard, rounds, errors) is the same code as for a remote worker.
+// The colocated worker's requests skip the transport: PsServer is that
+// worker's LocalEndpoint (Note [Local requests] in protocol/local_endpoint.h).
 #pragma once
 
 #include <cstdint>
@@ -36,7 +29,9 @@
 #include <unordered_map>
 #include <vector>
 
+#include "protocol/local_endpoint.h"
 #include "server/ps_options.h"
+#include "server/responder.h"
 #include "server/server.h"
 #include "transport/transport.h"
 
@@ -44,13 +39,12 @@ namespace fastps {
 
 class ParkBudget;  // server/park.h
 struct ParkCounters;
-class Responder;     // server/responder.h
 class SparseRouter;  // server/sparse_service.h
 
-class PsServer {
+class PsServer : public LocalEndpoint {
  public:
   explicit PsServer(const PsServerOptions& options);
-  ~PsServer();
+  ~PsServer() override;
   PsServer(const PsServer&) = delete;
   PsServer& operator=(const PsServer&) = delete;
 
@@ -60,12 +54,9 @@ class PsServer {
   // Any thread.
   ParkedStats parked() const;
 
-  // The colocated worker's shortcut (See Note [Local requests]): frames from
-  // the worker in this process skip the transport; replies go to `sink`.
-  // Set once, before the first submit_local().
-  void set_local_sink(int worker, LocalSink sink);
-  // Any thread. Serves `message` as if it came from the local worker.
-  void submit_local(Message&& message);
+  // LocalEndpoint: the colocated worker's requests (See Note [Local
+  // requests]), served under kLocalConn with one parking budget.
+  void submit(int worker, Message&& message, ReplyTo reply) override;
 
  private:
   void on_message(ConnId conn, Message&& message);
@@ -76,7 +67,8 @@ class PsServer {
   std::shared_ptr<ParkCounters> parked_;  // the whole server's (every budget adds to it)
   std::unique_ptr<Server> server_;
   std::unique_ptr<Transport> transport_;
-  std::unique_ptr<Responder> out_;  // replies through transport_ or local_sink_
+  LocalReplies local_replies_;      // where the local worker's replies go
+  std::unique_ptr<Responder> out_;  // replies through transport_ or local_replies_
   uint16_t port_ = 0;
   // Under submit_mu_: each connection's worker rank and parking budget.
   struct Conn {
@@ -86,8 +78,6 @@ class PsServer {
   std::unordered_map<ConnId, Conn> conns_;
   std::mutex submit_mu_;  // orders the loop thread's submits against destruction
   bool stopping_ = false;
-  int local_worker_ = -1;
-  LocalSink local_sink_;
   std::shared_ptr<ParkBudget> local_budget_;  // the local worker's (kLocalConn)
 
   // Loop thread (or a local submitter), under submit_mu_: the sparse tables
