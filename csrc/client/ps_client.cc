@@ -114,6 +114,39 @@ PsClient::Entry& PsClient::entry(uint32_t tensor_id) {
   return it->second;
 }
 
+// Note [Round clocks]
+// A worker's requests carry the round they belong to: a PULL waits for the
+// version (BSP) or clock bound (SSP) its aux names, a sparse pull or push
+// names the table step. The counts are this client's, never mirrored in
+// Python: each registered tensor counts the rounds it was sent in since its
+// registration (round()), and a round ends (end_round()) whatever happened
+// to it: a failed round was still sent, and the servers count it. A skip (a
+// push with no gradient) is a round like any other. Each sparse table keeps
+// the step of this worker's last push (sparse_step()), or of the file it
+// loaded. The caller says when a round ends (an optimizer's step() waits for
+// all of its requests first); this client keeps the numbers.
+uint32_t PsClient::round(uint32_t tensor_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return entry(tensor_id).rounds;
+}
+
+void PsClient::end_round(const std::vector<uint32_t>& tensor_ids) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (uint32_t id : tensor_ids) entry(id);  // every one registered before any advances
+  for (uint32_t id : tensor_ids) entry(id).rounds += 1;
+}
+
+uint32_t PsClient::advance_round(uint32_t tensor_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return ++entry(tensor_id).rounds;
+}
+
+int64_t PsClient::sparse_step(uint64_t table) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = sparse_steps_.find(table);
+  return it == sparse_steps_.end() ? 0 : it->second;
+}
+
 // Note [Buffers with their counts]
 // A dense request reads or writes as many floats as its tensor was
 // registered with, at a caller's address. The caller's buffer may be of

@@ -117,6 +117,21 @@ class PsClient {
   FuturePtr state_get(uint32_t tensor_id, int buffer, float* dst, int64_t dst_numel);
   FuturePtr state_set(uint32_t tensor_id, int buffer, const float* src, int64_t src_numel);
 
+  // --- Round clocks (Note [Round clocks] in ps_client.cc) ---
+  // Rounds tensor `tensor_id` was sent in since it was registered (completed
+  // or failed): its next round's clock is round(tensor_id) + 1.
+  // InvalidArgument for a tensor not registered.
+  uint32_t round(uint32_t tensor_id);
+  // Ends a round of every tensor of `tensor_ids`, whatever happened to it
+  // (checked first: InvalidArgument changes nothing).
+  void end_round(const std::vector<uint32_t>& tensor_ids);
+  // Ends a round of one tensor and returns its new count (the clock of a
+  // push sent now, for callers whose round is a single push).
+  uint32_t advance_round(uint32_t tensor_id);
+  // The step of sparse table `table` on this worker: of its last push (or
+  // of the file sparse_load() read); 0 before either.
+  int64_t sparse_step(uint64_t table);
+
   // --- Sparse tables (docs/protocol.md "Sparse tables", docs/sparse.md) ---
   // Ids are split over the servers (Note [Sparse id routing] in
   // protocol/sparse_wire.h), one frame per server; rows come back in the
@@ -156,6 +171,7 @@ class PsClient {
  private:
   struct Entry {
     int64_t numel = 0;
+    uint32_t rounds = 0;       // Note [Round clocks]
     int64_t chunk_elems = 0;   // elements per chunk (the last may be shorter)
     std::vector<int> servers;  // per chunk
   };
@@ -198,8 +214,9 @@ class PsClient {
   std::vector<std::shared_ptr<const std::string>> peers_;  // "parameter server 0 (host:port)"
   std::vector<ConnId> conns_;
   std::vector<int64_t> server_bytes_;
-  std::mutex mu_;  // guards entries_, pending_, next_id_, conn_server_
+  std::mutex mu_;  // guards entries_, sparse_steps_, pending_, next_id_, conn_server_
   std::unordered_map<uint32_t, Entry> entries_;
+  std::unordered_map<uint64_t, int64_t> sparse_steps_;  // table -> its step (Note [Round clocks])
   std::unordered_map<uint64_t, Pending> pending_;
   std::unordered_map<ConnId, int> conn_server_;
   uint64_t next_id_ = 1;

@@ -135,7 +135,10 @@ FuturePtr PsClient::sparse_push(uint64_t table, const int64_t* ids, int64_t n, i
       f.segs.push_back({sg, size_t(m) * size_t(dim) * 4});
     }
   }
-  return submit(frames, detail::concat("SPARSE_PUSH of sparse table ", table, " at step ", step));
+  FuturePtr future = submit(frames, detail::concat("SPARSE_PUSH of sparse table ", table, " at step ", step));
+  std::lock_guard<std::mutex> lock(mu_);
+  sparse_steps_[table] = step;  // sent (Note [Round clocks])
+  return future;
 }
 
 std::vector<int64_t> PsClient::sparse_stats(uint64_t table, uint32_t min_step) {
@@ -264,6 +267,8 @@ int64_t PsClient::sparse_load(uint64_t table, const SparseTableConfig& config, c
     if (!pending[size_t(s)].empty()) fr.segs.push_back({pending[size_t(s)].data(), pending[size_t(s)].size()});
   }
   submit(frames, detail::concat("SPARSE_LOAD of sparse table ", table))->wait();
+  std::lock_guard<std::mutex> lock(mu_);
+  sparse_steps_[table] = h.step;  // Note [Round clocks]
   return h.step;
 }
 
