@@ -45,10 +45,17 @@ ShardedSparseTable::ShardedSparseTable(Server& server, const SparseTableConfig& 
                ") must be 0 (no cap) or at least the number of shards (", shards_, ")");
   std::vector<std::unique_ptr<SparseTable>> fresh;
   for (int s = 0; s < shards_; ++s) fresh.push_back(std::make_unique<SparseTable>(make_table(s)));
-  install(std::move(fresh), "creating a sparse table on the embedded server");
+  try {
+    install(std::move(fresh), "creating a sparse table on the embedded server");
+  } catch (...) {
+    drop_slices();  // the shards that took theirs (no destructor runs for this table)
+    throw;
+  }
 }
 
-ShardedSparseTable::~ShardedSparseTable() {
+ShardedSparseTable::~ShardedSparseTable() { drop_slices(); }
+
+void ShardedSparseTable::drop_slices() {
   // Each shard drops its slice once it has run every task queued before;
   // nothing waits (a destructor does not throw).
   for (int s = 0; s < shards_; ++s) {

@@ -88,6 +88,8 @@ class ShardedSparseTable {
   void run(std::vector<ShardFn> per_shard, const char* what);
   // Makes per_shard[s] shard s's slice of this table (replacing the old one); waits.
   void install(std::vector<std::unique_ptr<SparseTable>> per_shard, const char* what);
+  // Has every shard drop its slice of this table, after what is queued there; does not wait.
+  void drop_slices();
   // Runs body(table, index, m, step) on every shard holding some of ids[0, n)
   // (index: their positions, null with one shard) at the table's current step.
   template <typename F>
