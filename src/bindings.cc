@@ -286,9 +286,9 @@ py::class_<PsClient> bind_client(py::module_& m) {
       .def("server_paths", &PsClient::server_paths,
            "How each server is reached: 'local' (in-process), 'shm' or 'tcp'.")
       .def("attach_local", [](PsClient& c, PsServer& s, int index) { c.attach_local(&s, index); },
-           py::arg("server"), py::arg("index"), py::keep_alive<2, 1>(),
-           "Serve requests for server `index` in-process (the colocated server); the server "
-           "keeps this client alive, so it is destroyed first.")
+           py::arg("server"), py::arg("index"), py::keep_alive<1, 2>(),
+           "Serve requests for server `index` in-process (the colocated server); this client "
+           "keeps the server alive (the server holds nothing of the client's).")
       .def(
           "register_dense",
           [](PsClient& c, uint32_t tid, int64_t numel, bool sum_only, const OptimHyper& h,
@@ -356,6 +356,13 @@ py::class_<PsClient> bind_client(py::module_& m) {
           },
           py::arg("tensor_id"), py::arg("buffer"), py::arg("src"), py::arg("src_numel"),
           "Replace buffer (as in state_get) with src's values.")
+      .def("round", &PsClient::round, py::arg("tensor_id"),
+           "Rounds the tensor was sent in since its registration, completed or failed (its next "
+           "round's clock is this + 1).")
+      .def("end_round", &PsClient::end_round, py::arg("tensor_ids"),
+           "End a round of each tensor, whatever happened to it.")
+      .def("advance_round", &PsClient::advance_round, py::arg("tensor_id"),
+           "End a round of one tensor; returns its new count.")
       .def("stats", [](const PsClient& c) { return bind::stats_dict(c.stats()); },
            "Bytes and messages this client sent and received over the transport (local "
            "requests to the colocated server are not counted).");

@@ -127,7 +127,9 @@ void bind_sparse_client(py::class_<PsClient>& cls) {
             return c.sparse_load(table, config, path);
           },
           py::arg("table"), py::arg("config"), py::arg("path"),
-          "Replace the table's rows on every server with the file's; returns the file's step.");
+          "Replace the table's rows on every server with the file's; returns the file's step.")
+      .def("sparse_step", &PsClient::sparse_step, py::arg("table"),
+           "The table's step on this worker: of its last push, or of the file it loaded (0 before).");
 }
 
 namespace {

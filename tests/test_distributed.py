@@ -384,6 +384,33 @@ def test_a_refused_sparse_load_leaves_the_table_usable(tmp_path):
     assert torch.equal(out, torch.full((3, 4), -1.0))
 
 
+def test_round_clocks_and_table_steps_are_the_native_clients(tmp_path):
+    """Note [Round clocks]: each registered tensor counts the rounds it was sent in,
+    a round ends whatever happened (an unknown tensor changes nothing), and a sparse
+    table's step is its last push's or the loaded file's."""
+    server = _C.PsServer(0, 1, num_shards=2, secret="s")
+    c = _C.PsClient(0, secret="s", timeout_s=5)
+    c.connect([("127.0.0.1", server.port)])
+    z = torch.zeros(4)
+    c.register_dense(1, 4, True, _C.OptimHyper(), z.data_ptr(), z.numel()).wait()
+    c.register_dense(2, 4, True, _C.OptimHyper(), z.data_ptr(), z.numel()).wait()
+    assert (c.round(1), c.advance_round(1), c.round(1), c.round(2)) == (0, 1, 1, 0)
+    c.end_round([1, 2])
+    with pytest.raises(fastps.InvalidArgumentError, match="tensor 9 is not registered"):
+        c.end_round([1, 9])
+    assert (c.round(1), c.round(2)) == (2, 1)
+    cfg, sgd = _C.SparseTableConfig(4), _C.SparseOptim(_C.SparseRule.SGD, lr=1.0)
+    c.sparse_create(7, cfg).wait()
+    ids, g = torch.arange(3), torch.ones(3, 4)
+    assert c.sparse_step(7) == 0
+    c.sparse_push(7, ids.data_ptr(), 3, 4, g.data_ptr(), g.numel(), sgd, 1).wait()
+    c.sparse_push(7, ids.data_ptr(), 3, 4, g.data_ptr(), g.numel(), sgd, 2).wait()
+    c.sparse_save(7, cfg, 2, str(tmp_path / "t.bin"))
+    c.sparse_create(8, cfg).wait()
+    assert (c.sparse_step(7), c.sparse_step(8)) == (2, 0)
+    assert c.sparse_load(8, cfg, str(tmp_path / "t.bin")) == 2 and c.sparse_step(8) == 2
+
+
 def test_a_second_connection_of_a_live_rank_closing_does_not_kill_the_rank():
     server, a, b, h, z = _two_workers_one_sum_key()
     b.register_dense(1, 4, True, h, 0, 0).wait()

@@ -24,33 +24,54 @@ class _Done:
         return True
 
 
+class _Rounds:
+    """The round clocks of a native client (Note [Round clocks]), for a sender without a job."""
+
+    def __init__(self):
+        self.rounds = {}
+
+    def round(self, tid):
+        return self.rounds[tid]
+
+    def end_round(self, tids):
+        for t in tids:
+            self.rounds[t] += 1
+
+
 class _Cluster:
-    client = None
     rank = 0
 
+    def __init__(self):
+        self.client = _Rounds()
 
-def _param():
+
+def _param(s=None):
     p = torch.zeros(3, requires_grad=True)
     p.grad = torch.ones(3)
+    if s is not None:  # registered: a tensor id whose rounds the client counts
+        tid = len(s.ids) + 1
+        s.ids[id(p)] = tid
+        s.client.rounds[tid] = 0
     return p
 
 
 def test_a_round_waits_for_everything_and_advances_the_clock():
     s = GradientSender(_Cluster())
-    p, q = _param(), _param()
+    p, q = _param(s), _param(s)
+    assert s.clock == 0 and s.next_clock(q) == 1
     fs = [_Done(), _Done(), _Done()]
     s.track(p, (fs[0], fs[1]), p.grad, grad_snapshot(p))
     s.track(q, (fs[2],), q.grad, grad_snapshot(q))
     seen = []
     s.complete_round("edited", lambda sent: seen.extend(x.param for x in sent))
     assert [f.waited for f in fs] == [1, 1, 1] and seen == [p, q]
-    assert s.clock == 1 and not s.inflight
+    assert s.clock == 1 and s.next_clock(q) == 2 and not s.inflight
 
 
 @pytest.mark.parametrize("fail", ["edit", "request"])
 def test_a_failed_round_still_ends_and_waits_for_the_rest(fail):
     s = GradientSender(_Cluster())
-    p, q = _param(), _param()
+    p, q = _param(s), _param(s)
     first = _Done(fastps.ConnectionError("server gone") if fail == "request" else None)
     rest = _Done()
     s.track(p, (first,), p.grad, grad_snapshot(p))
@@ -60,7 +81,7 @@ def test_a_failed_round_still_ends_and_waits_for_the_rest(fail):
     with pytest.raises(fastps.FastPSError, match="server gone" if fail == "request" else "was edited"):
         s.complete_round("fastps: a gradient was edited", lambda sent: pytest.fail("not after an error"))
     assert rest.waited >= 1  # waited for, after the error too
-    assert s.clock == 1 and not s.inflight  # the round was sent, whatever happened to it
+    assert s.clock == 1 and s.client.rounds == {1: 1, 2: 1} and not s.inflight  # sent, whatever happened
 
 
 def test_hooks_send_outside_no_sync_only():

@@ -32,6 +32,7 @@ FAST_BINARIES = {
     "test_mapped_buffer": [],
     "test_transport": [],
     "test_consistency": [],
+    "test_local_endpoint": [],
     # Seeded (--seed 1 by default), so a failure here reproduces with the same command.
     "fuzz_protocol": ["--seconds", "3"],
 }

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "common/error.h"
+#include "server/shard_state.h"
 
 namespace fastps {
 
@@ -111,7 +112,7 @@ void EmbeddedClient::register_dense(uint32_t tensor_id, float* param, int64_t nu
     if (per_shard[s].empty()) continue;
     auto task = std::make_unique<FunctionTask>();
     task->fn = [binds = std::move(per_shard[s]), ns](Shard& shard) {
-      for (const Bind& b : binds) shard.dense().bind(b.key, b.param, b.numel, b.state, ns);
+      for (const Bind& b : binds) shard.state().borrowed.bind(b.key, b.param, b.numel, b.state, ns);
     };
     tasks[s] = std::move(task);
   }
@@ -136,7 +137,7 @@ void EmbeddedClient::unregister_dense(uint32_t tensor_id) {
     if (per_shard[s].empty()) continue;
     auto task = std::make_unique<FunctionTask>();
     task->fn = [keys = std::move(per_shard[s])](Shard& shard) {
-      for (uint64_t k : keys) shard.dense().erase(k);
+      for (uint64_t k : keys) shard.state().borrowed.erase(k);
     };
     tasks[s] = std::move(task);
   }
@@ -182,7 +183,7 @@ void EmbeddedClient::update(const std::vector<UpdateItem>& items,
     auto task = std::make_unique<FunctionTask>();
     task->fn = [updates = std::move(per_shard[s])](Shard& shard) {
       for (const ChunkUpdate& u : updates)
-        shard.dense().update(u.key, u.grad, u.numel, *u.hyper, u.step, u.first_step);
+        shard.state().borrowed.update(u.key, u.grad, u.numel, *u.hyper, u.step, u.first_step);
     };
     tasks[s] = std::move(task);
   }

@@ -16,29 +16,6 @@ namespace {
 constexpr size_t kMaxLocalPrefix = 4096;
 }  // namespace
 
-bool DeliveryGate::enter() {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (closed_) return false;
-  ++active_;
-  return true;
-}
-
-void DeliveryGate::leave() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    --active_;
-  }
-  cv_.notify_all();
-}
-
-void DeliveryGate::close() {
-  std::unique_lock<std::mutex> lock(mu_);
-  closed_ = true;
-  // A delivery under way ends: a copy finishes, a receive completes or its
-  // connection fails (the transport's own deadlines bound both).
-  cv_.wait(lock, [&] { return active_ == 0; });
-}
-
 void Future::wait(double timeout_s, const std::function<void()>& between,
                   std::chrono::microseconds slice) const {
   const auto deadline =
@@ -82,12 +59,13 @@ PsClient::PsClient(int rank, const TransportOptions& options, int64_t chunk_byte
     if (h.op != Op::kReply) return nullptr;
     std::lock_guard<std::mutex> lock(mu_);
     auto it = pending_.find(h.request_id);
-    if (it == pending_.end() || it->second.dst == nullptr ||
-        uint64_t(it->second.count) * 4 != h.payload_len || it->second.receiving)
-      return nullptr;
-    if (it->second.gate && !it->second.gate->enter()) return nullptr;  // timed out: not into dst
-    it->second.receiving = true;  // left in complete() or on_disconnect()
-    return reinterpret_cast<uint8_t*>(it->second.dst);
+    if (it == pending_.end()) return nullptr;
+    Pending& p = it->second;
+    const ReplyTarget& t = p.to.target;
+    if (!t.in_place() || uint64_t(t.count) * 4 != h.payload_len || p.receiving) return nullptr;
+    if (p.to.gate && !p.to.gate->enter()) return nullptr;  // timed out: not into dst
+    p.receiving = true;  // left in complete() or on_disconnect()
+    return reinterpret_cast<uint8_t*>(t.dst);
   });
 }
 
@@ -102,6 +80,10 @@ void PsClient::connect(const std::vector<ServerAddress>& servers) {
   for (const ServerAddress& s : servers) conns.push_back(transport_->connect(s.host, s.port, rank_));
   std::lock_guard<std::mutex> lock(mu_);
   servers_ = servers;
+  peers_.clear();
+  for (size_t i = 0; i < servers.size(); ++i)
+    peers_.push_back(std::make_shared<const std::string>(
+        detail::concat("parameter server ", i, " (", servers[i].host, ":", servers[i].port, ")")));
   conns_ = conns;
   server_bytes_.assign(servers.size(), 0);
   for (size_t i = 0; i < conns.size(); ++i) conn_server_[conns[i]] = int(i);
@@ -119,11 +101,8 @@ std::vector<std::string> PsClient::server_paths() const {
   return paths;
 }
 
-void PsClient::attach_local(PsServer* server, int index) {
+void PsClient::attach_local(LocalEndpoint* server, int index) {
   FASTPS_CHECK(index >= 0 && index < num_servers(), "local server index ", index, " out of range");
-  server->set_local_sink(rank_, [this](const MessageHeader& h, const void* data, size_t bytes) {
-    complete(h, data, bytes);
-  });
   std::lock_guard<std::mutex> lock(mu_);
   local_server_ = server;
   local_index_ = index;
@@ -133,6 +112,39 @@ PsClient::Entry& PsClient::entry(uint32_t tensor_id) {
   auto it = entries_.find(tensor_id);
   FASTPS_CHECK(it != entries_.end(), "tensor ", tensor_id, " is not registered with the servers");
   return it->second;
+}
+
+// Note [Round clocks]
+// A worker's requests carry the round they belong to: a PULL waits for the
+// version (BSP) or clock bound (SSP) its aux names, a sparse pull or push
+// names the table step. The counts are this client's, never mirrored in
+// Python: each registered tensor counts the rounds it was sent in since its
+// registration (round()), and a round ends (end_round()) whatever happened
+// to it: a failed round was still sent, and the servers count it. A skip (a
+// push with no gradient) is a round like any other. Each sparse table keeps
+// the step of this worker's last push (sparse_step()), or of the file it
+// loaded. The caller says when a round ends (an optimizer's step() waits for
+// all of its requests first); this client keeps the numbers.
+uint32_t PsClient::round(uint32_t tensor_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return entry(tensor_id).rounds;
+}
+
+void PsClient::end_round(const std::vector<uint32_t>& tensor_ids) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (uint32_t id : tensor_ids) entry(id);  // every one registered before any advances
+  for (uint32_t id : tensor_ids) entry(id).rounds += 1;
+}
+
+uint32_t PsClient::advance_round(uint32_t tensor_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return ++entry(tensor_id).rounds;
+}
+
+int64_t PsClient::sparse_step(uint64_t table) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = sparse_steps_.find(table);
+  return it == sparse_steps_.end() ? 0 : it->second;
 }
 
 // Note [Buffers with their counts]
@@ -346,8 +358,8 @@ FuturePtr PsClient::request(uint32_t tensor_id, Op op, float* dst, bool dst_per_
       f.server = e.servers[c];
       fill(f.header, f.segs, begin, n);
       if (dst != nullptr) {
-        f.dst = dst_per_chunk ? dst + begin : dst;
-        f.count = reply_count < 0 ? n : reply_count;
+        f.target.dst = dst_per_chunk ? dst + begin : dst;
+        f.target.count = reply_count < 0 ? n : reply_count;
       }
       frames.push_back(std::move(f));
     }
@@ -355,74 +367,77 @@ FuturePtr PsClient::request(uint32_t tensor_id, Op op, float* dst, bool dst_per_
   return submit(frames, detail::concat(what, " of tensor ", tensor_id));
 }
 
-void PsClient::send_frame(int server, const MessageHeader& header, const std::vector<ConstBuffer>& segs) {
-  if (server == local_index_) {
-    Message m;
-    m.header = header;
-    size_t total = 0;
-    for (const ConstBuffer& b : segs) total += b.size;
-    m.header.payload_len = total;
-    // Only a gradient is read in place. A PUSH's optimizer config block (and
-    // a skip PUSH is nothing else) lives on the caller's stack: copied.
-    const bool gradient = header.op == Op::kPush || header.op == Op::kPushPull;
-    const bool config = (header.flags & kFlagConfig) != 0;
-    if (gradient && !config && segs.size() == 1) {
-      // A gradient is read in place: it stays valid until this request
-      // completes (the Future's contract), and the shard is done reading it
-      // before it replies.
-      m.in_place = const_cast<uint8_t*>(static_cast<const uint8_t*>(segs[0].data));
-    } else if (gradient && config && segs.size() == 2 && segs[0].size <= kMaxLocalPrefix) {
-      // fastps.optim's push: an optimizer config block, then the gradient.
-      // The block is copied, the gradient read in place.
-      m.payload.assign(static_cast<const uint8_t*>(segs[0].data),
-                       static_cast<const uint8_t*>(segs[0].data) + segs[0].size);
-      m.in_place = const_cast<uint8_t*>(static_cast<const uint8_t*>(segs[1].data));
-      m.in_place_offset = segs[0].size;
-    } else {
-      m.payload.resize(total);
-      size_t at = 0;
-      for (const ConstBuffer& b : segs) {
-        if (b.size) std::memcpy(m.payload.data() + at, b.data, b.size);
-        at += b.size;
-      }
+void PsClient::submit_local(const MessageHeader& header, const std::vector<ConstBuffer>& segs, ReplyTo to) {
+  Message m;
+  m.header = header;
+  size_t total = 0;
+  for (const ConstBuffer& b : segs) total += b.size;
+  m.header.payload_len = total;
+  // Only a gradient is read in place. A PUSH's optimizer config block (and
+  // a skip PUSH is nothing else) lives on the caller's stack: copied.
+  const bool gradient = header.op == Op::kPush || header.op == Op::kPushPull;
+  const bool config = (header.flags & kFlagConfig) != 0;
+  if (gradient && !config && segs.size() == 1) {
+    // A gradient is read in place: it stays valid until this request
+    // completes (the Future's contract), and the shard is done reading it
+    // before it replies.
+    m.in_place = const_cast<uint8_t*>(static_cast<const uint8_t*>(segs[0].data));
+  } else if (gradient && config && segs.size() == 2 && segs[0].size <= kMaxLocalPrefix) {
+    // fastps.optim's push: an optimizer config block, then the gradient.
+    // The block is copied, the gradient read in place.
+    m.payload.assign(static_cast<const uint8_t*>(segs[0].data),
+                     static_cast<const uint8_t*>(segs[0].data) + segs[0].size);
+    m.in_place = const_cast<uint8_t*>(static_cast<const uint8_t*>(segs[1].data));
+    m.in_place_offset = segs[0].size;
+  } else {
+    m.payload.resize(total);
+    size_t at = 0;
+    for (const ConstBuffer& b : segs) {
+      if (b.size) std::memcpy(m.payload.data() + at, b.data, b.size);
+      at += b.size;
     }
-    local_server_->submit_local(std::move(m));
-    return;
   }
-  transport_->send(conns_[server], header, segs.data(), segs.size());
+  local_server_->submit(rank_, std::move(m), std::move(to));
 }
 
 FuturePtr PsClient::submit(std::vector<OutFrame>& frames, const std::string& what) {
   auto completion = std::make_shared<Completion>(uint32_t(frames.size()));
   DeliveryGatePtr gate;  // only requests whose replies write into the caller's memory
   for (const OutFrame& f : frames)
-    if (f.dst != nullptr || f.sink) gate = std::make_shared<DeliveryGate>();
+    if (f.target.dst != nullptr || f.target.raw) gate = std::make_shared<DeliveryGate>();
+  std::vector<ReplyTo> to(frames.size());
   {
     std::lock_guard<std::mutex> lock(mu_);
     FASTPS_CHECK(!conns_.empty(), "PsClient is not connected");
-    for (OutFrame& f : frames) {
+    for (size_t i = 0; i < frames.size(); ++i) {
+      OutFrame& f = frames[i];
       f.header.request_id = next_id_++;
-      Pending p;
-      p.completion = completion;
-      p.gate = gate;
-      p.dst = f.dst;
-      p.count = f.count;
-      p.server = f.server;
-      p.sink = f.sink;
-      pending_[f.header.request_id] = std::move(p);
+      to[i] = ReplyTo{completion, gate, std::move(f.target), f.server, peers_[size_t(f.server)]};
+      // A remote server's reply finds its request here; a local one carries it.
+      if (f.server != local_index_) pending_[f.header.request_id] = Pending{to[i], false};
     }
   }
   auto future = std::make_shared<Future>(completion, what, timeout_, gate);
-  for (OutFrame& f : frames) {
+  for (size_t i = 0; i < frames.size(); ++i) {
+    OutFrame& f = frames[i];
     try {
-      send_frame(f.server, f.header, f.segs);
+      if (f.server == local_index_) {
+        submit_local(f.header, f.segs, std::move(to[i]));
+        continue;
+      }
+      transport_->send(conns_[f.server], f.header, f.segs.data(), f.segs.size());
     } catch (const Error& e) {
+      const auto failure = std::make_exception_ptr(ConnectionError(detail::concat(
+          "fastps: cannot reach parameter server ", f.server, " at ", servers_[f.server].host, ":",
+          servers_[f.server].port, ": ", e.what())));
+      if (f.server == local_index_) {
+        completion->done(failure);  // the endpoint refused it: no reply will come
+        continue;
+      }
       std::lock_guard<std::mutex> lock(mu_);
       auto it = pending_.find(f.header.request_id);
       if (it != pending_.end()) {
-        it->second.completion->done(std::make_exception_ptr(ConnectionError(detail::concat(
-            "fastps: cannot reach parameter server ", f.server, " at ", servers_[f.server].host, ":",
-            servers_[f.server].port, ": ", e.what()))));
+        it->second.to.completion->done(failure);
         pending_.erase(it);
       }
     }
@@ -444,59 +459,10 @@ void PsClient::complete(const MessageHeader& h, const void* data, size_t bytes) 
     std::lock_guard<std::mutex> lock(mu_);
     auto it = pending_.find(h.request_id);
     if (it == pending_.end()) return;  // a reply to a request that already failed
-    p = it->second;
+    p = std::move(it->second);
     pending_.erase(it);
   }
-  // Writes into the caller's memory happen inside the gate (see DeliveryGate):
-  // a receive in place entered it already; a copy or sink enters it here.
-  bool entered = p.receiving;
-  if (!entered && p.gate && h.op != Op::kError && (p.sink || p.count > 0)) {
-    if (!p.gate->enter()) {  // the caller timed out and may have freed its buffers
-      p.completion->done(std::make_exception_ptr(TimeoutError("fastps: reply after the deadline")));
-      return;
-    }
-    entered = true;
-  }
-  struct Leave {
-    DeliveryGate* gate;
-    ~Leave() {
-      if (gate) gate->leave();
-    }
-  } leave{entered ? p.gate.get() : nullptr};
-  if (h.op == Op::kError) {
-    std::string msg = sanitize_error_text(static_cast<const uint8_t*>(data), bytes);
-    const std::string where = detail::concat("parameter server ", p.server, " (",
-                                             servers_[p.server].host, ":", servers_[p.server].port, "): ");
-    std::exception_ptr e;
-    if (h.status == uint32_t(Status::kTimeout))
-      e = std::make_exception_ptr(ConnectionError("fastps: " + where + msg));
-    else if (h.status == uint32_t(Status::kLimit))
-      e = std::make_exception_ptr(CapacityError("fastps: " + where + msg));
-    else
-      e = std::make_exception_ptr(InvalidArgument("fastps: " + where + msg));
-    p.completion->done(e);
-    return;
-  }
-  if (p.sink) {
-    try {
-      p.sink(h, data, bytes);
-    } catch (const Error&) {
-      p.completion->done(std::current_exception());
-      return;
-    }
-    p.completion->done();
-    return;
-  }
-  if (p.count > 0) {
-    if (bytes != size_t(p.count) * 4) {
-      p.completion->done(std::make_exception_ptr(ProtocolError(detail::concat(
-          "fastps: parameter server ", p.server, " replied with ", bytes, " bytes where ",
-          p.count * 4, " were expected"))));
-      return;
-    }
-    if (data != p.dst) std::memcpy(p.dst, data, bytes);
-  }
-  p.completion->done();
+  deliver_reply(p.to, p.receiving, h, data, bytes);
 }
 
 void PsClient::on_disconnect(ConnId conn, const std::string& reason) {
@@ -508,8 +474,8 @@ void PsClient::on_disconnect(ConnId conn, const std::string& reason) {
     if (cs == conn_server_.end()) return;
     server = cs->second;
     for (auto it = pending_.begin(); it != pending_.end();) {
-      if (it->second.server == server) {
-        if (it->second.receiving && it->second.gate) it->second.gate->leave();  // the receive died
+      if (it->second.to.server == server) {
+        if (it->second.receiving && it->second.to.gate) it->second.to.gate->leave();  // the receive died
         failed.push_back(it->second);
         it = pending_.erase(it);
       } else {
@@ -521,7 +487,7 @@ void PsClient::on_disconnect(ConnId conn, const std::string& reason) {
                                          servers_[server].host, ":", servers_[server].port, " (",
                                          reason, ")");
   if (!failed.empty()) transport_log(msg.substr(8));  // quiet when nothing was lost (shutdown)
-  for (Pending& p : failed) p.completion->done(std::make_exception_ptr(ConnectionError(msg)));
+  for (Pending& p : failed) p.to.completion->done(std::make_exception_ptr(ConnectionError(msg)));
 }
 
 }  // namespace fastps

@@ -7,15 +7,17 @@
 // tensors in the same order (they run the same script).
 //
 // Every request returns a Future; a request spanning several chunks completes
-// when every chunk's reply arrived. Replies are matched by request id and
-// copied into the destination buffer on the transport's loop thread. When a
-// server's connection drops, every request outstanding on it fails with
-// ConnectionError naming the server; every wait has a deadline.
+// when every chunk's reply arrived. Each server is reached through an
+// endpoint (Note [Endpoints] in protocol/local_endpoint.h): a remote server's
+// replies are matched by request id and copied into the destination buffer
+// on the transport's loop thread; the colocated server's shard writes them
+// there itself. When a server's connection drops, every request outstanding
+// on it fails with ConnectionError naming the server; every wait has a
+// deadline.
 //
 // Thread safety: all methods may be called from any thread.
 #pragma once
 
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -26,36 +28,16 @@
 #include <vector>
 
 #include "common/completion.h"
-#include "server/ps_server.h"
+#include "protocol/local_endpoint.h"
+#include "protocol/reply.h"
 #include "protocol/sparse_wire.h"
+#include "table/dense_table.h"
 #include "table/optimizer.h"
 #include "table/sparse_optim.h"
 #include "table/sparse_table.h"
 #include "transport/transport.h"
 
 namespace fastps {
-
-// Shared by a request's Future and its pending replies. Once a wait has
-// timed out the caller may free the buffers the replies were to fill, so a
-// timed-out wait closes the gate: later replies are dropped, and a delivery
-// already under way (a payload being received in place, a copy) is waited
-// out first. Never takes the client's lock (the client takes this one inside
-// its own).
-class DeliveryGate {
- public:
-  // Before writing into the caller's buffers; false once closed.
-  bool enter();
-  void leave();
-  // Closes the gate and returns once no delivery is under way.
-  void close();
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool closed_ = false;
-  int active_ = 0;
-};
-using DeliveryGatePtr = std::shared_ptr<DeliveryGate>;
 
 class Future {
  public:
@@ -97,9 +79,10 @@ class PsClient {
   void connect(const std::vector<ServerAddress>& servers);
   int num_servers() const { return static_cast<int>(servers_.size()); }
   // Serve requests for server `index` through `server` in this process,
-  // without the transport (See Note [Local requests] in server/ps_server.h).
-  // `server` must outlive this client's requests; call after connect().
-  void attach_local(PsServer* server, int index);
+  // without the transport (See Note [Local requests] in
+  // protocol/local_endpoint.h). `server` must outlive this client's
+  // requests; call after connect().
+  void attach_local(LocalEndpoint* server, int index);
   int rank() const { return rank_; }
 
   // Every buffer of the dense calls comes with the number of floats it holds
@@ -133,6 +116,21 @@ class PsClient {
   // tensor's numel floats), 255 = step counter (1 float)
   FuturePtr state_get(uint32_t tensor_id, int buffer, float* dst, int64_t dst_numel);
   FuturePtr state_set(uint32_t tensor_id, int buffer, const float* src, int64_t src_numel);
+
+  // --- Round clocks (Note [Round clocks] in ps_client.cc) ---
+  // Rounds tensor `tensor_id` was sent in since it was registered (completed
+  // or failed): its next round's clock is round(tensor_id) + 1.
+  // InvalidArgument for a tensor not registered.
+  uint32_t round(uint32_t tensor_id);
+  // Ends a round of every tensor of `tensor_ids`, whatever happened to it
+  // (checked first: InvalidArgument changes nothing).
+  void end_round(const std::vector<uint32_t>& tensor_ids);
+  // Ends a round of one tensor and returns its new count (the clock of a
+  // push sent now, for callers whose round is a single push).
+  uint32_t advance_round(uint32_t tensor_id);
+  // The step of sparse table `table` on this worker: of its last push (or
+  // of the file sparse_load() read); 0 before either.
+  int64_t sparse_step(uint64_t table);
 
   // --- Sparse tables (docs/protocol.md "Sparse tables", docs/sparse.md) ---
   // Ids are split over the servers (Note [Sparse id routing] in
@@ -173,32 +171,25 @@ class PsClient {
  private:
   struct Entry {
     int64_t numel = 0;
+    uint32_t rounds = 0;       // Note [Round clocks]
     int64_t chunk_elems = 0;   // elements per chunk (the last may be shorter)
     std::vector<int> servers;  // per chunk
   };
-  // Receives a reply's payload instead of a plain copy (sparse requests).
-  // Runs on the transport's loop thread or a local shard thread; may throw.
-  using Sink = std::function<void(const MessageHeader& h, const void* data, size_t bytes)>;
+  // A request to a remote server, waiting for its reply.
   struct Pending {
-    CompletionPtr completion;
-    DeliveryGatePtr gate;
-    float* dst = nullptr;
-    int64_t count = 0;  // floats expected in the reply (0: ack only)
-    int server = -1;
-    Sink sink;
-    bool receiving = false;  // the transport is reading the reply into dst (gate entered)
+    ReplyTo to;
+    bool receiving = false;  // the transport is reading the reply into to.target.dst (gate entered)
   };
   struct OutFrame {
     int server = -1;
     MessageHeader header;
     std::vector<ConstBuffer> segs;
-    float* dst = nullptr;  // as Pending
-    int64_t count = 0;
-    Sink sink;
+    ReplyTarget target;  // where the reply goes
   };
   // Registers and sends frames (request ids assigned here); one future for all.
   FuturePtr submit(std::vector<OutFrame>& frames, const std::string& what);
-  void send_frame(int server, const MessageHeader& header, const std::vector<ConstBuffer>& segs);
+  // Hands a frame to the local endpoint (Note [Local requests]).
+  void submit_local(const MessageHeader& header, const std::vector<ConstBuffer>& segs, ReplyTo to);
   // Where server `server` stands among this job's servers (the config block of SPARSE_CREATE / SPARSE_LOAD).
   SparseSpread sparse_spread(int server) const;
   using FrameFn = std::function<void(MessageHeader& h, std::vector<ConstBuffer>& segs, int64_t begin,
@@ -220,14 +211,16 @@ class PsClient {
   std::chrono::milliseconds timeout_;
   std::unique_ptr<Transport> transport_;
   std::vector<ServerAddress> servers_;
+  std::vector<std::shared_ptr<const std::string>> peers_;  // "parameter server 0 (host:port)"
   std::vector<ConnId> conns_;
   std::vector<int64_t> server_bytes_;
-  std::mutex mu_;  // guards entries_, pending_, next_id_, conn_server_
+  std::mutex mu_;  // guards entries_, sparse_steps_, pending_, next_id_, conn_server_
   std::unordered_map<uint32_t, Entry> entries_;
+  std::unordered_map<uint64_t, int64_t> sparse_steps_;  // table -> its step (Note [Round clocks])
   std::unordered_map<uint64_t, Pending> pending_;
   std::unordered_map<ConnId, int> conn_server_;
   uint64_t next_id_ = 1;
-  PsServer* local_server_ = nullptr;
+  LocalEndpoint* local_server_ = nullptr;
   int local_index_ = -1;
 };
 

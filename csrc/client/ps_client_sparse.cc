@@ -61,18 +61,18 @@ FuturePtr PsClient::sparse_pull(uint64_t table, const int64_t* ids, int64_t n, i
     f.header.count = uint32_t(n);
     f.header.aux = min_step;
     f.segs.push_back({ids, size_t(n) * 8});
-    f.dst = out;
-    f.count = n * dim;
+    f.target.dst = out;
+    f.target.count = n * dim;
     frames.push_back(std::move(f));
     return submit(frames, what);
   }
   // Positions of each server's ids in the caller's arrays; the reply rows of
-  // server s are scattered back to them.
-  auto pos = std::make_shared<std::vector<std::vector<int64_t>>>(static_cast<size_t>(servers));
+  // server s are scattered back to them (ReplyTarget::rows).
+  std::vector<std::vector<int64_t>> pos(static_cast<size_t>(servers));
   std::vector<std::vector<int64_t>> sids(static_cast<size_t>(servers));
   for (int64_t i = 0; i < n; ++i) {
     const int s = sparse_server_of(ids[i], servers);
-    (*pos)[size_t(s)].push_back(i);
+    pos[size_t(s)].push_back(i);
     sids[size_t(s)].push_back(ids[i]);
   }
   for (int s = 0; s < servers; ++s) {
@@ -88,14 +88,9 @@ FuturePtr PsClient::sparse_pull(uint64_t table, const int64_t* ids, int64_t n, i
     f.header.count = uint32_t(m);
     f.header.aux = min_step;
     f.segs.push_back({sids[size_t(s)].data(), size_t(m) * 8});
-    f.sink = [pos, s, m, dim, out](const MessageHeader&, const void* data, size_t bytes) {
-      FASTPS_CHECK_TYPED(ProtocolError, bytes == size_t(m) * size_t(dim) * 4, "fastps: parameter server ", s,
-                         " answered a sparse pull of ", m, " rows of dim ", dim, " with ", bytes, " bytes");
-      const float* rows = static_cast<const float*>(data);
-      const std::vector<int64_t>& p = (*pos)[size_t(s)];
-      for (int64_t k = 0; k < m; ++k)
-        std::memcpy(out + p[size_t(k)] * dim, rows + k * dim, size_t(dim) * 4);
-    };
+    f.target.dst = out;
+    f.target.rows = std::make_shared<const std::vector<int64_t>>(std::move(pos[size_t(s)]));
+    f.target.dim = dim;
     frames.push_back(std::move(f));
   }
   return submit(frames, what);  // sends before returning: sids may go
@@ -140,17 +135,15 @@ FuturePtr PsClient::sparse_push(uint64_t table, const int64_t* ids, int64_t n, i
       f.segs.push_back({sg, size_t(m) * size_t(dim) * 4});
     }
   }
-  return submit(frames, detail::concat("SPARSE_PUSH of sparse table ", table, " at step ", step));
+  FuturePtr future = submit(frames, detail::concat("SPARSE_PUSH of sparse table ", table, " at step ", step));
+  std::lock_guard<std::mutex> lock(mu_);
+  sparse_steps_[table] = step;  // sent (Note [Round clocks])
+  return future;
 }
 
 std::vector<int64_t> PsClient::sparse_stats(uint64_t table, uint32_t min_step) {
   const int servers = num_servers();
   FASTPS_CHECK(servers > 0, "PsClient is not connected");
-  struct Sum {
-    std::mutex mu;  // sinks of several servers may run at once
-    std::vector<int64_t> v = std::vector<int64_t>(kSparseStatsCount, 0);
-  };
-  auto sum = std::make_shared<Sum>();
   std::vector<OutFrame> frames(static_cast<size_t>(servers));
   for (int s = 0; s < servers; ++s) {
     OutFrame& f = frames[size_t(s)];
@@ -158,18 +151,20 @@ std::vector<int64_t> PsClient::sparse_stats(uint64_t table, uint32_t min_step) {
     f.header.op = Op::kSparseStats;
     f.header.key = table;
     f.header.aux = min_step;
-    f.sink = [sum, s](const MessageHeader&, const void* data, size_t bytes) {
-      FASTPS_CHECK_TYPED(ProtocolError, bytes == 8 * kSparseStatsCount, "fastps: parameter server ", s,
-                         " sent a sparse stats reply of ", bytes, " bytes");
-      const uint8_t* p = static_cast<const uint8_t*>(data);
-      std::lock_guard<std::mutex> lock(sum->mu);
-      for (uint32_t i = 0; i + 1 < kSparseStatsCount; ++i) sum->v[i] += int64_t(load_le64(p + 8 * i));
-      sum->v[7] = std::max(sum->v[7], int64_t(load_le64(p + 56)));
-    };
+    f.target.raw = std::make_shared<RawReply>();
   }
+  std::vector<std::shared_ptr<RawReply>> replies;
+  for (const OutFrame& f : frames) replies.push_back(f.target.raw);
   submit(frames, detail::concat("SPARSE_STATS of sparse table ", table))->wait();
-  std::lock_guard<std::mutex> lock(sum->mu);
-  return sum->v;
+  std::vector<int64_t> sum(kSparseStatsCount, 0);
+  for (int s = 0; s < servers; ++s) {
+    const std::vector<uint8_t>& b = replies[size_t(s)]->bytes;
+    FASTPS_CHECK_TYPED(ProtocolError, b.size() == 8 * kSparseStatsCount, "fastps: parameter server ", s,
+                       " sent a sparse stats reply of ", b.size(), " bytes");
+    for (uint32_t i = 0; i + 1 < kSparseStatsCount; ++i) sum[i] += int64_t(load_le64(b.data() + 8 * i));
+    sum[7] = std::max(sum[7], int64_t(load_le64(b.data() + 56)));
+  }
+  return sum;
 }
 
 void PsClient::sparse_save(uint64_t table, const SparseTableConfig& config, uint32_t min_step,
@@ -178,43 +173,46 @@ void PsClient::sparse_save(uint64_t table, const SparseTableConfig& config, uint
   // Wait until every server applied min_step, and learn the step to record.
   const int64_t step = sparse_stats(table, min_step)[7];
   // sections[s][k]: shard k of server s. Shard 0 first tells each server's shard count.
-  auto sections = std::make_shared<std::vector<std::vector<std::vector<uint8_t>>>>(static_cast<size_t>(servers));
-  auto shards = std::make_shared<std::vector<uint32_t>>(static_cast<size_t>(servers), 0);
-  auto fetch = [&](std::vector<std::pair<int, uint32_t>> which) {
+  std::vector<std::vector<std::vector<uint8_t>>> sections(static_cast<size_t>(servers));
+  std::vector<uint32_t> shards(static_cast<size_t>(servers), 0);
+  auto fetch = [&](const std::vector<std::pair<int, uint32_t>>& which) {
     std::vector<OutFrame> frames;
+    std::vector<std::shared_ptr<RawReply>> replies;
     for (auto [s, k] : which) {
       OutFrame f;
       f.server = s;
       f.header.op = Op::kSparseExport;
       f.header.key = table;
       f.header.aux = k;
-      f.sink = [sections, shards, s, k](const MessageHeader& h, const void* data, size_t bytes) {
-        // Each (s, k) slot is written by its own reply only.
-        FASTPS_CHECK_TYPED(ProtocolError, h.count >= 1 && k < h.count, "fastps: parameter server ", s,
-                           " reports ", h.count, " shards");
-        const uint8_t* p = static_cast<const uint8_t*>(data);
-        if (k == 0) {
-          (*shards)[size_t(s)] = h.count;
-          (*sections)[size_t(s)].resize(h.count);
-        }
-        (*sections)[size_t(s)][k].assign(p, p + bytes);
-      };
+      f.target.raw = std::make_shared<RawReply>();
+      replies.push_back(f.target.raw);
       frames.push_back(std::move(f));
     }
     submit(frames, detail::concat("SPARSE_EXPORT of sparse table ", table))->wait();
+    for (size_t i = 0; i < which.size(); ++i) {
+      const auto [s, k] = which[i];
+      RawReply& r = *replies[i];
+      FASTPS_CHECK_TYPED(ProtocolError, r.count >= 1 && k < r.count, "fastps: parameter server ", s, " reports ",
+                         r.count, " shards");
+      if (k == 0) {
+        shards[size_t(s)] = r.count;
+        sections[size_t(s)].resize(r.count);
+      }
+      sections[size_t(s)][k] = std::move(r.bytes);
+    }
   };
   std::vector<std::pair<int, uint32_t>> first, rest;
   for (int s = 0; s < servers; ++s) first.push_back({s, 0});
   fetch(first);
   uint32_t total = 0;
   for (int s = 0; s < servers; ++s) {
-    total += (*shards)[size_t(s)];
-    for (uint32_t k = 1; k < (*shards)[size_t(s)]; ++k) rest.push_back({s, k});
+    total += shards[size_t(s)];
+    for (uint32_t k = 1; k < shards[size_t(s)]; ++k) rest.push_back({s, k});
   }
   if (!rest.empty()) fetch(rest);
   SparseFileWriter w(path);
   write_sparse_header(w, config, step, total);
-  for (auto& server : *sections)
+  for (auto& server : sections)
     for (auto& sec : server) w.write(sec.data(), sec.size());
   w.commit();
 }
@@ -269,6 +267,8 @@ int64_t PsClient::sparse_load(uint64_t table, const SparseTableConfig& config, c
     if (!pending[size_t(s)].empty()) fr.segs.push_back({pending[size_t(s)].data(), pending[size_t(s)].size()});
   }
   submit(frames, detail::concat("SPARSE_LOAD of sparse table ", table))->wait();
+  std::lock_guard<std::mutex> lock(mu_);
+  sparse_steps_[table] = h.step;  // Note [Round clocks]
   return h.step;
 }
 

@@ -6,34 +6,75 @@
 
 #include "common/completion.h"
 #include "common/error.h"
+#include "server/shard_state.h"
 #include "table/table_file.h"
 
 namespace fastps {
 
 namespace {
 
+// Runs `fn` on table `id`'s slice in the shard's state.
 struct SparseTask : Task {
-  std::shared_ptr<SparseTable> table;
+  uint64_t id = 0;
   std::function<void(SparseTable&)> fn;
-  void run(Shard&) override { fn(*table); }
+  void run(Shard& shard) override { fn(*shard.state().sparse.at(id).table); }
+};
+
+// Installs (or, with a null table, erases) table `id`'s slice in the shard's state.
+struct InstallTask : Task {
+  uint64_t id = 0;
+  std::unique_ptr<SparseTable> table;
+  void run(Shard& shard) override {
+    if (table) {
+      shard.state().sparse[id].table = std::move(table);
+    } else {
+      shard.state().sparse.erase(id);
+    }
+  }
 };
 
 }  // namespace
 
 ShardedSparseTable::ShardedSparseTable(Server& server, const SparseTableConfig& config,
                                        std::chrono::milliseconds timeout)
-    : server_(server), config_(config), timeout_(timeout) {
+    : server_(server), id_(server.new_table_id()), shards_(server.num_shards()), config_(config), timeout_(timeout) {
   sparse_config_validate(config_);
   FASTPS_CHECK(timeout.count() > 0, "fastps: timeout must be positive");
-  const int shards = server.num_shards();
-  FASTPS_CHECK(shards >= 1, "fastps: the server has no shards");
-  FASTPS_CHECK(config_.max_rows == 0 || config_.max_rows >= shards, "fastps: max_rows (", config_.max_rows,
-               ") must be 0 (no cap) or at least the number of shards (", shards, ")");
-  tables_.reserve(static_cast<size_t>(shards));
-  for (int s = 0; s < shards; ++s) tables_.push_back(std::make_shared<SparseTable>(make_table(s)));
+  FASTPS_CHECK(shards_ >= 1, "fastps: the server has no shards");
+  FASTPS_CHECK(config_.max_rows == 0 || config_.max_rows >= shards_, "fastps: max_rows (", config_.max_rows,
+               ") must be 0 (no cap) or at least the number of shards (", shards_, ")");
+  std::vector<std::unique_ptr<SparseTable>> fresh;
+  for (int s = 0; s < shards_; ++s) fresh.push_back(std::make_unique<SparseTable>(make_table(s)));
+  try {
+    install(std::move(fresh), "creating a sparse table on the embedded server");
+  } catch (...) {
+    drop_slices();  // the shards that took theirs (no destructor runs for this table)
+    throw;
+  }
 }
 
-ShardedSparseTable::~ShardedSparseTable() = default;
+ShardedSparseTable::~ShardedSparseTable() { drop_slices(); }
+
+void ShardedSparseTable::drop_slices() {
+  // Each shard drops its slice once it has run every task queued before;
+  // nothing waits (a destructor does not throw).
+  for (int s = 0; s < shards_; ++s) {
+    auto task = std::make_unique<InstallTask>();
+    task->id = id_;
+    server_.submit(s, std::move(task));
+  }
+}
+
+void ShardedSparseTable::install(std::vector<std::unique_ptr<SparseTable>> per_shard, const char* what) {
+  std::vector<std::unique_ptr<Task>> tasks(per_shard.size());
+  for (size_t s = 0; s < per_shard.size(); ++s) {
+    auto task = std::make_unique<InstallTask>();
+    task->id = id_;
+    task->table = std::move(per_shard[s]);
+    tasks[s] = std::move(task);
+  }
+  server_.run_each(std::move(tasks), Clock::now() + timeout_, what);
+}
 
 SparseTable ShardedSparseTable::make_table(int shard) const {
   return sparse_shard_table(config_, shard, server_.num_shards());
@@ -44,7 +85,7 @@ void ShardedSparseTable::run(std::vector<ShardFn> per_shard, const char* what) {
   for (size_t s = 0; s < per_shard.size(); ++s) {
     if (!per_shard[s]) continue;
     auto task = std::make_unique<SparseTask>();
-    task->table = tables_[s];
+    task->id = id_;
     task->fn = std::move(per_shard[s]);
     tasks[s] = std::move(task);
   }
@@ -53,7 +94,7 @@ void ShardedSparseTable::run(std::vector<ShardFn> per_shard, const char* what) {
 
 std::shared_ptr<std::vector<std::vector<int64_t>>> ShardedSparseTable::route(const int64_t* ids,
                                                                             int64_t n) const {
-  const size_t shards = tables_.size();
+  const size_t shards = size_t(shards_);
   auto index = std::make_shared<std::vector<std::vector<int64_t>>>(shards);
   for (auto& v : *index) v.reserve(static_cast<size_t>(n / static_cast<int64_t>(shards) + 16));
   for (int64_t i = 0; i < n; ++i)
@@ -67,8 +108,8 @@ void ShardedSparseTable::each_shard(const int64_t* ids, int64_t n, const char* w
   if (n == 0) return;
   FASTPS_CHECK(ids != nullptr, "fastps: a sparse call got a null id buffer");
   const int64_t step = step_.load(std::memory_order_acquire);
-  std::vector<ShardFn> fns(tables_.size());
-  if (tables_.size() == 1) {
+  std::vector<ShardFn> fns(static_cast<size_t>(shards_));
+  if (shards_ == 1) {
     fns[0] = [=](SparseTable& t) { body(t, nullptr, n, step); };
   } else {
     auto index = route(ids, n);
@@ -113,9 +154,9 @@ void ShardedSparseTable::push(const int64_t* ids, int64_t n, const float* grads,
   std::lock_guard<std::mutex> lock(write_mu_);
   if (n > 0) {
     std::shared_ptr<std::vector<std::vector<int64_t>>> index;
-    if (tables_.size() > 1) index = route(ids, n);
+    if (shards_ > 1) index = route(ids, n);
     auto for_each_shard = [&](auto&& body) {
-      std::vector<ShardFn> fns(tables_.size());
+      std::vector<ShardFn> fns(static_cast<size_t>(shards_));
       for (size_t s = 0; s < fns.size(); ++s) {
         if (index && (*index)[s].empty()) continue;
         fns[s] = [=](SparseTable& t) {
@@ -143,8 +184,8 @@ void ShardedSparseTable::push(const int64_t* ids, int64_t n, const float* grads,
 }
 
 int64_t ShardedSparseTable::size() {
-  auto sizes = std::make_shared<std::vector<int64_t>>(tables_.size(), 0);
-  std::vector<ShardFn> fns(tables_.size());
+  auto sizes = std::make_shared<std::vector<int64_t>>(size_t(shards_), 0);
+  std::vector<ShardFn> fns(static_cast<size_t>(shards_));
   for (size_t s = 0; s < fns.size(); ++s)
     fns[s] = [sizes, s](SparseTable& t) { (*sizes)[s] = t.size(); };
   run(std::move(fns), "sparse size on the embedded server");
@@ -154,8 +195,8 @@ int64_t ShardedSparseTable::size() {
 }
 
 SparseTableStats ShardedSparseTable::stats() {
-  auto per = std::make_shared<std::vector<SparseTableStats>>(tables_.size());
-  std::vector<ShardFn> fns(tables_.size());
+  auto per = std::make_shared<std::vector<SparseTableStats>>(static_cast<size_t>(shards_));
+  std::vector<ShardFn> fns(static_cast<size_t>(shards_));
   for (size_t s = 0; s < fns.size(); ++s)
     fns[s] = [per, s](SparseTable& t) { (*per)[s] = t.stats(); };
   run(std::move(fns), "sparse stats on the embedded server");
@@ -172,11 +213,11 @@ void ShardedSparseTable::set_step(int64_t step) {
 void ShardedSparseTable::save(const std::string& path) {
   std::lock_guard<std::mutex> lock(write_mu_);
   auto writer = std::make_shared<SparseFileWriter>(path);
-  write_sparse_header(*writer, config_, step(), static_cast<uint32_t>(tables_.size()));
+  write_sparse_header(*writer, config_, step(), static_cast<uint32_t>(static_cast<size_t>(shards_)));
   // One section per shard, written by the shard's own thread, one at a time
   // (the writer is used by one thread at a time; no copy of the rows is made).
-  for (size_t s = 0; s < tables_.size(); ++s) {
-    std::vector<ShardFn> fns(tables_.size());
+  for (size_t s = 0; s < size_t(shards_); ++s) {
+    std::vector<ShardFn> fns(static_cast<size_t>(shards_));
     fns[s] = [writer](SparseTable& t) { t.write_section(*writer); };
     run(std::move(fns), "saving a sparse table");
   }
@@ -189,11 +230,10 @@ void ShardedSparseTable::load(const std::string& path) {
   const SparseFileHeader h = read_sparse_header(reader);
   check_file_fits(h, config_, path, "this sparse table", reader);
 
-  const size_t shards = tables_.size();
-  std::vector<std::shared_ptr<SparseTable>> fresh;
+  const size_t shards = size_t(shards_);
+  std::vector<std::unique_ptr<SparseTable>> fresh;
   fresh.reserve(shards);
-  for (size_t s = 0; s < shards; ++s)
-    fresh.push_back(std::make_shared<SparseTable>(make_table(static_cast<int>(s))));
+  for (size_t s = 0; s < shards; ++s) fresh.push_back(std::make_unique<SparseTable>(make_table(static_cast<int>(s))));
   std::vector<float> values(static_cast<size_t>(h.record_bytes - sizeof(RowHeader)) / 4);
   read_sparse_sections(
       reader, h, path,
@@ -207,11 +247,7 @@ void ShardedSparseTable::load(const std::string& path) {
   reader.finish();
 
   // Everything checked: swap the new tables in, each on its shard's thread.
-  std::vector<ShardFn> fns(shards);
-  for (size_t s = 0; s < shards; ++s) {
-    fns[s] = [table = fresh[s]](SparseTable& t) { std::swap(t, *table); };
-  }
-  run(std::move(fns), "installing a loaded sparse table");
+  install(std::move(fresh), "installing a loaded sparse table");
   step_.store(h.step, std::memory_order_release);
 }
 

@@ -1,5 +1,7 @@
 // ShardedSparseTable: an in-process sparse embedding table spread over the
 // shards of a Server, one SparseTable per shard (see table/sparse_table.h).
+// Each shard keeps its SparseTable in its own state, under this table's id
+// (Note [One shard state] in server/shard_state.h).
 //
 // Routing: id -> shard mix64(id) % num_shards. Every call splits its ids into
 // one Task per shard (index lists into the caller's arrays, no copies of
@@ -48,10 +50,8 @@ class ShardedSparseTable {
 
   const SparseTableConfig& config() const { return config_; }
   int64_t dim() const { return config_.dim; }
-  int num_shards() const { return static_cast<int>(tables_.size()); }
-  int shard_of(int64_t id) const {
-    return static_cast<int>(mix64(static_cast<uint64_t>(id)) % tables_.size());
-  }
+  int num_shards() const { return shards_; }
+  int shard_of(int64_t id) const { return static_cast<int>(mix64(static_cast<uint64_t>(id)) % uint64_t(shards_)); }
 
   // out: n x dim floats. Ids without a row read as their initial value; no
   // row is created.
@@ -86,6 +86,10 @@ class ShardedSparseTable {
   using ShardFn = std::function<void(SparseTable&)>;
   // Runs per_shard[s] (if set) on shard s, all in parallel; waits.
   void run(std::vector<ShardFn> per_shard, const char* what);
+  // Makes per_shard[s] shard s's slice of this table (replacing the old one); waits.
+  void install(std::vector<std::unique_ptr<SparseTable>> per_shard, const char* what);
+  // Has every shard drop its slice of this table, after what is queued there; does not wait.
+  void drop_slices();
   // Runs body(table, index, m, step) on every shard holding some of ids[0, n)
   // (index: their positions, null with one shard) at the table's current step.
   template <typename F>
@@ -94,9 +98,10 @@ class ShardedSparseTable {
   SparseTable make_table(int shard) const;
 
   Server& server_;
+  const uint64_t id_;  // this table's key in every shard's state
+  const int shards_;
   SparseTableConfig config_;
   std::chrono::milliseconds timeout_;
-  std::vector<std::shared_ptr<SparseTable>> tables_;  // tables_[s]: shard s's thread only
   std::atomic<int64_t> step_{0};
   std::mutex write_mu_;  // serialises push, save and load
 };

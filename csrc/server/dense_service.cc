@@ -3,14 +3,18 @@
 #include <algorithm>
 
 #include "common/error.h"
+#include "server/shard_state.h"
 #include "protocol/keys.h"
 
 namespace fastps {
 
+DenseService::DenseService(const Responder& out, ShardState& shard)
+    : out_(out), cons_(shard.consistency), chunks_(shard.owned) {}
+
 namespace {
 
 // A frame's payload: its own buffer, or (a local request, Note [Local
-// requests] in server/ps_server.h) the worker's memory, valid until the
+// requests] in protocol/local_endpoint.h) the worker's memory, valid until the
 // request completes; a local request may keep its first in_place_offset bytes
 // (a config block) in its own buffer and the rest in place
 // (Message::in_place_offset).

@@ -3,8 +3,9 @@
 // owns the chunk (Note [Shard ownership] in server/shard.h) under the rules of
 // Note [Consistency] (server/consistency.h).
 //
-// Thread safety: a DenseService and the DenseChunks it serves belong to one
-// shard thread.
+// Thread safety: a DenseService and the chunks it serves belong to one shard
+// thread (they are the shard's ShardState: Note [One shard state] in
+// server/shard_state.h).
 #pragma once
 
 #include <cstdint>
@@ -65,10 +66,12 @@ struct PsChunk : OwnedDenseChunk {
 
 using DenseChunks = std::unordered_map<uint64_t, PsChunk>;
 
+struct ShardState;  // server/shard_state.h
+
 class DenseService {
  public:
-  DenseService(const Responder& out, Consistency& consistency, DenseChunks& chunks)
-      : out_(out), cons_(consistency), chunks_(chunks) {}
+  // Serves `shard`'s owned chunks under its consistency rules.
+  DenseService(const Responder& out, ShardState& shard);
 
   // Serves a dense request from `worker` on connection `conn` (whose parking
   // budget is `budget`); answers it now, or parks it. Never throws: a failure

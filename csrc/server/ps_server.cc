@@ -8,18 +8,10 @@
 #include "server/dense_service.h"
 #include "server/park.h"
 #include "server/responder.h"
+#include "server/shard_state.h"
 #include "server/sparse_service.h"
 
 namespace fastps {
-
-// One shard's state: touched only by the shard's thread (Note [Shard
-// ownership] in server/shard.h).
-struct PsServer::ShardState {
-  explicit ShardState(const PsServerOptions& o) : consistency(o.server_id, o.num_workers, o.staleness) {}
-  Consistency consistency;  // with the dead workers this shard knows of
-  DenseChunks chunks;
-  SparseTables sparse;
-};
 
 namespace {
 
@@ -43,12 +35,14 @@ PsServer::PsServer(const PsServerOptions& options)
   local_budget_ = make_budget();
   ServerOptions so;
   so.num_shards = options.num_shards;
+  so.server_id = options.server_id;
+  so.num_workers = options.num_workers;
+  so.staleness = options.staleness;
   server_ = std::make_unique<Server>(so);
-  for (int i = 0; i < server_->num_shards(); ++i) shard_state_.push_back(std::make_unique<ShardState>(options_));
   sparse_router_ = std::make_unique<SparseRouter>(options.server_id, server_->num_shards(),
                                                   options.transport.max_payload);
   transport_ = Transport::create(options.transport_name, options.transport);
-  out_ = std::make_unique<Responder>(options_, *transport_, local_sink_);
+  out_ = std::make_unique<Responder>(options_, *transport_, local_replies_);
   transport_->set_handler([this](ConnId c, Message&& m) { on_message(c, std::move(m)); });
   transport_->set_disconnect_handler(
       [this](ConnId c, const std::string& why) { on_disconnect(c, why); });
@@ -83,19 +77,13 @@ void PsServer::on_message(ConnId conn, Message&& message) {
   dispatch(conn, it->second.rank, it->second.budget, std::move(message));
 }
 
-void PsServer::set_local_sink(int worker, LocalSink sink) {
+void PsServer::submit(int worker, Message&& message, ReplyTo reply) {
   FASTPS_CHECK(worker >= 0 && worker < options_.num_workers, "local worker rank ", worker,
                " outside the job's ", options_.num_workers, " workers");
   std::lock_guard<std::mutex> lock(submit_mu_);
-  local_worker_ = worker;
-  local_sink_ = std::move(sink);
-}
-
-void PsServer::submit_local(Message&& message) {
-  std::lock_guard<std::mutex> lock(submit_mu_);
-  FASTPS_CHECK(local_sink_ != nullptr, "PsServer::submit_local before set_local_sink");
   FASTPS_CHECK_TYPED(ConnectionError, !stopping_, "fastps: the local parameter server is stopping");
-  dispatch(kLocalConn, local_worker_, local_budget_, std::move(message));
+  message.header.request_id = local_replies_.add(std::move(reply));
+  dispatch(kLocalConn, worker, local_budget_, std::move(message));
 }
 
 void PsServer::dispatch(ConnId conn, int worker, const std::shared_ptr<ParkBudget>& budget, Message&& message) {
@@ -113,9 +101,8 @@ void PsServer::dispatch(ConnId conn, int worker, const std::shared_ptr<ParkBudge
                      message.header.count > 0 && message.header.count <= kInlineMaxCount &&
                      message.header.payload_len <= uint64_t(kInlineMaxCount) * 4 + kOptimConfigSize;
   auto t = std::make_unique<MessageTask>();
-  ShardState* st = shard_state_[shard].get();
-  t->fn = [this, st, conn, worker, budget, m = std::move(message)](Shard&) mutable {
-    DenseService(*out_, st->consistency, st->chunks).handle(conn, worker, budget, m);
+  t->fn = [this, conn, worker, budget, m = std::move(message)](Shard& sh) mutable {
+    DenseService(*out_, sh.state()).handle(conn, worker, budget, m);
   };
   std::unique_ptr<Task> task = std::move(t);
   if (small && server_->run_inline(shard, task)) return;
@@ -149,8 +136,7 @@ void PsServer::dispatch_sparse(ConnId conn, int worker, const std::shared_ptr<Pa
   r->remaining.store(int(targets.size()), std::memory_order_relaxed);
   for (int s : targets) {
     auto task = std::make_unique<MessageTask>();
-    ShardState* st = shard_state_[size_t(s)].get();
-    task->fn = [this, st, r, s](Shard&) { SparseService(*out_, st->consistency, st->sparse).run(r, s); };
+    task->fn = [this, r, s](Shard& sh) { SparseService(*out_, sh.state()).run(r, s); };
     server_->submit(s, std::move(task));
   }
 }
@@ -173,13 +159,12 @@ void PsServer::on_disconnect(ConnId conn, const std::string& reason) {
     if (kv.second.rank == worker) last = false;
   for (int s = 0; s < server_->num_shards(); ++s) {
     auto task = std::make_unique<MessageTask>();
-    ShardState* st = shard_state_[s].get();
-    task->fn = [this, st, conn, last, worker, reason](Shard&) {
-      DenseService dense(*out_, st->consistency, st->chunks);
-      SparseService sparse(*out_, st->consistency, st->sparse);
+    task->fn = [this, conn, last, worker, reason](Shard& sh) {
+      DenseService dense(*out_, sh.state());
+      SparseService sparse(*out_, sh.state());
       dense.drop_connection(conn);
       sparse.drop_connection(conn);
-      if (!last || !st->consistency.worker_died(worker, reason)) return;
+      if (!last || !sh.state().consistency.worker_died(worker, reason)) return;
       const size_t failed = dense.fail_unreachable() + sparse.fail_unreachable();
       // A clean exit leaves nothing waiting; only a loss worth knowing about is logged.
       if (failed > 0)

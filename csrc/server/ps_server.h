@@ -2,7 +2,8 @@
 //
 // Frames arrive on the transport's event-loop thread; each is handed, as a
 // Task, to the shard that owns its chunk (mix64(key) % shards), so all state of
-// a chunk is touched by one thread (Note [Shard ownership]). Replies are sent
+// a chunk is touched by one thread (Note [Shard ownership]; the shard keeps it
+// in its ShardState, Note [One shard state]). Replies are sent
 // from the shard thread, which never waits for a worker to read them (Note
 // [Send queues] in transport/tcp.h: a worker that stops reading slows only
 // itself).
@@ -16,15 +17,8 @@
 // what it sent, capped per connection, and freed when the connection closes:
 // see Note [Parked requests] in server/park.h.
 //
-// Note [Local requests]
-// A colocated worker and its server live in one process; sending their frames
-// through the loopback socket would copy every byte twice through the kernel.
-// The worker's client hands such frames to submit_local() instead, and the
-// shard replies through the LocalSink, which copies the values straight into
-// the destination tensor. A pushed gradient is not copied either: the shard
-// reads it in the worker's tensor (Message::in_place; a leading optimizer
-// config block is the one part copied). Everything else (routing to the
-// owning shard, rounds, errors) is the same code as for a remote worker.
+// The colocated worker's requests skip the transport: PsServer is that
+// worker's LocalEndpoint (Note [Local requests] in protocol/local_endpoint.h).
 #pragma once
 
 #include <cstdint>
@@ -35,6 +29,9 @@
 #include <unordered_map>
 #include <vector>
 
+#include "protocol/local_endpoint.h"
+#include "server/ps_options.h"
+#include "server/responder.h"
 #include "server/server.h"
 #include "transport/transport.h"
 
@@ -42,50 +39,12 @@ namespace fastps {
 
 class ParkBudget;  // server/park.h
 struct ParkCounters;
-class Responder;     // server/responder.h
 class SparseRouter;  // server/sparse_service.h
 
-// Limits on what one connection may park (Note [Parked requests]; docs/protocol.md, "Limits").
-constexpr int64_t kDefaultMaxParkedRequests = int64_t{1} << 16;
-// The sparse tables one server holds (each costs memory on every shard however small its frame).
-constexpr size_t kMaxSparseTables = 4096;
-
-struct PsServerOptions {
-  int server_id = 0;
-  int num_workers = 1;
-  int num_shards = 0;
-  int staleness = 0;  // 0 BSP, k > 0 SSP, -1 ASP
-  std::string host = "127.0.0.1";
-  uint16_t port = 0;
-  // The transport by name (Transport::create(): "tcp", "shm", "auto") and its options.
-  std::string transport_name = "tcp";
-  TransportOptions transport;
-  // Per connection: the most requests that may wait for a later round or
-  // step, and the most payload bytes they may hold (0: twice
-  // transport.max_payload). A read past either is answered ERROR(LIMIT).
-  int64_t max_parked_requests = kDefaultMaxParkedRequests;
-  int64_t max_parked_bytes = 0;
-};
-
-// Requests waiting for a later round or step on one server, over all its
-// connections, and the payload bytes they hold.
-struct ParkedStats {
-  int64_t requests = 0;
-  int64_t bytes = 0;
-};
-
-// A reply to an in-process requester: header (op REPLY or ERROR, request id,
-// key, status, count) and payload, valid only during the call. Called on a
-// shard thread.
-using LocalSink = std::function<void(const MessageHeader& header, const void* data, size_t bytes)>;
-
-// The connection id under which in-process requests are served.
-constexpr ConnId kLocalConn = ~ConnId{0};
-
-class PsServer {
+class PsServer : public LocalEndpoint {
  public:
   explicit PsServer(const PsServerOptions& options);
-  ~PsServer();
+  ~PsServer() override;
   PsServer(const PsServer&) = delete;
   PsServer& operator=(const PsServer&) = delete;
 
@@ -95,16 +54,11 @@ class PsServer {
   // Any thread.
   ParkedStats parked() const;
 
-  // The colocated worker's shortcut (See Note [Local requests]): frames from
-  // the worker in this process skip the transport; replies go to `sink`.
-  // Set once, before the first submit_local().
-  void set_local_sink(int worker, LocalSink sink);
-  // Any thread. Serves `message` as if it came from the local worker.
-  void submit_local(Message&& message);
+  // LocalEndpoint: the colocated worker's requests (See Note [Local
+  // requests]), served under kLocalConn with one parking budget.
+  void submit(int worker, Message&& message, ReplyTo reply) override;
 
  private:
-  struct ShardState;  // one shard's chunks, tables and dead workers; defined in ps_server.cc
-
   void on_message(ConnId conn, Message&& message);
   void on_disconnect(ConnId conn, const std::string& reason);
   std::shared_ptr<ParkBudget> make_budget() const;
@@ -112,9 +66,9 @@ class PsServer {
   PsServerOptions options_;
   std::shared_ptr<ParkCounters> parked_;  // the whole server's (every budget adds to it)
   std::unique_ptr<Server> server_;
-  std::vector<std::unique_ptr<ShardState>> shard_state_;  // index = shard
   std::unique_ptr<Transport> transport_;
-  std::unique_ptr<Responder> out_;  // replies through transport_ or local_sink_
+  LocalReplies local_replies_;      // where the local worker's replies go
+  std::unique_ptr<Responder> out_;  // replies through transport_ or local_replies_
   uint16_t port_ = 0;
   // Under submit_mu_: each connection's worker rank and parking budget.
   struct Conn {
@@ -124,8 +78,6 @@ class PsServer {
   std::unordered_map<ConnId, Conn> conns_;
   std::mutex submit_mu_;  // orders the loop thread's submits against destruction
   bool stopping_ = false;
-  int local_worker_ = -1;
-  LocalSink local_sink_;
   std::shared_ptr<ParkBudget> local_budget_;  // the local worker's (kLocalConn)
 
   // Loop thread (or a local submitter), under submit_mu_: the sparse tables

@@ -4,6 +4,25 @@
 
 namespace fastps {
 
+uint64_t LocalReplies::add(ReplyTo to) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const uint64_t id = next_id_++;
+  calls_.emplace(id, std::move(to));
+  return id;
+}
+
+void LocalReplies::deliver(const MessageHeader& h, const void* data, size_t bytes) {
+  ReplyTo to;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = calls_.find(h.request_id);
+    if (it == calls_.end()) return;
+    to = std::move(it->second);
+    calls_.erase(it);
+  }
+  deliver_reply(to, false, h, data, bytes);
+}
+
 void Responder::reply(ConnId conn, const MessageHeader& req, Op op, const void* data, size_t bytes,
                       uint32_t count) const {
   MessageHeader h;
@@ -12,7 +31,7 @@ void Responder::reply(ConnId conn, const MessageHeader& req, Op op, const void* 
   h.key = req.key;
   h.count = count;
   if (conn == kLocalConn) {
-    local_(h, data, bytes);
+    local_.deliver(h, data, bytes);
     return;
   }
   ConstBuffer seg{data, bytes};
@@ -44,7 +63,7 @@ void Responder::error(ConnId conn, uint64_t request_id, uint64_t key, Status sta
     h.status = uint32_t(status);
     h.request_id = request_id;
     h.key = key;
-    local_(h, msg.data(), msg.size());
+    local_.deliver(h, msg.data(), msg.size());
     return;
   }
   try {

@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "common/error.h"
+#include "server/shard_state.h"
 
 namespace fastps {
 
@@ -12,7 +13,9 @@ Server::Server(const ServerOptions& options) {
   FASTPS_CHECK(n >= 0 && n <= 1024, "fastps: num_shards must be in [0, 1024], got ", n);
   if (n == 0) n = std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, 8);
   shards_.reserve(n);
-  for (int i = 0; i < n; ++i) shards_.push_back(std::make_unique<Shard>(i));
+  for (int i = 0; i < n; ++i)
+    shards_.push_back(std::make_unique<Shard>(
+        i, std::make_unique<ShardState>(options.server_id, options.num_workers, options.staleness)));
 }
 
 Server::~Server() = default;

@@ -4,6 +4,7 @@
 // directly, zero-copy) or behind a transport in a server process.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -16,6 +17,11 @@ namespace fastps {
 struct ServerOptions {
   // Number of shard threads; 0 picks one per hardware thread, capped at 8.
   int num_shards = 0;
+  // The network server's consistency rules (Note [Consistency]), kept by
+  // every shard; the embedded server keeps these defaults.
+  int server_id = 0;
+  int num_workers = 1;
+  int staleness = 0;
 };
 
 class Server {
@@ -26,6 +32,9 @@ class Server {
   Server& operator=(const Server&) = delete;
 
   int num_shards() const { return static_cast<int>(shards_.size()); }
+  // Any thread: a sparse table id no other table of this server has (the
+  // embedded tables' key in each shard's state).
+  uint64_t new_table_id() { return next_table_id_.fetch_add(1, std::memory_order_relaxed); }
   // Any thread. Takes ownership of the task; its completion is signalled
   // after it ran on shard `shard`.
   void submit(int shard, std::unique_ptr<Task> task);
@@ -41,6 +50,7 @@ class Server {
 
  private:
   std::vector<std::unique_ptr<Shard>> shards_;
+  std::atomic<uint64_t> next_table_id_{1};
 };
 
 }  // namespace fastps

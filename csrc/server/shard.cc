@@ -2,13 +2,19 @@
 
 #include <exception>
 
+#include "server/shard_state.h"
+
 namespace fastps {
 
 namespace {
 constexpr int kSpinBeforeSleep = 200;  // short: spinning hurts on oversubscribed cores
 }  // namespace
 
-Shard::Shard(int index) : index_(index) { thread_ = std::thread([this] { loop(); }); }
+Shard::Shard(int index) : Shard(index, std::make_unique<ShardState>(0, 1, 0)) {}
+
+Shard::Shard(int index, std::unique_ptr<ShardState> state) : index_(index), state_(std::move(state)) {
+  thread_ = std::thread([this] { loop(); });
+}
 
 Shard::~Shard() {
   stop_.store(true, std::memory_order_seq_cst);

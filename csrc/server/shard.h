@@ -1,8 +1,9 @@
 // One shard of a server: a thread that alone owns a slice of the tables.
 //
 // Note [Shard ownership]
-// Every chunk (and, later, every sparse row) belongs to exactly one shard, and
-// only that shard's thread reads or writes it. Other threads never touch the
+// Every chunk and every sparse row belongs to exactly one shard, and only
+// that shard's thread reads or writes it (all of it is the shard's
+// ShardState, Note [One shard state] in server/shard_state.h). Other threads never touch the
 // data: they push a Task into the shard's lock-free MPSC queue and wait on a
 // Completion. So the update path takes no mutex and needs no atomics beyond
 // the queue itself (the shared-nothing model of Seastar).
@@ -44,11 +45,11 @@
 
 #include "common/completion.h"
 #include "common/mpsc_queue.h"
-#include "table/dense_table.h"
 
 namespace fastps {
 
 class Shard;
+struct ShardState;  // server/shard_state.h
 
 // A unit of work for a shard. run() executes on the shard thread; exceptions it
 // throws are reported to `completion`.
@@ -59,7 +60,9 @@ struct Task : MpscNode {
 
 class Shard {
  public:
+  // An embedded server's shard (one worker, BSP), or one with `state`.
   explicit Shard(int index);
+  Shard(int index, std::unique_ptr<ShardState> state);
   ~Shard();  // drains the queue, then joins the thread
   Shard(const Shard&) = delete;
   Shard& operator=(const Shard&) = delete;
@@ -77,8 +80,8 @@ class Shard {
   void help(const Task* mine, const Completion& until);
 
   int index() const { return index_; }
-  // Shard thread only.
-  DenseTable& dense() { return dense_; }
+  // Shard thread only (or a task's runner: Note [Inline tasks]).
+  ShardState& state() { return *state_; }
 
  private:
   void loop();
@@ -90,7 +93,7 @@ class Shard {
   std::atomic<bool> sleeping_{false};
   std::atomic<bool> owner_{false};  // held while the shard's data is in use
   std::atomic<bool> stop_{false};
-  DenseTable dense_;
+  std::unique_ptr<ShardState> state_;
   std::thread thread_;
 };
 

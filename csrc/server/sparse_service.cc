@@ -4,8 +4,12 @@
 #include <cstring>
 
 #include "common/error.h"
+#include "server/shard_state.h"
 
 namespace fastps {
+
+SparseService::SparseService(const Responder& out, ShardState& shard)
+    : out_(out), cons_(shard.consistency), tables_(shard.sparse) {}
 
 namespace {
 
@@ -26,7 +30,7 @@ std::unique_ptr<SparseTable> make_shard_table(const SparseTableConfig& c, const 
   return std::make_unique<SparseTable>(sparse_server_shard_table(c, spread, shard, shards));
 }
 
-void reset_round(PsSparse& t) {
+void reset_round(SparseSlice& t) {
   t.round.close();
   t.slot.clear();
   t.round_ids.clear();
@@ -218,7 +222,7 @@ void SparseService::reply_stats(const SparseRequest& r) {
   out_.reply(r.conn, r.header, Op::kReply, out, sizeof(out), kSparseStatsCount);
 }
 
-PsSparse& SparseService::table(uint64_t key) {
+SparseSlice& SparseService::table(uint64_t key) {
   auto it = tables_.find(key);
   FASTPS_CHECK(it != tables_.end(), "server ", out_.server_id(), " has no sparse table ", key,
                "; create it first (SPARSE_CREATE)");
@@ -245,7 +249,7 @@ void SparseService::create(SparseRequest& r, int shard) {
   const SparseCreateRequest& c = r.create;
   auto it = tables_.find(r.header.key);
   if (it == tables_.end()) {
-    PsSparse t;
+    SparseSlice t;
     t.table = make_shard_table(c.config, c.spread, shard, r.num_shards);
     t.config = c.config;
     t.spread = c.spread;
@@ -253,7 +257,7 @@ void SparseService::create(SparseRequest& r, int shard) {
     tables_.emplace(r.header.key, std::move(t));
     return;
   }
-  PsSparse& t = it->second;
+  SparseSlice& t = it->second;
   if (same_sparse_config(t.config, c.config) && t.spread == c.spread) return;  // every worker creates every table
   FASTPS_CHECK(c.replace, "sparse table ", r.header.key, " exists on server ", out_.server_id(),
                " with another spec (", describe_sparse_config(t.config), ") than this worker's (",
@@ -272,7 +276,7 @@ void SparseService::create(SparseRequest& r, int shard) {
 }
 
 // Runs the piece's work once the table is ready for it, or parks it.
-void SparseService::run_or_wait(PsSparse& t, const SparseRequestPtr& r, int shard, uint32_t need) {
+void SparseService::run_or_wait(SparseSlice& t, const SparseRequestPtr& r, int shard, uint32_t need) {
   if (cons_.ready(progress(t), need)) {
     fill(t, *r, shard);
     piece_done(r);
@@ -284,7 +288,7 @@ void SparseService::run_or_wait(PsSparse& t, const SparseRequestPtr& r, int shar
 }
 
 // A pull's rows or a stats request's numbers, from this shard.
-void SparseService::fill(PsSparse& t, SparseRequest& r, int shard) {
+void SparseService::fill(SparseSlice& t, SparseRequest& r, int shard) {
   if (r.header.op == Op::kSparsePull) {
     // A pull's ids start the payload, whose buffer is heap-allocated (aligned).
     const std::vector<int64_t>& idx = r.index[shard];
@@ -300,13 +304,13 @@ void SparseService::fill(PsSparse& t, SparseRequest& r, int shard) {
 }
 
 void SparseService::pull(const SparseRequestPtr& r, int shard) {
-  PsSparse& t = table(r->header.key);
+  SparseSlice& t = table(r->header.key);
   FASTPS_CHECK(t.config.dim == r->dim, "SPARSE_PULL for dim ", r->dim, " from a table of dim ", t.config.dim);
   run_or_wait(t, r, shard, r->pull.step);
 }
 
 // Adds this shard's rows of push `r` into the round sum (duplicates sum too).
-void SparseService::accumulate(PsSparse& t, const SparseRequest& r, int shard) {
+void SparseService::accumulate(SparseSlice& t, const SparseRequest& r, int shard) {
   const int64_t dim = t.config.dim;
   for (int64_t k : r.index[shard]) {
     const int64_t id = r.push.ids[k];
@@ -330,7 +334,7 @@ void SparseService::accumulate(PsSparse& t, const SparseRequest& r, int shard) {
 
 // Mean over the W workers, then one fused update per id. Returns the error
 // text ("" if none); the table is unchanged on a CapacityError.
-std::string SparseService::apply_round(PsSparse& t, int64_t step) {
+std::string SparseService::apply_round(SparseSlice& t, int64_t step) {
   std::string err;
   if (!t.round_ids.empty()) {
     const float w = float(cons_.num_workers());
@@ -346,7 +350,7 @@ std::string SparseService::apply_round(PsSparse& t, int64_t step) {
 }
 
 void SparseService::push(const SparseRequestPtr& r, int shard) {
-  PsSparse& t = table(r->header.key);
+  SparseSlice& t = table(r->header.key);
   const int worker = r->worker;
   cons_.check_worker(worker, "SPARSE_PUSH");
   FASTPS_CHECK(r->push.ids.n == 0 || r->dim == t.config.dim, "SPARSE_PUSH of rows of dim ", r->dim,
@@ -371,7 +375,7 @@ void SparseService::push(const SparseRequestPtr& r, int shard) {
 }
 
 // BSP: the push joins the round of its step, answered once the round is applied.
-void SparseService::push_round(PsSparse& t, const SparseRequestPtr& r, int shard) {
+void SparseService::push_round(SparseSlice& t, const SparseRequestPtr& r, int shard) {
   const int worker = r->worker;
   const int64_t step = r->push.step;
   FASTPS_CHECK(step == t.step + 1, "worker rank ", worker, " pushed step ", step, " to sparse table ",
@@ -398,7 +402,7 @@ void SparseService::push_round(PsSparse& t, const SparseRequestPtr& r, int shard
   serve_waiting(t);
 }
 
-void SparseService::serve_waiting(PsSparse& t) {
+void SparseService::serve_waiting(SparseSlice& t) {
   const Progress p = progress(t);
   for (const SparseWait& w : take_waiting(t.waiting, [&](const SparseWait& w) { return cons_.ready(p, w.need); })) {
     if (!w.is_push) fill(t, *w.req, w.shard);
@@ -407,7 +411,7 @@ void SparseService::serve_waiting(PsSparse& t) {
 }
 
 // See DenseService::fail_unreachable(): the same rule for a sparse table's waiters.
-size_t SparseService::fail_unreachable(PsSparse& t) {
+size_t SparseService::fail_unreachable(SparseSlice& t) {
   if (!cons_.any_dead() || t.waiting.empty()) return 0;
   const Progress p = progress(t);
   const auto failed = take_waiting(t.waiting, [&](const SparseWait& w) { return cons_.unreachable(p, w.need); });
@@ -419,7 +423,7 @@ size_t SparseService::fail_unreachable(PsSparse& t) {
 }
 
 void SparseService::load(SparseRequest& r, int shard) {
-  PsSparse& t = table(r.header.key);
+  SparseSlice& t = table(r.header.key);
   const SparseLoadRequest& l = r.load;
   FASTPS_CHECK(l.config.dim == t.config.dim, "SPARSE_LOAD of rows of dim ", l.config.dim, " into a table of dim ",
                t.config.dim);

@@ -111,7 +111,7 @@ struct SparseWait {
 };
 
 // One table's slice on one shard.
-struct PsSparse {
+struct SparseSlice {
   SparseTableConfig config;  // caps as the user set them: this server takes its share (`spread`)
   SparseSpread spread;
   std::unique_ptr<SparseTable> table;
@@ -126,12 +126,14 @@ struct PsSparse {
   std::vector<SparseWait> waiting;
 };
 
-using SparseTables = std::unordered_map<uint64_t, PsSparse>;  // table id -> this shard's slice
+using SparseTables = std::unordered_map<uint64_t, SparseSlice>;  // table id -> this shard's slice
+
+struct ShardState;  // server/shard_state.h
 
 class SparseService {
  public:
-  SparseService(const Responder& out, Consistency& consistency, SparseTables& tables)
-      : out_(out), cons_(consistency), tables_(tables) {}
+  // Serves `shard`'s sparse tables under its consistency rules.
+  SparseService(const Responder& out, ShardState& shard);
 
   // Runs request `r`'s piece for shard `shard`; the last piece to finish
   // answers it. Never throws: a failure is recorded for the reply.
@@ -146,22 +148,22 @@ class SparseService {
   void piece_failed(const SparseRequestPtr& r, Status status, const std::string& msg);
   void piece_done(const SparseRequestPtr& r);
   void reply_stats(const SparseRequest& r);
-  PsSparse& table(uint64_t key);
-  Progress progress(const PsSparse& t) const { return Progress{cons_.bsp(), t.step, &t.clock}; }
+  SparseSlice& table(uint64_t key);
+  Progress progress(const SparseSlice& t) const { return Progress{cons_.bsp(), t.step, &t.clock}; }
   void park(SparseRequest& r, bool capped);
 
   void create(SparseRequest& r, int shard);
   void pull(const SparseRequestPtr& r, int shard);
   void push(const SparseRequestPtr& r, int shard);
-  void push_round(PsSparse& t, const SparseRequestPtr& r, int shard);
+  void push_round(SparseSlice& t, const SparseRequestPtr& r, int shard);
   void load(SparseRequest& r, int shard);
-  void run_or_wait(PsSparse& t, const SparseRequestPtr& r, int shard, uint32_t need);
-  void fill(PsSparse& t, SparseRequest& r, int shard);
-  void accumulate(PsSparse& t, const SparseRequest& r, int shard);
-  std::string apply_round(PsSparse& t, int64_t step);
+  void run_or_wait(SparseSlice& t, const SparseRequestPtr& r, int shard, uint32_t need);
+  void fill(SparseSlice& t, SparseRequest& r, int shard);
+  void accumulate(SparseSlice& t, const SparseRequest& r, int shard);
+  std::string apply_round(SparseSlice& t, int64_t step);
 
-  void serve_waiting(PsSparse& t);
-  size_t fail_unreachable(PsSparse& t);
+  void serve_waiting(SparseSlice& t);
+  size_t fail_unreachable(SparseSlice& t);
 
   const Responder& out_;
   Consistency& cons_;

@@ -10,7 +10,8 @@
 // zero-copy, and the caller keeps torch's step counter with the tensors. The
 // network server's chunks own theirs (OwnedDenseChunk, the base of PsChunk in
 // server/dense_service.h), with the step counter and the state created as
-// torch creates it. Both apply through optim_update.
+// torch creates it. Both apply through optim_update; a shard keeps both kinds
+// in its one ShardState (Note [One shard state] in server/shard_state.h).
 #pragma once
 
 #include <cstdint>

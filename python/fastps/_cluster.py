@@ -363,8 +363,8 @@ class Cluster:
             except Exception as e:  # noqa: BLE001 - a peer failed, or the store is gone: leave anyway
                 print(f"fastps: rank {self.rank} leaves without waiting for the others: {e}",
                       file=sys.stderr, flush=True)
-        self.server = None  # first: it keeps the client alive until its shards drained
-        self.client = None
+        self.client = None  # holds the colocated server (attach_local), which goes with it
+        self.server = None
 
     def _leave_store(self) -> None:
         """After the shutdown barrier: the store's host stays (at most 5 s) until every other

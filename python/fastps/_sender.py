@@ -51,9 +51,9 @@ class GradientSender:
     def __init__(self, cluster: Any) -> None:
         self.cluster = cluster
         self.client = cluster.client
-        self.ids: Dict[int, int] = {}  # id(p) -> tensor id on the servers
-        # Rounds sent (completed or failed): the clock of the next round is clock + 1.
-        self.clock = 0
+        # id(p) -> tensor id on the servers. Each tensor's round clock is the C++ client's
+        # (Note [Round clocks] in csrc/client/ps_client.cc); every round ends for all of them.
+        self.ids: Dict[int, int] = {}
         self.sync = True  # False inside no_sync(): the hooks send nothing
         self.hooks: List[Any] = []
         self.inflight: Dict[int, Sent] = {}  # id(p) -> what was sent this round
@@ -137,6 +137,21 @@ class GradientSender:
         return True
 
     # -- rounds ----------------------------------------------------------------------
+    @property
+    def clock(self) -> int:
+        """Rounds this optimizer sent, completed or failed: those of its first registered
+        tensor, which took part in every one (0 before any tensor is registered)."""
+        return self.client.round(next(iter(self.ids.values()))) if self.ids else 0
+
+    def next_clock(self, p: torch.Tensor) -> int:
+        """The clock of ``p``'s round being sent: the rounds its tensor was sent in since its
+        registration, plus one."""
+        return self.client.round(self.ids[id(p)]) + 1
+
+    def end_round(self) -> None:
+        """The round ends for every registered tensor, whatever happened to it."""
+        self.client.end_round(list(self.ids.values()))
+
     def track(self, p: torch.Tensor, futures: Tuple[Any, ...], keep: Any, snapshot: GradSnapshot) -> None:
         """Record what was sent for ``p`` in this round."""
         self.inflight[id(p)] = Sent(futures, keep, p, snapshot)
@@ -163,7 +178,7 @@ class GradientSender:
             raise
         finally:
             self.inflight.clear()
-            self.clock += 1  # this round was sent, whatever happened to it
+            self.end_round()  # this round was sent, whatever happened to it
 
 
 __all__ = ["GradientSender", "Sent", "STEP_BUFFER"]

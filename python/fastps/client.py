@@ -55,8 +55,7 @@ class Client:
                 "fastps.Client needs the distributed mode: launch with torchrun (WORLD_SIZE > 1)")
         self._cluster = cl
         self._client = cl.client
-        self._numel = {}
-        self._clock = {}
+        self._numel = {}  # the round clocks are the C++ client's (Note [Round clocks])
 
     @property
     def rank(self) -> int:
@@ -88,7 +87,6 @@ class Client:
         self._client.register_dense(key, t.numel(), aggregate, h, init, t.numel() if init else 0).wait()
         self._cluster.barrier(f"client/{key}", "every rank to register the key")
         self._numel[key] = t.numel()
-        self._clock[key] = 0
         return key
 
     def _check(self, key: int, t: torch.Tensor, what: str) -> torch.Tensor:
@@ -109,20 +107,20 @@ class Client:
         """Sum ``tensor`` over all workers into ``out`` (default: in place). Returns a Future."""
         self._check(key, tensor, "tensor")
         out = tensor if out is None or out is tensor else self._check(key, out, "out")
-        self._clock[key] += 1
+        clock = self._client.advance_round(key)
         return Future(self._client.push_pull(key, tensor.data_ptr(), tensor.numel(), out.data_ptr(), out.numel(),
-                                             self._clock[key]), (tensor, out))
+                                             clock), (tensor, out))
 
     def push(self, key: int, tensor: torch.Tensor) -> Future:
         """Push a gradient to a parameter key (``aggregate=False``). Returns a Future."""
         self._check(key, tensor, "tensor")
-        self._clock[key] += 1
+        clock = self._client.advance_round(key)
         h = _C.OptimHyper()
         h.kind = _C.OptimKind.SGD
         h.lr = 1.0
-        return Future(self._client.push(key, tensor.data_ptr(), tensor.numel(), h, self._clock[key]), (tensor,))
+        return Future(self._client.push(key, tensor.data_ptr(), tensor.numel(), h, clock), (tensor,))
 
     def pull(self, key: int, out: torch.Tensor) -> Future:
         """Pull the key's current value (after this worker's pushes are applied) into ``out``."""
         self._check(key, out, "out")
-        return Future(self._client.pull(key, out.data_ptr(), out.numel(), self._clock[key]), (out,))
+        return Future(self._client.pull(key, out.data_ptr(), out.numel(), self._client.round(key)), (out,))

@@ -255,7 +255,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             p.grad = g
         sender = self._sender
         fut = sender.client.push_pull(sender.ids[id(p)], g.data_ptr(), g.numel(), g.data_ptr(), g.numel(),
-                                      sender.clock + 1)
+                                      sender.next_clock(p))
         sender.track(p, (fut,), g, grad_snapshot(p))
 
     def synchronize(self) -> None:

@@ -3,7 +3,9 @@
 // and Shard::help(); every task appends to one non-atomic log. Checks that
 // every task ran exactly once and that each producer's tasks ran in the order
 // it issued them (an inline or helped task never overtakes a queued one).
-// Then Server::run_each() from several threads at once, with a failing piece.
+// Then Server::run_each() from several threads at once, with a failing piece,
+// and Note [One shard state]: an embedded sparse table lives in its shards'
+// states, and leaves them when it goes.
 // Meant to run under -fsanitize=thread as well, which reports any overlap of
 // two users of a shard's data.
 //
@@ -20,8 +22,10 @@
 #include <string>
 #include <vector>
 
+#include "client/sparse_client.h"
 #include "server/server.h"
 #include "server/shard.h"
+#include "server/shard_state.h"
 
 using namespace fastps;
 
@@ -164,6 +168,44 @@ bool run_each_stress(int threads, int calls) {
   return true;
 }
 
+// Sparse slices per shard of `server`, counted on each shard's thread.
+std::vector<size_t> sparse_slices(Server& server) {
+  struct Count : Task {
+    size_t* out = nullptr;
+    void run(Shard& shard) override { *out = shard.state().sparse.size(); }
+  };
+  std::vector<size_t> n(size_t(server.num_shards()), 0);
+  std::vector<std::unique_ptr<Task>> tasks;
+  for (int s = 0; s < server.num_shards(); ++s) {
+    auto t = std::make_unique<Count>();
+    t->out = &n[size_t(s)];
+    tasks.push_back(std::move(t));
+  }
+  server.run_each(std::move(tasks), Clock::now() + std::chrono::seconds(30), "counting slices");
+  return n;
+}
+
+// Two embedded tables on one server: each shard holds one slice of each
+// (rows pushed to one are not seen by the other), and none once both went.
+bool sparse_tables_live_in_shard_state() {
+  Server server(ServerOptions{3});
+  SparseTableConfig config;
+  config.dim = 4;
+  bool ok = true;
+  {
+    ShardedSparseTable a(server, config), b(server, config);
+    for (size_t n : sparse_slices(server)) ok &= n == 2;
+    const int64_t ids[3] = {1, 2, 3};
+    const float grads[12] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+    SparseOptim rule;
+    rule.rule = config.rule;
+    a.push(ids, 3, grads, rule, 1);
+    ok &= a.size() == 3 && b.size() == 0;
+  }
+  for (size_t n : sparse_slices(server)) ok &= n == 0;
+  return ok;
+}
+
 }  // namespace
 
 int main() {
@@ -210,6 +252,9 @@ int main() {
     std::printf("[ FAIL ] run_each_from_many_threads\n");
     ++failed;
   }
+  const bool slices = sparse_tables_live_in_shard_state();
+  std::printf(slices ? "[  OK  ] sparse_tables_live_in_shard_state\n" : "[ FAIL ] sparse_tables_live_in_shard_state\n");
+  (slices ? passed : failed) += 1;
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

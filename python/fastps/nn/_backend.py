@@ -181,7 +181,8 @@ class RemoteTable:
         self._client = cl.client
         self._config = _config(spec)  # validates
         self._inflight: List[Any] = []
-        self._step = 0
+        # The table's step is the C++ client's, by table id (Note [Round clocks]): a
+        # backend that replaces another on the same table continues its step.
         if replaces is None:
             self._id = cl.next_table_id()
             self._client.sparse_create(self._id, self._config, False).wait()
@@ -189,7 +190,6 @@ class RemoteTable:
         else:
             self._id = replaces._id
             replaces._flush()
-            self._step = replaces._step
             self._created = False
 
     @property
@@ -202,7 +202,7 @@ class RemoteTable:
 
     @property
     def step(self) -> int:
-        return self._step
+        return self._client.sparse_step(self._id)
 
     def _ensure(self) -> None:
         if not self._created:
@@ -223,14 +223,14 @@ class RemoteTable:
         out = torch.empty(n, self.spec.dim, dtype=torch.float32)
         if n:
             self._client.sparse_pull(self._id, ids.data_ptr(), n, self.spec.dim, out.data_ptr(), out.numel(),
-                                     self._step).wait()
+                                     self.step).wait()
         return out
 
     def push(self, ids: torch.Tensor, grads: torch.Tensor, optim: Any, step: int) -> None:
         _check_ids(ids)
         n = ids.numel()
         assert grads.dtype == torch.float32 and grads.is_contiguous() and tuple(grads.shape) == (n, self.spec.dim)
-        assert step == self._step + 1, (step, self._step)
+        assert step == self.step + 1, (step, self.step)
         self._ensure()
         # Under BSP a server takes step t + 1 only once step t is applied; a rank
         # that stepped without pulling in between (its batch missed the module)
@@ -240,16 +240,15 @@ class RemoteTable:
         f = self._client.sparse_push(self._id, ids.data_ptr() if n else 0, n, self.spec.dim,
                                      grads.data_ptr() if n else 0, grads.numel(), optim, step)
         self._inflight.append(f)
-        self._step = step
 
     def save(self, path: str) -> None:
         self._ensure()
         self._flush()
-        self._client.sparse_save(self._id, self._config, self._step, path)
+        self._client.sparse_save(self._id, self._config, self.step, path)
 
     def load(self, path: str) -> None:
         self._flush()
-        self._step = self._client.sparse_load(self._id, self._config, path)
+        self._client.sparse_load(self._id, self._config, path)
         self._created = True
 
     def size(self) -> int:
@@ -258,7 +257,7 @@ class RemoteTable:
     def stats(self) -> Dict[str, int]:
         self._ensure()
         self._flush()
-        s = dict(self._client.sparse_stats(self._id, self._step))
+        s = dict(self._client.sparse_stats(self._id, self.step))
         s.pop("step", None)
         return s
 

@@ -69,11 +69,11 @@ class DistState:
         # Index of each parameter's group: torch's load_state_dict replaces the
         # group dicts, so the live dict is looked up at every push.
         self.group_index: Dict[int, int] = {}
-        # id(p) -> (numel registered, this optimizer's clock at registration): a
-        # chunk's rounds count from its registration (add_param_group after
-        # training started), and the pointers handed to the servers must still
-        # describe that many float32 values.
-        self.registered: Dict[int, Tuple[int, int]] = {}
+        # id(p) -> numel registered: the pointers handed to the servers must still
+        # describe that many float32 values. (A chunk's rounds count from its
+        # registration, add_param_group after training started included: the C++
+        # client keeps each tensor's round clock, Note [Round clocks].)
+        self.registered: Dict[int, int] = {}
         self.overlap = overlap
         # Note [Deferred apply]: BSP with the pushes in backward.
         self.deferred = overlap and cluster.config.staleness == 0
@@ -105,7 +105,7 @@ class DistState:
                         "fastps: a parameter is not contiguous (a transposed or sliced view); the "
                         "distributed mode reads and writes parameters in place. Make it contiguous "
                         "before building the optimizer (p.data = p.data.contiguous())")
-                self.registered[id(p)] = (p.numel(), self.clock)
+                self.registered[id(p)] = p.numel()
                 self.group_index[id(p)] = gi
                 seen.add(id(p))
                 params.append(p)
@@ -154,7 +154,7 @@ class DistState:
     def _check_registered(self, p: torch.Tensor) -> None:
         """Raise TypeError unless ``p`` still is what it was registered as (the servers
         read and write it in place as that many contiguous float32 values)."""
-        numel, _ = self.registered[id(p)]
+        numel = self.registered[id(p)]
         if p.dtype != torch.float32 or p.device.type != "cpu" or not p.is_contiguous() or p.numel() != numel:
             check_param(p)  # dtype or device changed (model.double(), .to(...)): its TypeError
             raise TypeError(
@@ -164,7 +164,7 @@ class DistState:
 
     def _send(self, p: torch.Tensor) -> None:
         tid = self.ids[id(p)]
-        numel, base = self.registered[id(p)]
+        numel = self.registered[id(p)]
         if p.dtype != torch.float32 or p.device.type != "cpu" or not p.is_contiguous() or p.numel() != numel:
             self._check_registered(p)
         hyper = self.opt._hyper(self.opt.param_groups[self.group_index[id(p)]])
@@ -172,7 +172,7 @@ class DistState:
         g = p.grad
         if g is not None:
             g = check_grad(p, g)
-        clock = self.clock + 1 - base  # the chunk's own round count
+        clock = self.sender.next_clock(p)  # the chunk's own round count
         if g is None:
             push = self.client.push(tid, 0, 0, hyper, clock)
         else:
@@ -200,7 +200,7 @@ class DistState:
             if g is not p.grad:
                 p.grad = g  # contiguous now: the mean lands in .grad itself
         ptr, n = (g.data_ptr(), g.numel()) if g is not None else (0, 0)
-        fut = self.client.push_pull(tid, ptr, n, ptr, n, self.clock + 1, deferred=True)
+        fut = self.client.push_pull(tid, ptr, n, ptr, n, self.sender.next_clock(p), deferred=True)
         self.round[id(p)] = (fut, g, p)
 
     def _finish_round(self) -> None:
@@ -233,13 +233,14 @@ class DistState:
 
     def _send_skip(self, p: torch.Tensor) -> None:
         tid, _ = self._checked(p)
-        self.round[id(p)] = (self.client.push_pull(tid, 0, 0, 0, 0, self.clock + 1, deferred=True), None, p)
+        self.round[id(p)] = (self.client.push_pull(tid, 0, 0, 0, 0, self.sender.next_clock(p), deferred=True),
+                             None, p)
 
     def _clear_round(self) -> None:
         self.round.clear()
         self.landed.clear()
         self.round_landed = False
-        self.sender.clock += 1
+        self.sender.end_round()
 
     def _contribution(self, key: int, p: torch.Tensor) -> Tuple[int, float, bool, Optional[torch.Tensor]]:
         """(gradient address or 0, scale, skip, tensor to keep alive) for p's APPLY."""
@@ -301,7 +302,7 @@ class DistState:
             wait_all(futures, keep, e)
             raise
         finally:
-            self.sender.clock += 1
+            self.sender.end_round()
 
     def step(self) -> None:
         if self._in_ddp():
