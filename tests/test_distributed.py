@@ -384,6 +384,14 @@ def test_a_refused_sparse_load_leaves_the_table_usable(tmp_path):
     assert torch.equal(out, torch.full((3, 4), -1.0))
 
 
+def test_attach_local_refuses_a_rank_outside_the_servers_job():
+    server = _C.PsServer(0, 1, num_shards=1, secret="s")
+    c = _C.PsClient(1, secret="s", timeout_s=5)
+    c.connect([("127.0.0.1", server.port)])
+    with pytest.raises(fastps.InvalidArgumentError, match="local worker rank 1 outside the job's 1 workers"):
+        c.attach_local(server, 0)
+
+
 def test_round_clocks_and_table_steps_are_the_native_clients(tmp_path):
     """Note [Round clocks]: each registered tensor counts the rounds it was sent in,
     a round ends whatever happened (an unknown tensor changes nothing), and a sparse

@@ -103,6 +103,8 @@ std::vector<std::string> PsClient::server_paths() const {
 
 void PsClient::attach_local(LocalEndpoint* server, int index) {
   FASTPS_CHECK(index >= 0 && index < num_servers(), "local server index ", index, " out of range");
+  FASTPS_CHECK(rank_ >= 0 && rank_ < server->num_workers(), "local worker rank ", rank_, " outside the job's ",
+               server->num_workers(), " workers");
   std::lock_guard<std::mutex> lock(mu_);
   local_server_ = server;
   local_index_ = index;

@@ -41,6 +41,8 @@ class LocalEndpoint {
   // delivers the reply to `reply` (deliver_reply()). Throws ConnectionError
   // when the server is stopping, InvalidArgument for a rank outside the job.
   virtual void submit(int worker, Message&& message, ReplyTo reply) = 0;
+  // The workers of the job the server serves (ranks 0 .. num_workers() - 1).
+  virtual int num_workers() const = 0;
 };
 
 }  // namespace fastps

@@ -57,6 +57,7 @@ class PsServer : public LocalEndpoint {
   // LocalEndpoint: the colocated worker's requests (See Note [Local
   // requests]), served under kLocalConn with one parking budget.
   void submit(int worker, Message&& message, ReplyTo reply) override;
+  int num_workers() const override { return options_.num_workers; }
 
  private:
   void on_message(ConnId conn, Message&& message);
