@@ -385,6 +385,8 @@ PYBIND11_MODULE(_C, m) {
       if (p) std::rethrow_exception(p);
     } catch (const fastps::TimeoutError& e) {
       raise_as("TimeoutError", e);
+    } catch (const fastps::TransportUnavailable& e) {
+      raise_as("TransportUnavailableError", e);
     } catch (const fastps::ConnectionError& e) {
       raise_as("ConnectionError", e);
     } catch (const fastps::ProtocolError& e) {

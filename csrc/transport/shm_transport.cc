@@ -159,7 +159,7 @@ void ShmTransport::use_segment(Conn& conn, std::unique_ptr<ShmSegment> seg) {
   conn.use_shm.store(true, std::memory_order_release);
 }
 
-bool ShmTransport::upgrade_outgoing(Conn& conn, BlockingStream& stream) {
+bool ShmTransport::upgrade_outgoing(const ConnPtr& conn, BlockingStream& stream) {
   std::string why;
   std::unique_ptr<ShmSegment> seg = offer_shm(stream, options(), &why);
   if (!seg) {
@@ -168,15 +168,17 @@ bool ShmTransport::upgrade_outgoing(Conn& conn, BlockingStream& stream) {
                                  " (FASTPS_TRANSPORT=shm needs every server on this host; use auto "
                                  "or tcp otherwise)"));
   }
-  use_segment(conn, std::move(seg));
+  use_segment(*conn, std::move(seg));
   return true;
 }
 
-bool ShmTransport::accept_offer(Conn& conn, const Payload& p, std::string* why) {
+bool ShmTransport::accept_offer(const ConnPtr& conn, Op op, const Payload& p, std::vector<uint8_t>* reply,
+                                std::string* why) {
+  if (op != Op::kShmOffer) return TcpTransport::accept_offer(conn, op, p, reply, why);
   std::string name(reinterpret_cast<const char*>(p.data() + kShmOfferFixedSize), p.size() - kShmOfferFixedSize);
   std::unique_ptr<ShmSegment> seg = ShmSegment::open(name, p.data() + 8, load_le64(p.data()), why);
   if (!seg) return false;
-  use_segment(conn, std::move(seg));
+  use_segment(*conn, std::move(seg));
   return true;
 }
 

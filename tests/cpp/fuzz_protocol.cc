@@ -919,10 +919,11 @@ class Peer {
     const std::string problem = header_problem(checked, max_payload);
     FUZZ_CHECK(problem.empty(), "the server sent an invalid frame: ", problem);
     FUZZ_CHECK(h.op == Op::kReply || h.op == Op::kError || h.op == Op::kPong || h.op == Op::kShmDecline ||
-                   h.op == Op::kShmAccept || h.op == Op::kHeartbeat,
+                   h.op == Op::kShmAccept || h.op == Op::kHeartbeat || h.op == Op::kUcxDecline ||
+                   h.op == Op::kUcxAccept,
                "the server sent ", op_name(h.op));
     FUZZ_CHECK(h.request_id == 0 || h.op == Op::kShmDecline || h.op == Op::kShmAccept || h.op == Op::kHeartbeat ||
-                   sent_ids.count(h.request_id) == 1,
+                   h.op == Op::kUcxDecline || h.op == Op::kUcxAccept || sent_ids.count(h.request_id) == 1,
                "the server answered request id ", h.request_id, ", which this connection never sent (",
                op_name(h.op), ")");
   }
