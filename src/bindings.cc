@@ -16,6 +16,7 @@
 #include "server/ps_server.h"
 #include "common/mapped_buffer.h"
 #include "transport/shm.h"
+#include "transport/ucx_transport.h"
 #include "common/error.h"
 #include "server/server.h"
 #include "table/optimizer.h"
@@ -370,7 +371,15 @@ PYBIND11_MODULE(_C, m) {
   // Bounds of FASTPS_SHM_RING_BYTES, checked in Python before the rendezvous.
   m.attr("SHM_MIN_RING_BYTES") = kShmMinRingBytes;
   m.attr("SHM_MAX_RING_BYTES") = kShmMaxRingBytes;
-  m.attr("PROTOCOL_VERSION") = kProtocolVersion;  // docs/protocol.md (for tests that speak it by hand)
+  m.attr("PROTOCOL_VERSION") = kProtocolVersion;
+  m.def(
+      "ucx_unavailable",
+      [] {
+        std::string why;
+        return load_ucx_plugin(&why) != nullptr ? std::string() : why;
+      },
+      "Why FASTPS_TRANSPORT=ucx cannot work in this process (the UCX plugin or libucp cannot be loaded), "
+      "or '' if it can.");  // docs/protocol.md (for tests that speak it by hand)
   m.attr("STEP_COUNTER_BUFFER") = kStepCounterBuffer;  // STATE_GET/STATE_SET's step-counter buffer
   // Process-wide settings of the sparse tables' memory (Note [Mapped table
   // memory], Note [Populating ahead]); the configuration resolver sets them.
