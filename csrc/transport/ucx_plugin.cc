@@ -100,6 +100,7 @@ class EndpointImpl final : public Endpoint {
   WorkerImpl* worker_;
   const uint64_t token_;
   std::mutex close_mu_;
+  bool finished_ = false;  // close() ran to its end (close_mu_): the worker may be gone since
   // Shared by calls that use `ep`, exclusive while close() releases it.
   std::shared_mutex ep_mu_;
 };
@@ -508,6 +509,8 @@ std::string EndpointImpl::transports() {
 
 void EndpointImpl::close() {
   std::lock_guard<std::mutex> guard(close_mu_);
+  if (finished_) return;  // touches nothing: the core may close before it destroys the worker
+  finished_ = true;
   worker_->forget(token_);  // no new receive counts against this endpoint
   ucs_status_ptr_t r;
   {

@@ -91,14 +91,16 @@ class Endpoint {
   virtual std::string transports() = 0;
   // Force-closes the endpoint and waits (at most a few seconds) until no
   // request of it (sends, and receives into the core's memory for its token)
-  // is outstanding. Idempotent. Not on the progress thread.
+  // is outstanding. Idempotent: once it returned, neither it nor the
+  // destructor touches the worker again (an endpoint may be destroyed after
+  // its worker only so). Not on the progress thread.
   virtual void close() = 0;
 };
 
 // One UCP context and worker with its progress thread.
 class Worker {
  public:
-  // Stops the progress thread; every endpoint must have been closed.
+  // Stops the progress thread; every endpoint must have been close()d.
   virtual ~Worker() = default;
   // The worker's address (ucp_worker_get_address), for the peer's connect().
   virtual std::string address() const = 0;

@@ -531,21 +531,30 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
             os._exit(1)
     rc = 0
     for transport in args.transports:  # one job per transport, each with its baselines
-        cmd = [sys.executable, "-m", "fastps.bench", "allreduce", *_without_transport(argv), "--transport", transport]
+        cmd = [sys.executable, "-m", "fastps.bench", "allreduce",
+               *_for_transport(argv, transport if len(args.transports) > 1 else None), "--transport", transport]
         rc = launch_workers(prog, cmd, args.nproc, timeout=args.timeout, env={"FASTPS_TRANSPORT": transport}) or rc
     return rc
 
 
-def _without_transport(argv: List[str]) -> List[str]:
-    """`argv` without its --transport option (and value)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--transport":
-            skip = True
-        elif not a.startswith("--transport="):
-            out.append(a)
+def _for_transport(argv: List[str], transport: Optional[str]) -> List[str]:
+    """`argv` without its --transport option, and with `transport` (if given) in the names of the
+    --json and --plot files (out.json -> out.ucx.json), so that each job of a list keeps its own."""
+    out: List[str] = []
+    it = iter(argv)
+    for a in it:
+        opt, eq, value = a.partition("=")
+        if opt == "--transport":
+            if not eq:
+                next(it, None)
+            continue
+        if transport is not None and opt in ("--json", "--plot"):
+            value = value if eq else next(it, "")
+            stem, dot, ext = value.rpartition(".")
+            value = f"{stem}.{transport}.{ext}" if dot and "/" not in ext else f"{value}.{transport}"
+            out += [opt, value]
+            continue
+        out.append(a)
     return out
 
 
