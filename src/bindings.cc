@@ -227,7 +227,8 @@ void bind_network(py::module_& m) {
            py::arg("liveness_timeout_s") = 30.0, py::arg("send_queue_bytes") = int64_t(kDefaultSendQueueLimit),
            py::arg("shm_spin_us") = int64_t(-1), py::arg("shm_yield_us") = int64_t(-1),
            "A network parameter server. transport: 'auto' accepts shared-memory offers from "
-           "clients on this host, 'tcp' declines them ('shm' behaves as 'auto' on a server). "
+           "clients on this host, 'tcp' declines them ('shm' behaves as 'auto' on a server), 'ucx' "
+           "accepts UCX offers too. "
            "max_parked_requests / max_parked_bytes: per connection, the requests that may wait for "
            "a later round or step and the payload bytes they may hold (0: twice max_payload). "
            "liveness_timeout_s: a worker silent this long is dropped (0: never); send_queue_bytes: "
@@ -271,7 +272,8 @@ py::class_<PsClient> bind_client(py::module_& m) {
            py::arg("liveness_timeout_s") = 30.0, py::arg("shm_spin_us") = int64_t(-1),
            py::arg("shm_yield_us") = int64_t(-1),
            "A worker's client. transport: 'auto' uses shared memory with servers on this host "
-           "and TCP with the others, 'tcp' only TCP, 'shm' shared memory or a ConnectionError. "
+           "and TCP with the others (UCX where this host has an RDMA device), 'tcp' only TCP, 'shm' shared "
+           "memory or a ConnectionError, 'ucx' UCX (docs/ucx.md) or a ConnectionError. "
            "liveness_timeout_s: a server silent this long is dropped (0: never). shm_spin_us / "
            "shm_yield_us: how long a shared-memory waiter spins, then yields, before it sleeps (-1: default).")
       .def(
