@@ -75,33 +75,15 @@ std::unique_ptr<ShmSegment> offer_shm(BlockingStream& stream, const TransportOpt
   store_le64(offer.data(), seg->ring_bytes());
   std::memcpy(offer.data() + 8, seg->token(), kShmTokenSize);
   std::memcpy(offer.data() + kShmOfferFixedSize, seg->name().data(), seg->name().size());
-  MessageHeader h;
-  h.op = Op::kShmOffer;
-  write_handshake_frame(stream, h, offer.data(), offer.size());
-
-  uint8_t hb[kHeaderSize];
-  stream.read_exact(hb, kHeaderSize);
-  MessageHeader r = decode_header(hb);
-  FASTPS_CHECK_TYPED(ProtocolError, r.magic == kProtocolMagic && r.payload_len <= kMaxHandshakePayload,
-                     "fastps: ", where, " answered the shared-memory offer with an invalid frame (",
-                     header_problem(r, kMaxHandshakePayload), ")");
-  std::vector<uint8_t> body(r.payload_len);
-  stream.read_exact(body.data(), body.size());
-  std::string text = sanitize_error_text(body.data(), body.size());
-  if (r.op == Op::kShmAccept) {
-    seg->unlink();  // the server did already; nothing may remain in /dev/shm
-    seg->probe_peer();
-    return seg;
-  }
-  if (r.op == Op::kShmDecline) {
-    *why = concat(where, " declined: ", text);
+  const OfferAnswer a = exchange_offer(stream, Op::kShmOffer, offer, Op::kShmAccept, Op::kShmDecline,
+                                      kMaxHandshakePayload, "shared-memory");
+  if (!a.accepted) {
+    *why = concat(where, " declined: ", a.reason);
     return nullptr;
   }
-  if (r.op == Op::kError) {
-    throw ConnectionError(concat("fastps: ", where, " refused the shared-memory offer (",
-                                 status_name(r.status), "): ", text));
-  }
-  throw ProtocolError(concat("fastps: ", where, " answered the shared-memory offer with ", op_name(r.op)));
+  seg->unlink();  // the server did already; nothing may remain in /dev/shm
+  seg->probe_peer();
+  return seg;
 }
 
 }  // namespace

@@ -303,38 +303,23 @@ bool UcxTransport::upgrade_outgoing(const ConnPtr& conn, BlockingStream& stream)
   std::vector<uint8_t> offer(kUcxOfferFixedSize + address.size());
   store_le64(offer.data(), ch->local_token);
   std::memcpy(offer.data() + kUcxOfferFixedSize, address.data(), address.size());
-  MessageHeader h;
-  h.op = Op::kUcxOffer;
-  write_handshake_frame(stream, h, offer.data(), offer.size());
-
-  uint8_t hb[kHeaderSize];
-  stream.read_exact(hb, kHeaderSize);
-  MessageHeader r = decode_header(hb);
-  FASTPS_CHECK_TYPED(ProtocolError,
-                     r.magic == kProtocolMagic && r.payload_len <= kUcxOfferFixedSize + kUcxMaxAddressSize,
-                     "fastps: ", where, " answered the UCX offer with an invalid frame (",
-                     header_problem(r, kUcxOfferFixedSize + kUcxMaxAddressSize), ")");
-  std::vector<uint8_t> body(r.payload_len);
-  stream.read_exact(body.data(), body.size());
-  if (r.op == Op::kUcxAccept && body.size() > kUcxOfferFixedSize) {
-    ch->remote_token = load_le64(body.data());
-    ch->ep = w->connect(body.data() + kUcxOfferFixedSize, body.size() - kUcxOfferFixedSize, ch->local_token, &why);
-    FASTPS_CHECK_TYPED(ConnectionError, ch->ep != nullptr, "fastps: cannot reach ", where, " over UCX: ", why,
-                       " (check UCX_TLS and UCX_NET_DEVICES on both hosts)");
-    conn->ucx = std::move(ch);
-    conn->use_ucx.store(true, std::memory_order_release);
-    return true;
-  }
-  const std::string text = sanitize_error_text(body.data(), body.size());
-  if (r.op == Op::kUcxDecline) {
+  const OfferAnswer a = exchange_offer(stream, Op::kUcxOffer, offer, Op::kUcxAccept, Op::kUcxDecline,
+                                      kUcxOfferFixedSize + kUcxMaxAddressSize, "UCX");
+  if (!a.accepted) {
     if (!require_ucx_) return false;
-    throw ConnectionError(concat("fastps: cannot use UCX with ", where, ": it declined: ", text,
+    throw ConnectionError(concat("fastps: cannot use UCX with ", where, ": it declined: ", a.reason,
                                  " (FASTPS_TRANSPORT=ucx needs every server to use ucx too)"));
   }
-  if (r.op == Op::kError) {
-    throw ConnectionError(concat("fastps: ", where, " refused the UCX offer (", status_name(r.status), "): ", text));
-  }
-  throw ProtocolError(concat("fastps: ", where, " answered the UCX offer with ", op_name(r.op)));
+  FASTPS_CHECK_TYPED(ProtocolError, a.payload.size() > kUcxOfferFixedSize, "fastps: ", where,
+                     " accepted the UCX offer without its worker address");
+  ch->remote_token = load_le64(a.payload.data());
+  ch->ep = w->connect(a.payload.data() + kUcxOfferFixedSize, a.payload.size() - kUcxOfferFixedSize,
+                      ch->local_token, &why);
+  FASTPS_CHECK_TYPED(ConnectionError, ch->ep != nullptr, "fastps: cannot reach ", where, " over UCX: ", why,
+                     " (check UCX_TLS and UCX_NET_DEVICES on both hosts)");
+  conn->ucx = std::move(ch);
+  conn->use_ucx.store(true, std::memory_order_release);
+  return true;
 }
 
 bool UcxTransport::accept_offer(const ConnPtr& conn, Op op, const Payload& p, std::vector<uint8_t>* reply,
@@ -441,17 +426,14 @@ void UcxTransport::send_frame(const ConnPtr& conn, const uint8_t* header, const 
       throw ConnectionError(concat("fastps: connection to ", conn->peer, " lost while sending over UCX: ", why));
     }
   }
-  post_copy(conn, am, segments, nsegments, payload_len);
+  post_copy(conn, am, iov, payload_len);
 }
 
 // Note [Send queues]: a copy of the payload, counted as queued, goes to UCX;
 // Events::post_done() frees it.
-void UcxTransport::post_copy(const ConnPtr& conn, const uint8_t* am_header, const ConstBuffer* segments,
-                             size_t nsegments, uint64_t payload_len) {
+void UcxTransport::post_copy(const ConnPtr& conn, const uint8_t* am_header, const std::vector<iovec>& iov,
+                             uint64_t payload_len) {
   UcxChannel& ch = *conn->ucx;
-  std::vector<iovec> iov;
-  for (size_t i = 0; i < nsegments; ++i)
-    if (segments[i].size > 0) iov.push_back(iovec{const_cast<void*>(segments[i].data), segments[i].size});
   auto copy = std::make_unique<PostedCopy>();
   std::memcpy(copy->am_header, am_header, kAmHeaderSize);
   copy->bytes = copy_out(conn, iov, 0, payload_len);  // closes the connection past send_queue_limit

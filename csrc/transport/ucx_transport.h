@@ -48,6 +48,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "transport/shm_transport.h"
 #include "transport/ucx_plugin.h"
@@ -94,8 +95,7 @@ class UcxTransport final : public ShmTransport {
   // without waiting, and closes the connection on the loop thread.
   void fail_soon(const ConnPtr& conn, Status status, const std::string& reason);
   void deliver_ready(const ConnPtr& conn, std::unique_lock<std::mutex>& rx_lock);
-  void post_copy(const ConnPtr& conn, const uint8_t* am_header, const ConstBuffer* segments, size_t nsegments,
-                 uint64_t payload_len);
+  void post_copy(const ConnPtr& conn, const uint8_t* am_header, const std::vector<iovec>& iov, uint64_t payload_len);
 
   const ucx::Plugin* const plugin_;
   const bool require_ucx_;
