@@ -147,14 +147,14 @@ class WorkerImpl final : public Worker {
 // --- Completion callbacks (progress thread) -----------------------------------
 
 void on_send_done(void* request, ucs_status_t status, void* user_data) {
-  Waiter* w = static_cast<Waiter*>(user_data);
-  {
-    std::lock_guard<std::mutex> lock(w->mu);
-    w->done = true;
-    w->status = status;
-  }
-  w->cv.notify_all();
   ucp_request_free(request);
+  Waiter* w = static_cast<Waiter*>(user_data);
+  // Notified under the lock: the waiter (whose stack holds *w) cannot see
+  // `done` and return before this call is finished with *w.
+  std::lock_guard<std::mutex> lock(w->mu);
+  w->done = true;
+  w->status = status;
+  w->cv.notify_all();
 }
 
 void on_post_done(void* request, ucs_status_t status, void* user_data) {
