@@ -320,6 +320,7 @@ void WorkerImpl::run() {
   while (!stop_.load(std::memory_order_acquire)) {
     while (ucp_worker_progress(worker_) != 0) {
     }
+    sink_->after_progress();  // outside UCX's lock: frames reach their handlers here
     const ucs_status_t st = ucp_worker_arm(worker_);
     if (st == UCS_ERR_BUSY) continue;
     epoll_event ev;

@@ -42,7 +42,11 @@ constexpr const char* kPluginEntry = "fastps_ucx_plugin_v1";
 // AM header: u64 receiver's token, then the 48-byte frame header (kHeaderSize).
 constexpr size_t kTokenSize = 8;
 
-// The core's side; every call comes from the progress thread.
+// The core's side; every call comes from the progress thread. All but
+// after_progress() run inside ucp_worker_progress(), holding UCX's worker
+// lock, which every other thread's UCX call waits for: they must not wait for
+// anything such a thread may hold (Note [No handlers under UCX's lock] in
+// transport/ucx_transport.cc).
 class Sink {
  public:
   virtual ~Sink() = default;
@@ -61,6 +65,9 @@ class Sink {
   virtual void post_done(uint64_t token, void* cookie, const char* error) = 0;
   // UCX reports the endpoint of `token` broken (the peer died, the network).
   virtual void endpoint_failed(uint64_t token, const char* why) = 0;
+  // After each ucp_worker_progress() burst, outside UCX's lock: the core
+  // delivers the frames completed meanwhile. May call Endpoint methods.
+  virtual void after_progress() = 0;
 };
 
 enum class SendStatus : int { kOk = 0, kTimeout = 1, kFailed = 2, kWouldWait = 3 };
@@ -82,8 +89,9 @@ class Endpoint {
   virtual SendStatus send_now(const uint8_t* am_header, size_t header_len, const iovec* iov, size_t niov,
                               std::string* why) = 0;
   // Sends `len` bytes at `data` that stay valid, as does `am_header`, until
-  // Sink::post_done(token, cookie) says UCX is done with them; never waits. Any thread, including
-  // the progress thread. kOk (post_done follows) or kFailed (it does not).
+  // Sink::post_done(token, cookie) says UCX is done with them; never waits.
+  // Any thread, including the progress thread (in Sink::after_progress()).
+  // kOk (post_done follows) or kFailed (it does not).
   virtual SendStatus post(const uint8_t* am_header, size_t header_len, const uint8_t* data, size_t len,
                           void* cookie, std::string* why) = 0;
   // The UCX transports this endpoint's lanes use, e.g. "tcp/lo" or

@@ -121,10 +121,13 @@ struct UcxChannel {
     Message message;
     bool done = false;
   };
-  std::mutex rx_mu;
+  std::mutex rx_mu;  // the fields below; never held while calling out
   std::deque<std::unique_ptr<Rx>> rx;
   bool started = false;
   bool released = false;
+  // Held while frames are handed to the handler: one delivery at a time,
+  // and release_channel() waits for one under way.
+  std::mutex deliver_mu;
   // post()ed copies UCX has not finished with: later frames queue behind
   // them rather than overtake them.
   std::atomic<uint64_t> posts{0};
@@ -187,15 +190,23 @@ class UcxTransport::Events final : public ucx::Sink {
   void frame_done(uint64_t token, void* frame, const char* error) override {
     ConnPtr conn = t_->find_token(token);
     if (!conn) return;
-    UcxChannel& ch = *conn->ucx;
-    std::unique_lock<std::mutex> lock(ch.rx_mu);
-    static_cast<UcxChannel::Rx*>(frame)->done = true;
+    {
+      std::lock_guard<std::mutex> lock(conn->ucx->rx_mu);
+      static_cast<UcxChannel::Rx*>(frame)->done = true;
+    }
     if (error != nullptr) {
-      lock.unlock();
       t_->fail_soon(conn, Status::kInternal, concat("UCX could not receive a frame: ", error));
       return;
     }
-    t_->deliver_ready(conn, lock);
+    ready_.push_back(std::move(conn));  // delivered in after_progress()
+  }
+
+  // See Note [No handlers under UCX's lock].
+  void after_progress() override {
+    if (ready_.empty()) return;
+    std::vector<ConnPtr> ready;
+    ready.swap(ready_);
+    for (const ConnPtr& conn : ready) t_->deliver_ready(conn);
   }
 
   void post_done(uint64_t token, void* cookie, const char* error) override {
@@ -223,6 +234,7 @@ class UcxTransport::Events final : public ucx::Sink {
 
  private:
   UcxTransport* const t_;
+  std::vector<ConnPtr> ready_;  // progress thread only: connections with completed frames
 };
 
 UcxTransport::UcxTransport(std::string kind, const TransportOptions& options, const ucx::Plugin* plugin,
@@ -347,21 +359,40 @@ void UcxTransport::start_channel(const ConnPtr& conn) {
     ShmTransport::start_channel(conn);
     return;
   }
-  UcxChannel& ch = *conn->ucx;
-  std::unique_lock<std::mutex> lock(ch.rx_mu);
-  ch.started = true;
-  deliver_ready(conn, lock);
+  {
+    std::lock_guard<std::mutex> lock(conn->ucx->rx_mu);
+    conn->ucx->started = true;
+  }
+  deliver_ready(conn);
 }
 
-// Delivers the completed frames at the front of the connection's queue
-// (rx_lock held: frames of one connection reach the handler one at a time).
-void UcxTransport::deliver_ready(const ConnPtr& conn, std::unique_lock<std::mutex>& rx_lock) {
+// Note [No handlers under UCX's lock]
+// UCX (UCS_THREAD_MODE_MULTI) holds its worker lock through
+// ucp_worker_progress(), callbacks included, and every UCX call of another
+// thread spins on that lock. A handler run from a callback could therefore
+// deadlock with a thread that holds what the handler waits for and is itself
+// in a UCX call: a server's shard thread sending a reply while holding its
+// shard, which the handler wants in order to run a task inline (this hung a
+// colocated BSP job). So the callbacks only place payloads and mark frames
+// complete; the progress thread hands them to the handler after progress
+// returns (Sink::after_progress()), without UCX's lock, where the handler may
+// block and send like any loop thread's. The same holds for everything this
+// file does under a callback: short locks of its own, never a wait.
+
+// Delivers the completed frames at the front of the connection's queue, in
+// arrival order, one at a time (deliver_mu), without UCX's lock.
+void UcxTransport::deliver_ready(const ConnPtr& conn) {
   UcxChannel& ch = *conn->ucx;
-  (void)rx_lock;
-  while (ch.started && !ch.released && !ch.rx.empty() && ch.rx.front()->done) {
+  std::lock_guard<std::mutex> delivering(ch.deliver_mu);
+  for (;;) {
+    std::unique_ptr<UcxChannel::Rx> rx;
+    {
+      std::lock_guard<std::mutex> lock(ch.rx_mu);
+      if (!ch.started || ch.released || ch.rx.empty() || !ch.rx.front()->done) return;
+      rx = std::move(ch.rx.front());
+      ch.rx.pop_front();
+    }
     if (conn->closing.load(std::memory_order_acquire)) return;
-    std::unique_ptr<UcxChannel::Rx> rx = std::move(ch.rx.front());
-    ch.rx.pop_front();
     if (!deliver(conn->id, std::move(rx->message))) {
       request_close(conn, "the message handler threw");
       return;
@@ -465,14 +496,16 @@ void UcxTransport::release_channel(const ConnPtr& conn) {
   }
   UcxChannel& ch = *conn->ucx;
   {
+    std::lock_guard<std::mutex> delivering(ch.deliver_mu);  // a delivery under way ends first
     std::lock_guard<std::mutex> lock(ch.rx_mu);
     ch.released = true;
-    ch.rx.clear();
   }
+  // Frames still being received land in their Rx until the endpoint's close
+  // has waited for every receive: only then may their memory go.
   if (ch.ep) ch.ep->close();
   {
     std::lock_guard<std::mutex> lock(ch.rx_mu);
-    ch.rx.clear();  // frames that began while the endpoint closed
+    ch.rx.clear();
   }
   std::lock_guard<std::mutex> lock(tokens_mu_);
   by_token_.erase(ch.local_token);

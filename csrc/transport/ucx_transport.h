@@ -28,7 +28,8 @@
 //    (zero-copy where the UCX transport can). Rendezvous frames complete out
 //    of order with later eager ones, so each connection keeps its frames in
 //    arrival order and delivers the completed prefix, on the progress
-//    thread. The disconnect handler runs after the connection's last frame
+//    thread once UCX's progress call has returned (Note [No handlers under
+//    UCX's lock] in ucx_transport.cc). The disconnect handler runs after the connection's last frame
 //    (release_channel() waits for a delivery in progress, and the endpoint's
 //    close waits until no receive writes into the core's memory any more).
 //  * Sending, Note [Send queues] (transport/tcp.h): a connection this side
@@ -94,7 +95,7 @@ class UcxTransport final : public ShmTransport {
   // From the progress thread: logs, tells the peer on the socket when it can
   // without waiting, and closes the connection on the loop thread.
   void fail_soon(const ConnPtr& conn, Status status, const std::string& reason);
-  void deliver_ready(const ConnPtr& conn, std::unique_lock<std::mutex>& rx_lock);
+  void deliver_ready(const ConnPtr& conn);
   void post_copy(const ConnPtr& conn, const uint8_t* am_header, const std::vector<iovec>& iov, uint64_t payload_len);
 
   const ucx::Plugin* const plugin_;

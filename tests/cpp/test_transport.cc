@@ -1670,6 +1670,78 @@ TEST(slow_reader_gets_every_reply_intact_tcp_shm_and_ucx) {
   }
 }
 
+// Note [No handlers under UCX's lock]: a server whose handler takes a lock that
+// its shard thread holds while it sends a reply (as a handler running a task
+// inline on a busy shard does). With handlers run inside UCX's callbacks the
+// two waited for each other for good; every reply must arrive.
+TEST(ucx_handler_waiting_for_a_sending_shard_does_not_deadlock) {
+  if (!ucx_here()) return;
+  TransportOptions o = opts();
+  auto server = Transport::create("ucx", o);
+  std::mutex shard_mu;  // the "shard": held by the shard thread while it sends
+  std::mutex q_mu;
+  std::condition_variable q_cv;
+  std::deque<std::pair<ConnId, Message>> work;
+  bool stop = false;
+  server->set_handler([&](ConnId c, Message&& m) {
+    { std::lock_guard<std::mutex> shard(shard_mu); }  // waits for a send under way
+    std::lock_guard<std::mutex> lock(q_mu);
+    work.emplace_back(c, std::move(m));
+    q_cv.notify_all();
+  });
+  uint16_t port = server->listen("127.0.0.1", 0);
+  Transport* raw = server.get();
+  std::thread shard([&] {
+    for (;;) {
+      std::pair<ConnId, Message> item;
+      {
+        std::unique_lock<std::mutex> lock(q_mu);
+        q_cv.wait(lock, [&] { return stop || !work.empty(); });
+        if (stop) return;
+        item = std::move(work.front());
+        work.pop_front();
+      }
+      std::lock_guard<std::mutex> shard(shard_mu);
+      MessageHeader h = item.second.header;
+      h.op = Op::kReply;
+      ConstBuffer seg{item.second.payload.data(), item.second.payload.size()};
+      try {
+        raw->send(item.first, h, &seg, 1);
+      } catch (const Error&) {
+      }
+    }
+  });
+  Inbox in;
+  auto client = Transport::create("ucx", o);
+  in.attach(*client);
+  ConnId id = client->connect("127.0.0.1", port, 1);
+  std::vector<uint8_t> body(64 << 10, 7);
+  const size_t n = 300;
+  std::atomic<bool> send_failed{false};
+  std::thread sender([&] {
+    MessageHeader h;
+    h.op = Op::kPush;
+    try {
+      for (size_t i = 0; i < n; ++i) {
+        h.request_id = i;
+        ConstBuffer seg{body.data(), body.size() / (1 + i % 7)};
+        client->send(id, h, &seg, 1);
+      }
+    } catch (const Error& e) {
+      std::fprintf(stderr, "  send failed: %s\n", e.what());
+      send_failed = true;
+    }
+  });
+  sender.join();
+  CHECK(!send_failed && in.wait_frames(n, Ms(30000)));
+  {
+    std::lock_guard<std::mutex> lock(q_mu);
+    stop = true;
+    q_cv.notify_all();
+  }
+  shard.join();
+}
+
 // The demo's failure: with a ring roomy enough for a revoked payload to drain
 // into while the reader sleeps, the server revokes the next by-reference reply
 // too, before the reader reaches the first. The reader must take both as
