@@ -286,6 +286,11 @@ UcxTransport::ConnPtr UcxTransport::find_token(uint64_t token) const {
 // peer has an endpoint).
 std::shared_ptr<UcxChannel> UcxTransport::make_channel(const ConnPtr& conn) {
   auto ch = std::make_shared<UcxChannel>();
+  // Attached before the token is registered (under tokens_mu_, which
+  // find_token() takes too): a callback that finds the connection finds its
+  // channel, even for a frame that arrives before connect() has finished.
+  // It stays attached if the offer fails; only use_ucx says it is in use.
+  conn->ucx = ch;
   std::lock_guard<std::mutex> lock(tokens_mu_);
   for (auto it = by_token_.begin(); it != by_token_.end();) {  // connections that never started
     if (it->second.expired()) it = by_token_.erase(it);
@@ -296,6 +301,11 @@ std::shared_ptr<UcxChannel> UcxTransport::make_channel(const ConnPtr& conn) {
   } while (ch->local_token == 0 || by_token_.count(ch->local_token) != 0);
   by_token_[ch->local_token] = conn;
   return ch;
+}
+
+void UcxTransport::forget_token(uint64_t token) {
+  std::lock_guard<std::mutex> lock(tokens_mu_);
+  by_token_.erase(token);
 }
 
 // Client side of docs/protocol.md "UCX": offers this worker's address; on
@@ -311,6 +321,14 @@ bool UcxTransport::upgrade_outgoing(const ConnPtr& conn, BlockingStream& stream)
                                       " (check UCX_TLS and UCX_NET_DEVICES, or choose FASTPS_TRANSPORT=tcp)"));
   }
   std::shared_ptr<UcxChannel> ch = make_channel(conn);
+  struct Forget {  // the token, unless the connection goes over UCX
+    UcxTransport* t;
+    uint64_t token;
+    bool keep = false;
+    ~Forget() {
+      if (!keep) t->forget_token(token);
+    }
+  } forget{this, ch->local_token};
   const std::string address = w->address();
   std::vector<uint8_t> offer(kUcxOfferFixedSize + address.size());
   store_le64(offer.data(), ch->local_token);
@@ -329,7 +347,7 @@ bool UcxTransport::upgrade_outgoing(const ConnPtr& conn, BlockingStream& stream)
                       ch->local_token, &why);
   FASTPS_CHECK_TYPED(ConnectionError, ch->ep != nullptr, "fastps: cannot reach ", where, " over UCX: ", why,
                      " (check UCX_TLS and UCX_NET_DEVICES on both hosts)");
-  conn->ucx = std::move(ch);
+  forget.keep = true;
   conn->use_ucx.store(true, std::memory_order_release);
   return true;
 }
@@ -342,12 +360,14 @@ bool UcxTransport::accept_offer(const ConnPtr& conn, Op op, const Payload& p, st
   std::shared_ptr<UcxChannel> ch = make_channel(conn);
   ch->remote_token = load_le64(p.data());
   ch->ep = w->connect(p.data() + kUcxOfferFixedSize, p.size() - kUcxOfferFixedSize, ch->local_token, why);
-  if (ch->ep == nullptr) return false;
+  if (ch->ep == nullptr) {
+    forget_token(ch->local_token);
+    return false;
+  }
   const std::string address = w->address();
   reply->resize(kUcxOfferFixedSize + address.size());
   store_le64(reply->data(), ch->local_token);
   std::memcpy(reply->data() + kUcxOfferFixedSize, address.data(), address.size());
-  conn->ucx = std::move(ch);
   conn->use_ucx.store(true, std::memory_order_release);
   return true;
 }
@@ -507,8 +527,7 @@ void UcxTransport::release_channel(const ConnPtr& conn) {
     std::lock_guard<std::mutex> lock(ch.rx_mu);
     ch.rx.clear();
   }
-  std::lock_guard<std::mutex> lock(tokens_mu_);
-  by_token_.erase(ch.local_token);
+  forget_token(ch.local_token);
 }
 
 PeerInfo UcxTransport::do_peer_info(ConnId id) const {

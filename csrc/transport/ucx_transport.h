@@ -92,6 +92,7 @@ class UcxTransport final : public ShmTransport {
   ucx::Worker* worker(std::string* why);
   std::shared_ptr<UcxChannel> make_channel(const ConnPtr& conn);
   ConnPtr find_token(uint64_t token) const;
+  void forget_token(uint64_t token);
   // From the progress thread: logs, tells the peer on the socket when it can
   // without waiting, and closes the connection on the loop thread.
   void fail_soon(const ConnPtr& conn, Status status, const std::string& reason);
