@@ -43,7 +43,8 @@ inline pybind11::dict stats_dict(const TransportStats& t) {
                   py::arg("messages_sent") = t.messages_sent,
                   py::arg("messages_received") = t.messages_received,
                   py::arg("queued_bytes") = t.queued_bytes, py::arg("queued_peak") = t.queued_peak,
-                  py::arg("frames_queued") = t.frames_queued);
+                  py::arg("frames_queued") = t.frames_queued, py::arg("ucx_connections") = t.ucx_connections,
+                  py::arg("ucx") = t.ucx);
 }
 
 // FASTPS_LIVENESS_TIMEOUT's seconds (0: off) as TransportOptions::liveness_timeout

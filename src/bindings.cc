@@ -16,6 +16,7 @@
 #include "server/ps_server.h"
 #include "common/mapped_buffer.h"
 #include "transport/shm.h"
+#include "transport/ucx_transport.h"
 #include "common/error.h"
 #include "server/server.h"
 #include "table/optimizer.h"
@@ -226,7 +227,8 @@ void bind_network(py::module_& m) {
            py::arg("liveness_timeout_s") = 30.0, py::arg("send_queue_bytes") = int64_t(kDefaultSendQueueLimit),
            py::arg("shm_spin_us") = int64_t(-1), py::arg("shm_yield_us") = int64_t(-1),
            "A network parameter server. transport: 'auto' accepts shared-memory offers from "
-           "clients on this host, 'tcp' declines them ('shm' behaves as 'auto' on a server). "
+           "clients on this host, 'tcp' declines them ('shm' behaves as 'auto' on a server), 'ucx' "
+           "accepts UCX offers too. "
            "max_parked_requests / max_parked_bytes: per connection, the requests that may wait for "
            "a later round or step and the payload bytes they may hold (0: twice max_payload). "
            "liveness_timeout_s: a worker silent this long is dropped (0: never); send_queue_bytes: "
@@ -270,7 +272,8 @@ py::class_<PsClient> bind_client(py::module_& m) {
            py::arg("liveness_timeout_s") = 30.0, py::arg("shm_spin_us") = int64_t(-1),
            py::arg("shm_yield_us") = int64_t(-1),
            "A worker's client. transport: 'auto' uses shared memory with servers on this host "
-           "and TCP with the others, 'tcp' only TCP, 'shm' shared memory or a ConnectionError. "
+           "and TCP with the others (UCX where this host has an RDMA device), 'tcp' only TCP, 'shm' shared "
+           "memory or a ConnectionError, 'ucx' UCX (docs/ucx.md) or a ConnectionError. "
            "liveness_timeout_s: a server silent this long is dropped (0: never). shm_spin_us / "
            "shm_yield_us: how long a shared-memory waiter spins, then yields, before it sleeps (-1: default).")
       .def(
@@ -377,7 +380,15 @@ PYBIND11_MODULE(_C, m) {
   // Bounds of FASTPS_SHM_RING_BYTES, checked in Python before the rendezvous.
   m.attr("SHM_MIN_RING_BYTES") = kShmMinRingBytes;
   m.attr("SHM_MAX_RING_BYTES") = kShmMaxRingBytes;
-  m.attr("PROTOCOL_VERSION") = kProtocolVersion;  // docs/protocol.md (for tests that speak it by hand)
+  m.attr("PROTOCOL_VERSION") = kProtocolVersion;
+  m.def(
+      "ucx_unavailable",
+      [] {
+        std::string why;
+        return load_ucx_plugin(&why) != nullptr ? std::string() : why;
+      },
+      "Why FASTPS_TRANSPORT=ucx cannot work in this process (the UCX plugin or libucp cannot be loaded), "
+      "or '' if it can.");  // docs/protocol.md (for tests that speak it by hand)
   m.attr("STEP_COUNTER_BUFFER") = kStepCounterBuffer;  // STATE_GET/STATE_SET's step-counter buffer
   // Process-wide settings of the sparse tables' memory (Note [Mapped table
   // memory], Note [Populating ahead]); the configuration resolver sets them.
@@ -392,6 +403,8 @@ PYBIND11_MODULE(_C, m) {
       if (p) std::rethrow_exception(p);
     } catch (const fastps::TimeoutError& e) {
       raise_as("TimeoutError", e);
+    } catch (const fastps::TransportUnavailable& e) {
+      raise_as("TransportUnavailableError", e);
     } catch (const fastps::ConnectionError& e) {
       raise_as("ConnectionError", e);
     } catch (const fastps::ProtocolError& e) {

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from fastps import _C
 from fastps.__main__ import main as fastps_main
 from fastps.bench import _common
 
@@ -70,7 +71,8 @@ def test_allreduce_yardsticks_tcp_raw_and_memcpy_check_their_bytes(tmp_path, cap
     (["-n", "0"], "must be at least 1"),
     (["-np", "1"], "-np must be at least 2"),
     (["--systems", "fastps,mpi"], "from fastps, gloo, nccl"),
-    (["--transport", "udp"], "invalid choice: 'udp'"),
+    (["--transport", "udp"], "transport='udp' is not allowed"),
+    (["--transport", "tcp,udp"], "transport='udp' is not allowed"),
     (["-np", "3", "--systems", "fastps,tcp-raw"], "tcp-raw needs exactly 2 workers"),
 ])
 def test_allreduce_bad_arguments_exit_2_and_say_what_to_write(args, message, capsys):
@@ -87,7 +89,19 @@ def test_allreduce_refuses_an_unknown_transport_from_the_environment(monkeypatch
         fastps_main(["bench", "allreduce"])
     assert e.value.code == 2
     assert "FASTPS_TRANSPORT='udp' is not allowed: it must be auto (shared memory between processes of one " \
-        "host, TCP between hosts), tcp or shm" in capsys.readouterr().err
+        "host, UCX between hosts with RDMA devices, TCP otherwise), tcp, shm or ucx" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(bool(_C.ucx_unavailable()), reason=f"ucx transport unavailable: {_C.ucx_unavailable()}")
+def test_allreduce_runs_once_per_transport_of_a_list_and_names_ucx_and_its_transports(capfd):
+    rc = fastps_main(["bench", "allreduce", "-b", "4K", "-e", "4K", "-n", "2", "-w", "1", "--latency-iters", "0",
+                      "--timeout", "90", "--systems", "fastps,memcpy", "--transport", "tcp,ucx"])
+    out = capfd.readouterr().out
+    assert rc == 0, out
+    heads = [line for line in out.splitlines() if line.startswith("# fastps: transport")]
+    assert len(heads) == 2, out
+    assert "transport tcp (FASTPS_TRANSPORT=tcp)" in heads[0], heads
+    assert "transport ucx (UCX " in heads[1] and "tcp" in heads[1] and "FASTPS_TRANSPORT=ucx" in heads[1], heads
 
 
 def test_allreduce_nccl_needs_gpus(capsys):

@@ -17,6 +17,7 @@ from fastps import _C
 from fastps._local_job import poll_until
 
 from _launch import Job, check, failures
+from _transports import ucx_param
 from _wait import wait_parked
 
 
@@ -42,11 +43,12 @@ def _load(out: Path, ranks: int):
     return [torch.load(f"{out}.{r}", weights_only=True) for r in range(ranks)]
 
 
-@pytest.mark.parametrize("name", [pytest.param("SGD", marks=pytest.mark.slow), "Adam",
-                                  pytest.param("Adagrad", marks=pytest.mark.slow)])
-def test_bsp_two_workers_two_servers_equals_single_process(tmp_path, name):
+@pytest.mark.parametrize("name,transport", [pytest.param("SGD", "auto", marks=pytest.mark.slow), ("Adam", "auto"),
+                                            ucx_param("Adam", "ucx"),
+                                            pytest.param("Adagrad", "auto", marks=pytest.mark.slow)])
+def test_bsp_two_workers_two_servers_equals_single_process(tmp_path, name, transport):
     out = tmp_path / "res"
-    with Job(2, ["train", name, "15", str(out)], servers=2) as job:
+    with Job(2, ["train", name, "15", str(out)], servers=2, env={"FASTPS_TRANSPORT": transport}) as job:
         check(job.wait())
     res = _load(out, 2)
     ref = _reference(name, 15)
@@ -59,7 +61,7 @@ def test_bsp_two_workers_two_servers_equals_single_process(tmp_path, name):
         assert torch.equal(res[r]["unused"], torch.full((3000,), 0.5))  # skipped every step
 
 
-@pytest.mark.parametrize("transport,remote", [("auto", "shm"), ("tcp", "tcp")])
+@pytest.mark.parametrize("transport,remote", [("auto", "shm"), ("tcp", "tcp"), ucx_param("ucx", "ucx")])
 def test_colocated_servers_bsp(tmp_path, transport, remote):
     out = tmp_path / "res"
     with Job(2, ["train", "Adam", "10", str(out)], env={"FASTPS_TRANSPORT": transport}) as job:
@@ -73,10 +75,12 @@ def test_colocated_servers_bsp(tmp_path, transport, remote):
         assert torch.equal(res[r]["unused"], torch.full((3000,), 0.5))
 
 
-@pytest.mark.parametrize("staleness", [pytest.param("-1", marks=pytest.mark.slow), "2"])
-def test_asp_and_ssp_converge(tmp_path, staleness):
+@pytest.mark.parametrize("staleness,transport", [pytest.param("-1", "auto", marks=pytest.mark.slow), ("2", "auto"),
+                                                  ucx_param("2", "ucx"), ucx_param("-1", "ucx", marks=[pytest.mark.slow])])
+def test_asp_and_ssp_converge(tmp_path, staleness, transport):
     out = tmp_path / "res"
-    with Job(2, ["train", "Adam", "40", str(out)], env={"FASTPS_STALENESS": staleness}) as job:
+    with Job(2, ["train", "Adam", "40", str(out)],
+             env={"FASTPS_STALENESS": staleness, "FASTPS_TRANSPORT": transport}) as job:
         check(job.wait())
     for r in _load(out, 2):
         losses = r["losses"]
@@ -151,9 +155,11 @@ def test_state_dict_round_trip_in_distributed_mode(tmp_path):
         assert r["after"] == r["again"]
 
 
-def test_killed_server_makes_workers_raise_quickly(tmp_path):
+@pytest.mark.parametrize("transport", ["auto", ucx_param("ucx")])
+def test_killed_server_makes_workers_raise_quickly(tmp_path, transport):
     out = tmp_path / "res"
-    with Job(2, ["slow", str(out)], servers=2, env={"FASTPS_TIMEOUT": "60"}, timeout=90) as job:
+    with Job(2, ["slow", str(out)], servers=2, env={"FASTPS_TIMEOUT": "60", "FASTPS_TRANSPORT": transport},
+             timeout=90) as job:
         results, elapsed = job.signal_server_once_training(out, 0, signal.SIGKILL)
     for r, (kind, delay, msg) in enumerate(failures(out, results)):
         assert kind in ("ConnectionError", "TimeoutError"), msg
@@ -161,15 +167,18 @@ def test_killed_server_makes_workers_raise_quickly(tmp_path):
     assert elapsed < 15.0
 
 
-def test_wrong_secret_is_rejected_and_server_keeps_serving():
-    server = _C.PsServer(0, 1, secret="right")
+@pytest.mark.parametrize("transport", ["auto", ucx_param("ucx")])
+def test_wrong_secret_is_rejected_and_server_keeps_serving(transport):
+    server = _C.PsServer(0, 1, secret="right", transport=transport)
     addr = [("127.0.0.1", server.port)]
-    bad = _C.PsClient(0, secret="wrong", timeout_s=5)
+    bad = _C.PsClient(0, secret="wrong", timeout_s=5, transport=transport)
     with pytest.raises(fastps.ConnectionError, match="secret"):
         bad.connect(addr)
-    good = _C.PsClient(0, secret="right", timeout_s=5, chunk_bytes=4096)
+    good = _C.PsClient(0, secret="right", timeout_s=5, chunk_bytes=4096, transport=transport)
     good.connect(addr)
     _roundtrip(good)
+    if transport == "ucx":
+        assert good.stats()["ucx_connections"] == 1, good.stats()
 
 
 def _roundtrip(client, tid=1):
@@ -185,14 +194,15 @@ def _roundtrip(client, tid=1):
     assert torch.equal(out, p - 0.5)
 
 
+@pytest.mark.parametrize("transport", ["auto", ucx_param("ucx")])
 @pytest.mark.parametrize("garbage", [
     pytest.param(os.urandom(4096), id="random"),
     pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", id="http"),
     pytest.param(b"FPS1" + b"\x01\x00" + b"\x01" + b"\x00" * 41 + b"\xff" * 8, id="huge-length"),
     pytest.param(b"FPS1\x01\x00", id="truncated"),
 ])
-def test_garbage_bytes_do_not_hurt_the_server(garbage):
-    server = _C.PsServer(0, 1, secret="s")
+def test_garbage_bytes_do_not_hurt_the_server(garbage, transport):
+    server = _C.PsServer(0, 1, secret="s", transport=transport)
     for _ in range(3):
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
             s.sendall(garbage)
@@ -201,12 +211,12 @@ def test_garbage_bytes_do_not_hurt_the_server(garbage):
                 s.recv(100)
             except (socket.timeout, ConnectionResetError):
                 pass
-    client = _C.PsClient(0, secret="s", timeout_s=5, chunk_bytes=4096)
+    client = _C.PsClient(0, secret="s", timeout_s=5, chunk_bytes=4096, transport=transport)
     client.connect([("127.0.0.1", server.port)])
     _roundtrip(client)
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm"])
+@pytest.mark.parametrize("transport", ["tcp", "shm", ucx_param("ucx")])
 def test_a_dead_worker_fails_the_round_and_the_server_survives(transport):
     # 3 workers, rank 2 leaves: rank 0's push_pull is parked, then failed; rank
     # 1's push to the same doomed round must fail too, not crash the server
@@ -331,13 +341,14 @@ def test_re_register_fails_waiting_requests():
         parked.wait()
 
 
-def test_a_reply_after_the_deadline_never_writes_into_the_callers_buffer():
+@pytest.mark.parametrize("transport", ["auto", ucx_param("ucx")])
+def test_a_reply_after_the_deadline_never_writes_into_the_callers_buffer(transport):
     """Once wait() raised TimeoutError the caller may free the output buffer
     (fastps.nn's RemoteTable.pull does): a late reply must be dropped, not
     written into that memory (it corrupted the heap)."""
-    server = _C.PsServer(0, 2, num_shards=1, secret="s")
-    a = _C.PsClient(0, secret="s", timeout_s=1)
-    b = _C.PsClient(1, secret="s", timeout_s=5)
+    server = _C.PsServer(0, 2, num_shards=1, secret="s", transport=transport)
+    a = _C.PsClient(0, secret="s", timeout_s=1, transport=transport)
+    b = _C.PsClient(1, secret="s", timeout_s=5, transport=transport)
     cfg = _C.SparseTableConfig(4, init=_C.SparseInit.ZEROS)
     for c in (a, b):
         c.connect([("127.0.0.1", server.port)])

@@ -23,6 +23,7 @@ from fastps import _C
 from fastps._local_job import poll_until
 
 from _launch import Job, check, failures
+from _transports import ucx_param
 from _wait import wait_queues_freed
 
 _HEADER = struct.Struct("<IHBBIIQQQII")  # docs/protocol.md, "Frame header"
@@ -114,7 +115,7 @@ c.connect([("127.0.0.1", port)])
 c.register_dense(1, n, False, _C.OptimHyper(), 0, 0).wait()  # placement only
 dst = [torch.empty(n) for _ in range(16)]
 futures = [c.pull(1, d.data_ptr(), n, 0) for d in dst]
-print(c.server_paths()[0], flush=True)
+print("ucx" if c.stats()["ucx_connections"] else c.server_paths()[0], flush=True)
 os.kill(os.getpid(), signal.SIGSTOP)
 """
 
@@ -123,14 +124,15 @@ os.kill(os.getpid(), signal.SIGSTOP)
 # finishing its copy: the server then revokes the claimed frame after a copy's time and
 # queues the reply (Note [By-reference frame states] in csrc/transport/shm.cc). Before, it
 # waited up to 5 s for the copy, and this case failed about half the time.
-@pytest.mark.parametrize("transport", ["tcp", "shm"])
+@pytest.mark.parametrize("transport", ["tcp", "shm", ucx_param("ucx")])
 def test_a_stopped_worker_does_not_stall_the_server(transport):
     """A worker SIGSTOPped with 16 pulls of 4 MiB in flight: over TCP its socket fills, over
     shared memory nobody copies the by-reference replies. Another worker's pull is served
     at once, the held replies stay bounded, and the stopped worker is dropped within the
     liveness window."""
     n = 1 << 20
-    server = _C.PsServer(0, 2, num_shards=1, secret="s", timeout_s=10, transport="auto", liveness_timeout_s=2)
+    server = _C.PsServer(0, 2, num_shards=1, secret="s", timeout_s=10, liveness_timeout_s=2,
+                         transport="ucx" if transport == "ucx" else "auto")
     good = _C.PsClient(0, secret="s", timeout_s=10, chunk_bytes=64 << 20, transport="tcp")
     good.connect([("127.0.0.1", server.port)])
     big, small = torch.zeros(n), torch.zeros(1000)
@@ -174,11 +176,13 @@ def test_liveness_settings_are_checked(monkeypatch):
         _cluster.config_from_env()
 
 
-def test_a_frozen_worker_is_named_within_the_liveness_window(tmp_path):
+@pytest.mark.parametrize("transport", ["auto", ucx_param("ucx")])
+def test_a_frozen_worker_is_named_within_the_liveness_window(tmp_path, transport):
     """SIGSTOP one of two workers: the other raises a typed error naming it within a few
     seconds (the window is 2 s), not after FASTPS_TIMEOUT (30 s here)."""
     out = tmp_path / "res"
-    with Job(2, ["slow", str(out)], env={"FASTPS_LIVENESS_TIMEOUT": "2"}, timeout=60) as job:
+    with Job(2, ["slow", str(out)], env={"FASTPS_LIVENESS_TIMEOUT": "2", "FASTPS_TRANSPORT": transport},
+             timeout=60) as job:
         job.wait_ready(out)
         t0 = time.monotonic()
         os.kill(job.workers[1].pid, signal.SIGSTOP)

@@ -17,6 +17,7 @@ from fastps import _C
 from fastps._local_job import poll_until
 
 from _launch import Job, check
+from _transports import ucx_param
 
 EMB_IDS = 40
 
@@ -57,9 +58,10 @@ def _check_against_reference(out, res, steps):
     return emb
 
 
-def test_embedding_bsp_two_workers_equals_single_process(tmp_path):
+@pytest.mark.parametrize("transport", ["auto", ucx_param("ucx")])
+def test_embedding_bsp_two_workers_equals_single_process(tmp_path, transport):
     steps = 6
-    out, res = _run(tmp_path, steps)  # colocated: 2 servers, ids split over them
+    out, res = _run(tmp_path, steps, env={"FASTPS_TRANSPORT": transport})  # colocated: 2 servers, ids split over them
     emb = _check_against_reference(out, res, steps)
     for r in range(2):
         # state_dict -> load_state_dict on every rank: training continues exactly as before
@@ -97,11 +99,12 @@ def test_killed_server_makes_embedding_workers_raise_quickly(tmp_path):
 
 # -- in-process: one PsServer, clients standing in for workers ---------------------------
 
-def _job(workers=1, servers=1, staleness=0):
-    ss = [_C.PsServer(i, workers, num_shards=2, staleness=staleness, secret="s") for i in range(servers)]
+def _job(workers=1, servers=1, staleness=0, transport="auto"):
+    ss = [_C.PsServer(i, workers, num_shards=2, staleness=staleness, secret="s", transport=transport)
+          for i in range(servers)]
     cs = []
     for r in range(workers):
-        c = _C.PsClient(r, secret="s", timeout_s=5)
+        c = _C.PsClient(r, secret="s", timeout_s=5, transport=transport)
         c.connect([("127.0.0.1", s.port) for s in ss])
         cs.append(c)
     return ss, cs
@@ -125,8 +128,9 @@ def _push(c, table, ids, grads, step, optim=None):
                          optim or _sgd(), step)
 
 
-def test_bsp_push_is_the_mean_of_the_workers_rows_and_pulls_wait_for_the_round():
-    servers, (a, b) = _job(workers=2, servers=2)
+@pytest.mark.parametrize("transport", ["auto", ucx_param("ucx")])
+def test_bsp_push_is_the_mean_of_the_workers_rows_and_pulls_wait_for_the_round(transport):
+    servers, (a, b) = _job(workers=2, servers=2, transport=transport)
     cfg = _C.SparseTableConfig(2, init=_C.SparseInit.ZEROS)
     a.sparse_create(1, cfg).wait()
     b.sparse_create(1, cfg).wait()  # idempotent
@@ -192,8 +196,9 @@ def test_capacity_error_names_the_max_rows_the_user_set():
         c.sparse_create(5, _C.SparseTableConfig(2, max_rows=3)).wait()
 
 
-def test_dead_worker_fails_the_round_at_once():
-    _, (a, b) = _job(workers=2)
+@pytest.mark.parametrize("transport", ["auto", ucx_param("ucx")])
+def test_dead_worker_fails_the_round_at_once(transport):
+    _, (a, b) = _job(workers=2, transport=transport)
     cfg = _C.SparseTableConfig(2)
     a.sparse_create(1, cfg).wait()
     b.sparse_create(1, cfg).wait()

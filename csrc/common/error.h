@@ -38,6 +38,14 @@ class ConnectionError : public Error {
   using Error::Error;
 };
 
+// A transport that was asked for cannot work in this process: the "ucx"
+// transport where the UCX plugin or the system's UCX cannot be loaded. The
+// message says why and what to set instead.
+class TransportUnavailable : public ConnectionError {
+ public:
+  using ConnectionError::ConnectionError;
+};
+
 // A peer sent something that breaks the wire protocol.
 class ProtocolError : public Error {
  public:

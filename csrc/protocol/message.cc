@@ -59,11 +59,12 @@ size_t utf8_sequence_length(const uint8_t* p, size_t left) {
 }  // namespace
 
 bool is_known_op(uint8_t op) {
-  return (op >= 1 && op <= 11) || (op >= 16 && op <= 25) || (op >= 32 && op <= 37);
+  return (op >= 1 && op <= 14) || (op >= 16 && op <= 25) || (op >= 32 && op <= 37);
 }
 
 bool is_transport_op(Op op) {
-  return op == Op::kShmOffer || op == Op::kShmAccept || op == Op::kShmDecline || op == Op::kHeartbeat;
+  return op == Op::kShmOffer || op == Op::kShmAccept || op == Op::kShmDecline || op == Op::kHeartbeat ||
+         op == Op::kUcxOffer || op == Op::kUcxAccept || op == Op::kUcxDecline;
 }
 
 bool is_handshake_op(Op op) {
@@ -83,6 +84,9 @@ std::string op_name(Op op) {
     case Op::kShmAccept: return "SHM_ACCEPT";
     case Op::kShmDecline: return "SHM_DECLINE";
     case Op::kHeartbeat: return "HEARTBEAT";
+    case Op::kUcxOffer: return "UCX_OFFER";
+    case Op::kUcxAccept: return "UCX_ACCEPT";
+    case Op::kUcxDecline: return "UCX_DECLINE";
     case Op::kRegister: return "REGISTER";
     case Op::kPush: return "PUSH";
     case Op::kPull: return "PULL";

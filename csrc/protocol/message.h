@@ -53,6 +53,9 @@ enum class Op : uint8_t {
   kShmAccept = 9,   // server -> client: rings mapped; every later frame goes through them
   kShmDecline = 10, // server -> client: stay on TCP (payload: the reason, as text)
   kHeartbeat = 11,  // either way on an idle socket: "still here" (Note [Liveness] in transport/tcp.h)
+  kUcxOffer = 12,   // client -> server after AUTH_OK: carry frames over UCX (transport/ucx_transport.h)
+  kUcxAccept = 13,  // server -> client: endpoint made; every later frame goes over UCX
+  kUcxDecline = 14, // server -> client: stay on TCP (payload: the reason, as text)
   kRegister = 16,
   kPush = 17,
   kPull = 18,
@@ -101,12 +104,17 @@ enum class Status : uint32_t {
 bool is_known_op(uint8_t op);
 // HELLO, CHALLENGE, AUTH, AUTH_OK: valid only before the handshake completes.
 bool is_handshake_op(Op op);
-// SHM_OFFER, SHM_ACCEPT, SHM_DECLINE, HEARTBEAT: sent by transports
-// themselves, never by their users (Transport::send() refuses them).
+// SHM_OFFER, SHM_ACCEPT, SHM_DECLINE, HEARTBEAT, UCX_OFFER, UCX_ACCEPT,
+// UCX_DECLINE: sent by transports themselves, never by their users
+// (Transport::send() refuses them).
 bool is_transport_op(Op op);
 // SHM_OFFER payload: u64 ring_bytes, token, then the segment name (no NUL).
 constexpr size_t kShmOfferFixedSize = 8 + 32;
 constexpr size_t kShmMaxNameSize = 255;
+// UCX_OFFER and UCX_ACCEPT payload: u64 the sender's connection token, then
+// its UCP worker address (at most kUcxMaxAddressSize bytes).
+constexpr size_t kUcxOfferFixedSize = 8;
+constexpr size_t kUcxMaxAddressSize = 64 << 10;
 // "PUSH", "ERROR", ...; "op#<n>" for unknown values.
 std::string op_name(Op op);
 // "AUTH", "LIMIT", ...; "status#<n>" for unknown values.

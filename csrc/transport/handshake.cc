@@ -86,6 +86,33 @@ Message read_handshake_frame(BlockingStream& s, Op expected, size_t expected_len
 
 }  // namespace
 
+OfferAnswer exchange_offer(BlockingStream& s, Op offer, const std::vector<uint8_t>& payload, Op accept, Op decline,
+                           size_t max_answer, const char* what) {
+  const std::string& where = s.where();
+  MessageHeader h;
+  h.op = offer;
+  write_handshake_frame(s, h, payload.data(), payload.size());
+  uint8_t hb[kHeaderSize];
+  s.read_exact(hb, kHeaderSize);
+  MessageHeader r = decode_header(hb);
+  FASTPS_CHECK_TYPED(ProtocolError, r.magic == kProtocolMagic && r.payload_len <= max_answer, "fastps: ", where,
+                     " answered the ", what, " offer with an invalid frame (", header_problem(r, max_answer), ")");
+  OfferAnswer a;
+  a.payload.resize(r.payload_len);
+  s.read_exact(a.payload.data(), a.payload.size());
+  if (r.op == accept) {
+    a.accepted = true;
+    return a;
+  }
+  a.reason = sanitize_error_text(a.payload.data(), a.payload.size());
+  if (r.op == decline) return a;
+  if (r.op == Op::kError) {
+    throw ConnectionError(concat("fastps: ", where, " refused the ", what, " offer (", status_name(r.status), "): ",
+                                 a.reason));
+  }
+  throw ProtocolError(concat("fastps: ", where, " answered the ", what, " offer with ", op_name(r.op)));
+}
+
 uint64_t client_handshake(BlockingStream& s, const std::string& secret, uint64_t max_payload, int rank) {
   const std::string& where = s.where();
   Hello hello;

@@ -41,6 +41,20 @@ void write_handshake_frame(BlockingStream& s, MessageHeader h, const uint8_t* pa
 // naming s.where().
 uint64_t client_handshake(BlockingStream& s, const std::string& secret, uint64_t max_payload, int rank);
 
+// The client side of an offer right after AUTH_OK (SHM_OFFER, UCX_OFFER:
+// docs/protocol.md): writes the `offer` frame with `payload`, reads the
+// answer (at most `max_answer` payload bytes). `accepted` is true for an
+// `accept` answer (its payload in `payload`), false for a `decline` one (its
+// text in `reason`). An ERROR answer throws ConnectionError, anything else
+// ProtocolError, each naming s.where() and `what` ("shared-memory", "UCX").
+struct OfferAnswer {
+  bool accepted = false;
+  std::vector<uint8_t> payload;
+  std::string reason;
+};
+OfferAnswer exchange_offer(BlockingStream& s, Op offer, const std::vector<uint8_t>& payload, Op accept, Op decline,
+                           size_t max_answer, const char* what);
+
 // The outcome of a server-side check: ok, or the status and reason of the
 // ERROR frame to send before closing.
 struct HandshakeCheck {

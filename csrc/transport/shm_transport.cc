@@ -76,33 +76,15 @@ std::unique_ptr<ShmSegment> offer_shm(BlockingStream& stream, const TransportOpt
   store_le64(offer.data(), seg->ring_bytes());
   std::memcpy(offer.data() + 8, seg->token(), kShmTokenSize);
   std::memcpy(offer.data() + kShmOfferFixedSize, seg->name().data(), seg->name().size());
-  MessageHeader h;
-  h.op = Op::kShmOffer;
-  write_handshake_frame(stream, h, offer.data(), offer.size());
-
-  uint8_t hb[kHeaderSize];
-  stream.read_exact(hb, kHeaderSize);
-  MessageHeader r = decode_header(hb);
-  FASTPS_CHECK_TYPED(ProtocolError, r.magic == kProtocolMagic && r.payload_len <= kMaxHandshakePayload,
-                     "fastps: ", where, " answered the shared-memory offer with an invalid frame (",
-                     header_problem(r, kMaxHandshakePayload), ")");
-  std::vector<uint8_t> body(r.payload_len);
-  stream.read_exact(body.data(), body.size());
-  std::string text = sanitize_error_text(body.data(), body.size());
-  if (r.op == Op::kShmAccept) {
-    seg->unlink();  // the server did already; nothing may remain in /dev/shm
-    seg->probe_peer();
-    return seg;
-  }
-  if (r.op == Op::kShmDecline) {
-    *why = concat(where, " declined: ", text);
+  const OfferAnswer a = exchange_offer(stream, Op::kShmOffer, offer, Op::kShmAccept, Op::kShmDecline,
+                                      kMaxHandshakePayload, "shared-memory");
+  if (!a.accepted) {
+    *why = concat(where, " declined: ", a.reason);
     return nullptr;
   }
-  if (r.op == Op::kError) {
-    throw ConnectionError(concat("fastps: ", where, " refused the shared-memory offer (",
-                                 status_name(r.status), "): ", text));
-  }
-  throw ProtocolError(concat("fastps: ", where, " answered the shared-memory offer with ", op_name(r.op)));
+  seg->unlink();  // the server did already; nothing may remain in /dev/shm
+  seg->probe_peer();
+  return seg;
 }
 
 }  // namespace
@@ -160,7 +142,7 @@ void ShmTransport::use_segment(Conn& conn, std::unique_ptr<ShmSegment> seg) {
   conn.use_shm.store(true, std::memory_order_release);
 }
 
-bool ShmTransport::upgrade_outgoing(Conn& conn, BlockingStream& stream) {
+bool ShmTransport::upgrade_outgoing(const ConnPtr& conn, BlockingStream& stream) {
   std::string why;
   std::unique_ptr<ShmSegment> seg = offer_shm(stream, options(), &why);
   if (!seg) {
@@ -169,15 +151,17 @@ bool ShmTransport::upgrade_outgoing(Conn& conn, BlockingStream& stream) {
                                  " (FASTPS_TRANSPORT=shm needs every server on this host; use auto "
                                  "or tcp otherwise)"));
   }
-  use_segment(conn, std::move(seg));
+  use_segment(*conn, std::move(seg));
   return true;
 }
 
-bool ShmTransport::accept_offer(Conn& conn, const Payload& p, std::string* why) {
+bool ShmTransport::accept_offer(const ConnPtr& conn, Op op, const Payload& p, std::vector<uint8_t>* reply,
+                                std::string* why) {
+  if (op != Op::kShmOffer) return TcpTransport::accept_offer(conn, op, p, reply, why);
   std::string name(reinterpret_cast<const char*>(p.data() + kShmOfferFixedSize), p.size() - kShmOfferFixedSize);
   std::unique_ptr<ShmSegment> seg = ShmSegment::open(name, p.data() + 8, load_le64(p.data()), why);
   if (!seg) return false;
-  use_segment(conn, std::move(seg));
+  use_segment(*conn, std::move(seg));
   return true;
 }
 

@@ -32,7 +32,7 @@
 
 namespace fastps {
 
-class ShmTransport final : public TcpTransport {
+class ShmTransport : public TcpTransport {
  public:
   // `require`: connect() fails (ConnectionError) unless the server maps the
   // rings; otherwise the connection stays on TCP.
@@ -41,8 +41,9 @@ class ShmTransport final : public TcpTransport {
 
  protected:
   PeerInfo do_peer_info(ConnId conn) const override;
-  bool upgrade_outgoing(Conn& conn, BlockingStream& stream) override;
-  bool accept_offer(Conn& conn, const Payload& offer, std::string* why) override;
+  bool upgrade_outgoing(const ConnPtr& conn, BlockingStream& stream) override;
+  bool accept_offer(const ConnPtr& conn, Op op, const Payload& offer, std::vector<uint8_t>* reply,
+                    std::string* why) override;
   void start_channel(const ConnPtr& conn) override;
   void send_frame(const ConnPtr& conn, const uint8_t* header, const ConstBuffer* segments, size_t nsegments,
                   uint64_t payload_len, Clock::time_point deadline) override;

@@ -84,10 +84,15 @@ TcpTransport::~TcpTransport() {
 
 // --- Hooks of the shared-memory subclass ----------------------------------------
 
-bool TcpTransport::upgrade_outgoing(Conn&, BlockingStream&) { return false; }
+bool TcpTransport::upgrade_outgoing(const ConnPtr&, BlockingStream&) { return false; }
 
-bool TcpTransport::accept_offer(Conn&, const Payload&, std::string* why) {
-  *why = "this server uses TCP only (its FASTPS_TRANSPORT is tcp)";
+bool TcpTransport::accept_offer(const ConnPtr&, Op op, const Payload&, std::vector<uint8_t>*, std::string* why) {
+  if (op == Op::kUcxOffer) {
+    *why = concat("this server does not use UCX (its FASTPS_TRANSPORT is ", kind(),
+                  "; set FASTPS_TRANSPORT=ucx on every process of the job)");
+  } else {
+    *why = "this server uses TCP only (its FASTPS_TRANSPORT is tcp)";
+  }
   return false;
 }
 
@@ -130,7 +135,7 @@ ConnId TcpTransport::do_connect(const std::string& host, uint16_t port, int rank
     conn->peer_max_payload = client_handshake(stream, options().secret, options().max_payload, rank);
     conn->sockets.push_back(socket);
     // Shared memory: the rings carry every frame; one socket suffices for liveness.
-    if (i == 0 && upgrade_outgoing(*conn, stream)) break;
+    if (i == 0 && upgrade_outgoing(conn, stream)) break;
   }
   const int64_t now = now_ns();
   for (auto& s : conn->sockets) {
@@ -158,7 +163,8 @@ ConnId TcpTransport::do_connect(const std::string& host, uint16_t port, int rank
       throw ConnectionError(concat("fastps: cannot watch the connection to ", where, ": ", errno_text(err)));
     }
   }
-  if (conn->use_shm.load(std::memory_order_acquire)) start_channel(conn);
+  if (conn->use_shm.load(std::memory_order_acquire) || conn->use_ucx.load(std::memory_order_acquire))
+    start_channel(conn);
   return conn->id;
 }
 
@@ -466,6 +472,7 @@ std::string TcpTransport::describe(const Conn& conn) const {
   std::string s = concat("connection ", conn.id, " (", conn.outgoing ? "to " : "from ", conn.peer);
   if (conn.established.load(std::memory_order_acquire) && conn.rank >= 0) s += concat(", rank ", conn.rank);
   if (conn.use_shm.load(std::memory_order_acquire)) s += ", shared memory";
+  if (conn.use_ucx.load(std::memory_order_acquire)) s += ", UCX";
   return s + ")";
 }
 

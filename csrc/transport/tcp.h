@@ -121,6 +121,7 @@ namespace fastps {
 
 struct OutBytes;
 struct ShmChannel;
+struct UcxChannel;
 
 class TcpTransport : public Transport {
  public:
@@ -133,6 +134,7 @@ class TcpTransport : public Transport {
 
  protected:
   friend struct ShmChannel;  // holds a Socket: its ring's parse state
+  friend class UcxTransport;  // a subclass of a subclass: reaches Conn and Entry
   struct Socket;
   struct Conn;
   using SocketPtr = std::shared_ptr<Socket>;
@@ -152,12 +154,17 @@ class TcpTransport : public Transport {
   // --- Hooks of the shared-memory subclass (no-ops here) ---
   // Client, caller's thread, after the handshake of an outgoing connection's
   // first socket: true if the connection's frames travel elsewhere from now
-  // on (conn.shm and conn.use_shm set; no more sockets are opened).
-  virtual bool upgrade_outgoing(Conn& conn, BlockingStream& stream);
-  // Server, loop thread: a well-formed SHM_OFFER arrived. Returns true after
-  // setting conn.shm and conn.use_shm, else false with the reason to decline.
-  virtual bool accept_offer(Conn& conn, const Payload& offer, std::string* why);
-  // A connection with conn.use_shm set is registered: start its threads.
+  // on (conn.shm and conn.use_shm, or conn.ucx and conn.use_ucx, set; no
+  // more sockets are opened).
+  virtual bool upgrade_outgoing(const ConnPtr& conn, BlockingStream& stream);
+  // Server, loop thread: a well-formed SHM_OFFER or UCX_OFFER (`op`) arrived.
+  // Returns true after setting the connection's channel (conn.shm/use_shm,
+  // conn.ucx/use_ucx), with the payload of the ACCEPT frame in *reply; else
+  // false with the reason to decline.
+  virtual bool accept_offer(const ConnPtr& conn, Op op, const Payload& offer, std::vector<uint8_t>* reply,
+                            std::string* why);
+  // A connection with a channel (conn.use_shm or conn.use_ucx) is
+  // registered: start its threads.
   virtual void start_channel(const ConnPtr& conn);
   // Sends one frame; this class writes to the connection's sockets.
   virtual void send_frame(const ConnPtr& conn, const uint8_t* header, const ConstBuffer* segments,

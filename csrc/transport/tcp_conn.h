@@ -95,6 +95,10 @@ struct TcpTransport::Conn {
   // the connection's rings, and the socket only carries heartbeats.
   std::shared_ptr<ShmChannel> shm;
   std::atomic<bool> use_shm{false};
+  // UCX (transport/ucx_transport.h), the same way: `ucx` is set before
+  // `use_ucx` (release); then every frame goes over the UCX endpoint.
+  std::shared_ptr<UcxChannel> ucx;
+  std::atomic<bool> use_ucx{false};
 
   // Note [Send queues]: bytes waiting in this connection's queues (its
   // sockets' and, with shared memory, the channel's), and when queued bytes

@@ -512,40 +512,43 @@ void TcpTransport::teardown(const ConnPtr& conn, const std::string& reason) {
 }
 
 
-// HEARTBEAT, and the server side of docs/protocol.md "Shared memory".
+// HEARTBEAT, and the server side of docs/protocol.md "Shared memory" and "UCX".
 bool TcpTransport::on_transport_op(const Entry& e, Message&& frame) {
   Conn& conn = *e.conn;
   const MessageHeader& h = frame.header;
   if (h.op == Op::kHeartbeat && h.payload_len == 0) return true;  // Note [Liveness]: it arrived; that is all
-  if (h.op != Op::kShmOffer || conn.outgoing || conn.use_shm.load(std::memory_order_acquire) ||
-      e.socket->fd < 0) {
+  const bool shm = h.op == Op::kShmOffer;
+  if ((!shm && h.op != Op::kUcxOffer) || conn.outgoing || conn.use_shm.load(std::memory_order_acquire) ||
+      conn.use_ucx.load(std::memory_order_acquire) || e.socket->fd < 0) {
     fail(e, Status::kProtocol, concat("unexpected ", op_name(h.op), " frame"));
     return false;
   }
   const Payload& p = frame.payload;
-  if (p.size() <= kShmOfferFixedSize || p.size() > kShmOfferFixedSize + kShmMaxNameSize) {
-    fail(e, Status::kProtocol, concat("malformed SHM_OFFER (", p.size(), " bytes)"));
+  if (shm ? p.size() <= kShmOfferFixedSize || p.size() > kShmOfferFixedSize + kShmMaxNameSize
+          : p.size() <= kUcxOfferFixedSize || p.size() > kUcxOfferFixedSize + kUcxMaxAddressSize) {
+    fail(e, Status::kProtocol, concat("malformed ", op_name(h.op), " (", p.size(), " bytes)"));
     return false;
   }
   std::string why;
+  std::vector<uint8_t> body;
   MessageHeader reply;
-  bool sent;
-  // A TCP-only server declines; ShmTransport maps the segment if it can.
-  if (accept_offer(conn, p, &why)) {
-    reply.op = Op::kShmAccept;
-    sent = send_small_frame(e.socket->fd, reply, nullptr, 0);
+  // A TCP-only server declines; ShmTransport maps the segment if it can,
+  // UcxTransport makes an endpoint.
+  if (accept_offer(e.conn, h.op, p, &body, &why)) {
+    reply.op = shm ? Op::kShmAccept : Op::kUcxAccept;
   } else {
-    reply.op = Op::kShmDecline;
+    reply.op = shm ? Op::kShmDecline : Op::kUcxDecline;
     std::string text = truncate_utf8(why, kMaxErrorMessage);
-    sent = send_small_frame(e.socket->fd, reply, reinterpret_cast<const uint8_t*>(text.data()), text.size());
+    body.assign(text.begin(), text.end());
   }
-  if (!sent) {
-    std::string reason = concat("could not answer SHM_OFFER: ", errno_text(errno));
+  if (!send_small_frame(e.socket->fd, reply, body.data(), body.size())) {
+    std::string reason = concat("could not answer ", op_name(h.op), ": ", errno_text(errno));
     transport_log(concat("closing ", describe(conn), ": ", reason));
     teardown(e.conn, reason);
     return false;
   }
-  if (conn.use_shm.load(std::memory_order_relaxed)) start_channel(e.conn);
+  if (conn.use_shm.load(std::memory_order_relaxed) || conn.use_ucx.load(std::memory_order_relaxed))
+    start_channel(e.conn);
   return true;
 }
 

@@ -2,11 +2,13 @@
 
 #include <cstdio>
 #include <exception>
+#include <mutex>
 
 #include "common/error.h"
 #include "transport/shm.h"
 #include "transport/shm_transport.h"
 #include "transport/tcp.h"
+#include "transport/ucx_transport.h"
 
 namespace fastps {
 
@@ -53,10 +55,31 @@ std::unique_ptr<Transport> Transport::create(const std::string& kind,
   // Both accept shared-memory offers as servers; as clients "shm" insists
   // on shared memory, "auto" falls back to TCP for peers on other hosts.
   if (kind == "shm") return std::make_unique<ShmTransport>("shm", options, true);
-  if (kind == "auto") return std::make_unique<ShmTransport>("auto", options, false);
+  std::string why;
+  if (kind == "ucx") {
+    const ucx::Plugin* plugin = load_ucx_plugin(&why);
+    if (plugin == nullptr) {
+      throw TransportUnavailable(detail::concat("fastps: FASTPS_TRANSPORT=ucx is not available here: ", why));
+    }
+    return std::make_unique<UcxTransport>("ucx", options, plugin, true);
+  }
+  if (kind == "auto") {
+    // UCX between hosts only where it can use RDMA; between processes of
+    // one host shared memory is faster, and TCP is TCP either way.
+    if (host_has_rdma_device()) {
+      if (const ucx::Plugin* plugin = load_ucx_plugin(&why))
+        return std::make_unique<UcxTransport>("auto", options, plugin, false);
+      static std::once_flag logged;
+      std::call_once(logged, [&] {
+        transport_log(detail::concat("this host has an RDMA device but UCX is not available (", why,
+                                     "); FASTPS_TRANSPORT=auto uses TCP between hosts"));
+      });
+    }
+    return std::make_unique<ShmTransport>("auto", options, false);
+  }
   throw InvalidArgument(detail::concat("fastps: unknown transport '", kind,
-                                       "': it must be 'auto' (shared memory with processes on this host, TCP "
-                                       "otherwise), 'tcp' or 'shm'"));
+                                       "': it must be 'auto' (shared memory with processes on this host, UCX "
+                                       "between hosts with RDMA devices, TCP otherwise), 'tcp', 'shm' or 'ucx'"));
 }
 
 Transport::Transport(std::string kind, const TransportOptions& options)
@@ -153,6 +176,7 @@ TransportStats Transport::stats() const {
   s.queued_bytes = queued_bytes_.load(std::memory_order_relaxed);
   s.queued_peak = queued_peak_.load(std::memory_order_relaxed);
   s.frames_queued = frames_queued_.load(std::memory_order_relaxed);
+  add_stats(&s);
   return s;
 }
 

@@ -3,8 +3,9 @@
 // by name through Transport::create(), the one place that maps names to
 // implementations: "tcp" (sockets; transport/tcp.h), "shm" and "auto"
 // (connections between processes of one host switch to shared-memory rings
-// after the handshake; transport/shm_transport.h). "ucx" is planned behind the
-// same interface and will reuse the handshake (transport/handshake.h).
+// after the handshake; transport/shm_transport.h), "ucx" (frames over UCX,
+// RDMA where the fabric has it, loaded at run time; transport/ucx_transport.h;
+// "auto" uses it between hosts that have RDMA devices).
 //
 // Design note (the ps-lite Van pattern): the public methods are non-virtual;
 // they validate arguments, enforce the frame limits and keep the byte/message
@@ -22,7 +23,10 @@
 //    listen() or connect(); later calls throw InvalidArgument.
 //  * The handlers run on the transport's event-loop thread, one call at a
 //    time, except that the frames of a shared-memory connection are
-//    delivered by that connection's own reader thread: handlers that keep
+//    delivered by that connection's own reader thread, and those of a UCX
+//    connection by the UCX progress thread (or, for frames that arrived
+//    before connect() registered the connection, by connect()'s caller):
+//    handlers that keep
 //    state across connections must lock it (frames of one connection always
 //    arrive in order, one at a time; its disconnect handler runs after its
 //    last frame was delivered). While a handler runs, its connection (and,
@@ -117,6 +121,10 @@ struct PeerInfo {
   // in both directions (Note [Single copy] in transport/shm.h).
   bool single_copy = false;
   uint64_t max_payload = 0;  // the largest payload the peer accepts (announced in the handshake)
+  bool ucx = false;  // frames travel over UCX (transport/ucx_transport.h)
+  // ... through these UCX transports ("tcp/lo", "rc_mlx5/mlx5_0:1"), as UCX
+  // reports them; empty when not over UCX or before UCX has said.
+  std::string ucx_transports;
 };
 
 struct TransportStats {
@@ -132,16 +140,24 @@ struct TransportStats {
   uint64_t queued_bytes = 0;
   uint64_t queued_peak = 0;
   uint64_t frames_queued = 0;
+  // Established connections whose frames travel over UCX now, and which UCX
+  // transports they use ("UCX 1.13.1: tcp/lo"; empty without UCX).
+  uint64_t ucx_connections = 0;
+  std::string ucx;
 };
 
 class Transport {
  public:
   // Builds a transport by name: "tcp" (sockets only; as a server it
-  // declines shared memory), "shm" (a client connects through shared memory
-  // or fails with ConnectionError) or "auto" (shared memory with peers on
-  // this host, TCP otherwise); as servers "shm" and "auto" both accept
-  // shared memory from clients that offer it. Throws InvalidArgument for an
-  // unknown name or invalid options. The event loop starts here.
+  // declines shared memory and UCX), "shm" (a client connects through shared
+  // memory or fails with ConnectionError), "ucx" (every connection's frames
+  // over UCX, or ConnectionError) or "auto" (shared memory with peers on
+  // this host; UCX with the others where this host has an RDMA device and
+  // UCX loads; TCP otherwise); as servers "shm" and "auto" accept shared
+  // memory from clients that offer it, "ucx" (and "auto" where it uses UCX)
+  // accept both. Throws InvalidArgument for an unknown name or invalid
+  // options, TransportUnavailable for "ucx" where UCX cannot be loaded. The
+  // event loop starts here.
   static std::unique_ptr<Transport> create(const std::string& kind,
                                            const TransportOptions& options = TransportOptions());
 
@@ -216,6 +232,8 @@ class Transport {
                        size_t nsegments, uint64_t payload_len) = 0;
   virtual void do_close(ConnId conn, const std::string& reason) = 0;
   virtual PeerInfo do_peer_info(ConnId conn) const = 0;
+  // Adds what an implementation knows beyond the counters (UCX).
+  virtual void add_stats(TransportStats*) const {}
 
   // For implementations, on the event-loop thread. deliver() counts the frame
   // and runs the handler; it returns false if the handler threw (the

@@ -19,6 +19,7 @@ from .errors import (
     InvalidArgumentError,
     ProtocolError,
     TimeoutError,
+    TransportUnavailableError,
 )
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "ProtocolError",
     "CapacityError",
     "CheckpointError",
+    "TransportUnavailableError",
 ]

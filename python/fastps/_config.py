@@ -43,7 +43,7 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 # FASTPS_TRANSPORT's values (docs/configuration.md).
-TRANSPORTS = ("auto", "tcp", "shm")
+TRANSPORTS = ("auto", "tcp", "shm", "ucx")
 
 
 def _liveness_ok(v: float) -> bool:
@@ -72,7 +72,8 @@ def _settings() -> Dict[str, Setting]:
         Setting("secret", "FASTPS_SECRET", str, None, "the job's shared secret"),
         Setting("connections", "FASTPS_CONNECTIONS", int, 1, "an integer >= 1", lambda v: v >= 1),
         Setting("transport", "FASTPS_TRANSPORT", str, "auto",
-                "auto (shared memory between processes of one host, TCP between hosts), tcp or shm",
+                "auto (shared memory between processes of one host, UCX between hosts with RDMA devices, "
+                "TCP otherwise), tcp, shm or ucx",
                 lambda v: v in TRANSPORTS),
         Setting("shm_ring_bytes", "FASTPS_SHM_RING_BYTES", int, 4 << 20,
                 f"an integer between {_C.SHM_MIN_RING_BYTES} and {_C.SHM_MAX_RING_BYTES}", _shm_ring_ok),

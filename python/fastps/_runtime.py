@@ -39,7 +39,7 @@ class Config:
     advertise: Optional[str] = _default("advertise")      # address others use (default: bind, or hostname)
     secret: Optional[str] = field(default=_default("secret"), repr=False)  # the job's secret (default: rank 0 makes one)
     connections: int = _default("connections")            # TCP connections per server
-    transport: str = _default("transport")                # auto (shm on this host, else tcp), tcp, shm
+    transport: str = _default("transport")                # auto (shm on this host, else ucx/tcp), tcp, shm, ucx
     shm_ring_bytes: int = _default("shm_ring_bytes")      # each shared-memory ring
     shm_spin_us: int = _default("shm_spin_us")            # idle ring reader spins this long (-1: pick)
     shm_yield_us: int = _default("shm_yield_us")          # then yields this long before sleeping (-1: pick)
@@ -102,7 +102,7 @@ def init(*, num_shards: Optional[int] = None, chunk_bytes: Optional[int] = None,
         secret: the job's handshake secret, the same in every process.
             Default: ``FASTPS_SECRET``, else rank 0 generates one.
         connections: TCP connections from each worker to each server. Default: ``FASTPS_CONNECTIONS`` or 1.
-        transport: ``auto``, ``tcp`` or ``shm``. Default: ``FASTPS_TRANSPORT`` or auto.
+        transport: ``auto``, ``tcp``, ``shm`` or ``ucx`` (docs/ucx.md). Default: ``FASTPS_TRANSPORT`` or auto.
         shm_ring_bytes: bytes of each shared-memory ring. Default: ``FASTPS_SHM_RING_BYTES`` or 4 MiB.
         shm_spin_us, shm_yield_us: microseconds an idle shared-memory reader spins, then
             yields, before it sleeps (-1: fastps picks). Default: ``FASTPS_SHM_SPIN_US``,

@@ -13,6 +13,7 @@ __all__ = [
     "InvalidArgumentError",
     "TimeoutError",
     "ConnectionError",
+    "TransportUnavailableError",
     "ProtocolError",
     "CapacityError",
     "CheckpointError",
@@ -33,6 +34,13 @@ class TimeoutError(FastPSError, builtins.TimeoutError):  # noqa: A001 - mirrors 
 
 class ConnectionError(FastPSError, builtins.ConnectionError):  # noqa: A001
     """A peer could not be reached or went away."""
+
+
+class TransportUnavailableError(ConnectionError):
+    """The transport asked for cannot work in this process: ``FASTPS_TRANSPORT=ucx`` where
+    this fastps was built without UCX or the system's UCX (``libucp.so.0``) cannot be loaded.
+    The message says why and what to set (install UCX, ``LD_LIBRARY_PATH``, or
+    ``FASTPS_TRANSPORT=tcp``/``shm``)."""
 
 
 class ProtocolError(FastPSError):

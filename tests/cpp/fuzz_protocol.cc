@@ -256,7 +256,7 @@ struct Frame {
   Bytes payload;
 };
 
-const uint8_t kKnownOps[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 16, 17, 18, 19, 20, 21, 22, 23, 24, 32, 33, 34, 35, 36, 37};
+const uint8_t kKnownOps[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23, 24, 32, 33, 34, 35, 36, 37};
 
 Op random_known_op(Rng& r) { return static_cast<Op>(kKnownOps[below(r, sizeof(kKnownOps))]); }
 
@@ -312,8 +312,8 @@ void mutate_frame(Rng& r, Frame& f, size_t max_payload, const std::vector<Bytes>
 // target checks header_problem() against (written from the spec, not the code).
 bool spec_header_ok(const MessageHeader& h, uint64_t max_payload) {
   const uint8_t op = static_cast<uint8_t>(h.op);
-  // ops 1-11 (11: HEARTBEAT), 16-25 (25: APPLY), 32-37; flags 0x01-0x10 (docs/protocol.md, version 2)
-  const bool known = (op >= 1 && op <= 11) || (op >= 16 && op <= 25) || (op >= 32 && op <= 37);
+  // ops 1-14 (11: HEARTBEAT, 12-14: UCX), 16-25 (25: APPLY), 32-37; flags 0x01-0x10 (docs/protocol.md, version 2)
+  const bool known = (op >= 1 && op <= 14) || (op >= 16 && op <= 25) || (op >= 32 && op <= 37);
   const bool handshake = op >= 1 && op <= 4;
   const uint64_t max_count = std::min<uint64_t>(max_payload / 4, 0xffffffffULL);
   return h.magic == 0x31535046 && h.version == 2 && known && !handshake && (h.flags & ~0x1f) == 0 &&
@@ -919,10 +919,11 @@ class Peer {
     const std::string problem = header_problem(checked, max_payload);
     FUZZ_CHECK(problem.empty(), "the server sent an invalid frame: ", problem);
     FUZZ_CHECK(h.op == Op::kReply || h.op == Op::kError || h.op == Op::kPong || h.op == Op::kShmDecline ||
-                   h.op == Op::kShmAccept || h.op == Op::kHeartbeat,
+                   h.op == Op::kShmAccept || h.op == Op::kHeartbeat || h.op == Op::kUcxDecline ||
+                   h.op == Op::kUcxAccept,
                "the server sent ", op_name(h.op));
     FUZZ_CHECK(h.request_id == 0 || h.op == Op::kShmDecline || h.op == Op::kShmAccept || h.op == Op::kHeartbeat ||
-                   sent_ids.count(h.request_id) == 1,
+                   h.op == Op::kUcxDecline || h.op == Op::kUcxAccept || sent_ids.count(h.request_id) == 1,
                "the server answered request id ", h.request_id, ", which this connection never sent (",
                op_name(h.op), ")");
   }

@@ -23,6 +23,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <functional>
@@ -39,6 +40,7 @@
 #include "protocol/message.h"
 #include "transport/shm.h"
 #include "transport/transport.h"
+#include "transport/ucx_transport.h"
 
 using namespace fastps;
 using Clock = std::chrono::steady_clock;
@@ -622,6 +624,11 @@ TEST(factory_and_options) {
   CHECK_THROWS(InvalidArgument, "unknown transport", Transport::create("carrier-pigeon", opts()));
   CHECK_THROWS(InvalidArgument, "'auto' (shared memory", Transport::create("carrier-pigeon", opts()));
   for (const char* kind : {"tcp", "shm", "auto"}) CHECK(Transport::create(kind, opts())->kind() == kind);
+  std::string why;
+  if (load_ucx_plugin(&why) != nullptr)
+    CHECK(Transport::create("ucx", opts())->kind() == "ucx");
+  else
+    CHECK_THROWS(TransportUnavailable, "FASTPS_TRANSPORT=ucx is not available", Transport::create("ucx", opts()));
   // The shared-memory waits (Note [Shm rings]): -1 picks the default, larger values are checked.
   const ShmWait def = shm_wait(-1, -1);
   CHECK(def.spin.count() == (std::thread::hardware_concurrency() > 4 ? 20 : 0) && def.yield.count() == 0);
@@ -1594,9 +1601,19 @@ TEST(peer_that_does_not_read_does_not_stall_the_server_shm) {
 // Sends 40 PUSHes of 70-300 KiB to an echo server over `kind`; the client's
 // handler (its reader thread) sleeps `stall(i)` on reply i. Every reply must
 // arrive, in order and intact, and the server must close nothing.
+// True where the ucx transport loads (this build has the plugin and the host
+// libucp); otherwise says why the ucx case is skipped.
+bool ucx_here() {
+  std::string why;
+  if (load_ucx_plugin(&why) != nullptr) return true;
+  std::printf("  (ucx skipped: %s)\n", why.c_str());
+  return false;
+}
+
 void check_slow_reader_gets_every_reply(const char* kind, const TransportOptions& o,
                                         const std::function<Ms(size_t)>& stall) {
-  ShardEchoServer server(o);
+  // A ucx client needs a ucx server; shm and tcp ones talk to "auto".
+  ShardEchoServer server(o, std::string(kind) == "ucx" ? "ucx" : "auto");
   std::mutex mu;
   std::vector<Message> replies;
   auto c = Transport::create(kind, o);
@@ -1644,12 +1661,86 @@ void check_slow_reader_gets_every_reply(const char* kind, const TransportOptions
 }
 
 // A reader that is slow but alive gets every reply, in order and intact,
-// whichever way each went (by reference, revoked and queued, or copied).
-TEST(slow_reader_gets_every_reply_intact_tcp_and_shm) {
-  for (const char* kind : {"tcp", "shm"}) {
+// whichever way each went (by reference, revoked and queued, or copied; over
+// UCX eager or rendezvous, sent at once or copied and posted).
+TEST(slow_reader_gets_every_reply_intact_tcp_shm_and_ucx) {
+  for (const char* kind : {"tcp", "shm", "ucx"}) {
+    if (std::string(kind) == "ucx" && !ucx_here()) continue;
     // Past kByRefGrace now and then.
     check_slow_reader_gets_every_reply(kind, stall_opts(), [](size_t i) { return Ms(i % 3 == 0 ? 15 : 0); });
   }
+}
+
+// Note [No handlers under UCX's lock]: a server whose handler takes a lock that
+// its shard thread holds while it sends a reply (as a handler running a task
+// inline on a busy shard does). With handlers run inside UCX's callbacks the
+// two waited for each other for good; every reply must arrive.
+TEST(ucx_handler_waiting_for_a_sending_shard_does_not_deadlock) {
+  if (!ucx_here()) return;
+  TransportOptions o = opts();
+  auto server = Transport::create("ucx", o);
+  std::mutex shard_mu;  // the "shard": held by the shard thread while it sends
+  std::mutex q_mu;
+  std::condition_variable q_cv;
+  std::deque<std::pair<ConnId, Message>> work;
+  bool stop = false;
+  server->set_handler([&](ConnId c, Message&& m) {
+    { std::lock_guard<std::mutex> shard(shard_mu); }  // waits for a send under way
+    std::lock_guard<std::mutex> lock(q_mu);
+    work.emplace_back(c, std::move(m));
+    q_cv.notify_all();
+  });
+  uint16_t port = server->listen("127.0.0.1", 0);
+  Transport* raw = server.get();
+  std::thread shard([&] {
+    for (;;) {
+      std::pair<ConnId, Message> item;
+      {
+        std::unique_lock<std::mutex> lock(q_mu);
+        q_cv.wait(lock, [&] { return stop || !work.empty(); });
+        if (stop) return;
+        item = std::move(work.front());
+        work.pop_front();
+      }
+      std::lock_guard<std::mutex> shard(shard_mu);
+      MessageHeader h = item.second.header;
+      h.op = Op::kReply;
+      ConstBuffer seg{item.second.payload.data(), item.second.payload.size()};
+      try {
+        raw->send(item.first, h, &seg, 1);
+      } catch (const Error&) {
+      }
+    }
+  });
+  Inbox in;
+  auto client = Transport::create("ucx", o);
+  in.attach(*client);
+  ConnId id = client->connect("127.0.0.1", port, 1);
+  std::vector<uint8_t> body(64 << 10, 7);
+  const size_t n = 300;
+  std::atomic<bool> send_failed{false};
+  std::thread sender([&] {
+    MessageHeader h;
+    h.op = Op::kPush;
+    try {
+      for (size_t i = 0; i < n; ++i) {
+        h.request_id = i;
+        ConstBuffer seg{body.data(), body.size() / (1 + i % 7)};
+        client->send(id, h, &seg, 1);
+      }
+    } catch (const Error& e) {
+      std::fprintf(stderr, "  send failed: %s\n", e.what());
+      send_failed = true;
+    }
+  });
+  sender.join();
+  CHECK(!send_failed && in.wait_frames(n, Ms(30000)));
+  {
+    std::lock_guard<std::mutex> lock(q_mu);
+    stop = true;
+    q_cv.notify_all();
+  }
+  shard.join();
 }
 
 // The demo's failure: with a ring roomy enough for a revoked payload to drain
@@ -1704,11 +1795,12 @@ TEST(shm_byref_frames_end_copied_or_revoked_claimed_or_not) {
 
 // --- Note [Liveness] --------------------------------------------------------------------------
 
-TEST(idle_connections_stay_open_on_heartbeats_tcp_and_shm) {
+TEST(idle_connections_stay_open_on_heartbeats_tcp_shm_and_ucx) {
   TransportOptions o = opts();
   o.liveness_timeout = Ms(300);
-  for (const char* kind : {"tcp", "shm"}) {
-    ShardEchoServer server(o);
+  for (const char* kind : {"tcp", "shm", "ucx"}) {
+    if (std::string(kind) == "ucx" && !ucx_here()) continue;
+    ShardEchoServer server(o, std::string(kind) == "ucx" ? "ucx" : "auto");
     Inbox in;
     auto c = Transport::create(kind, o);
     in.attach(*c);
@@ -1775,6 +1867,13 @@ TEST(liveness_off_keeps_a_silent_peer) {
 
 int main(int argc, char** argv) {
   const char* filter = argc > 1 ? argv[1] : nullptr;
+  // UCX over loopback: its TCP transport on lo (docs/ucx.md); the environment wins.
+  setenv("UCX_TLS", "tcp,self", 0);
+  setenv("UCX_NET_DEVICES", "lo", 0);
+  // Rendezvous from 128 KiB (UCX's TCP default is higher): the 300 KiB replies of
+  // slow_reader_gets_every_reply complete after the 70 KiB eager ones behind them,
+  // which must still be delivered in order.
+  setenv("UCX_RNDV_THRESH", "128k", 0);
   int passed = 0, failed = 0;
   auto all0 = Clock::now();
   for (auto& t : registry()) {

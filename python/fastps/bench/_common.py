@@ -121,8 +121,13 @@ def bar_chart(path: str, title: str, groups: Mapping[str, Mapping[str, float]], 
 
 
 def transport_in_use(client) -> str:
-    """How a ``fastps.Client`` reaches the servers that are not in its process: 'tcp', 'shm' or 'shm+tcp'."""
-    return "+".join(sorted(set(client._client.server_paths()) - {"local"})) or "local"
+    """How a ``fastps.Client`` reaches the servers that are not in its process: 'tcp', 'shm', 'shm+tcp',
+    or 'ucx (UCX 1.13.1: tcp/lo.0)' with the UCX transports in use when its frames travel over UCX."""
+    stats = client._client.stats()
+    paths = set(client._client.server_paths()) - {"local"}
+    if stats.get("ucx_connections", 0) > 0:  # a UCX connection keeps its socket: the client names it 'tcp'
+        paths = (paths - {"tcp"}) | {f"ucx ({stats['ucx']})"}
+    return "+".join(sorted(paths)) or "local"
 
 
 def _report(message: str, tail: str, intro: str) -> None:

@@ -25,7 +25,9 @@ The command starts its own workers, or runs as one under torchrun:
 
 fastps settings come from the environment (FASTPS_CONNECTIONS,
 FASTPS_CHUNK_BYTES, FASTPS_NUM_SHARDS, ...; see docs/configuration.md);
---transport sets FASTPS_TRANSPORT. Iterations shrink for large sizes (at most
+--transport sets FASTPS_TRANSPORT; a list (``--transport tcp,shm,ucx``) runs the
+whole benchmark once per transport, one after the other, each with its
+baselines. Iterations shrink for large sizes (at most
 --max-bytes per size and system) so that the default run takes a minute or two.
 """
 
@@ -93,9 +95,9 @@ def parse_args(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> 
                           "and nccl where CUDA and 2 GPUs are present)")
     job.add_argument("-np", "--nproc", type=int, default=2, metavar="N",
                      help="workers to start when not under torchrun (2)")
-    job.add_argument("--transport", choices=_config.TRANSPORTS, default=None,
-                     help="fastps's transport, set as FASTPS_TRANSPORT for the workers "
-                          "(default: $FASTPS_TRANSPORT, else auto)")
+    job.add_argument("--transport", default=None, metavar="|".join(_config.TRANSPORTS),
+                     help="fastps's transport, set as FASTPS_TRANSPORT for the workers, or a "
+                          "comma-separated list to run once per transport (default: $FASTPS_TRANSPORT, else auto)")
     job.add_argument("--threads", type=positive_int, default=1, metavar="N",
                      help="torch intra-op threads per worker (1)")
     job.add_argument("--timeout", type=float, default=900.0, metavar="S",
@@ -126,11 +128,16 @@ def parse_args(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> 
             ap.error(f"--systems nccl needs CUDA and one GPU per worker (at least 2); this machine has {n} GPU(s)")
         if "tcp-raw" in args.systems and world != 2:
             ap.error(f"--systems tcp-raw needs exactly 2 workers (-np 2), got {world}")
-    if args.transport is None:
-        try:
-            args.transport = _config.resolve("transport")
-        except InvalidArgumentError as e:
-            ap.error(str(e))
+    try:
+        args.transports = ([_config.resolve("transport", t) for t in args.transport.split(",") if t.strip()]
+                           if args.transport is not None else [_config.resolve("transport")])
+    except InvalidArgumentError as e:
+        ap.error(str(e))
+    if not args.transports:
+        ap.error(f"--transport takes one of {', '.join(_config.TRANSPORTS)} or a comma-separated list of them")
+    if len(args.transports) > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        ap.error("a list of transports runs one job per transport: run it without torchrun")
+    args.transport = args.transports[0]
     return args
 
 
@@ -522,8 +529,33 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
             sys.stdout.flush()
             # Leave now: the exit handlers would wait for peers that wait for this rank.
             os._exit(1)
-    return launch_workers(prog, [sys.executable, "-m", "fastps.bench", "allreduce", *argv], args.nproc,
-                          timeout=args.timeout, env={"FASTPS_TRANSPORT": args.transport})
+    rc = 0
+    for transport in args.transports:  # one job per transport, each with its baselines
+        cmd = [sys.executable, "-m", "fastps.bench", "allreduce",
+               *_for_transport(argv, transport if len(args.transports) > 1 else None), "--transport", transport]
+        rc = launch_workers(prog, cmd, args.nproc, timeout=args.timeout, env={"FASTPS_TRANSPORT": transport}) or rc
+    return rc
+
+
+def _for_transport(argv: List[str], transport: Optional[str]) -> List[str]:
+    """`argv` without its --transport option, and with `transport` (if given) in the names of the
+    --json and --plot files (out.json -> out.ucx.json), so that each job of a list keeps its own."""
+    out: List[str] = []
+    it = iter(argv)
+    for a in it:
+        opt, eq, value = a.partition("=")
+        if opt == "--transport":
+            if not eq:
+                next(it, None)
+            continue
+        if transport is not None and opt in ("--json", "--plot"):
+            value = value if eq else next(it, "")
+            stem, dot, ext = value.rpartition(".")
+            value = f"{stem}.{transport}.{ext}" if dot and "/" not in ext else f"{value}.{transport}"
+            out += [opt, value]
+            continue
+        out.append(a)
+    return out
 
 
 if __name__ == "__main__":
