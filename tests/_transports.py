@@ -22,10 +22,3 @@ def ucx_param(*values, marks=()):
     why = _C.ucx_unavailable()
     skip = [pytest.mark.skip(reason=f"ucx transport unavailable: {why}")] if why else []
     return pytest.param(*values, marks=list(marks) + skip, id="-".join(str(v) for v in values))
-
-
-def remote_paths(client) -> list:
-    """``client.server_paths()`` with 'ucx' for the remote servers when its frames travel over UCX
-    (the native client names a UCX connection by its socket, 'tcp'; stats() says UCX)."""
-    ucx = client.stats().get("ucx_connections", 0) > 0
-    return ["ucx" if ucx and p == "tcp" else p for p in client.server_paths()]

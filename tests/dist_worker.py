@@ -122,8 +122,7 @@ def main() -> int:
         opt = make_opt(name, list(model.parameters()) + [unused], fast=True)
         losses = train_loop(model, opt, x, y, steps)
         from fastps import _cluster
-        from _transports import remote_paths
-        paths = remote_paths(_cluster._cluster.client)  # how this worker reached each server
+        paths = _cluster._cluster.client.server_paths()  # how this worker reached each server
         torch.save({"params": [p.detach() for p in model.parameters()], "losses": losses, "paths": paths,
                     "unused": unused.detach()}, f"{out}.{RANK}")
     elif mode == "wrap":

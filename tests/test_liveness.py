@@ -115,7 +115,7 @@ c.connect([("127.0.0.1", port)])
 c.register_dense(1, n, False, _C.OptimHyper(), 0, 0).wait()  # placement only
 dst = [torch.empty(n) for _ in range(16)]
 futures = [c.pull(1, d.data_ptr(), n, 0) for d in dst]
-print("ucx" if c.stats()["ucx_connections"] else c.server_paths()[0], flush=True)
+print(c.server_paths()[0], flush=True)
 os.kill(os.getpid(), signal.SIGSTOP)
 """
 

@@ -43,6 +43,7 @@ def test_frames_travel_over_ucx_and_large_payloads_land_whole():
     server, client = _pair(chunk=1 << 20)
     st = client.stats()
     assert st["ucx_connections"] == 1 and st["ucx"].startswith("UCX ") and "tcp" in st["ucx"], st
+    assert client.server_paths() == ["ucx"]
     for tid, n in ((1, 3000), (2, 5_000_003)):
         p = torch.randn(n)
         client.register_dense(tid, n, False, _sgd(), p.data_ptr(), n).wait()

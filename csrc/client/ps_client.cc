@@ -95,7 +95,8 @@ std::vector<std::string> PsClient::server_paths() const {
     if (local_server_ != nullptr && int(i) == local_index_) {
       paths.push_back("local");
     } else {
-      paths.push_back(transport_->peer_info(conns_[i]).shared_memory ? "shm" : "tcp");
+      const PeerInfo info = transport_->peer_info(conns_[i]);
+      paths.push_back(info.ucx ? "ucx" : info.shared_memory ? "shm" : "tcp");
     }
   }
   return paths;

@@ -165,7 +165,8 @@ class PsClient {
 
   TransportStats stats() const { return transport_->stats(); }
   // How each server is reached: "local" (in-process, Note [Local requests]),
-  // "shm" (shared-memory rings) or "tcp". Call after connect().
+  // "shm" (shared-memory rings), "ucx" (frames over UCX) or "tcp". Call after
+  // connect().
   std::vector<std::string> server_paths() const;
 
  private:

@@ -125,8 +125,8 @@ def transport_in_use(client) -> str:
     or 'ucx (UCX 1.13.1: tcp/lo.0)' with the UCX transports in use when its frames travel over UCX."""
     stats = client._client.stats()
     paths = set(client._client.server_paths()) - {"local"}
-    if stats.get("ucx_connections", 0) > 0:  # a UCX connection keeps its socket: the client names it 'tcp'
-        paths = (paths - {"tcp"}) | {f"ucx ({stats['ucx']})"}
+    if "ucx" in paths:
+        paths = (paths - {"ucx"}) | {f"ucx ({stats['ucx']})"}
     return "+".join(sorted(paths)) or "local"
 
 
