@@ -156,7 +156,7 @@ class PsClient {
   // Blocking, with the deadline. Counters summed over servers: rows,
   // admitted, evicted, expired, rejected, pending, memory_bytes, then the
   // largest step; once every server's table step is at least min_step.
-  std::vector<int64_t> sparse_stats(uint64_t table, uint32_t min_step);
+  SparseStatsSum sparse_stats(uint64_t table, uint32_t min_step);
   // Blocking. Fetches every shard's rows (after the table reached min_step)
   // and writes the table file (docs/sparse.md) atomically at `path`.
   void sparse_save(uint64_t table, const SparseTableConfig& config, uint32_t min_step,
