@@ -101,14 +101,14 @@ void bind_sparse_client(py::class_<PsClient>& cls) {
       .def(
           "sparse_stats",
           [](PsClient& c, uint64_t table, uint32_t min_step) {
-            std::vector<int64_t> v;
+            SparseStatsSum v;
             {
               py::gil_scoped_release release;
               v = c.sparse_stats(table, min_step);
             }
-            return py::dict(py::arg("rows") = v[0], py::arg("admitted") = v[1], py::arg("evicted") = v[2],
-                            py::arg("expired") = v[3], py::arg("rejected") = v[4], py::arg("pending") = v[5],
-                            py::arg("memory_bytes") = v[6], py::arg("step") = v[7]);
+            py::dict d = stats_dict(v.stats);
+            d["step"] = v.step;
+            return d;
           },
           py::arg("table"), py::arg("min_step") = 0, "Counters summed over the servers, and the table step.")
       .def(

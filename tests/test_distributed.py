@@ -395,6 +395,61 @@ def test_a_refused_sparse_load_leaves_the_table_usable(tmp_path):
     assert torch.equal(out, torch.full((3, 4), -1.0))
 
 
+def test_sparse_rules_are_the_same_embedded_and_over_the_network(tmp_path):
+    """One rule each (sparse_check_cap_split, sparse_shard_table, sparse_route,
+    sparse_check_file_rows, SparseStatsSum): an embedded table on 3 shards and a
+    network table on one server of 3 shards refuse the same cap with the same words,
+    split the same cap over the same shards (the same pushes fit and fail), count
+    the same stats and refuse the same oversized file."""
+    import re
+
+    server = _C.PsServer(0, 1, num_shards=3, secret="s")
+    c = _C.PsClient(0, secret="s", timeout_s=5)
+    c.connect([("127.0.0.1", server.port)])
+
+    def refusal(fn):
+        with pytest.raises(fastps.InvalidArgumentError) as e:
+            fn()
+        m = re.search(r"max_rows=2( over 1 server\(s\))? gives (the table|server 0) a share of 2 row\(s\)"
+                      r"(, below its number of shards.*)", str(e.value))
+        assert m, str(e.value)
+        return m.group(3)
+
+    assert refusal(lambda: _C.SparseTable(_C.Server(3), 4, max_rows=2)) == refusal(
+        lambda: c.sparse_create(1, _C.SparseTableConfig(4, max_rows=2)).wait())
+
+    sgd = _C.SparseOptim(_C.SparseRule.SGD, lr=1.0)
+    embedded = _C.SparseTable(_C.Server(3), 4, max_rows=7)  # shards get 3, 2 and 2 rows
+    c.sparse_create(2, _C.SparseTableConfig(4, max_rows=7)).wait()
+    fits = {"embedded": [], "network": []}
+    for step, i in enumerate(range(40), start=1):
+        ids, g = torch.tensor([i]), torch.ones(1, 4)
+        try:
+            embedded.push(ids.data_ptr(), 1, g.data_ptr(), g.numel(), sgd, step)
+            fits["embedded"].append(i)
+        except fastps.CapacityError:
+            pass
+        try:
+            c.sparse_push(2, ids.data_ptr(), 1, 4, g.data_ptr(), g.numel(), sgd, step).wait()
+            fits["network"].append(i)
+        except fastps.CapacityError:
+            pass
+    assert len(fits["embedded"]) == 7 and fits["embedded"] == fits["network"]
+    net = c.sparse_stats(2, 40)
+    assert net.pop("step") == 40 and embedded.stats() == net
+
+    embedded.save(str(tmp_path / "seven.fps"))
+    small = _C.SparseTable(_C.Server(3), 4, max_rows=3)
+    c.sparse_create(3, _C.SparseTableConfig(4, max_rows=3)).wait()
+    words = []
+    for load in (lambda: small.load(str(tmp_path / "seven.fps")),
+                 lambda: c.sparse_load(3, _C.SparseTableConfig(4, max_rows=3), str(tmp_path / "seven.fps"))):
+        with pytest.raises(fastps.CapacityError) as e:
+            load()
+        words.append(re.search(r"the file holds more rows than this table's cap \(max_rows=3", str(e.value)))
+    assert all(words), words
+
+
 def test_attach_local_refuses_a_rank_outside_the_servers_job():
     server = _C.PsServer(0, 1, num_shards=1, secret="s")
     c = _C.PsClient(1, secret="s", timeout_s=5)

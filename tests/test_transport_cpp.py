@@ -33,6 +33,7 @@ FAST_BINARIES = {
     "test_transport": [],
     "test_consistency": [],
     "test_local_endpoint": [],
+    "test_placement": [],
     # Seeded (--seed 1 by default), so a failure here reproduces with the same command.
     "fuzz_protocol": ["--seconds", "3"],
 }

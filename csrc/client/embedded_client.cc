@@ -28,20 +28,14 @@ struct ChunkUpdate {
 }  // namespace
 
 EmbeddedClient::EmbeddedClient(Server& server, const ClientOptions& options)
-    : server_(server), options_(options), shard_bytes_(server.num_shards(), 0) {
+    : server_(server), options_(options), placement_(size_t(server.num_shards())) {
   FASTPS_CHECK(options.chunk_bytes >= 4096, "fastps: chunk_bytes must be at least 4096, got ",
                options.chunk_bytes);
   FASTPS_CHECK(options.timeout.count() > 0, "fastps: timeout must be positive");
   chunk_elems_ = options.chunk_bytes / static_cast<int64_t>(sizeof(float));
 }
 
-int EmbeddedClient::num_chunks(int64_t numel) const {
-  int64_t n = (numel + chunk_elems_ - 1) / chunk_elems_;
-  FASTPS_CHECK(n < (int64_t{1} << kChunkIndexBits), "fastps: tensor of ", numel,
-               " elements needs ", n, " chunks, more than ", (1 << kChunkIndexBits),
-               "; raise chunk_bytes");
-  return static_cast<int>(std::max<int64_t>(n, 1));
-}
+int EmbeddedClient::num_chunks(int64_t numel) const { return chunk_layout(numel, chunk_elems_, 1).chunks; }
 
 void EmbeddedClient::broadcast_and_wait(std::vector<std::unique_ptr<Task>> per_shard,
                                         const char* what) {
@@ -79,30 +73,22 @@ void EmbeddedClient::register_dense(uint32_t tensor_id, float* param, int64_t nu
     float* state[kMaxStateBuffers];
   };
   const int ns = static_cast<int>(state.size());
-  const int chunks = num_chunks(numel);
+  const ChunkLayout layout = chunk_layout(numel, chunk_elems_, 1);
   std::vector<std::vector<Bind>> per_shard(server_.num_shards());
   {
     std::lock_guard<std::mutex> lock(mu_);
     Entry& e = entries_[tensor_id];
-    if (e.numel != numel || static_cast<int>(e.shards.size()) != chunks) {
+    if (e.layout.numel != numel || e.layout.chunks != layout.chunks) {
       // New tensor (or a new size): place each chunk on the least-loaded shard.
-      for (size_t c = 0; c < e.shards.size(); ++c)
-        shard_bytes_[e.shards[c]] -= std::min(chunk_elems_, e.numel - int64_t(c) * chunk_elems_) * 4;
-      e.shards.assign(chunks, 0);
-      for (int c = 0; c < chunks; ++c) {
-        const int64_t n = std::min(chunk_elems_, numel - c * chunk_elems_);
-        const int s = static_cast<int>(std::min_element(shard_bytes_.begin(), shard_bytes_.end()) -
-                                       shard_bytes_.begin());
-        e.shards[c] = s;
-        shard_bytes_[s] += n * 4;
-      }
+      placement_.release(e.layout, e.shards);
+      e.shards = placement_.place(layout);
+      e.layout = layout;
     }
-    e.numel = numel;
     e.step = step;
     e.fresh = fresh_state;
-    for (int c = 0; c < chunks; ++c) {
-      const int64_t begin = c * chunk_elems_;
-      Bind b{chunk_key(tensor_id, c), param + begin, std::min(chunk_elems_, numel - begin), {}};
+    for (int c = 0; c < layout.chunks; ++c) {
+      const int64_t begin = layout.begin(c);
+      Bind b{chunk_key(tensor_id, c), param + begin, layout.size(c), {}};
       for (int i = 0; i < ns; ++i) b.state[i] = state[i] + begin;
       per_shard[e.shards[c]].push_back(b);
     }
@@ -126,10 +112,9 @@ void EmbeddedClient::unregister_dense(uint32_t tensor_id) {
     auto it = entries_.find(tensor_id);
     if (it == entries_.end()) return;
     const Entry& e = it->second;
-    for (size_t c = 0; c < e.shards.size(); ++c) {
+    for (size_t c = 0; c < e.shards.size(); ++c)
       per_shard[e.shards[c]].push_back(chunk_key(tensor_id, static_cast<uint32_t>(c)));
-      shard_bytes_[e.shards[c]] -= std::min(chunk_elems_, e.numel - int64_t(c) * chunk_elems_) * 4;
-    }
+    placement_.release(e.layout, e.shards);
     entries_.erase(it);
   }
   std::vector<std::unique_ptr<Task>> tasks(server_.num_shards());
@@ -155,9 +140,9 @@ void EmbeddedClient::update(const std::vector<UpdateItem>& items,
                    "fastps: bad hyperparameter index ", it.hyper_index);
       auto e = entries_.find(it.tensor_id);
       FASTPS_CHECK(e != entries_.end(), "fastps: tensor ", it.tensor_id, " is not registered");
-      FASTPS_CHECK(it.grad != nullptr && it.grad_numel == e->second.numel, "fastps: tensor ", it.tensor_id,
+      FASTPS_CHECK(it.grad != nullptr && it.grad_numel == e->second.layout.numel, "fastps: tensor ", it.tensor_id,
                    ": the gradient holds ", it.grad_numel, " floats", it.grad == nullptr ? " at a null pointer" : "",
-                   " where the parameter has ", e->second.numel,
+                   " where the parameter has ", e->second.layout.numel,
                    "; pass a contiguous float32 gradient of the parameter's size");
     }
     for (const UpdateItem& it : items) {
@@ -169,11 +154,10 @@ void EmbeddedClient::update(const std::vector<UpdateItem>& items,
       }
       const bool first = e.fresh;
       e.fresh = false;
-      for (size_t c = 0; c < e.shards.size(); ++c) {
-        const int64_t begin = int64_t(c) * chunk_elems_;
-        per_shard[e.shards[c]].push_back(ChunkUpdate{
-            chunk_key(it.tensor_id, static_cast<uint32_t>(c)), it.grad + begin,
-            std::min(chunk_elems_, e.numel - begin), &hypers[it.hyper_index], step, first});
+      for (int c = 0; c < e.layout.chunks; ++c) {
+        per_shard[e.shards[size_t(c)]].push_back(ChunkUpdate{chunk_key(it.tensor_id, static_cast<uint32_t>(c)),
+                                                             it.grad + e.layout.begin(c), e.layout.size(c),
+                                                             &hypers[it.hyper_index], step, first});
       }
     }
   }

@@ -8,7 +8,8 @@
 // update() reads the gradient buffers only until it returns.
 //
 // Placement: each chunk goes to the shard with the fewest registered bytes at
-// the time it is registered, so tensors of any mix of sizes spread evenly.
+// the time it is registered (ChunkPlacement, client/chunk_placement.h, the
+// rule PsClient uses over servers).
 //
 // Thread safety: all methods may be called from any thread; the registry is
 // guarded by a mutex on the client (the shards themselves take no lock).
@@ -20,7 +21,7 @@
 #include <unordered_map>
 #include <vector>
 
-#include "protocol/keys.h"
+#include "client/chunk_placement.h"
 #include "server/server.h"
 #include "table/optimizer.h"
 
@@ -66,7 +67,7 @@ class EmbeddedClient {
 
  private:
   struct Entry {
-    int64_t numel = 0;
+    ChunkLayout layout;
     float* step = nullptr;
     bool fresh = false;
     std::vector<int> shards;  // shard of each chunk
@@ -78,7 +79,7 @@ class EmbeddedClient {
   int64_t chunk_elems_;
   mutable std::mutex mu_;                          // guards the registry below
   std::unordered_map<uint32_t, Entry> entries_;
-  std::vector<int64_t> shard_bytes_;               // registered bytes per shard
+  ChunkPlacement placement_;                       // over the shards
 };
 
 }  // namespace fastps

@@ -85,7 +85,7 @@ void PsClient::connect(const std::vector<ServerAddress>& servers) {
     peers_.push_back(std::make_shared<const std::string>(
         detail::concat("parameter server ", i, " (", servers[i].host, ":", servers[i].port, ")")));
   conns_ = conns;
-  server_bytes_.assign(servers.size(), 0);
+  placement_ = ChunkPlacement(servers.size());
   for (size_t i = 0; i < conns.size(); ++i) conn_server_[conns[i]] = int(i);
 }
 
@@ -162,7 +162,7 @@ int64_t PsClient::sparse_step(uint64_t table) {
 // check no caller can skip.
 int64_t PsClient::registered_numel(uint32_t tensor_id) {
   std::lock_guard<std::mutex> lock(mu_);
-  return entry(tensor_id).numel;
+  return entry(tensor_id).layout.numel;
 }
 
 void PsClient::check_buffer(const char* op, uint32_t tensor_id, const char* buffer, const void* p,
@@ -181,35 +181,11 @@ FuturePtr PsClient::register_dense(uint32_t tensor_id, int64_t numel, bool sum_o
   {
     std::lock_guard<std::mutex> lock(mu_);
     FASTPS_CHECK(!entries_.count(tensor_id), "tensor ", tensor_id, " is already registered");
-    // Note [Splitting small tensors]
-    // A tensor of fewer chunks than there are servers would sit on one or two
-    // of them: one process sums it while the others wait, and every other
-    // worker's bytes cross to it. It is cut into up to one equal piece per
-    // server instead (pieces of at least kMinSplitBytes), so every server
-    // takes a share, as with large tensors. A function of (numel,
-    // chunk_bytes, servers) only: every rank cuts alike.
-    constexpr int64_t kMinSplitElems = (64 << 10) / 4;
-    int64_t chunk = chunk_elems_;
-    int64_t chunks = (numel + chunk - 1) / chunk;
-    const int64_t servers = int64_t(conns_.size());
-    if (chunks < servers) {
-      const int64_t pieces = std::min(servers, numel / kMinSplitElems);
-      if (pieces > chunks) {
-        chunk = (numel + pieces - 1) / pieces;
-        chunks = (numel + chunk - 1) / chunk;
-      }
-    }
-    FASTPS_CHECK(chunks < (int64_t{1} << kChunkIndexBits), "tensor of ", numel,
-                 " elements needs too many chunks; raise chunk_bytes");
+    // Small tensors are cut over the servers: Note [Splitting small tensors].
+    const ChunkLayout layout = chunk_layout(numel, chunk_elems_, int64_t(conns_.size()));
     Entry& e = entries_[tensor_id];
-    e.numel = numel;
-    e.chunk_elems = chunk;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int s = int(std::min_element(server_bytes_.begin(), server_bytes_.end()) -
-                        server_bytes_.begin());
-      e.servers.push_back(s);
-      server_bytes_[s] += std::min(chunk, numel - c * chunk) * 4;
-    }
+    e.layout = layout;
+    e.servers = placement_.place(layout);
   }
   if (init == nullptr) {
     return std::make_shared<Future>(std::make_shared<Completion>(0), "registration", timeout_);
@@ -351,14 +327,14 @@ FuturePtr PsClient::request(uint32_t tensor_id, Op op, float* dst, bool dst_per_
     std::lock_guard<std::mutex> lock(mu_);
     FASTPS_CHECK(!conns_.empty(), "PsClient is not connected");
     Entry& e = entry(tensor_id);
-    for (size_t c = 0; c < e.servers.size(); ++c) {
-      const int64_t begin = int64_t(c) * e.chunk_elems;
-      const int64_t n = std::min(e.chunk_elems, e.numel - begin);
+    for (int c = 0; c < e.layout.chunks; ++c) {
+      const int64_t begin = e.layout.begin(c);
+      const int64_t n = e.layout.size(c);
       OutFrame f;
       f.header.op = op;
       f.header.key = chunk_key(tensor_id, uint32_t(c));
       f.header.count = uint32_t(n);
-      f.server = e.servers[c];
+      f.server = e.servers[size_t(c)];
       fill(f.header, f.segs, begin, n);
       if (dst != nullptr) {
         f.target.dst = dst_per_chunk ? dst + begin : dst;

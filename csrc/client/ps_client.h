@@ -1,7 +1,8 @@
 // Worker-side access to remote parameter servers over a Transport.
 //
-// Tensors are split into chunks exactly as in the embedded mode; each chunk is
-// placed on the server with the fewest registered bytes at registration time.
+// Tensors are split into chunks and each chunk placed on the server with the
+// fewest registered bytes at registration time, by the embedded mode's rule
+// (client/chunk_placement.h; small tensors are cut over the servers).
 // Placement is a pure function of the sequence of register_dense() calls, so
 // every worker computes the same placement as long as all register the same
 // tensors in the same order (they run the same script).
@@ -27,6 +28,7 @@
 #include <utility>
 #include <vector>
 
+#include "client/chunk_placement.h"
 #include "common/completion.h"
 #include "protocol/local_endpoint.h"
 #include "protocol/reply.h"
@@ -154,7 +156,7 @@ class PsClient {
   // Blocking, with the deadline. Counters summed over servers: rows,
   // admitted, evicted, expired, rejected, pending, memory_bytes, then the
   // largest step; once every server's table step is at least min_step.
-  std::vector<int64_t> sparse_stats(uint64_t table, uint32_t min_step);
+  SparseStatsSum sparse_stats(uint64_t table, uint32_t min_step);
   // Blocking. Fetches every shard's rows (after the table reached min_step)
   // and writes the table file (docs/sparse.md) atomically at `path`.
   void sparse_save(uint64_t table, const SparseTableConfig& config, uint32_t min_step,
@@ -171,9 +173,8 @@ class PsClient {
 
  private:
   struct Entry {
-    int64_t numel = 0;
+    ChunkLayout layout;
     uint32_t rounds = 0;       // Note [Round clocks]
-    int64_t chunk_elems = 0;   // elements per chunk (the last may be shorter)
     std::vector<int> servers;  // per chunk
   };
   // A request to a remote server, waiting for its reply.
@@ -214,7 +215,7 @@ class PsClient {
   std::vector<ServerAddress> servers_;
   std::vector<std::shared_ptr<const std::string>> peers_;  // "parameter server 0 (host:port)"
   std::vector<ConnId> conns_;
-  std::vector<int64_t> server_bytes_;
+  ChunkPlacement placement_;  // over the servers
   std::mutex mu_;  // guards entries_, sparse_steps_, pending_, next_id_, conn_server_
   std::unordered_map<uint32_t, Entry> entries_;
   std::unordered_map<uint64_t, int64_t> sparse_steps_;  // table -> its step (Note [Round clocks])

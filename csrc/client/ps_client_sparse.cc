@@ -25,8 +25,7 @@ FuturePtr PsClient::sparse_create(uint64_t table, const SparseTableConfig& confi
   sparse_config_validate(config);
   const int servers = num_servers();
   FASTPS_CHECK(servers > 0, "PsClient is not connected");
-  FASTPS_CHECK(config.max_rows == 0 || config.max_rows >= servers, "fastps: max_rows (", config.max_rows,
-               ") must be 0 (no cap) or at least the number of parameter servers (", servers, ")");
+  sparse_check_cap_split(config, servers, "parameter servers");
   std::vector<std::array<uint8_t, kSparseConfigSize>> blocks(static_cast<size_t>(servers));
   std::vector<OutFrame> frames(static_cast<size_t>(servers));
   for (int s = 0; s < servers; ++s) {
@@ -68,16 +67,14 @@ FuturePtr PsClient::sparse_pull(uint64_t table, const int64_t* ids, int64_t n, i
   }
   // Positions of each server's ids in the caller's arrays; the reply rows of
   // server s are scattered back to them (ReplyTarget::rows).
-  std::vector<std::vector<int64_t>> pos(static_cast<size_t>(servers));
+  std::vector<std::vector<int64_t>> pos =
+      sparse_route<sparse_server_of>(n, servers, [ids](int64_t i) { return ids[i]; });
   std::vector<std::vector<int64_t>> sids(static_cast<size_t>(servers));
-  for (int64_t i = 0; i < n; ++i) {
-    const int s = sparse_server_of(ids[i], servers);
-    pos[size_t(s)].push_back(i);
-    sids[size_t(s)].push_back(ids[i]);
-  }
   for (int s = 0; s < servers; ++s) {
-    const int64_t m = int64_t(sids[size_t(s)].size());
+    const int64_t m = int64_t(pos[size_t(s)].size());
     if (m == 0) continue;
+    sids[size_t(s)].reserve(size_t(m));
+    for (int64_t i : pos[size_t(s)]) sids[size_t(s)].push_back(ids[i]);
     FASTPS_CHECK(uint64_t(m) * uint64_t(dim) * 4 <= limit, "fastps: a sparse pull of ", m, " rows of dim ",
                  dim, " from one server exceeds the message limit of ", limit,
                  " bytes; pull fewer ids at a time");
@@ -141,7 +138,7 @@ FuturePtr PsClient::sparse_push(uint64_t table, const int64_t* ids, int64_t n, i
   return future;
 }
 
-std::vector<int64_t> PsClient::sparse_stats(uint64_t table, uint32_t min_step) {
+SparseStatsSum PsClient::sparse_stats(uint64_t table, uint32_t min_step) {
   const int servers = num_servers();
   FASTPS_CHECK(servers > 0, "PsClient is not connected");
   std::vector<OutFrame> frames(static_cast<size_t>(servers));
@@ -156,13 +153,11 @@ std::vector<int64_t> PsClient::sparse_stats(uint64_t table, uint32_t min_step) {
   std::vector<std::shared_ptr<RawReply>> replies;
   for (const OutFrame& f : frames) replies.push_back(f.target.raw);
   submit(frames, detail::concat("SPARSE_STATS of sparse table ", table))->wait();
-  std::vector<int64_t> sum(kSparseStatsCount, 0);
+  SparseStatsSum sum;
   for (int s = 0; s < servers; ++s) {
     const std::vector<uint8_t>& b = replies[size_t(s)]->bytes;
-    FASTPS_CHECK_TYPED(ProtocolError, b.size() == 8 * kSparseStatsCount, "fastps: parameter server ", s,
-                       " sent a sparse stats reply of ", b.size(), " bytes");
-    for (uint32_t i = 0; i + 1 < kSparseStatsCount; ++i) sum[i] += int64_t(load_le64(b.data() + 8 * i));
-    sum[7] = std::max(sum[7], int64_t(load_le64(b.data() + 56)));
+    const SparseStatsSum part = decode_sparse_stats_reply(b.data(), b.size(), s);
+    sum.add(part.stats, part.step);
   }
   return sum;
 }
@@ -171,7 +166,7 @@ void PsClient::sparse_save(uint64_t table, const SparseTableConfig& config, uint
                            const std::string& path) {
   const int servers = num_servers();
   // Wait until every server applied min_step, and learn the step to record.
-  const int64_t step = sparse_stats(table, min_step)[7];
+  const int64_t step = sparse_stats(table, min_step).step;
   // sections[s][k]: shard k of server s. Shard 0 first tells each server's shard count.
   std::vector<std::vector<std::vector<uint8_t>>> sections(static_cast<size_t>(servers));
   std::vector<uint32_t> shards(static_cast<size_t>(servers), 0);

@@ -6,6 +6,7 @@
 
 #include "common/completion.h"
 #include "common/error.h"
+#include "protocol/sparse_wire.h"
 #include "server/shard_state.h"
 #include "table/table_file.h"
 
@@ -41,8 +42,7 @@ ShardedSparseTable::ShardedSparseTable(Server& server, const SparseTableConfig& 
   sparse_config_validate(config_);
   FASTPS_CHECK(timeout.count() > 0, "fastps: timeout must be positive");
   FASTPS_CHECK(shards_ >= 1, "fastps: the server has no shards");
-  FASTPS_CHECK(config_.max_rows == 0 || config_.max_rows >= shards_, "fastps: max_rows (", config_.max_rows,
-               ") must be 0 (no cap) or at least the number of shards (", shards_, ")");
+  sparse_check_cap_split(config_, shards_, "shards");
   std::vector<std::unique_ptr<SparseTable>> fresh;
   for (int s = 0; s < shards_; ++s) fresh.push_back(std::make_unique<SparseTable>(make_table(s)));
   try {
@@ -76,6 +76,8 @@ void ShardedSparseTable::install(std::vector<std::unique_ptr<SparseTable>> per_s
   server_.run_each(std::move(tasks), Clock::now() + timeout_, what);
 }
 
+int ShardedSparseTable::shard_of(int64_t id) const { return sparse_shard_of(id, shards_); }
+
 SparseTable ShardedSparseTable::make_table(int shard) const {
   return sparse_shard_table(config_, shard, server_.num_shards());
 }
@@ -94,12 +96,8 @@ void ShardedSparseTable::run(std::vector<ShardFn> per_shard, const char* what) {
 
 std::shared_ptr<std::vector<std::vector<int64_t>>> ShardedSparseTable::route(const int64_t* ids,
                                                                             int64_t n) const {
-  const size_t shards = size_t(shards_);
-  auto index = std::make_shared<std::vector<std::vector<int64_t>>>(shards);
-  for (auto& v : *index) v.reserve(static_cast<size_t>(n / static_cast<int64_t>(shards) + 16));
-  for (int64_t i = 0; i < n; ++i)
-    (*index)[mix64(static_cast<uint64_t>(ids[i])) % shards].push_back(i);
-  return index;
+  return std::make_shared<std::vector<std::vector<int64_t>>>(
+      sparse_route<sparse_shard_of>(n, shards_, [ids](int64_t i) { return ids[i]; }));
 }
 
 template <typename F>
@@ -146,10 +144,7 @@ void ShardedSparseTable::push(const int64_t* ids, int64_t n, const float* grads,
                               int64_t step) {
   FASTPS_CHECK(n >= 0, "fastps: negative id count ", n);
   sparse_optim_validate(rule);
-  FASTPS_CHECK(rule.rule == config_.rule, "fastps: push with rule '", sparse_rule_name(rule.rule),
-               "' on a table created for '", sparse_rule_name(config_.rule),
-               "' (the optimizer state layout differs)");
-  FASTPS_CHECK(step >= 1, "fastps: the table step must be >= 1, got ", step);
+  sparse_check_push(config_, rule, step, "this table");
   FASTPS_CHECK(n == 0 || (ids != nullptr && grads != nullptr), "fastps: push() got a null buffer");
   std::lock_guard<std::mutex> lock(write_mu_);
   if (n > 0) {
@@ -241,9 +236,9 @@ void ShardedSparseTable::load(const std::string& path) {
         RowHeader rh;
         std::memcpy(&rh, rec, sizeof(rh));
         std::memcpy(values.data(), rec + sizeof(rh), values.size() * sizeof(float));
-        fresh[mix64(static_cast<uint64_t>(rh.id)) % shards]->load_row(rh, values.data());
+        fresh[size_t(sparse_shard_of(rh.id, shards_))]->load_row(rh, values.data());
       },
-      [&](int64_t id, uint64_t count) { fresh[mix64(static_cast<uint64_t>(id)) % shards]->load_pending(id, count); });
+      [&](int64_t id, uint64_t count) { fresh[size_t(sparse_shard_of(id, shards_))]->load_pending(id, count); });
   reader.finish();
 
   // Everything checked: swap the new tables in, each on its shard's thread.

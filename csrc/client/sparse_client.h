@@ -3,7 +3,8 @@
 // Each shard keeps its SparseTable in its own state, under this table's id
 // (Note [One shard state] in server/shard_state.h).
 //
-// Routing: id -> shard mix64(id) % num_shards. Every call splits its ids into
+// Routing: id -> shard sparse_shard_of(id, num_shards), the network server's
+// rule (Note [Sparse id routing] in protocol/sparse_wire.h). Every call splits its ids into
 // one Task per shard (index lists into the caller's arrays, no copies of
 // values), submits them and waits on one Completion with a deadline
 // (TimeoutError past it). Each SparseTable is touched only by its shard's
@@ -20,8 +21,9 @@
 // across shards.
 //
 // Capacity: max_rows is split over the shards (shard s gets max_rows / S, plus
-// one for s < max_rows % S). With eviction off, push() first asks every shard
-// whether its new rows fit and throws CapacityError before any shard changes.
+// one for s < max_rows % S: sparse_shard_table(), as on a network server).
+// With eviction off, push() first asks every shard whether its new rows fit
+// and throws CapacityError before any shard changes.
 #pragma once
 
 #include <atomic>
@@ -51,7 +53,7 @@ class ShardedSparseTable {
   const SparseTableConfig& config() const { return config_; }
   int64_t dim() const { return config_.dim; }
   int num_shards() const { return shards_; }
-  int shard_of(int64_t id) const { return static_cast<int>(mix64(static_cast<uint64_t>(id)) % uint64_t(shards_)); }
+  int shard_of(int64_t id) const;  // Note [Sparse id routing] in protocol/sparse_wire.h
 
   // out: n x dim floats. Ids without a row read as their initial value; no
   // row is created.

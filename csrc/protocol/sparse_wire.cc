@@ -7,12 +7,6 @@
 
 namespace fastps {
 
-SparseTable sparse_server_shard_table(const SparseTableConfig& c, const SparseSpread& s, int shard, int shards) {
-  return SparseTable(c, sparse_cap_share(sparse_server_rows(c, s), shard, shards),
-                     sparse_pending_share(sparse_pending_share(c.max_pending, s.servers), shards),
-                     static_cast<uint64_t>(shard));
-}
-
 void encode_sparse_config(const SparseTableConfig& c, const SparseSpread& spread, uint8_t out[kSparseConfigSize]) {
   std::memset(out, 0, kSparseConfigSize);
   store_le32(out, uint32_t(kSparseConfigSize));
@@ -144,6 +138,24 @@ SparsePushRequest decode_sparse_push(const MessageHeader& h, const uint8_t* p, s
 uint32_t decode_sparse_stats(const MessageHeader& h, size_t len) {
   FASTPS_CHECK(len == 0, "SPARSE_STATS carries no payload");
   return h.aux;
+}
+
+void encode_sparse_stats_reply(const SparseStatsSum& s, uint8_t out[8 * kSparseStatsCount]) {
+  const SparseTableStats& t = s.stats;
+  const int64_t v[kSparseStatsCount] = {t.rows,     t.admitted, t.evicted,      t.expired,
+                                        t.rejected, t.pending,  t.memory_bytes, s.step};
+  for (uint32_t i = 0; i < kSparseStatsCount; ++i) store_le64(out + 8 * i, uint64_t(v[i]));
+}
+
+SparseStatsSum decode_sparse_stats_reply(const uint8_t* in, size_t len, int server) {
+  FASTPS_CHECK_TYPED(ProtocolError, len == 8 * kSparseStatsCount, "fastps: parameter server ", server,
+                     " sent a sparse stats reply of ", len, " bytes");
+  int64_t v[kSparseStatsCount];
+  for (uint32_t i = 0; i < kSparseStatsCount; ++i) v[i] = int64_t(load_le64(in + 8 * i));
+  SparseStatsSum s;
+  s.stats = SparseTableStats{v[0], v[1], v[2], v[3], v[4], v[5], v[6]};
+  s.step = v[7];
+  return s;
 }
 
 uint32_t decode_sparse_export(const MessageHeader& h, size_t len) {

@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "common/hash.h"
 #include "protocol/message.h"
@@ -19,7 +20,7 @@ namespace fastps {
 
 constexpr size_t kSparseConfigSize = 80;  // SPARSE_CREATE / SPARSE_LOAD
 constexpr size_t kSparseOptimSize = 80;   // SPARSE_PUSH
-constexpr uint32_t kSparseStatsCount = 8;  // i64 values in a SPARSE_STATS reply
+constexpr uint32_t kSparseStatsCount = 8;  // i64 values in a SPARSE_STATS reply (the 8th: the step)
 // SPARSE_LOAD: the config block, then u64 step, u64 rows, u64 pending ids.
 constexpr size_t kSparseLoadHeadSize = kSparseConfigSize + 24;
 // SPARSE_CREATE `aux`: replace a table of another spec (any other value: do not).
@@ -43,25 +44,17 @@ inline int sparse_shard_of(int64_t id, int num_shards) {
   return static_cast<int>(mix64(static_cast<uint64_t>(id)) % static_cast<uint64_t>(num_shards));
 }
 
-// Where a server stands among the servers a table's ids are spread over. A
-// config block carries the table's caps as the user set them (so that every
-// message names those) and this spread; each server takes its share of the
-// caps, then splits that over its shards as the embedded table does.
-struct SparseSpread {
-  int server = 0;   // this server's place in the job's server order
-  int servers = 1;  // how many servers hold the table
-};
-inline bool operator==(const SparseSpread& a, const SparseSpread& b) {
-  return a.server == b.server && a.servers == b.servers;
+// Per part (server or shard, by PartOf: sparse_server_of or sparse_shard_of),
+// the positions k < n, in order, of the ids id_at(k) routed to it: the split
+// of the embedded table's requests, PsClient's pulls and the network
+// server's requests and loads.
+template <int (*PartOf)(int64_t, int), typename IdAt>
+std::vector<std::vector<int64_t>> sparse_route(int64_t n, int parts, IdAt&& id_at) {
+  std::vector<std::vector<int64_t>> out(static_cast<size_t>(parts));
+  for (auto& v : out) v.reserve(static_cast<size_t>(n / parts + 16));
+  for (int64_t k = 0; k < n; ++k) out[static_cast<size_t>(PartOf(id_at(k), parts))].push_back(k);
+  return out;
 }
-// A server's share of the table's max_rows (0: no cap).
-inline int64_t sparse_server_rows(const SparseTableConfig& c, const SparseSpread& s) {
-  return sparse_cap_share(c.max_rows, s.server, s.servers);
-}
-// Shard `shard` of `shards` of a server's part of table `c`: its share of
-// the caps, its own sampling stream; its config (and messages) keep the
-// user's values.
-SparseTable sparse_server_shard_table(const SparseTableConfig& c, const SparseSpread& s, int shard, int shards);
 
 void encode_sparse_config(const SparseTableConfig& c, const SparseSpread& spread, uint8_t out[kSparseConfigSize]);
 // Throws ProtocolError for a short block, unknown enum values or a spread
@@ -120,6 +113,11 @@ SparsePushRequest decode_sparse_push(const MessageHeader& h, const uint8_t* p, s
 
 // SPARSE_STATS: aux, the table step to wait for.
 uint32_t decode_sparse_stats(const MessageHeader& h, size_t len);
+// A SPARSE_STATS reply: rows, admitted, evicted, expired, rejected, pending,
+// memory_bytes, then the step, as i64. The decoder throws ProtocolError for
+// a reply of another size (`server` names the sender).
+void encode_sparse_stats_reply(const SparseStatsSum& s, uint8_t out[8 * kSparseStatsCount]);
+SparseStatsSum decode_sparse_stats_reply(const uint8_t* in, size_t len, int server);
 // SPARSE_EXPORT: aux, the index of the shard to export.
 uint32_t decode_sparse_export(const MessageHeader& h, size_t len);
 

@@ -13,21 +13,20 @@ SparseService::SparseService(const Responder& out, ShardState& shard)
 
 namespace {
 
-// Per shard, the indices k < count of the ids stored at base + k * stride.
+// Per shard, the indices k < count of the ids stored at base + k * stride
+// (possibly unaligned).
 std::vector<std::vector<int64_t>> route(const uint8_t* base, size_t stride, uint64_t count, int shards) {
-  std::vector<std::vector<int64_t>> out(static_cast<size_t>(shards));
-  for (uint64_t k = 0; k < count; ++k) {
+  return sparse_route<sparse_shard_of>(int64_t(count), shards, [=](int64_t k) {
     int64_t id;
-    std::memcpy(&id, base + k * stride, 8);
-    out[size_t(sparse_shard_of(id, shards))].push_back(int64_t(k));
-  }
-  return out;
+    std::memcpy(&id, base + size_t(k) * stride, 8);
+    return id;
+  });
 }
 
 // This shard's share of this server's share of the caps.
 std::unique_ptr<SparseTable> make_shard_table(const SparseTableConfig& c, const SparseSpread& spread, int shard,
                                               int shards) {
-  return std::make_unique<SparseTable>(sparse_server_shard_table(c, spread, shard, shards));
+  return std::make_unique<SparseTable>(sparse_shard_table(c, shard, shards, spread));
 }
 
 void reset_round(SparseSlice& t) {
@@ -56,10 +55,7 @@ int64_t SparseRouter::dim_of(uint64_t key) const {
 
 // Every shard needs a row of the server's cap share (0: no cap).
 void SparseRouter::check_cap_share(const SparseTableConfig& c, const SparseSpread& spread) const {
-  const int64_t share = sparse_server_rows(c, spread);
-  FASTPS_CHECK(c.max_rows == 0 || share >= shards_, "max_rows=", c.max_rows, " over ", spread.servers,
-               " server(s) gives server ", server_id_, " a share of ", share,
-               " row(s), below its number of shards (", shards_, "); raise max_rows or use fewer shards");
+  sparse_check_cap_split(c, shards_, "shards", &spread);
 }
 
 std::vector<int> SparseRouter::split(SparseRequest& r) {
@@ -135,12 +131,9 @@ std::vector<int> SparseRouter::split_load(SparseRequest& r) {
   // Every shard checks nothing it cannot undo: the caps are checked here,
   // before any shard replaces its rows.
   const int64_t server_cap = sparse_server_rows(c, r.load.spread);
-  for (int s = 0; s < shards_; ++s) {
-    const int64_t cap = sparse_cap_share(server_cap, s, shards_);
-    FASTPS_CHECK_TYPED(CapacityError, cap == 0 || int64_t(r.index[size_t(s)].size()) <= cap,
-                       "fastps: the file holds more rows than this table's cap (max_rows=", c.max_rows,
-                       " on server ", server_id_, "); load it into a table with a larger max_rows");
-  }
+  const std::string where = detail::concat(" on server ", server_id_);
+  for (int s = 0; s < shards_; ++s)
+    sparse_check_file_rows(c, int64_t(r.index[size_t(s)].size()), sparse_cap_share(server_cap, s, shards_), where);
   return all_shards();
 }
 
@@ -209,16 +202,10 @@ void SparseService::piece_done(const SparseRequestPtr& r) {
 
 // The shards' stats summed, and the largest step (docs/protocol.md, SPARSE_STATS).
 void SparseService::reply_stats(const SparseRequest& r) {
-  SparseTableStats t;
-  int64_t step = 0;
-  for (size_t s = 0; s < r.stats.size(); ++s) {
-    t += r.stats[s];
-    step = std::max(step, r.steps[s]);
-  }
-  const int64_t v[kSparseStatsCount] = {t.rows,     t.admitted, t.evicted,      t.expired,
-                                        t.rejected, t.pending,  t.memory_bytes, step};
+  SparseStatsSum sum;
+  for (size_t s = 0; s < r.stats.size(); ++s) sum.add(r.stats[s], r.steps[s]);
   uint8_t out[8 * kSparseStatsCount];
-  for (uint32_t i = 0; i < kSparseStatsCount; ++i) store_le64(out + 8 * i, uint64_t(v[i]));
+  encode_sparse_stats_reply(sum, out);
   out_.reply(r.conn, r.header, Op::kReply, out, sizeof(out), kSparseStatsCount);
 }
 
@@ -355,10 +342,8 @@ void SparseService::push(const SparseRequestPtr& r, int shard) {
   cons_.check_worker(worker, "SPARSE_PUSH");
   FASTPS_CHECK(r->push.ids.n == 0 || r->dim == t.config.dim, "SPARSE_PUSH of rows of dim ", r->dim,
                " to a table of dim ", t.config.dim);
-  FASTPS_CHECK(r->push.optim.rule == t.config.rule, "push with rule '", sparse_rule_name(r->push.optim.rule),
-               "' to sparse table ", r->header.key, " created for '", sparse_rule_name(t.config.rule), "'");
   const int64_t step = r->push.step;
-  FASTPS_CHECK(step >= 1, "SPARSE_PUSH at step ", step, "; steps start at 1");
+  sparse_check_push(t.config, r->push.optim, step, "sparse table", int64_t(r->header.key));
   if (cons_.bsp()) return push_round(t, r, shard);
   // SSP / ASP: apply at once.
   t.clock[worker] += 1;

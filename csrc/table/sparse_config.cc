@@ -123,4 +123,31 @@ void sparse_init_values(const SparseTableConfig& c, int64_t id, float* out) {
   }
 }
 
+void sparse_check_cap_split(const SparseTableConfig& c, int parts, const char* parts_name,
+                            const SparseSpread* server) {
+  const int64_t share = server ? sparse_server_rows(c, *server) : c.max_rows;
+  if (c.max_rows == 0 || share >= parts) return;
+  throw InvalidArgument(detail::concat(
+      "fastps: max_rows=", c.max_rows,
+      server ? detail::concat(" over ", server->servers, " server(s) gives server ", server->server)
+             : std::string(" gives the table"),
+      " a share of ", share, " row(s), below its number of ", parts_name, " (", parts,
+      "); raise max_rows (0: no cap) or use fewer ", parts_name));
+}
+
+void sparse_check_push(const SparseTableConfig& c, const SparseOptim& o, int64_t step, const char* table,
+                       int64_t key) {
+  if (o.rule == c.rule && step >= 1) return;
+  const std::string name = key >= 0 ? detail::concat(table, " ", key) : std::string(table);
+  FASTPS_CHECK(o.rule == c.rule, "fastps: push with rule '", sparse_rule_name(o.rule), "' to ", name,
+               ", created for '", sparse_rule_name(c.rule), "' (the optimizer state layout differs)");
+  FASTPS_CHECK(step >= 1, "fastps: the table step of a push to ", name, " must be >= 1, got ", step);
+}
+
+void sparse_check_file_rows(const SparseTableConfig& c, int64_t rows, int64_t cap, const std::string& where) {
+  FASTPS_CHECK_TYPED(CapacityError, cap == 0 || rows <= cap,
+                     "fastps: the file holds more rows than this table's cap (max_rows=", c.max_rows, where,
+                     "); load it into a table with a larger max_rows");
+}
+
 }  // namespace fastps

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 
 #include "table/sparse_optim.h"
 
@@ -62,6 +63,17 @@ struct SparseTableStats {
   }
 };
 
+// A table's totals over its parts (shards, servers): the counters summed, the
+// step the largest (docs/protocol.md, SPARSE_STATS).
+struct SparseStatsSum {
+  SparseTableStats stats;
+  int64_t step = 0;
+  void add(const SparseTableStats& s, int64_t part_step) {
+    stats += s;
+    step = std::max(step, part_step);
+  }
+};
+
 // Row metadata; also the first 32 bytes of a row record in a file.
 struct RowHeader {
   int64_t id;
@@ -81,5 +93,46 @@ inline int64_t sparse_cap_share(int64_t max_rows, int part, int parts) {
 inline int64_t sparse_pending_share(int64_t max_pending, int parts) {
   return std::max<int64_t>(1, max_pending / parts);
 }
+
+// Where a server stands among the servers a table's ids are spread over (the
+// embedded table: server 0 of 1). A table's config keeps its caps as the user
+// set them (so that every message names those); each server takes its share
+// of the caps, then splits that over its shards (sparse_shard_table()).
+struct SparseSpread {
+  int server = 0;   // this server's place in the job's server order
+  int servers = 1;  // how many servers hold the table
+};
+inline bool operator==(const SparseSpread& a, const SparseSpread& b) {
+  return a.server == b.server && a.servers == b.servers;
+}
+// A server's share of the table's max_rows (0: no cap).
+inline int64_t sparse_server_rows(const SparseTableConfig& c, const SparseSpread& s) {
+  return sparse_cap_share(c.max_rows, s.server, s.servers);
+}
+
+// Throws InvalidArgument unless `parts` parts (named `parts_name`: "shards",
+// "parameter servers") can split c.max_rows, or with `server` set that
+// server's share of it, with at least one row each (0: no cap), so that no
+// part is left without a cap: "fastps: max_rows=3 over 2 server(s) gives
+// server 1 a share of 1 row(s), below its number of shards (2); raise
+// max_rows (0: no cap) or use fewer shards" (without `server`: "... gives
+// the table a share of ..."). The one check of the embedded table, PsClient
+// and the network server.
+void sparse_check_cap_split(const SparseTableConfig& c, int parts, const char* parts_name,
+                            const SparseSpread* server = nullptr);
+
+// Throws InvalidArgument unless a push with rule `o` at table step `step` can
+// go to the table configured by `c`, named `table` ("this table") or, with a
+// `key` >= 0, `table` and the key ("sparse table 3"): the rule must be the
+// table's (it fixes the optimizer state layout) and steps start at 1. The one
+// check of the embedded table, its shards and the network server.
+void sparse_check_push(const SparseTableConfig& c, const SparseOptim& o, int64_t step, const char* table,
+                       int64_t key = -1);
+
+// Throws CapacityError unless `rows` rows of a table file fit a part whose
+// share of c.max_rows is `cap` (0: no cap); `where` ("", " on server 1") ends
+// the message's cap. Used by SparseTable::load_row and the network server's
+// SPARSE_LOAD check (before any shard replaces its rows).
+void sparse_check_file_rows(const SparseTableConfig& c, int64_t rows, int64_t cap, const std::string& where);
 
 }  // namespace fastps

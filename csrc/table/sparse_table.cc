@@ -38,8 +38,9 @@ SparseTable::SparseTable(const SparseTableConfig& config, int64_t max_rows, int6
   FASTPS_CHECK(max_rows >= 0, "fastps: max_rows must be >= 0");
 }
 
-SparseTable sparse_shard_table(const SparseTableConfig& c, int shard, int shards) {
-  return SparseTable(c, sparse_cap_share(c.max_rows, shard, shards), sparse_pending_share(c.max_pending, shards),
+SparseTable sparse_shard_table(const SparseTableConfig& c, int shard, int shards, const SparseSpread& spread) {
+  return SparseTable(c, sparse_cap_share(sparse_server_rows(c, spread), shard, shards),
+                     sparse_pending_share(sparse_pending_share(c.max_pending, spread.servers), shards),
                      static_cast<uint64_t>(shard));
 }
 
@@ -297,10 +298,7 @@ void SparseTable::fill_state_template(const SparseOptim& o) {
 
 void SparseTable::push(const int64_t* ids, const int64_t* index, int64_t n, const float* grads,
                        const SparseOptim& o, int64_t step) {
-  FASTPS_CHECK(o.rule == config_.rule, "fastps: push with rule '", sparse_rule_name(o.rule),
-               "' on a table created for '", sparse_rule_name(config_.rule),
-               "' (the optimizer state layout differs)");
-  FASTPS_CHECK(step >= 1, "fastps: the table step must be >= 1, got ", step);
+  sparse_check_push(config_, o, step, "this table");
   step_ = step;
   check_capacity(ids, index, n);
   if (config_.eviction == Eviction::kTtl) sweep_expired(64 + 2 * n);
@@ -372,9 +370,7 @@ void SparseTable::append_section(std::vector<uint8_t>& out) const {
 void SparseTable::load_row(const RowHeader& h, const float* values) {
   FASTPS_CHECK_TYPED(CheckpointError, map_.find(h.id) < 0, "fastps: corrupt sparse table file: id ", h.id,
                      " appears twice");
-  FASTPS_CHECK_TYPED(CapacityError, max_rows_ == 0 || map_.size() < max_rows_,
-                     "fastps: the file holds more rows than this table's cap (max_rows=", config_.max_rows,
-                     "); load it into a table with a larger max_rows");
+  sparse_check_file_rows(config_, map_.size() + 1, max_rows_, "");
   const int64_t row = pool_.allocate();
   map_.insert(h.id, static_cast<uint64_t>(row) + 1);
   std::memcpy(header(row), &h, sizeof(RowHeader));

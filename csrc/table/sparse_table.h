@@ -82,9 +82,11 @@ namespace fastps {
 class SparseFileWriter;
 
 class SparseTable;
-// Shard `shard` of `shards` of a table configured by `c`: its shares of the
-// caps, its own sampling stream.
-SparseTable sparse_shard_table(const SparseTableConfig& c, int shard, int shards);
+// Shard `shard` of `shards` of server `spread`'s part of a table configured by
+// `c` (the embedded table: server 0 of 1): its share of the server's share of
+// the caps, its own sampling stream; its config (and messages) keep the
+// user's values. The one rule of the embedded table and the network server.
+SparseTable sparse_shard_table(const SparseTableConfig& c, int shard, int shards, const SparseSpread& spread = {});
 
 class SparseTable {
  public:
