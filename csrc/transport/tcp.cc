@@ -163,8 +163,7 @@ ConnId TcpTransport::do_connect(const std::string& host, uint16_t port, int rank
       throw ConnectionError(concat("fastps: cannot watch the connection to ", where, ": ", errno_text(err)));
     }
   }
-  if (conn->use_shm.load(std::memory_order_acquire) || conn->use_ucx.load(std::memory_order_acquire))
-    start_channel(conn);
+  if (conn->has_channel()) start_channel(conn);
   return conn->id;
 }
 

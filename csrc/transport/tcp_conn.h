@@ -99,6 +99,10 @@ struct TcpTransport::Conn {
   // `use_ucx` (release); then every frame goes over the UCX endpoint.
   std::shared_ptr<UcxChannel> ucx;
   std::atomic<bool> use_ucx{false};
+  // Frames travel over a channel (shared memory or UCX), not the sockets.
+  bool has_channel() const {
+    return use_shm.load(std::memory_order_acquire) || use_ucx.load(std::memory_order_acquire);
+  }
 
   // Note [Send queues]: bytes waiting in this connection's queues (its
   // sockets' and, with shared memory, the channel's), and when queued bytes

@@ -518,8 +518,7 @@ bool TcpTransport::on_transport_op(const Entry& e, Message&& frame) {
   const MessageHeader& h = frame.header;
   if (h.op == Op::kHeartbeat && h.payload_len == 0) return true;  // Note [Liveness]: it arrived; that is all
   const bool shm = h.op == Op::kShmOffer;
-  if ((!shm && h.op != Op::kUcxOffer) || conn.outgoing || conn.use_shm.load(std::memory_order_acquire) ||
-      conn.use_ucx.load(std::memory_order_acquire) || e.socket->fd < 0) {
+  if ((!shm && h.op != Op::kUcxOffer) || conn.outgoing || conn.has_channel() || e.socket->fd < 0) {
     fail(e, Status::kProtocol, concat("unexpected ", op_name(h.op), " frame"));
     return false;
   }
@@ -547,8 +546,7 @@ bool TcpTransport::on_transport_op(const Entry& e, Message&& frame) {
     teardown(e.conn, reason);
     return false;
   }
-  if (conn.use_shm.load(std::memory_order_relaxed) || conn.use_ucx.load(std::memory_order_relaxed))
-    start_channel(e.conn);
+  if (conn.has_channel()) start_channel(e.conn);
   return true;
 }
 

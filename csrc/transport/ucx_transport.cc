@@ -133,6 +133,14 @@ struct UcxChannel {
   std::atomic<uint64_t> posts{0};
   std::mutex transports_mu;
   std::string transports;  // cached once UCX names them
+
+  // The UCX transports this connection's endpoint uses ("tcp/lo.0"), asked
+  // of UCX until it names them; empty before.
+  std::string transports_in_use() {
+    std::lock_guard<std::mutex> lock(transports_mu);
+    if (transports.empty() && ep) transports = ep->transports();
+    return transports;
+  }
 };
 
 namespace {
@@ -282,6 +290,15 @@ UcxTransport::ConnPtr UcxTransport::find_token(uint64_t token) const {
   return it == by_token_.end() ? nullptr : it->second.lock();
 }
 
+// The body of UCX_OFFER and of UCX_ACCEPT (docs/protocol.md, "UCX"): this
+// side's connection token, then its worker address.
+std::vector<uint8_t> UcxTransport::offer_body(uint64_t token, const std::string& address) {
+  std::vector<uint8_t> body(kUcxOfferFixedSize + address.size());
+  store_le64(body.data(), token);
+  std::memcpy(body.data() + kUcxOfferFixedSize, address.data(), address.size());
+  return body;
+}
+
 // A channel with a fresh token, registered (frames may arrive as soon as the
 // peer has an endpoint).
 std::shared_ptr<UcxChannel> UcxTransport::make_channel(const ConnPtr& conn) {
@@ -329,11 +346,7 @@ bool UcxTransport::upgrade_outgoing(const ConnPtr& conn, BlockingStream& stream)
       if (!keep) t->forget_token(token);
     }
   } forget{this, ch->local_token};
-  const std::string address = w->address();
-  std::vector<uint8_t> offer(kUcxOfferFixedSize + address.size());
-  store_le64(offer.data(), ch->local_token);
-  std::memcpy(offer.data() + kUcxOfferFixedSize, address.data(), address.size());
-  const OfferAnswer a = exchange_offer(stream, Op::kUcxOffer, offer, Op::kUcxAccept, Op::kUcxDecline,
+  const OfferAnswer a = exchange_offer(stream, Op::kUcxOffer, offer_body(ch->local_token, w->address()), Op::kUcxAccept, Op::kUcxDecline,
                                       kUcxOfferFixedSize + kUcxMaxAddressSize, "UCX");
   if (!a.accepted) {
     if (!require_ucx_) return false;
@@ -364,10 +377,7 @@ bool UcxTransport::accept_offer(const ConnPtr& conn, Op op, const Payload& p, st
     forget_token(ch->local_token);
     return false;
   }
-  const std::string address = w->address();
-  reply->resize(kUcxOfferFixedSize + address.size());
-  store_le64(reply->data(), ch->local_token);
-  std::memcpy(reply->data() + kUcxOfferFixedSize, address.data(), address.size());
+  *reply = offer_body(ch->local_token, w->address());
   conn->use_ucx.store(true, std::memory_order_release);
   return true;
 }
@@ -465,17 +475,13 @@ void UcxTransport::send_frame(const ConnPtr& conn, const uint8_t* header, const 
       throw TimeoutError(concat("fastps: timed out after ", options().timeout.count(), " ms sending to ", conn->peer,
                                 " over UCX (is the peer alive and reading?); the connection was closed"));
     }
-    request_close(conn, concat("send over UCX failed: ", why));
-    throw ConnectionError(concat("fastps: connection to ", conn->peer, " lost while sending over UCX: ", why));
+    lost_while_sending(conn, why);
   }
   // Note [Send queues]: never wait for the peer here.
   if (!behind && payload_len <= kSendNowMax) {
     const ucx::SendStatus st = ch.ep->send_now(am, sizeof(am), iov.data(), iov.size(), &why);
     if (st == ucx::SendStatus::kOk) return;
-    if (st == ucx::SendStatus::kFailed) {
-      request_close(conn, concat("send over UCX failed: ", why));
-      throw ConnectionError(concat("fastps: connection to ", conn->peer, " lost while sending over UCX: ", why));
-    }
+    if (st == ucx::SendStatus::kFailed) lost_while_sending(conn, why);
   }
   post_copy(conn, am, iov, payload_len);
 }
@@ -498,6 +504,10 @@ void UcxTransport::post_copy(const ConnPtr& conn, const uint8_t* am_header, cons
   ch.posts.fetch_sub(1, std::memory_order_acq_rel);
   conn->queued.fetch_sub(payload_len, std::memory_order_relaxed);
   note_unqueued(payload_len);
+  lost_while_sending(conn, why);
+}
+
+void UcxTransport::lost_while_sending(const ConnPtr& conn, const std::string& why) {
   request_close(conn, concat("send over UCX failed: ", why));
   throw ConnectionError(concat("fastps: connection to ", conn->peer, " lost while sending over UCX: ", why));
 }
@@ -535,10 +545,7 @@ PeerInfo UcxTransport::do_peer_info(ConnId id) const {
   ConnPtr conn = find_established(id);
   if (!conn || !conn->use_ucx.load(std::memory_order_acquire)) return info;
   info.ucx = true;
-  UcxChannel& ch = *conn->ucx;
-  std::lock_guard<std::mutex> lock(ch.transports_mu);
-  if (ch.transports.empty() && ch.ep) ch.transports = ch.ep->transports();
-  info.ucx_transports = ch.transports;
+  info.ucx_transports = conn->ucx->transports_in_use();
   return info;
 }
 
@@ -555,11 +562,8 @@ void UcxTransport::add_stats(TransportStats* s) const {
         c->closing.load(std::memory_order_acquire))
       continue;
     ++s->ucx_connections;
-    UcxChannel& ch = *c->ucx;
-    std::lock_guard<std::mutex> lock(ch.transports_mu);
-    if (ch.transports.empty() && ch.ep) ch.transports = ch.ep->transports();
-    if (!ch.transports.empty() && tls.find(ch.transports) == std::string::npos)
-      tls += (tls.empty() ? "" : "; ") + ch.transports;
+    const std::string used = c->ucx->transports_in_use();
+    if (!used.empty() && tls.find(used) == std::string::npos) tls += (tls.empty() ? "" : "; ") + used;
   }
   if (s->ucx_connections > 0) s->ucx = concat("UCX ", plugin_->ucx_version(), ": ", tls.empty() ? "?" : tls);
 }

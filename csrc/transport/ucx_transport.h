@@ -98,6 +98,9 @@ class UcxTransport final : public ShmTransport {
   void fail_soon(const ConnPtr& conn, Status status, const std::string& reason);
   void deliver_ready(const ConnPtr& conn);
   void post_copy(const ConnPtr& conn, const uint8_t* am_header, const std::vector<iovec>& iov, uint64_t payload_len);
+  // Closes the connection and throws ConnectionError: UCX failed a send (`why`).
+  [[noreturn]] void lost_while_sending(const ConnPtr& conn, const std::string& why);
+  static std::vector<uint8_t> offer_body(uint64_t token, const std::string& address);
 
   const ucx::Plugin* const plugin_;
   const bool require_ucx_;
