@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cstring>
+#include <thread>
 
 #include "common/error.h"
 #include "protocol/keys.h"
@@ -70,6 +72,19 @@ PsClient::PsClient(int rank, const TransportOptions& options, int64_t chunk_byte
 }
 
 PsClient::~PsClient() {
+  // Replies still on their way are let in first, for a moment: closing a
+  // connection in the middle of a reply is what a peer has to recover from
+  // (and UCX 1.13's TCP transport sometimes does not: docs/ucx.md, "Known
+  // limits"). A dead or frozen server makes this wait its bound at most.
+  const auto until = std::chrono::steady_clock::now() + std::min<std::chrono::milliseconds>(timeout_, kDrainOnClose);
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (pending_.empty()) break;
+    }
+    if (std::chrono::steady_clock::now() >= until) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
   transport_.reset();  // joins the loop thread before the maps go
 }
 

@@ -75,7 +75,11 @@ class PsClient {
  public:
   // `transport` names the transport (Transport::create(): "tcp", "shm", "auto").
   PsClient(int rank, const TransportOptions& options, int64_t chunk_bytes, const std::string& transport = "tcp");
+  // Waits up to kDrainOnClose (or the timeout, if shorter) for replies still
+  // on their way, then closes every connection; requests still outstanding
+  // are dropped (this does not complete their Futures).
   ~PsClient();
+  static constexpr std::chrono::milliseconds kDrainOnClose{1000};
 
   // Connects to every server (index = server id). Blocking, with the deadline.
   void connect(const std::vector<ServerAddress>& servers);
