@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -163,3 +164,16 @@ def test_console_script_and_module_list_the_benchmarks():
     r = subprocess.run([sys.executable, "-m", "fastps.bench", "--help"], capture_output=True, text=True,
                        env=env, timeout=60)
     assert r.returncode == 0 and all(b in r.stdout for b in ("allreduce", "sparse", "optim"))
+
+
+def test_transport_push_pull_script_prints_one_row_per_size_and_op():
+    """bench/transport_push_pull.py (a worker and a server process, one request at a time):
+    it runs, checks its pulls, and prints a row per size and operation."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "transport_push_pull.py"
+    res = subprocess.run([sys.executable, str(script), "--transport", "tcp", "-s", "4K,64K", "-n", "3"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line.split() for line in res.stdout.splitlines() if line and line.split()[0].isdigit()]
+    assert [(r[0], r[1]) for r in rows] == [("4096", "push"), ("4096", "pull"), ("65536", "push"),
+                                            ("65536", "pull")], res.stdout
+    assert all(r[-1] == "1.00x" for r in rows), res.stdout  # the baseline against itself
