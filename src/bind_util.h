@@ -44,7 +44,10 @@ inline pybind11::dict stats_dict(const TransportStats& t) {
                   py::arg("messages_received") = t.messages_received,
                   py::arg("queued_bytes") = t.queued_bytes, py::arg("queued_peak") = t.queued_peak,
                   py::arg("frames_queued") = t.frames_queued, py::arg("ucx_connections") = t.ucx_connections,
-                  py::arg("ucx") = t.ucx);
+                  py::arg("ucx") = t.ucx, py::arg("connections_opened") = t.connections_opened,
+                  py::arg("connections_closed") = t.connections_closed,
+                  py::arg("connections_open") = t.connections_opened - t.connections_closed,
+                  py::arg("handshakes_failed") = t.handshakes_failed);
 }
 
 // FASTPS_LIVENESS_TIMEOUT's seconds (0: off) as TransportOptions::liveness_timeout

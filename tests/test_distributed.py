@@ -179,6 +179,16 @@ def test_wrong_secret_is_rejected_and_server_keeps_serving(transport):
     _roundtrip(good)
     if transport == "ucx":
         assert good.stats()["ucx_connections"] == 1, good.stats()
+    # The server counts the refused peer and the served one; the client its own connection.
+    assert good.stats()["connections_open"] == 1 and good.stats()["handshakes_failed"] == 0, good.stats()
+    poll_until(lambda: server.stats()["handshakes_failed"] == 1, 5, "the server to count the refused peer",
+               state=lambda: str(server.stats()))
+    st = server.stats()
+    assert (st["connections_opened"], st["connections_open"]) == (1, 1), st
+    del good
+    poll_until(lambda: server.stats()["connections_closed"] == 1, 5, "the server to count the closed connection",
+               state=lambda: str(server.stats()))
+    assert server.stats()["connections_open"] == 0
 
 
 def _roundtrip(client, tid=1):

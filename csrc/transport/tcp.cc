@@ -143,6 +143,7 @@ ConnId TcpTransport::do_connect(const std::string& host, uint16_t port, int rank
     s->last_recv.store(now, std::memory_order_relaxed);
   }
   conn->established.store(true, std::memory_order_release);
+  note_connection_opened();
   {
     std::lock_guard<std::mutex> lock(mu_);
     FASTPS_CHECK_TYPED(ConnectionError, !stopping_.load(), "fastps: transport is shutting down");

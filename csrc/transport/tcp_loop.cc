@@ -461,7 +461,7 @@ bool TcpTransport::on_handshake_frame(const Entry& e, Message&& frame) {
   s.handshake.reset();
   s.last_send.store(now_ns(), std::memory_order_relaxed);
   s.last_recv.store(now_ns(), std::memory_order_relaxed);
-  conn.established.store(true, std::memory_order_release);
+  if (!conn.established.exchange(true, std::memory_order_acq_rel)) note_connection_opened();
   return true;
 }
 
@@ -506,9 +506,10 @@ void TcpTransport::teardown(const ConnPtr& conn, const std::string& reason) {
     std::lock_guard<std::mutex> lock(conn->reason_mu);
     why = conn->close_reason.empty() ? reason : conn->close_reason;
   }
-  if (conn->established.load(std::memory_order_acquire) && !stopping_.load(std::memory_order_acquire)) {
-    notify_disconnect(conn->id, why);
-  }
+  const bool established = conn->established.load(std::memory_order_acquire);
+  if (established) note_connection_closed();
+  else if (!conn->outgoing) note_handshake_failed();
+  if (established && !stopping_.load(std::memory_order_acquire)) notify_disconnect(conn->id, why);
 }
 
 

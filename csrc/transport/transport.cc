@@ -176,6 +176,9 @@ TransportStats Transport::stats() const {
   s.queued_bytes = queued_bytes_.load(std::memory_order_relaxed);
   s.queued_peak = queued_peak_.load(std::memory_order_relaxed);
   s.frames_queued = frames_queued_.load(std::memory_order_relaxed);
+  s.connections_opened = connections_opened_.load(std::memory_order_relaxed);
+  s.connections_closed = connections_closed_.load(std::memory_order_relaxed);
+  s.handshakes_failed = handshakes_failed_.load(std::memory_order_relaxed);
   add_stats(&s);
   return s;
 }

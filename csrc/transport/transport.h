@@ -144,6 +144,12 @@ struct TransportStats {
   // transports they use ("UCX 1.13.1: tcp/lo"; empty without UCX).
   uint64_t ucx_connections = 0;
   std::string ucx;
+  // Connections that completed the handshake, how many of them have ended
+  // since, and accepted connections that ended before completing it (a wrong
+  // secret, a peer that is not fastps, a handshake that timed out).
+  uint64_t connections_opened = 0;
+  uint64_t connections_closed = 0;
+  uint64_t handshakes_failed = 0;
 };
 
 class Transport {
@@ -247,6 +253,10 @@ class Transport {
   // more frame had to wait) or left the send queues.
   void note_queued(uint64_t bytes, bool frame);
   void note_unqueued(uint64_t bytes) { queued_bytes_.fetch_sub(bytes, std::memory_order_relaxed); }
+  // Connection counters of TransportStats, any thread.
+  void note_connection_opened() { connections_opened_.fetch_add(1, std::memory_order_relaxed); }
+  void note_connection_closed() { connections_closed_.fetch_add(1, std::memory_order_relaxed); }
+  void note_handshake_failed() { handshakes_failed_.fetch_add(1, std::memory_order_relaxed); }
 
  private:
   void freeze_handlers(const char* what);
@@ -264,6 +274,9 @@ class Transport {
   std::atomic<uint64_t> queued_bytes_{0};
   std::atomic<uint64_t> queued_peak_{0};
   std::atomic<uint64_t> frames_queued_{0};
+  std::atomic<uint64_t> connections_opened_{0};
+  std::atomic<uint64_t> connections_closed_{0};
+  std::atomic<uint64_t> handshakes_failed_{0};
 };
 
 // One line on stderr, prefixed "fastps: " (the transports' diagnostic log).
