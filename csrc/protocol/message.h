@@ -76,7 +76,7 @@ enum class Op : uint8_t {
 };
 
 // Header flag bits (docs/protocol.md, "Flags"). Any other bit is a protocol error.
-constexpr uint8_t kFlagConfig = 0x01;  // PUSH/PUSH_PULL/REGISTER: payload starts with a config block
+constexpr uint8_t kFlagConfig = 0x01;  // PUSH/PUSH_PULL/REGISTER/APPLY: payload starts with a config block
 constexpr uint8_t kFlagSkip = 0x02;    // PUSH/PUSH_PULL/APPLY: no gradient this round (counts as a push)
 constexpr uint8_t kFlagSum = 0x04;     // REGISTER: an aggregation-only chunk (no optimizer)
 constexpr uint8_t kFlagDeferred = 0x08;  // PUSH_PULL: reply with the round's mean; apply at APPLY
